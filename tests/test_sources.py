@@ -1,0 +1,371 @@
+"""Metadata parsers: VoxCeleb trees, clip tables, URL lists; bad input becomes failures, never aborts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipelines.clips import safe_key
+from pipelines.sources import (
+    BAD_METADATA,
+    DUPLICATE_CLIP,
+    SplitPolicy,
+    VoxUtterance,
+    assign_split,
+    parse_clip_table,
+    parse_sources,
+    parse_url_list,
+    parse_voxceleb_tree,
+    url_for,
+    write_voxceleb_tree,
+)
+
+VOX1_TEXT = (
+    "Identity  : \tid10001 \nReference : \t1zcIwhmdeo4 \nOffset    : \t1 \nFV Conf   : \t17.734 (1)\n"
+    "ASD Conf  : \t4.985 \n\nFRAME \tX \tY \tW \tH \n"
+    "000245 \t0086 \t0032 \t0107 \t0107 \n000246 \t0087 \t0032 \t0107 \t0108 \n000247 \t0088 \t0033 \t0106 \t0108 \n"
+)
+VOX2_TEXT = (
+    "Identity  : \tid00012\nReference : \t21Uxsk56VDQ\nOffset    : \t1\nFV Conf   : \t16.647\t(1)\n"
+    "ASD Conf  : \t4.465\n\nFRAME \tX \tY \tW \tH \n"
+    "00001\t0.398\t0.153\t0.164\t0.363\n00002\t0.399\t0.154\t0.164\t0.362\n"
+)
+
+
+def put(root: Path, relpath: str, text: str | bytes) -> Path:
+    path = root / relpath
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+# --- VoxCeleb trees ----------------------------------------------------------------------------
+
+
+def test_voxceleb1_file_gives_pixel_boxes_of_the_360p_video(tmp_path):
+    put(tmp_path, "txt/id10001/1zcIwhmdeo4/00001.txt", VOX1_TEXT)
+    requests, failures = parse_voxceleb_tree(tmp_path)
+    assert failures == []
+    (clip,) = requests
+    assert clip.clip_id == "id10001/1zcIwhmdeo4/00001"
+    assert (clip.identity, clip.video_id, clip.source) == ("id10001", "1zcIwhmdeo4", "voxceleb1")
+    assert clip.url == "https://www.youtube.com/watch?v=1zcIwhmdeo4"
+    assert clip.start_s == pytest.approx(245 / 25) and clip.end_s == pytest.approx(248 / 25)
+    assert [b.t for b in clip.boxes] == pytest.approx([245 / 25, 246 / 25, 247 / 25])
+    first = clip.boxes[0]
+    assert (first.x, first.y, first.w, first.h) == (86, 32, 107, 107)
+    assert first.units == "pixels" and first.reference_height == 360
+    # A 720p download doubles the pixel box.
+    assert first.to_pixels(1280, 720) == pytest.approx((172, 64, 386, 278))
+
+
+def test_voxceleb2_file_gives_normalised_boxes(tmp_path):
+    put(tmp_path, "txt/id00012/21Uxsk56VDQ/00001.txt", VOX2_TEXT)
+    (clip,), failures = parse_voxceleb_tree(tmp_path / "txt")
+    assert failures == []
+    assert clip.source == "voxceleb2"
+    assert {b.units for b in clip.boxes} == {"normalized"}
+    assert clip.boxes[1].h == pytest.approx(0.362)
+    assert clip.start_s == pytest.approx(1 / 25) and clip.end_s == pytest.approx(3 / 25)
+
+
+def test_explicit_version_rejects_boxes_in_the_wrong_units(tmp_path):
+    put(tmp_path, "txt/id10001/1zcIwhmdeo4/00001.txt", VOX1_TEXT)
+    requests, failures = parse_voxceleb_tree(tmp_path, version=2)
+    assert requests == []
+    assert "[0, 1]" in failures[0].message and failures[0].failure_class == BAD_METADATA
+
+
+@pytest.mark.parametrize("video", ["-leadingDash", "_leadingUnd"])
+def test_ids_starting_with_dash_or_underscore(tmp_path, video):
+    text = VOX2_TEXT.replace("21Uxsk56VDQ", video)
+    put(tmp_path, f"txt/id00012/{video}/00001.txt", text)
+    (clip,), failures = parse_voxceleb_tree(tmp_path)
+    assert failures == []
+    assert clip.video_id == video
+    assert clip.url.endswith("=" + video)
+    assert clip.key[0].isalpha() and "." not in clip.key
+
+
+MALFORMED = {
+    "bad_header": ("Identity  \tid00012\n" + VOX2_TEXT.split("\n", 1)[1], "Key : value"),
+    "non_numeric": (VOX2_TEXT + "00003\t0.4\tabc\t0.1\t0.1\n", "non-numeric"),
+    "short_row": (VOX2_TEXT + "00003\t0.4\t0.1\n", "expected 5 columns"),
+    "empty": ("", "empty file"),
+    "no_rows": (VOX2_TEXT.split("00001")[0], "no frame rows"),
+    "negative_box": (VOX2_TEXT.replace("0.398", "-0.2"), "[0, 1]"),
+    "zero_width": (VOX2_TEXT.replace("0.164", "0.000"), "positive"),
+    "pixel_box_off_frame": (
+        VOX1_TEXT.replace("0032", "0400").replace("id10001", "id00012").replace("1zcIwhmdeo4", "21Uxsk56VDQ"),
+        "outside",
+    ),
+    "frames_backwards": (VOX2_TEXT + "00001\t0.4\t0.1\t0.1\t0.1\n", "not after"),
+    "identity_mismatch": (VOX2_TEXT.replace("id00012", "id99999"), "differs"),
+    "wrong_columns": (VOX2_TEXT.replace("FRAME \tX \tY \tW \tH", "FRAME \tX \tY \tWIDTH"), "FRAME X Y W H"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_utterance_becomes_a_failure_and_the_rest_still_parses(tmp_path, case):
+    text, expected = MALFORMED[case]
+    put(tmp_path, "txt/id00012/21Uxsk56VDQ/00001.txt", text)
+    put(tmp_path, "txt/id00012/goodVideo01/00001.txt", VOX2_TEXT.replace("21Uxsk56VDQ", "goodVideo01"))
+    requests, failures = parse_voxceleb_tree(tmp_path)
+    assert [r.video_id for r in requests] == ["goodVideo01"]
+    (failure,) = failures
+    assert expected in failure.message
+    assert failure.failure_class == BAD_METADATA
+    assert failure.origin.split(":")[0].endswith("21Uxsk56VDQ/00001.txt")
+
+
+def test_row_errors_point_at_the_line(tmp_path):
+    put(tmp_path, "txt/id00012/21Uxsk56VDQ/00001.txt", MALFORMED["non_numeric"][0])
+    _, (failure,) = parse_voxceleb_tree(tmp_path)
+    assert failure.origin.endswith("00001.txt:10")
+
+
+def test_unreadable_and_misplaced_files_are_failures(tmp_path):
+    put(tmp_path, "txt/id00012/21Uxsk56VDQ/00001.txt", b"\xff\xfe\x00garbage")
+    (tmp_path / "txt/id00012/21Uxsk56VDQ/00002.txt").mkdir()  # a directory where a file should be
+    put(tmp_path, "txt/id00012/stray.txt", VOX2_TEXT)
+    requests, failures = parse_voxceleb_tree(tmp_path)
+    assert requests == []
+    messages = " | ".join(f.message for f in failures)
+    assert len(failures) == 3
+    assert messages.count("cannot read") == 2 and "misplaced" in messages
+
+
+def test_missing_tree_is_one_failure(tmp_path):
+    requests, failures = parse_voxceleb_tree(tmp_path / "nope")
+    assert requests == [] and "not a directory" in failures[0].message
+
+
+def test_same_video_and_span_under_two_utterances_is_a_duplicate(tmp_path):
+    put(tmp_path, "txt/id00012/21Uxsk56VDQ/00001.txt", VOX2_TEXT)
+    put(tmp_path, "txt/id00012/21Uxsk56VDQ/00002.txt", VOX2_TEXT)
+    requests, failures = parse_voxceleb_tree(tmp_path)
+    assert [r.clip_id for r in requests] == ["id00012/21Uxsk56VDQ/00001"]
+    assert [f.failure_class for f in failures] == [DUPLICATE_CLIP]
+    assert failures[0].origin.endswith("00002.txt")
+    assert failures[0].record_id != requests[0].clip_id
+
+
+def test_vox1_test_identities_set_the_split(tmp_path):
+    put(tmp_path, "txt/id10001/1zcIwhmdeo4/00001.txt", VOX1_TEXT)
+    put(tmp_path, "txt/id10270/otherVideo1/00001.txt", VOX1_TEXT.replace("id10001", "id10270").replace("1zcIwhmdeo4", "otherVideo1"))
+    requests, _ = parse_voxceleb_tree(tmp_path, splits=SplitPolicy(test_identities={"id10270"}))
+    assert {r.identity: r.split for r in requests} == {"id10001": "train", "id10270": "test"}
+
+
+vox_ids = st.from_regex(r"[A-Za-z0-9_-]{1,12}", fullmatch=True)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    identity=vox_ids,
+    video=vox_ids,
+    first=st.integers(0, 10_000),
+    steps=st.lists(st.integers(1, 3), min_size=0, max_size=20),
+    version=st.sampled_from([1, 2]),
+    data=st.data(),
+)
+def test_write_then_parse_round_trips(tmp_path_factory, identity, video, first, steps, version, data):
+    frames = [first]
+    for step in steps:
+        frames.append(frames[-1] + step)
+    if version == 1:
+        value = st.integers(2, 300).map(float)
+    else:
+        value = st.integers(1, 330).map(lambda v: v / 1000)
+    boxes = [data.draw(st.tuples(value, value, value, value)) for _ in frames]
+    root = tmp_path_factory.mktemp("vox")
+    write_voxceleb_tree(root, [VoxUtterance(identity, video, "00001", frames, boxes)], version=version)
+    (clip,), failures = parse_voxceleb_tree(root)
+    assert failures == []
+    assert (clip.identity, clip.video_id) == (identity, video)
+    assert clip.source == f"voxceleb{version}"
+    assert [round(b.t * 25) for b in clip.boxes] == frames
+    assert [(b.x, b.y, b.w, b.h) for b in clip.boxes] == boxes
+    assert clip.end_s - clip.start_s == pytest.approx((frames[-1] - frames[0] + 1) / 25)
+
+
+# --- splits and URLs ---------------------------------------------------------------------------
+
+
+def test_assign_split_is_deterministic_and_close_to_the_fraction():
+    identities = [f"id{n:05d}" for n in range(4000)]
+    first = [assign_split(i, 0.2, seed=7) for i in identities]
+    assert first == [assign_split(i, 0.2, seed=7) for i in identities]
+    assert 0.17 < first.count("test") / len(identities) < 0.23
+    assert first != [assign_split(i, 0.2, seed=8) for i in identities]
+    assert {assign_split(i, 0.0) for i in identities} == {"train"}
+    assert {assign_split(i, 1.0) for i in identities} == {"test"}
+    with pytest.raises(ValueError, match="test_fraction"):
+        assign_split("id1", 1.5)
+
+
+def test_url_template_maps_ids_and_passes_urls_through():
+    assert url_for("abc", "https://mirror.example/v/{id}.mp4") == "https://mirror.example/v/abc.mp4"
+    assert url_for("https://x.example/a.mp4", "https://mirror.example/{id}") == "https://x.example/a.mp4"
+    with pytest.raises(ValueError, match="placeholder"):
+        url_for("abc", "https://mirror.example/")
+
+
+def test_url_template_applies_to_voxceleb_ids(tmp_path):
+    put(tmp_path, "txt/id00012/21Uxsk56VDQ/00001.txt", VOX2_TEXT)
+    (clip,), _ = parse_voxceleb_tree(tmp_path, url_template="http://127.0.0.1:8000/{id}.mp4")
+    assert clip.url == "http://127.0.0.1:8000/21Uxsk56VDQ.mp4"
+
+
+# --- clip tables -------------------------------------------------------------------------------
+
+FOMM_CSV = (
+    "video_id,start,end,bbox,fps,width,height,person_id,partition\n"
+    "-abcdefghij,100,200,10-20-110-140,25,640,360,id10001,train\n"
+    "_klmnopqrst,0,50,0.1-0.2-0.5-0.7,30,1280,720,id10002,test\n"
+)
+
+
+def test_fomm_style_csv(tmp_path):
+    requests, failures = parse_clip_table(put(tmp_path, "vox-metadata.csv", FOMM_CSV))
+    assert failures == []
+    first, second = requests
+    assert (first.video_id, first.identity, first.split) == ("-abcdefghij", "id10001", "train")
+    assert (first.start_s, first.end_s) == pytest.approx((4.0, 8.0))
+    (box,) = first.boxes
+    assert (box.x, box.y, box.w, box.h, box.units, box.reference_height) == (10, 20, 100, 120, "pixels", 360)
+    assert second.split == "test" and second.end_s == pytest.approx(50 / 30)
+    assert second.boxes[0].units == "normalized"
+    assert first.origin.endswith("vox-metadata.csv:2") and second.origin.endswith(":3")
+
+
+def test_parquet_table_with_other_column_names_and_seconds(tmp_path):
+    table = pa.table(
+        {
+            "Video URL": ["https://www.youtube.com/watch?v=abcdefghijk", "https://cdn.example/talk.mp4"],
+            "Start Time": [1.5, 0.0],
+            "End Time": [3.0, 2.0],
+            "Speaker": ["alice", "bob"],
+            "left": [0.1, None],
+            "top": [0.1, None],
+            "right": [0.3, None],
+            "bottom": [0.4, None],
+        }
+    )
+    path = tmp_path / "clips.parquet"
+    pq.write_table(table, path)
+    (yt, other), failures = parse_clip_table(path, splits=SplitPolicy(test_fraction=1.0))
+    assert failures == []
+    assert yt.video_id == "abcdefghijk" and yt.url == "https://www.youtube.com/watch?v=abcdefghijk"
+    assert (yt.start_s, yt.end_s, yt.identity, yt.split) == (1.5, 3.0, "alice", "test")
+    assert yt.boxes[0].w == pytest.approx(0.2)
+    assert other.url == "https://cdn.example/talk.mp4" and other.video_id.startswith("talk-")
+    assert other.boxes == ()
+
+
+TABLE_ERRORS = {
+    "non_numeric_start": ("v1,abc,20,id1", "not a number"),
+    "empty_span": ("v1,20,20,id1", "empty"),
+    "fractional_frame": ("v1,1.5,20,id1", "whole frame"),
+    "bad_identity": ("v1,1,20,id 1", "identity"),
+    "missing_video": (",1,20,id1", "missing video"),
+    "too_many_fields": ("v1,1,20,id1,extra", "number of fields"),
+    "bad_video": ("not a video!,1,20,id1", "neither"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TABLE_ERRORS))
+def test_bad_table_rows_are_failures_naming_the_line(tmp_path, case):
+    row, expected = TABLE_ERRORS[case]
+    path = put(tmp_path, "t.csv", f"video,start,end,identity\ngoodvideo1,0,10,id0\n{row}\n")
+    requests, failures = parse_clip_table(path)
+    assert [r.video_id for r in requests] == ["goodvideo1"]
+    (failure,) = failures
+    assert expected in failure.message and failure.origin.endswith("t.csv:3")
+
+
+@pytest.mark.parametrize(
+    ("bbox", "expected"),
+    [("10-20-5-40", "x0 < x1"), ("1-2-3", "x0-y0-x1-y1"), ("10-400-20-500", "outside a frame")],
+)
+def test_bad_boxes_in_tables(tmp_path, bbox, expected):
+    path = put(tmp_path, "t.csv", f"video_id,start,end,bbox,height\nv1,0,10,{bbox},360\n")
+    requests, (failure,) = parse_clip_table(path)
+    assert requests == [] and expected in failure.message
+
+
+def test_table_split_values_are_checked(tmp_path):
+    path = put(tmp_path, "t.csv", "video_id,start,end,split\nv1,0,10,Train\nv2,0,10,../etc\n")
+    (ok,), (bad,) = parse_clip_table(path)
+    assert ok.split == "train" and "split" in bad.message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("", "empty file"), ("person,when\nid1,3\n", "no video column"), ("video_id,start\nv1,3\n", "span columns")],
+)
+def test_unusable_tables_are_one_failure(tmp_path, text, expected):
+    requests, (failure,) = parse_clip_table(put(tmp_path, "t.csv", text))
+    assert requests == [] and expected in failure.message
+
+
+def test_unreadable_parquet_is_a_failure(tmp_path):
+    requests, (failure,) = parse_clip_table(put(tmp_path, "t.parquet", b"not parquet at all"))
+    assert requests == [] and "cannot read" in failure.message
+
+
+def test_duplicate_rows_in_a_table(tmp_path):
+    path = put(tmp_path, "t.csv", "video_id,start,end\nv1,0,10\nv1,0,10\nv1,10,20\n")
+    requests, failures = parse_clip_table(path)
+    assert len(requests) == 2
+    assert [(f.failure_class, f.origin.rsplit(":", 1)[1]) for f in failures] == [(DUPLICATE_CLIP, "3")]
+
+
+# --- URL lists ---------------------------------------------------------------------------------
+
+
+def test_url_list(tmp_path):
+    put(tmp_path, "videos/talk.mp4", b"fake")
+    path = put(
+        tmp_path,
+        "list.txt",
+        "# my videos\n\nhttps://youtu.be/-abcdefghij\nvideos/talk.mp4\nhttps://cdn.example/a/talk.mp4\n"
+        "_klmnopqrst\nhttps://www.youtube.com/watch?v=-abcdefghij\ntwo tokens\nnope/missing.mp4\n",
+    )
+    requests, failures = parse_url_list(path, url_template="https://mirror.example/{id}")
+    by_id = {r.video_id: r for r in requests}
+    assert len(requests) == 4
+    assert by_id["-abcdefghij"].url == "https://youtu.be/-abcdefghij"
+    assert by_id["_klmnopqrst"].url == "https://mirror.example/_klmnopqrst"
+    local = next(r for r in requests if r.url.endswith("videos/talk.mp4"))
+    assert Path(local.url).is_absolute() and Path(local.url).exists()
+    remote = next(r for r in requests if r.url.startswith("https://cdn"))
+    assert local.video_id != remote.video_id and local.video_id.startswith("talk-")
+    for request in requests:
+        assert request.start_s is None and request.end_s is None
+        assert request.identity == request.video_id
+        assert safe_key(request.identity)
+    classes = sorted((f.failure_class, f.origin.rsplit(":", 1)[1]) for f in failures)
+    assert classes == [(BAD_METADATA, "8"), (BAD_METADATA, "9"), (DUPLICATE_CLIP, "7")]
+
+
+def test_missing_url_list_is_one_failure(tmp_path):
+    requests, (failure,) = parse_url_list(tmp_path / "none.txt")
+    assert requests == [] and "cannot read" in failure.message
+
+
+def test_parse_sources_dispatches_by_kind_and_deduplicates_across_inputs(tmp_path):
+    put(tmp_path, "vox/txt/id00012/21Uxsk56VDQ/00001.txt", VOX2_TEXT)
+    table = put(tmp_path, "t.csv", "video_id,start,end,identity\n21Uxsk56VDQ,1,3,id00012\nother000001,0,5,id1\n")
+    urls = put(tmp_path, "u.txt", "other000002\n")
+    requests, failures = parse_sources([tmp_path / "vox", table, urls])
+    assert [r.source for r in requests] == ["voxceleb2", "table", "urls"]
+    assert [f.failure_class for f in failures] == [DUPLICATE_CLIP]  # same video and span as the utterance
