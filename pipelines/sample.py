@@ -188,11 +188,16 @@ class _SampleHandler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client stopped reading (ffmpeg seeking): not an error
         finally:
-            self.server.record(RequestRecord(self.command, path, self._status, self.headers.get("Range"),
-                                             self.headers.get("User-Agent", "")))
+            if not _STALL.match(path):
+                self._record(path)
+
+    def _record(self, path: str) -> None:
+        self.server.record(RequestRecord(self.command, path, self._status, self.headers.get("Range"),
+                                         self.headers.get("User-Agent", "")))
 
     def _route(self, path: str, send_body: bool) -> None:
         if _STALL.match(path):
+            self._record(path)  # logged on arrival with status 0: it never gets an answer
             self.server.stopping.wait(self.server.stall_limit_s)
             self.close_connection = True
             return
@@ -288,7 +293,7 @@ def serve_directory(directory: str | os.PathLike, stall_limit_s: float = 30.0) -
     `/stall/<name>` holds the connection open without answering until shutdown or `stall_limit_s`.
     """
     server = SampleServer(Path(directory), stall_limit_s)
-    thread = threading.Thread(target=server.serve_forever, name="sample-server", daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="sample-server", daemon=True)
     thread.start()
     try:
         yield server
