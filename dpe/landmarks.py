@@ -13,9 +13,12 @@ Per frame the split gives two fields (dataset manifests store them under these n
   where the template origin (the centroid of the stable points) lands in the image and
   ``scale`` is pixels per template unit (about the outer eye-corner distance).
 * ``expression`` (T, 68, 2): the observed landmarks minus the posed template, divided by
-  ``scale`` and rotated back by ``roll``, i.e. measured in the frontal, unit-scale
-  template frame. It does not change when the image is shifted, scaled or rotated in
-  plane, and it is zero for a neutral template face in any pose.
+  ``scale`` and mapped back through the in-plane 2x2 block of ``R`` (rotation and
+  foreshortening undone, displacements taken to lie in the face plane), i.e. measured
+  in the frontal, unit-scale template frame, in outer eye-corner distances. It does
+  not change when the image is shifted, scaled or rotated in plane, it is zero for a
+  neutral template face in any pose, and a deformation within the face plane (mouth
+  opening, smile) reads the same from any head pose up to about 75 degrees.
 
 Method: a scaled-orthographic (weak perspective) camera ``q = scale * R[:2] @ P + t``
 is fitted by linear least squares on the points that move little with expression (eye
@@ -115,6 +118,9 @@ def _build_template() -> np.ndarray:
     return pts / np.linalg.norm(pts[36, :2] - pts[45, :2])
 
 
+# Smallest cos(yaw) * cos(pitch) used to undo foreshortening (about 75 degrees of yaw).
+MIN_FORESHORTENING = 0.25
+
 FACE_TEMPLATE_3D: np.ndarray = _build_template()
 FACE_TEMPLATE_3D.flags.writeable = False
 
@@ -181,12 +187,17 @@ def split_pose_expression(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray
     pose = np.stack([yaw, pitch, roll, t[..., 0], t[..., 1], scale], axis=-1)
 
     residual = (q - project_template(pose)) / scale[..., None, None]
-    cos_r, sin_r = np.cos(roll)[..., None], np.sin(roll)[..., None]
-    expression = np.stack(
+    # Undo rotation and foreshortening: solve R[:2, :2] @ e = residual, taking the
+    # displacement to lie in the face plane. det = cos(yaw) cos(pitch); capped so that
+    # near-profile faces do not amplify detector noise.
+    block = rot[..., :2, :2]
+    det = np.maximum(block[..., 0, 0] * block[..., 1, 1] - block[..., 0, 1] * block[..., 1, 0], MIN_FORESHORTENING)
+    adjugate = np.stack(
         [
-            cos_r * residual[..., 0] + sin_r * residual[..., 1],
-            -sin_r * residual[..., 0] + cos_r * residual[..., 1],
+            np.stack([block[..., 1, 1], -block[..., 0, 1]], axis=-1),
+            np.stack([-block[..., 1, 0], block[..., 0, 0]], axis=-1),
         ],
-        axis=-1,
+        axis=-2,
     )
+    expression = np.einsum("...ij,...nj->...ni", adjugate / det[..., None, None], residual)
     return pose, expression
