@@ -144,7 +144,7 @@ def check_url(url: str, allow_file_urls: bool = False) -> str:
     With `allow_file_urls`, file:// URLs and plain local paths (made into file:// URLs) pass too.
     """
     scheme_match = _SCHEME.match(url)
-    scheme = scheme_match.group(1).lower() if scheme_match and "://" in url else ""
+    scheme = scheme_match.group(1).lower() if scheme_match else ""
     if scheme in ("http", "https"):
         if not urlsplit(url).hostname:
             raise DownloadError("bad_url", f"URL has no host: {url!r}", permanent=True)

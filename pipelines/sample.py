@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import imageio_ffmpeg
 
@@ -98,7 +98,7 @@ def _truncated_copy(source: Path, target: Path, fraction: float) -> None:
     target.write_bytes(data[: int(len(data) * fraction)])
 
 
-def _write_atomically(path: Path, write) -> None:
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp)` on a temporary name beside `path`, then rename: readers never see half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
     try:

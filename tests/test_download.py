@@ -108,6 +108,23 @@ def test_clip_requests_of_one_video_make_one_download(server, tmp_path):
         download_for_clips([clips[0], ClipRequest("x/0", "other", "other", "id1")], DownloadCache(tmp_path))
 
 
+def test_rate_limit_and_sleep_slow_a_whole_download_down(server, sample_media, tmp_path):
+    download_video("noface", server.url("noface.mp4"), [None], DownloadCache(tmp_path / "warm"), FAST)  # ~0.1 s warm
+    size = sample_media["noface.mp4"].stat().st_size
+    polite = DownloadOptions(rate_limit_bytes_per_s=size, sleep_between_s=0.3)  # about 1 s + 0.3 s
+    started = time.monotonic()
+    download_video("noface", server.url("noface.mp4"), [None], DownloadCache(tmp_path / "polite"), polite)
+    assert time.monotonic() - started > 1.1
+
+
+def test_downloads_go_through_the_configured_proxy(server, tmp_path):
+    options = DownloadOptions(proxy=server.base_url, retries=0)
+    with pytest.raises(DownloadError) as caught:  # .invalid never resolves: only the proxy can answer
+        download_video("talk", "http://video.invalid/talk.mp4", [None], DownloadCache(tmp_path), options)
+    assert caught.value.failure_class == "not_found"
+    assert [r.path for r in server.requests] == ["http://video.invalid/talk.mp4"]
+
+
 @pytest.mark.parametrize(("route", "failure_class"), [("missing.mp4", "not_found"), ("gone/talk.mp4", "gone")])
 def test_permanent_http_failures_are_not_retried_and_are_recorded(server, tmp_path, route, failure_class):
     cache = DownloadCache(tmp_path)
@@ -181,7 +198,7 @@ def test_local_files_are_refused_unless_allowed(sample_media, tmp_path):
 def test_other_schemes_are_refused_even_with_file_urls_allowed(url):
     with pytest.raises(DownloadError) as caught:
         check_url(url, allow_file_urls=True)
-    assert caught.value.failure_class in {"refused_scheme", "not_found"} and caught.value.permanent
+    assert (caught.value.failure_class, caught.value.permanent) == ("refused_scheme", True)
 
 
 def test_ids_starting_with_dash_or_underscore_are_ids_not_options(server, sample_media, tmp_path):
