@@ -1,0 +1,181 @@
+"""Face detectors with 68-point landmarks behind one interface, and the choice between them.
+
+Two backends:
+- `dlib` (the embedded default; its weights ship in the dlib-bin and face-recognition-models
+  wheels, so it works offline): HOG frontal face detector plus the 68-point shape predictor.
+  Licence note: the 68-point model was trained on iBUG 300-W, whose terms exclude commercial use;
+  a commercial deployment must use other landmark weights.
+- `face-alignment` (the production detector: S3FD boxes, 2D-FAN landmarks), used when its weights
+  are already in `$TORCH_HOME/hub/checkpoints`. The library downloads missing weights when
+  constructed and fails offline, so the files are checked first; `compile=False` avoids a 90 s
+  torch.compile at start-up.
+`make_detector("auto")` takes face-alignment when its weights are present, else dlib, and logs which.
+Both return the same 68-point layout (iBUG), in pixel coordinates of the frame given.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+LOG = logging.getLogger(__name__)
+
+Box = tuple[float, float, float, float]
+"""(x0, y0, x1, y1) in pixels."""
+
+FACE_ALIGNMENT_WEIGHTS = ("2DFAN4-11f355bf06.pth.tar", "s3fd-619a316812.pth")
+"""The weight files face-alignment loads from `$TORCH_HOME/hub/checkpoints` (2D-FAN, S3FD)."""
+
+DETECTOR_NAMES = ("auto", "dlib", "face-alignment")
+
+
+@dataclass(frozen=True)
+class Face:
+    """One detected face: its box, the detector's confidence, and landmarks when the detector gives them."""
+
+    box: Box
+    score: float
+    landmarks: np.ndarray | None = None
+
+
+class FaceDetector(abc.ABC):
+    """Finds faces in RGB uint8 frames and places 68 landmarks inside a given face box."""
+
+    name: str
+
+    @abc.abstractmethod
+    def detect(self, frame_rgb: np.ndarray) -> list[Face]:
+        """All faces in the frame, best first."""
+
+    @abc.abstractmethod
+    def landmarks(self, frame_rgb: np.ndarray, box: Box) -> np.ndarray:
+        """The 68 (x, y) landmarks, float32 (68, 2), of the face in `box`."""
+
+
+class DlibDetector(FaceDetector):
+    """dlib HOG detector + 68-point shape predictor (weights from face-recognition-models).
+
+    HOG finds faces of roughly 80 px and more, so frames whose short side is below
+    `detect_min_side` are enlarged before detection (the 176x144 sample needs it); frames whose
+    short side exceeds `detect_max_side` are shrunk, because HOG cost grows with pixel count and
+    talking-head faces are large. Landmarks are always placed on the frame as given.
+    Licence: the 68-point model's training data (iBUG 300-W) excludes commercial use.
+    """
+
+    name = "dlib"
+
+    def __init__(self, detect_min_side: int = 280, detect_max_side: int = 480, min_score: float = 0.0) -> None:
+        import dlib
+
+        with warnings.catch_warnings():  # face_recognition_models imports the deprecated pkg_resources
+            warnings.simplefilter("ignore")
+            import face_recognition_models
+
+        self._detector = dlib.get_frontal_face_detector()
+        self._predictor = dlib.shape_predictor(face_recognition_models.pose_predictor_model_location())
+        self._rectangle = dlib.rectangle
+        self.detect_min_side = detect_min_side
+        self.detect_max_side = detect_max_side
+        self.min_score = min_score
+
+    def detect(self, frame_rgb: np.ndarray) -> list[Face]:
+        scale = detection_scale(frame_rgb.shape[:2], self.detect_min_side, self.detect_max_side)
+        image = frame_rgb if scale == 1.0 else resize(frame_rgb, scale)
+        rectangles, scores, _ = self._detector.run(np.ascontiguousarray(image), 0, self.min_score)
+        faces = [Face((r.left() / scale, r.top() / scale, (r.right() + 1) / scale, (r.bottom() + 1) / scale),
+                      float(s)) for r, s in zip(rectangles, scores)]
+        return sorted(faces, key=lambda face: -face.score)
+
+    def landmarks(self, frame_rgb: np.ndarray, box: Box) -> np.ndarray:
+        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        shape = self._predictor(np.ascontiguousarray(frame_rgb), self._rectangle(x0, y0, x1 - 1, y1 - 1))
+        return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
+
+
+class FaceAlignmentDetector(FaceDetector):
+    """face-alignment: S3FD detector and 2D-FAN-4 landmarks, weights read from `checkpoint_dir`."""
+
+    name = "face-alignment"
+
+    def __init__(self, device: str = "cpu", checkpoint_dir: str | os.PathLike | None = None,
+                 flip_input: bool = True) -> None:
+        """`flip_input` averages FAN over the mirrored crop too: steadier points for twice the cost."""
+        directory = Path(checkpoint_dir) if checkpoint_dir else face_alignment_checkpoint_dir()
+        missing = [name for name in FACE_ALIGNMENT_WEIGHTS if not (directory / name).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"face-alignment weights missing in {directory}: {', '.join(missing)}; download them on a "
+                f"machine with internet access into $TORCH_HOME/hub/checkpoints, or use --detector dlib")
+        import face_alignment
+        import torch
+
+        previous_hub = torch.hub.get_dir()
+        torch.hub.set_dir(str(directory.parent))  # the library resolves FAN weights under the hub dir
+        try:
+            self._model = face_alignment.FaceAlignment(
+                face_alignment.LandmarksType.TWO_D, device=device, compile=False, face_detector="sfd",
+                flip_input=flip_input, face_detector_kwargs={"path_to_detector": str(directory / FACE_ALIGNMENT_WEIGHTS[1])})
+        finally:
+            torch.hub.set_dir(previous_hub)
+
+    def detect(self, frame_rgb: np.ndarray) -> list[Face]:
+        found = self._model.face_detector.detect_from_image(np.ascontiguousarray(frame_rgb))
+        faces = [Face((float(d[0]), float(d[1]), float(d[2]), float(d[3])), float(d[4])) for d in found]
+        return sorted(faces, key=lambda face: -face.score)
+
+    def landmarks(self, frame_rgb: np.ndarray, box: Box) -> np.ndarray:
+        detection = np.array([*box, 1.0], dtype=np.float64)  # the library mixes it into float64 tensors
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            points = self._model.get_landmarks_from_image(np.ascontiguousarray(frame_rgb), detected_faces=[detection])
+        return np.asarray(points[0][:, :2], dtype=np.float32)
+
+
+def face_alignment_checkpoint_dir() -> Path:
+    """Where face-alignment (through torch.hub) looks for weights: `$TORCH_HOME/hub/checkpoints`."""
+    torch_home = os.environ.get("TORCH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "torch")
+    return Path(torch_home) / "hub" / "checkpoints"
+
+
+def face_alignment_available(checkpoint_dir: str | os.PathLike | None = None) -> bool:
+    """True when every face-alignment weight file is already on disk (so construction needs no network)."""
+    directory = Path(checkpoint_dir) if checkpoint_dir else face_alignment_checkpoint_dir()
+    return all((directory / name).is_file() for name in FACE_ALIGNMENT_WEIGHTS)
+
+
+def make_detector(name: str = "auto", **options) -> FaceDetector:
+    """Build a detector by name: "dlib", "face-alignment", or "auto" (face-alignment if its weights are present)."""
+    if name not in DETECTOR_NAMES:
+        raise ValueError(f"unknown face detector {name!r}; choose one of {', '.join(DETECTOR_NAMES)}")
+    if name == "auto":
+        name = "face-alignment" if face_alignment_available() else "dlib"
+        LOG.info("face detector: %s (%s)", name, "weights found in " + str(face_alignment_checkpoint_dir())
+                 if name == "face-alignment" else "face-alignment weights absent; embedded dlib models")
+    if name == "face-alignment":
+        return FaceAlignmentDetector(**options)
+    return DlibDetector(**options)
+
+
+def detection_scale(shape: tuple[int, int], min_side: int, max_side: int) -> float:
+    """The factor that brings a frame's short side into [min_side, max_side] (1.0 when already inside)."""
+    short = min(shape)
+    if short < min_side:
+        return min_side / short
+    if short > max_side:
+        return max_side / short
+    return 1.0
+
+
+def resize(image: np.ndarray, scale: float) -> np.ndarray:
+    """Resize by `scale` with area averaging when shrinking and bicubic when enlarging (never nearest)."""
+    height, width = image.shape[:2]
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
