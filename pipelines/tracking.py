@@ -1,0 +1,305 @@
+"""Face tracks over a clip: sparse detection, per-frame landmark tracking, track choice, stable crop boxes.
+
+Running a detector on every frame is the expensive part of dataset preparation, so the detector
+runs every `detect_stride` frames and between detections each face is followed by its landmarks:
+the box for frame t+1 is placed on the landmarks of frame t, with the offset between landmark
+extent and detector box measured at that face's last detection (so the landmark model always
+gets the kind of box its detector gives). When the landmark box jumps (low IoU with the previous
+frame), the next frame is detected again. Detections join tracks by IoU.
+
+One track per clip is kept: the one matching the metadata box when there is one, else the
+dominant face; several comparable faces without a metadata box reject the clip, because the
+identity label would be ambiguous. The crop box follows the landmarks, smoothed with a centred
+moving average on centre and size so crops do not jitter, enlarged around the face and square.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipelines.errors import (
+    FACE_LEAVES_FRAME,
+    FACE_TOO_SMALL,
+    MULTIPLE_FACES,
+    NO_FACE,
+    TRACK_TOO_SHORT,
+    ClipRejected,
+)
+from pipelines.faces import Box, FaceDetector
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Knobs of detection, tracking, track choice and crop boxes (all in frames of the output rate)."""
+
+    detect_stride: int = 12
+    """Run the detector every this many frames (1 = every frame)."""
+    redetect_below_iou: float = 0.5
+    """Detect again on the next frame when the landmark box overlaps the previous one less than this."""
+    match_iou: float = 0.3
+    """A detection continues a track when it overlaps the track's current box at least this much."""
+    max_missed_detections: int = 1
+    """A track survives this many consecutive detector misses (followed by landmarks meanwhile)."""
+    smoothing_window: int = 9
+    """Centred moving-average window for the crop centre (frames, odd)."""
+    size_smoothing_window: int = 25
+    """Centred moving-average window for the crop size (frames, odd): size changes slowly."""
+    enlarge: float = 1.8
+    """Crop side as a multiple of the landmark extent (brows to chin), VoxCeleb-like head framing."""
+    center_shift: float = -0.1
+    """Vertical shift of the crop centre, in face sizes (negative = up, to include the forehead)."""
+    min_track_fraction: float = 0.8
+    """The chosen track must cover at least this fraction of the clip's frames."""
+    min_face_px: float = 64.0
+    """Median landmark extent, in source pixels, below which a face is too small to crop."""
+    max_outside_fraction: float = 0.2
+    """Largest fraction of a crop box that may lie outside the frame (padded) in any frame."""
+    comparable_faces_ratio: float = 0.6
+    """Without a metadata box, a second track this prominent (coverage x size) makes the clip ambiguous."""
+    meta_match_distance: float = 0.5
+    """A track matches a metadata box when their centres are closer than this fraction of the box size."""
+
+
+@dataclass
+class FaceTrack:
+    """One face followed over consecutive frames: per-frame landmarks and the box they span."""
+
+    start: int
+    landmarks: list[np.ndarray] = field(default_factory=list)
+    detections: int = 0
+    last_detected: int = -1
+    missed: int = 0
+    box_offsets: np.ndarray | None = None
+
+    @property
+    def end(self) -> int:
+        """One past the last frame of the track."""
+        return self.start + len(self.landmarks)
+
+    def landmark_boxes(self) -> np.ndarray:
+        """(T, 4) bounding boxes of the per-frame landmarks."""
+        points = np.stack(self.landmarks)
+        return np.concatenate([points.min(axis=1), points.max(axis=1)], axis=1)
+
+    def face_size(self) -> float:
+        """Median landmark extent (the larger side), in pixels."""
+        boxes = self.landmark_boxes()
+        return float(np.median(np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])))
+
+
+def iou(a: Box | np.ndarray, b: Box | np.ndarray) -> float:
+    """Intersection over union of two (x0, y0, x1, y1) boxes (0 when either is empty)."""
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    if width <= 0 or height <= 0:
+        return 0.0
+    inter = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def associate(track_boxes: list[Box], detections: list[Box], min_iou: float) -> list[tuple[int, int]]:
+    """Greedy one-to-one matching of tracks to detections, highest IoU first, pairs above `min_iou`."""
+    pairs = sorted(((iou(t, d), ti, di) for ti, t in enumerate(track_boxes) for di, d in enumerate(detections)),
+                   reverse=True)
+    used_tracks: set[int] = set()
+    used_detections: set[int] = set()
+    matches = []
+    for overlap, ti, di in pairs:
+        if overlap < min_iou:
+            break
+        if ti in used_tracks or di in used_detections:
+            continue
+        used_tracks.add(ti)
+        used_detections.add(di)
+        matches.append((ti, di))
+    return matches
+
+
+class FaceTracker:
+    """Feed frames in order with `update`; `tracks` then holds every face track of the clip."""
+
+    def __init__(self, detector: FaceDetector, config: TrackingConfig) -> None:
+        self.detector = detector
+        self.config = config
+        self.tracks: list[FaceTrack] = []
+        self._active: list[FaceTrack] = []
+        self._frame = 0
+        self._detect_next = True
+        self.detector_calls = 0
+
+    def update(self, frame: np.ndarray) -> None:
+        """Follow every active face into this frame, detecting when due or when tracking got unsure."""
+        index = self._frame
+        due = index % self.config.detect_stride == 0
+        boxes = {id(track): self._propagated_box(track) for track in self._active}
+        detected: dict[int, Box] = {}
+        if due or self._detect_next:
+            detected = self._detect(frame, index, boxes)
+        self._detect_next = False
+        for track in list(self._active):
+            box = detected.get(id(track), boxes.get(id(track)))
+            points = self.detector.landmarks(frame, box)
+            if id(track) in detected:
+                track.box_offsets = _box_offsets(box, points)
+            if track.landmarks and iou(_extent(points), _extent(track.landmarks[-1])) < self.config.redetect_below_iou:
+                self._detect_next = True
+            track.landmarks.append(points)
+        self._frame += 1
+
+    def _detect(self, frame: np.ndarray, index: int, boxes: dict[int, Box]) -> dict[int, Box]:
+        self.detector_calls += 1
+        faces = self.detector.detect(frame)
+        detections = [face.box for face in faces]
+        matches = associate([boxes[id(t)] for t in self._active], detections, self.config.match_iou)
+        matched = {ti: di for ti, di in matches}
+        result: dict[int, Box] = {}
+        for ti, track in enumerate(list(self._active)):
+            if ti in matched:
+                track.missed = 0
+                track.detections += 1
+                track.last_detected = index
+                result[id(track)] = detections[matched[ti]]
+            else:
+                track.missed += 1
+                if track.missed > self.config.max_missed_detections:
+                    self._end(track)
+        taken = set(matched.values())
+        for di, box in enumerate(detections):
+            if di not in taken:
+                track = FaceTrack(start=index, detections=1, last_detected=index)
+                self.tracks.append(track)
+                self._active.append(track)
+                result[id(track)] = box
+        return result
+
+    def _end(self, track: FaceTrack) -> None:
+        """Stop a lost track, dropping frames followed since its last detection (they may have drifted)."""
+        self._active.remove(track)
+        del track.landmarks[track.last_detected + 1 - track.start:]
+
+    def _propagated_box(self, track: FaceTrack) -> Box:
+        """A detector-like box placed on the track's latest landmarks."""
+        x0, y0, x1, y1 = _extent(track.landmarks[-1])
+        cx, cy, size = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0)
+        ox0, oy0, ox1, oy1 = track.box_offsets
+        return (cx + ox0 * size, cy + oy0 * size, cx + ox1 * size, cy + oy1 * size)
+
+
+def _extent(points: np.ndarray) -> Box:
+    return (float(points[:, 0].min()), float(points[:, 1].min()), float(points[:, 0].max()), float(points[:, 1].max()))
+
+
+def _box_offsets(box: Box, points: np.ndarray) -> np.ndarray:
+    """The detector box relative to the landmark extent (centre and larger side), to re-create it later."""
+    x0, y0, x1, y1 = _extent(points)
+    cx, cy, size = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0, 1e-6)
+    return np.array([(box[0] - cx) / size, (box[1] - cy) / size, (box[2] - cx) / size, (box[3] - cy) / size])
+
+
+def select_track(tracks: list[FaceTrack], frame_count: int, meta_boxes: list[tuple[int, Box]],
+                 config: TrackingConfig) -> FaceTrack:
+    """The one track to crop: nearest the metadata boxes (frame index, pixel box) if given, else the
+    dominant face. Raises `ClipRejected` (no_face, multiple_faces, track_too_short)."""
+    tracks = [t for t in tracks if t.landmarks]
+    if not tracks:
+        raise ClipRejected(NO_FACE, f"no face detected in {frame_count} frames")
+    if meta_boxes:
+        distances = [(_meta_distance(t, meta_boxes), i) for i, t in enumerate(tracks)]
+        distance, best = min(distances)
+        if distance > config.meta_match_distance:
+            raise ClipRejected(NO_FACE, f"none of {len(tracks)} face tracks lies at the metadata box "
+                                        f"(nearest centre {distance:.2f} box sizes away)")
+        chosen = tracks[best]
+    else:
+        prominence = sorted(((len(t.landmarks) / frame_count * t.face_size(), i) for i, t in enumerate(tracks)),
+                            reverse=True)
+        chosen = tracks[prominence[0][1]]
+        rivals = [p for p, i in prominence[1:] if p >= config.comparable_faces_ratio * prominence[0][0]
+                  and _overlap_in_time(tracks[i], chosen)]
+        if rivals:
+            raise ClipRejected(MULTIPLE_FACES, f"{len(rivals) + 1} comparable faces and no metadata box to "
+                                               f"pick one; give the clip's face box")
+    coverage = len(chosen.landmarks) / frame_count
+    if coverage < config.min_track_fraction:
+        raise ClipRejected(TRACK_TOO_SHORT, f"the face is tracked in {len(chosen.landmarks)} of {frame_count} "
+                                            f"frames ({coverage:.0%} < {config.min_track_fraction:.0%})")
+    return chosen
+
+
+def _overlap_in_time(a: FaceTrack, b: FaceTrack) -> bool:
+    return a.start < b.end and b.start < a.end
+
+
+def _meta_distance(track: FaceTrack, meta_boxes: list[tuple[int, Box]]) -> float:
+    """Median distance between track and metadata box centres, in metadata box sizes (nearest frame)."""
+    boxes = track.landmark_boxes()
+    distances = []
+    for frame, meta in meta_boxes:
+        local = int(np.clip(frame - track.start, 0, len(boxes) - 1))
+        x0, y0, x1, y1 = boxes[local]
+        centre = np.array([(x0 + x1) / 2, (y0 + y1) / 2])
+        meta_centre = np.array([(meta[0] + meta[2]) / 2, (meta[1] + meta[3]) / 2])
+        meta_size = max(meta[2] - meta[0], meta[3] - meta[1], 1e-6)
+        distances.append(float(np.linalg.norm(centre - meta_centre) / meta_size))
+    return float(np.median(distances))
+
+
+def smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Centred moving average along axis 0; the window shrinks symmetrically at the ends (no lag, no padding bias)."""
+    values = np.asarray(values, dtype=np.float64)
+    count = len(values)
+    half = max(0, window // 2)
+    if half == 0 or count < 2:
+        return values.copy()
+    cumulative = np.concatenate([np.zeros((1,) + values.shape[1:]), np.cumsum(values, axis=0)])
+    index = np.arange(count)
+    reach = np.minimum(np.minimum(index, count - 1 - index), half)
+    total = cumulative[index + reach + 1] - cumulative[index - reach]
+    return total / (2 * reach + 1).reshape((-1,) + (1,) * (values.ndim - 1))
+
+
+def crop_boxes(track: FaceTrack, frame_size: tuple[int, int], config: TrackingConfig) -> np.ndarray:
+    """(T, 4) float32 square crop boxes (x0, y0, x1, y1) in source pixels for every frame of the track.
+
+    Raises `face_too_small` and `face_leaves_frame` (more than `max_outside_fraction` of a box outside).
+    """
+    width, height = frame_size
+    extents = track.landmark_boxes()
+    sizes = np.maximum(extents[:, 2] - extents[:, 0], extents[:, 3] - extents[:, 1])
+    face = float(np.median(sizes))
+    if face < config.min_face_px:
+        raise ClipRejected(FACE_TOO_SMALL, f"the face spans {face:.0f} px (< {config.min_face_px:.0f} px)")
+    centres = np.stack([(extents[:, 0] + extents[:, 2]) / 2, (extents[:, 1] + extents[:, 3]) / 2], axis=1)
+    centres[:, 1] += config.center_shift * sizes
+    centres = smooth(centres, config.smoothing_window)
+    sides = smooth(sizes, config.size_smoothing_window) * config.enlarge
+    half = sides / 2
+    boxes = np.stack([centres[:, 0] - half, centres[:, 1] - half, centres[:, 0] + half, centres[:, 1] + half], axis=1)
+    outside = outside_fraction(boxes, width, height)
+    worst = int(np.argmax(outside))
+    if outside[worst] > config.max_outside_fraction:
+        raise ClipRejected(FACE_LEAVES_FRAME, f"{outside[worst]:.0%} of the crop lies outside the frame at "
+                                              f"frame {track.start + worst} (> {config.max_outside_fraction:.0%})")
+    return boxes.astype(np.float32)
+
+
+def outside_fraction(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Per box, the fraction of its area outside a width x height frame."""
+    inside_w = np.clip(np.minimum(boxes[:, 2], width) - np.maximum(boxes[:, 0], 0), 0, None)
+    inside_h = np.clip(np.minimum(boxes[:, 3], height) - np.maximum(boxes[:, 1], 0), 0, None)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return 1.0 - inside_w * inside_h / np.maximum(area, 1e-9)
+
+
+def jitter(boxes: np.ndarray) -> float:
+    """Median frame-to-frame shake of box centres: |second difference| over box size (0 = steady or uniform motion)."""
+    boxes = np.asarray(boxes, dtype=np.float64)
+    if len(boxes) < 3:
+        return 0.0
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    sizes = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    second = np.linalg.norm(centres[2:] - 2 * centres[1:-1] + centres[:-2], axis=1)
+    return float(np.median(second / sizes[1:-1]))
