@@ -199,11 +199,19 @@ def _write_table(store: OutputStore, relpath: str, table: pa.Table) -> None:
         pq.write_table(table, output.file)
 
 
-def write_part(store: OutputStore, batch_name: str, rows: Sequence[ManifestRow]) -> str:
-    """Commit the rows of one batch as a new part file; refuse to overwrite an earlier batch."""
+def write_part(store: OutputStore, batch_name: str, rows: Sequence[ManifestRow], *, replace: bool = False) -> str:
+    """Commit the rows of one batch as a part file.
+
+    An existing part is an error unless `replace` is set: only a retry of the same batch, which
+    rewrote that batch's shards under the same names, may replace its part (shards the retry
+    no longer wrote then show up in `orphan_shards`).
+    """
     relpath = part_path(batch_name)
-    if store.exists(relpath):
-        raise FileExistsError(f"{store.uri}/{relpath} exists: batch name {batch_name!r} was used before; pick a new one")
+    if store.exists(relpath) and not replace:
+        raise FileExistsError(
+            f"{store.uri}/{relpath} exists: batch name {batch_name!r} was used before; "
+            "pick a new one, or pass replace=True when retrying that same batch"
+        )
     _write_table(store, relpath, rows_to_table(rows))
     return relpath
 

@@ -27,17 +27,16 @@ import numpy as np
 import webdataset as wds
 
 from pipelines.clips import OUTPUT_FPS, ClipRequest
+from pipelines.sources import MAX_KEY_LENGTH
 from pipelines.storage import AtomicOutput, OutputStore, clean_relpath
 
 _TAR_BLOCK = 512
 _TAR_RECORD = 20 * _TAR_BLOCK
 _USTAR_NAME_LIMIT = 100
-_LONGEST_ENTRY = ".expression.npy"
-MAX_KEY_LENGTH = _USTAR_NAME_LIMIT - len(_LONGEST_ENTRY)
-"""Keys longer than this do not fit a plain (ustar) tar member name with the longest entry."""
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 _ARRAY_SHAPES = {"boxes": (4,), "landmarks": (68, 2), "pose": (6,), "expression": (68, 2)}
+assert MAX_KEY_LENGTH + max(len(f".{name}.npy") for name in _ARRAY_SHAPES) <= _USTAR_NAME_LIMIT
 
 
 @dataclass(frozen=True)

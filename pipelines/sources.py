@@ -41,6 +41,10 @@ _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
 _YOUTUBE_HOSTS = {"youtube.com", "www.youtube.com", "m.youtube.com", "youtu.be", "www.youtube-nocookie.com"}
 _SLUG_LENGTH = 40
 
+MAX_KEY_LENGTH = 85
+"""Longest sample key (`ClipRequest.key`) a shard can hold: a plain (ustar) tar member name has at
+most 100 characters, and the longest entry name adds ``.expression.npy`` (15)."""
+
 
 @dataclass(frozen=True)
 class ParseFailure:
@@ -112,7 +116,8 @@ def url_for(value: str, url_template: str = DEFAULT_URL_TEMPLATE) -> str:
 
 def _slug_with_hash(name: str, full: str) -> str:
     """A short, path-safe id for a non-YouTube video: readable stem plus a hash of the full reference."""
-    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-")[:_SLUG_LENGTH] or "video"
+    # '_' is replaced too: `safe_key` escapes it to four characters, and keys have a length limit.
+    slug = re.sub(r"[^A-Za-z0-9-]+", "-", name).strip("-")[:_SLUG_LENGTH] or "video"
     return f"{slug}-{hashlib.sha1(full.encode()).hexdigest()[:8]}"
 
 
@@ -159,6 +164,24 @@ def _check_split(value: str) -> str:
     if not _SPLIT.fullmatch(split):
         raise _Invalid(f"split {value!r} must be lower-case letters, digits and '-' (it names a directory)")
     return split
+
+
+def _finish(requests: list[ClipRequest], failures: list[ParseFailure]) -> ParseResult:
+    """Reject clips whose key would not fit a shard member name, then drop duplicates."""
+    fitting, too_long = [], []
+    for request in requests:
+        if len(request.key) <= MAX_KEY_LENGTH:
+            fitting.append(request)
+        else:
+            too_long.append(
+                ParseFailure(
+                    request.origin,
+                    f"clip id {request.clip_id!r} gives a key of {len(request.key)} characters, more than "
+                    f"{MAX_KEY_LENGTH}; shorten the identity, video id or clip id",
+                )
+            )
+    kept, duplicates = drop_duplicates(fitting)
+    return kept, failures + too_long + duplicates
 
 
 def drop_duplicates(requests: Iterable[ClipRequest]) -> ParseResult:
@@ -276,8 +299,7 @@ def parse_voxceleb_tree(
         except _Invalid as error:
             origin = f"{path}:{error.line}" if error.line else str(path)
             failures.append(ParseFailure(origin, str(error)))
-    kept, duplicates = drop_duplicates(requests)
-    return kept, failures + duplicates
+    return _finish(requests, failures)
 
 
 def _parse_utterance(
@@ -458,8 +480,7 @@ def parse_clip_table(
             requests.append(_table_request(row, mapping, path, f"{path}:{line}", url_template, splits))
         except _Invalid as error:
             failures.append(ParseFailure(f"{path}:{line}", str(error)))
-    kept, duplicates = drop_duplicates(requests)
-    return kept, failures + duplicates
+    return _finish(requests, failures)
 
 
 def _read_table(path: Path) -> tuple[list[str], Iterator[tuple[int, Mapping[str, object]]]]:
@@ -631,8 +652,7 @@ def parse_url_list(
                 origin=f"{path}:{number}",
             )
         )
-    kept, duplicates = drop_duplicates(requests)
-    return kept, failures + duplicates
+    return _finish(requests, failures)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -662,5 +682,4 @@ def parse_sources(
             found, bad = parse_url_list(path, url_template=url_template, splits=splits)
         requests.extend(found)
         failures.extend(bad)
-    kept, duplicates = drop_duplicates(requests)
-    return kept, failures + duplicates
+    return _finish(requests, failures)

@@ -66,6 +66,8 @@ def test_batch_names_are_checked_and_never_reused(store):
     write_part(store, "b1", [row_ok(request("a"), "train/b1-0000.tar", 1, 0.04)])
     with pytest.raises(FileExistsError, match="b1"):
         write_part(store, "b1", [])
+    write_part(store, "b1", [row_failed(request("a"), "timeout", "")], replace=True)  # a retry of batch b1
+    assert [row.status for row in read_parts(store)] == [FAILED]
     with pytest.raises(ValueError, match="batch name"):
         write_part(store, "../b2", [])
 

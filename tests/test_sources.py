@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,6 +15,7 @@ from pipelines.clips import safe_key
 from pipelines.sources import (
     BAD_METADATA,
     DUPLICATE_CLIP,
+    MAX_KEY_LENGTH,
     SplitPolicy,
     VoxUtterance,
     assign_split,
@@ -322,6 +324,12 @@ def test_unreadable_parquet_is_a_failure(tmp_path):
     assert requests == [] and "cannot read" in failure.message
 
 
+def test_clip_ids_too_long_for_a_shard_key_are_failures(tmp_path):
+    path = put(tmp_path, "t.csv", f"video_id,start,end,clip_id\nv1,0,10,short\nv1,10,20,{'x' * 90}\n")
+    (ok,), (failure,) = parse_clip_table(path)
+    assert ok.clip_id == "short" and "91 characters" in failure.message and failure.origin.endswith(":3")
+
+
 def test_duplicate_rows_in_a_table(tmp_path):
     path = put(tmp_path, "t.csv", "video_id,start,end\nv1,0,10\nv1,0,10\nv1,10,20\n")
     requests, failures = parse_clip_table(path)
@@ -355,6 +363,16 @@ def test_url_list(tmp_path):
         assert safe_key(request.identity)
     classes = sorted((f.failure_class, f.origin.rsplit(":", 1)[1]) for f in failures)
     assert classes == [(BAD_METADATA, "8"), (BAD_METADATA, "9"), (DUPLICATE_CLIP, "7")]
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.text(min_size=1, max_size=300).filter(lambda t: "\n" not in t and "\r" not in t))
+def test_any_url_file_name_gives_a_short_safe_key(tmp_path, name):
+    path = tmp_path / "list.txt"
+    path.write_text("https://cdn.example/v/" + quote(name) + ".mp4\n")
+    (request,), failures = parse_url_list(path)
+    assert failures == []
+    assert len(request.key) <= MAX_KEY_LENGTH and "." not in request.key
 
 
 def test_missing_url_list_is_one_failure(tmp_path):
