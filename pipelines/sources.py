@@ -466,7 +466,10 @@ def parse_clip_table(
     url_template: str = DEFAULT_URL_TEMPLATE,
     splits: SplitPolicy = SplitPolicy(),
 ) -> ParseResult:
-    """Parse a CSV/TSV (by suffix) or Parquet clip table; see `_COLUMN_ALIASES` for accepted columns."""
+    """Parse a CSV/TSV (by suffix) or Parquet clip table; see `_COLUMN_ALIASES` for accepted columns.
+
+    Origins are ``file:line`` for CSV/TSV (the header is line 1) and ``file:row`` (1-based) for Parquet.
+    """
     path = Path(path)
     requests: list[ClipRequest] = []
     failures: list[ParseFailure] = []
