@@ -37,6 +37,10 @@ SAMPLE_SIZE = (352, 288)
 TALK_LOOPS = 3
 """The 4 s clip is played this many times in `talk.mp4` (about 12 s), so one video holds several clips."""
 
+SAMPLE_PORT = 47615
+"""A fixed loopback port for `prepare --sample`, so URLs (and the ids derived from them) are the same
+on every run and a rerun resumes instead of preparing the URL-list clip again."""
+
 SAMPLE_NAMES = ("talk.mp4", "noface.mp4", "twofaces.mp4", "corrupt.mp4")
 
 _ENCODE = ["-c:v", "libx264", "-preset", "veryfast", "-crf", "26", "-pix_fmt", "yuv420p", "-g", "30",
@@ -125,14 +129,14 @@ class SampleServer(ThreadingHTTPServer):
     daemon_threads = False  # server_close() joins handlers, so shutdown leaves nothing running
     block_on_close = True
 
-    def __init__(self, directory: Path, stall_limit_s: float) -> None:
+    def __init__(self, directory: Path, stall_limit_s: float, port: int = 0) -> None:
         self.directory = directory.resolve()
         self.stall_limit_s = stall_limit_s
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._log: list[RequestRecord] = []
         self._flaky_failures: dict[str, int] = {}
-        super().__init__(("127.0.0.1", 0), _SampleHandler)
+        super().__init__(("127.0.0.1", port), _SampleHandler)
 
     @property
     def base_url(self) -> str:
@@ -287,12 +291,19 @@ def _copy_exactly(source, target, length: int, chunk: int = 64 * 1024) -> None:
 
 
 @contextlib.contextmanager
-def serve_directory(directory: str | os.PathLike, stall_limit_s: float = 30.0) -> Iterator[SampleServer]:
-    """Serve `directory` on 127.0.0.1 at an ephemeral port until the block ends.
+def serve_directory(directory: str | os.PathLike, stall_limit_s: float = 30.0,
+                    port: int = 0) -> Iterator[SampleServer]:
+    """Serve `directory` on 127.0.0.1 at `port` (0 or a busy port: an ephemeral one) until the block ends.
 
     `/stall/<name>` holds the connection open without answering until shutdown or `stall_limit_s`.
     """
-    server = SampleServer(Path(directory), stall_limit_s)
+    try:
+        server = SampleServer(Path(directory), stall_limit_s, port)
+    except OSError as error:
+        if not port:
+            raise
+        log.warning("port %d is busy (%s); serving the sample on an ephemeral port", port, error)
+        server = SampleServer(Path(directory), stall_limit_s)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="sample-server", daemon=True)
     thread.start()
     try:

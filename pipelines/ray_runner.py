@@ -1,0 +1,76 @@
+"""The distributor: runs `prepare_video` for many videos on Ray, local or cluster alike.
+
+With no address, Ray starts on this machine (embedded default); `--ray-address` or `RAY_ADDRESS`
+joins a cluster instead, and nothing else changes. At most `max_in_flight` videos are pending at
+once, so results (encoded clips) stream back instead of piling up in the object store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Iterable
+
+from pipelines.clips import ClipRequest
+from pipelines.video_worker import ClipOutcome, WorkerSettings, prepare_video
+
+LOG = logging.getLogger(__name__)
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to the given cluster, or to $RAY_ADDRESS, or start a local Ray; no-op when connected."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        LOG.info("connecting to Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=False)
+    else:
+        LOG.info("starting a local Ray (set RAY_ADDRESS or --ray-address to use a cluster)")
+        ray.init(include_dashboard=False, log_to_driver=False)
+
+
+def map_videos(
+    groups: Iterable[list[ClipRequest]],
+    settings: WorkerSettings,
+    on_outcomes: Callable[[list[ClipOutcome]], None],
+    max_in_flight: int | None = None,
+) -> None:
+    """Prepare each group (the clips of one video) as one Ray task, calling `on_outcomes` as they finish.
+
+    A task whose worker dies is retried by Ray; if it still fails, its clips are recorded as
+    `worker_failed` with the cause, and the other videos go on.
+    """
+    import ray
+
+    remote = ray.remote(num_cpus=1, max_retries=2)(prepare_video)
+    settings_ref = ray.put(settings)
+    limit = max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    pending: dict = {}
+    queue = iter(groups)
+
+    def submit_next() -> bool:
+        group = next(queue, None)
+        if group is None:
+            return False
+        pending[remote.remote(group, settings_ref)] = group
+        return True
+
+    while len(pending) < limit and submit_next():
+        pass
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        ref = done[0]
+        group = pending.pop(ref)
+        try:
+            outcomes = ray.get(ref)
+        except Exception as exc:  # RayTaskError / WorkerCrashedError after Ray's own retries
+            LOG.error("video %s: worker failed: %s", group[0].video_id, exc)
+            outcomes = [
+                ClipOutcome(r, failure_class="worker_failed", message=f"{type(exc).__name__}: {exc}")
+                for r in group
+            ]
+        on_outcomes(outcomes)
+        submit_next()

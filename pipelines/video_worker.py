@@ -1,0 +1,104 @@
+"""The per-video unit of distributed work: download the needed spans once, then cut every clip.
+
+One call handles all clips of one video, so a video with many clips is fetched once. Every clip
+ends as a `ClipOutcome` (prepared or failed with a class and message); nothing here raises for bad
+input, so one bad clip or video never takes the others down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipelines.clip_processor import ProcessedClip, process_clip
+from pipelines.clips import ClipRequest, MetaBox
+from pipelines.download import DownloadCache, DownloadError, DownloadOptions, DownloadedSection, download_for_clips, find_section
+from pipelines.errors import PreparationError
+from pipelines.faces import FaceDetector, make_detector
+from pipelines.tracking import TrackingConfig
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What a worker needs to prepare clips; plain data so it travels to Ray workers."""
+
+    download_dir: str
+    detector: str = "auto"
+    download: DownloadOptions = field(default_factory=DownloadOptions)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+@dataclass
+class ClipOutcome:
+    """The result of one requested clip: `processed` when it succeeded, else a failure class."""
+
+    request: ClipRequest
+    processed: ProcessedClip | None = None
+    failure_class: str | None = None
+    message: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.processed is not None
+
+
+@functools.lru_cache(maxsize=4)
+def _detector(name: str) -> FaceDetector:
+    """One detector per worker process: Ray reuses workers, so models load once, not per task."""
+    return make_detector(name)
+
+
+def _shift_boxes(boxes: tuple[MetaBox, ...], offset_s: float) -> tuple[MetaBox, ...]:
+    return tuple(dataclasses.replace(b, t=b.t - offset_s) for b in boxes)
+
+
+def prepare_video(requests: list[ClipRequest], settings: WorkerSettings) -> list[ClipOutcome]:
+    """Download the spans of one video and prepare each of its clips."""
+    if not requests:
+        return []
+    first = requests[0]
+    started = time.perf_counter()
+    try:
+        sections = download_for_clips(requests, DownloadCache(Path(settings.download_dir)), settings.download)
+    except DownloadError as exc:
+        LOG.warning("video %s: download failed (%s): %s", first.video_id, exc.failure_class, exc)
+        return [ClipOutcome(r, failure_class=exc.failure_class, message=str(exc)) for r in requests]
+    download_s = time.perf_counter() - started
+
+    detector = _detector(settings.detector)
+    outcomes = []
+    for request in requests:
+        outcome = _prepare_clip(request, sections, detector, settings)
+        outcome.timings["download_s"] = download_s / len(requests)
+        outcomes.append(outcome)
+    return outcomes
+
+
+def _prepare_clip(request: ClipRequest, sections: list[DownloadedSection], detector: FaceDetector,
+                  settings: WorkerSettings) -> ClipOutcome:
+    try:
+        section, _ = find_section(sections, request.start_s, request.end_s)
+    except LookupError as exc:
+        return ClipOutcome(request, failure_class="span_outside_video",
+                           message=f"clip {request.clip_id} ({request.url}): {exc}")
+    offset = section.start_s
+    start = None if request.start_s is None else request.start_s - offset
+    end = None if request.end_s is None else request.end_s - offset
+    try:
+        processed = process_clip(section.path, start, end, _shift_boxes(request.boxes, offset),
+                                 detector, settings.tracking)
+    except PreparationError as exc:
+        return ClipOutcome(request, failure_class=exc.failure_class, message=f"clip {request.clip_id}: {exc}")
+    except Exception as exc:  # a bug or an unforeseen input must not lose the other clips
+        LOG.exception("clip %s: unexpected error", request.clip_id)
+        return ClipOutcome(request, failure_class="internal_error",
+                           message=f"clip {request.clip_id}: {type(exc).__name__}: {exc}")
+    return ClipOutcome(request, processed=processed, timings=dict(processed.timings))
+
