@@ -37,15 +37,18 @@ def map_videos(
     settings: WorkerSettings,
     on_outcomes: Callable[[list[ClipOutcome]], None],
     max_in_flight: int | None = None,
+    work: Callable[[list[ClipRequest], WorkerSettings], list[ClipOutcome]] = prepare_video,
 ) -> None:
     """Prepare each group (the clips of one video) as one Ray task, calling `on_outcomes` as they finish.
+
+    `work` is the per-video function (tests swap in one that kills its worker).
 
     A task whose worker dies is retried by Ray; if it still fails, its clips are recorded as
     `worker_failed` with the cause, and the other videos go on.
     """
     import ray
 
-    remote = ray.remote(num_cpus=1, max_retries=2)(prepare_video)
+    remote = ray.remote(num_cpus=1, max_retries=2)(work)
     settings_ref = ray.put(settings)
     limit = max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     pending: dict = {}

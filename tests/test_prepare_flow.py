@@ -1,0 +1,148 @@
+"""The prepare job end to end: real yt-dlp from a loopback server, real detector, real Ray, real Prefect."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines import manifest, prepare
+from pipelines.clips import CROP_SIZE, ClipRequest
+from pipelines.download import DownloadOptions
+from pipelines.prepare import PrepareSettings
+from pipelines.ray_runner import map_videos
+from pipelines.shards import read_samples
+from pipelines.storage import OutputStore
+from pipelines.video_worker import ClipOutcome, WorkerSettings
+
+pytestmark = pytest.mark.slow
+
+EXPECTED_FAILURES = {
+    "id20002/missing/0-2000": "not_found",
+    "id20003/noface/0-3000": "no_face",
+    "id20004/twofaces/0-3000": "multiple_faces",
+    "id20001/talk/20000-24000": "span_outside_video",
+}
+
+
+def _settings(tmp: Path, **overrides) -> PrepareSettings:
+    download = DownloadOptions(retries=1, backoff_base_s=0.1, socket_timeout_s=3.0)
+    base = PrepareSettings(output=str(tmp / "out"), workdir=str(tmp / "work"), detector="dlib",
+                           shard_bytes=2 * 2**20, videos_per_batch=3, download=download)
+    return replace(base, **overrides)
+
+
+def _run_flow(inputs, settings):
+    from flows.prepare_flow import prepare_dataset
+
+    return prepare_dataset(inputs, settings)
+
+
+def _all_samples(output: str):
+    store = OutputStore(output)
+    shards = [str(store.local_path(p)) for p in store.list() if p.endswith(".tar")]
+    return list(read_samples(sorted(shards)))
+
+
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory, ray_cluster, prefect_harness):
+    tmp = tmp_path_factory.mktemp("prepare")
+    settings = _settings(tmp)
+    with prepare.sample_inputs(Path(settings.workdir), settings, []) as (inputs, sample_settings):
+        summary = _run_flow(inputs, sample_settings)
+        yield inputs, sample_settings, summary
+
+
+def test_good_clips_are_prepared_and_bad_ones_recorded_with_their_cause(sample_run):
+    _, settings, summary = sample_run
+    state = manifest.load_state(OutputStore(settings.output))
+    by_id = {row.clip_id: row for row in state.values()}
+    ok = {cid for cid, row in by_id.items() if row.status == manifest.OK}
+    assert {"id10001/talk/00001", "id00002/talk/00001", "id00002/talk/00002", "id20001/talk/800-3800"} <= ok
+    for clip_id, failure_class in EXPECTED_FAILURES.items():
+        assert by_id[clip_id].status == manifest.FAILED
+        assert by_id[clip_id].failure_class == failure_class, by_id[clip_id].message
+        assert by_id[clip_id].message
+    rejected = {row.failure_class for row in state.values() if row.clip_id.startswith("invalid:")}
+    assert rejected == {"bad_metadata", "duplicate_clip"}
+    assert by_id["id20005/corrupt/0-3000"].status == manifest.FAILED
+    assert summary["ok"] == len(ok) and summary["failed"] == len(by_id) - len(ok)
+
+
+def test_shards_hold_each_prepared_clip_once_with_consistent_annotations(sample_run):
+    _, settings, _ = sample_run
+    samples = _all_samples(settings.output)
+    keys = [s.key for s in samples]
+    assert len(keys) == len(set(keys))
+    state = manifest.load_state(OutputStore(settings.output))
+    assert sorted(keys) == sorted(r.key for r in state.values() if r.status == manifest.OK)
+    for sample in samples:
+        frames = len(sample.landmarks)
+        assert sample.boxes.shape == (frames, 4) and sample.pose.shape == (frames, 6)
+        assert sample.expression.shape == (frames, 68, 2)
+        assert sample.meta["frames"] == frames and sample.meta["fps"] == 25.0
+        inside = (sample.landmarks >= 0) & (sample.landmarks < CROP_SIZE)
+        assert inside.all(), f"{sample.key}: landmarks leave the crop"
+
+
+def test_splits_are_written_as_separate_shard_sets(sample_run):
+    _, settings, summary = sample_run
+    assert set(summary["shards"]) == {"train", "test"}
+    for sample in _all_samples(settings.output):
+        assert f"/{sample.meta['split']}/" in sample.shard
+
+
+def test_rerun_resumes_without_redoing_or_duplicating(sample_run):
+    inputs, settings, first = sample_run
+    shards_before = sorted(p for p in OutputStore(settings.output).list() if p.endswith(".tar"))
+    plan = prepare.plan(inputs, settings)
+    assert plan.batches == () and plan.parse_failures == ()
+    second = _run_flow(inputs, settings)
+    assert second == first
+    assert sorted(p for p in OutputStore(settings.output).list() if p.endswith(".tar")) == shards_before
+
+
+def test_crash_between_shard_and_manifest_commit_leaves_no_duplicate(sample_run, tmp_path, monkeypatch):
+    inputs, sample_settings, _ = sample_run
+    settings = replace(sample_settings, output=str(tmp_path / "out"))
+    vox1 = [inputs[0]]
+    real_write_part = manifest.write_part
+
+    def crash(store, batch_name, rows, **kwargs):
+        if not batch_name.endswith("inputs"):
+            raise OSError("disk full (injected)")
+        return real_write_part(store, batch_name, rows, **kwargs)
+
+    monkeypatch.setattr(manifest, "write_part", crash)
+    with pytest.raises(OSError):
+        prepare.run_batch(prepare.plan(vox1, settings).batches[0], settings)
+    store = OutputStore(settings.output)
+    assert manifest.orphan_shards(store), "the shard was committed before the crash"
+    monkeypatch.setattr(manifest, "write_part", real_write_part)
+
+    plan = prepare.plan(vox1, settings)
+    assert manifest.orphan_shards(store) == []
+    for batch in plan.batches:
+        prepare.run_batch(batch, settings)
+    prepare.finalize(settings)
+    keys = [s.key for s in _all_samples(settings.output)]
+    assert len(keys) == 1
+
+
+def _die_on_noface(requests, settings):
+    if requests[0].video_id == "noface":
+        os._exit(3)  # a worker that dies (OOM kill, segfault) takes no clip of another video with it
+    return [ClipOutcome(r, failure_class="no_face", message="stub") for r in requests]
+
+
+def test_a_dying_worker_is_recorded_and_other_videos_complete(ray_cluster, tmp_path):
+    requests = [ClipRequest(clip_id=f"{v}/c", video_id=v, url=f"http://127.0.0.1:9/{v}.mp4", identity="i")
+                for v in ("talk", "noface", "other")]
+    outcomes: list[ClipOutcome] = []
+    map_videos([[r] for r in requests], WorkerSettings(download_dir=str(tmp_path)), outcomes.extend,
+               work=_die_on_noface)
+    by_video = {o.request.video_id: o.failure_class for o in outcomes}
+    assert by_video == {"talk": "no_face", "noface": "worker_failed", "other": "no_face"}
