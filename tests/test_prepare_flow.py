@@ -139,6 +139,11 @@ def _die_on_noface(requests, settings):
 
 
 def test_a_dying_worker_is_recorded_and_other_videos_complete(ray_cluster, tmp_path):
+    import sys
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import test modules
     requests = [ClipRequest(clip_id=f"{v}/c", video_id=v, url=f"http://127.0.0.1:9/{v}.mp4", identity="i")
                 for v in ("talk", "noface", "other")]
     outcomes: list[ClipOutcome] = []
