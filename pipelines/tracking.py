@@ -2,15 +2,17 @@
 
 Running a detector on every frame is the expensive part of dataset preparation, so the detector
 runs every `detect_stride` frames and between detections each face is followed by its landmarks:
-the box for frame t+1 is placed on the landmarks of frame t, with the offset between landmark
-extent and detector box measured at that face's last detection (so the landmark model always
-gets the kind of box its detector gives). When the landmark box jumps (low IoU with the previous
-frame), the next frame is detected again. Detections join tracks by IoU.
+the face's last detector box is moved and scaled with the rigid landmarks (eyes and nose, which
+expressions barely move) from that detection to frame t, and given to the landmark model for frame
+t+1 - so the model always gets the kind of box its detector gives, and an open mouth cannot shrink
+the box frame after frame. When that box jumps (low IoU with the previous frame's), the next frame
+is detected again. Detections join tracks by IoU.
 
 One track per clip is kept: the one matching the metadata box when there is one, else the
 dominant face; several comparable faces without a metadata box reject the clip, because the
-identity label would be ambiguous. The crop box follows the landmarks, smoothed with a centred
-moving average on centre and size so crops do not jitter, enlarged around the face and square.
+identity label would be ambiguous. The crop box follows the rigid landmarks too (framed like the
+track's median landmark extent), smoothed with a centred moving average on centre and size so
+crops do not jitter, enlarged around the face and square.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ class TrackingConfig:
 
     detect_stride: int = 12
     """Run the detector every this many frames (1 = every frame)."""
-    redetect_below_iou: float = 0.5
-    """Detect again on the next frame when the landmark box overlaps the previous one less than this."""
+    redetect_below_iou: float = 0.7
+    """Detect again on the next frame when the tracked box overlaps the previous one less than this."""
     match_iou: float = 0.3
     """A detection continues a track when it overlaps the track's current box at least this much."""
     max_missed_detections: int = 1
@@ -71,7 +73,8 @@ class FaceTrack:
     detections: int = 0
     last_detected: int = -1
     missed: int = 0
-    box_offsets: np.ndarray | None = None
+    anchor: tuple[Box, np.ndarray, float] | None = None
+    """The last detector box with the rigid landmarks' centre and spread in that frame."""
 
     @property
     def end(self) -> int:
@@ -134,7 +137,7 @@ class FaceTracker:
         """Follow every active face into this frame, detecting when due or when tracking got unsure."""
         index = self._frame
         due = index % self.config.detect_stride == 0
-        boxes = {id(track): self._propagated_box(track) for track in self._active}
+        boxes = {id(track): self._propagated_box(track, track.landmarks[-1]) for track in self._active}
         detected: dict[int, Box] = {}
         if due or self._detect_next:
             detected = self._detect(frame, index, boxes)
@@ -143,8 +146,8 @@ class FaceTracker:
             box = detected.get(id(track), boxes.get(id(track)))
             points = self.detector.landmarks(frame, box)
             if id(track) in detected:
-                track.box_offsets = _box_offsets(box, points)
-            if track.landmarks and iou(_extent(points), _extent(track.landmarks[-1])) < self.config.redetect_below_iou:
+                track.anchor = (box, *rigid_frame(points))
+            elif iou(self._propagated_box(track, points), box) < self.config.redetect_below_iou:
                 self._detect_next = True
             track.landmarks.append(points)
         self._frame += 1
@@ -180,23 +183,31 @@ class FaceTracker:
         self._active.remove(track)
         del track.landmarks[track.last_detected + 1 - track.start:]
 
-    def _propagated_box(self, track: FaceTrack) -> Box:
-        """A detector-like box placed on the track's latest landmarks."""
-        x0, y0, x1, y1 = _extent(track.landmarks[-1])
-        cx, cy, size = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0)
-        ox0, oy0, ox1, oy1 = track.box_offsets
-        return (cx + ox0 * size, cy + oy0 * size, cx + ox1 * size, cy + oy1 * size)
+    @staticmethod
+    def _propagated_box(track: FaceTrack, points: np.ndarray) -> Box:
+        """The track's last detector box, moved and scaled like the rigid landmarks since that detection."""
+        (x0, y0, x1, y1), anchor_centre, anchor_spread = track.anchor
+        centre, spread = rigid_frame(points)
+        scale = spread / anchor_spread
+        ax, ay = anchor_centre
+        cx, cy = centre
+        return (cx + (x0 - ax) * scale, cy + (y0 - ay) * scale, cx + (x1 - ax) * scale, cy + (y1 - ay) * scale)
+
+
+RIGID_POINTS = slice(27, 48)
+"""iBUG 68 indices of the nose (27-35) and eyes (36-47): they move with the head, hardly with expression."""
+
+
+def rigid_frame(points: np.ndarray) -> tuple[np.ndarray, float]:
+    """Centre and RMS spread of the rigid landmarks: the face's position and scale, blind to the mouth."""
+    rigid = np.asarray(points, dtype=np.float64)[..., RIGID_POINTS, :]
+    centre = rigid.mean(axis=-2)
+    spread = np.sqrt(((rigid - centre[..., None, :]) ** 2).sum(axis=-1).mean(axis=-1))
+    return centre, np.maximum(spread, 1e-6)
 
 
 def _extent(points: np.ndarray) -> Box:
     return (float(points[:, 0].min()), float(points[:, 1].min()), float(points[:, 0].max()), float(points[:, 1].max()))
-
-
-def _box_offsets(box: Box, points: np.ndarray) -> np.ndarray:
-    """The detector box relative to the landmark extent (centre and larger side), to re-create it later."""
-    x0, y0, x1, y1 = _extent(points)
-    cx, cy, size = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0, 1e-6)
-    return np.array([(box[0] - cx) / size, (box[1] - cy) / size, (box[2] - cx) / size, (box[3] - cy) / size])
 
 
 def select_track(tracks: list[FaceTrack], frame_count: int, meta_boxes: list[tuple[int, Box]],
@@ -268,11 +279,15 @@ def crop_boxes(track: FaceTrack, frame_size: tuple[int, int], config: TrackingCo
     """
     width, height = frame_size
     extents = track.landmark_boxes()
-    sizes = np.maximum(extents[:, 2] - extents[:, 0], extents[:, 3] - extents[:, 1])
+    extent_sizes = np.maximum(extents[:, 2] - extents[:, 0], extents[:, 3] - extents[:, 1])
+    extent_centres = np.stack([(extents[:, 0] + extents[:, 2]) / 2, (extents[:, 1] + extents[:, 3]) / 2], axis=1)
+    rigid_centres, spreads = rigid_frame(np.stack(track.landmarks))
+    # Frame the face like its median landmark extent, but move and scale with the rigid points only.
+    sizes = spreads * float(np.median(extent_sizes / spreads))
+    centres = rigid_centres + np.median((extent_centres - rigid_centres) / spreads[:, None], axis=0) * spreads[:, None]
     face = float(np.median(sizes))
     if face < config.min_face_px:
         raise ClipRejected(FACE_TOO_SMALL, f"the face spans {face:.0f} px (< {config.min_face_px:.0f} px)")
-    centres = np.stack([(extents[:, 0] + extents[:, 2]) / 2, (extents[:, 1] + extents[:, 3]) / 2], axis=1)
     centres[:, 1] += config.center_shift * sizes
     centres = smooth(centres, config.smoothing_window)
     sides = smooth(sizes, config.size_smoothing_window) * config.enlarge
