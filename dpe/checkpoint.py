@@ -30,7 +30,7 @@ OFFICIAL_PREFIXES: tuple[tuple[str, str], ...] = (
     ("mlp_pose.", "expression_head."),
     ("mlp_exp.", "pose_head."),
     ("mlp.", "motion.mlp."),
-    ("dir.weight", "motion.directions"),
+    ("dir.", "motion.directions."),
 )
 
 CHECKPOINT_FORMAT = "dpe-portrait/1"

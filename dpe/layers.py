@@ -322,10 +322,12 @@ class ToFlow(nn.Module):
 
     def forward(self, x: torch.Tensor, style: torch.Tensor, feat: torch.Tensor,
                 skip: torch.Tensor | None = None):
-        out = self.conv(x, style) + self.bias
-        if skip is not None:
-            out = out + self.upsample(skip)
-        out32 = at_least_fp32(out)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x32 = at_least_fp32(x)
+            out = self.conv(x32, at_least_fp32(style)) + self.bias
+            if skip is not None:
+                out = out + self.upsample(at_least_fp32(skip))
+        out32 = out
         flow = torch.tanh(out32[:, 0:2]).permute(0, 2, 3, 1) + self.grid.to(out32.dtype)
         mask = torch.sigmoid(out32[:, 2:3])
         warped = F.grid_sample(feat.to(out32.dtype), flow, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -2,16 +2,13 @@
 
 Names are by behaviour. The official release names its modules the other way round:
 
-====================================  ===============================  =======================
-ours                                   official                          role
-====================================  ===============================  =======================
-``encoder``                            ``enc.net_app``                   image -> w, skip features
-``motion.mlp`` / ``motion.directions``  ``mlp`` / ``dir.weight``          w -> alpha -> d = Q alpha
-``expression_head``                    ``mlp_pose``                      d -> expression offset
-``pose_head``                          ``mlp_exp``                       d -> pose offset
-``expression_generator``               ``dec_pose``                      expression transfer
-``pose_generator``                     ``dec_exp``                       pose transfer
-====================================  ===============================  =======================
+- ``encoder``               <- ``enc.net_app``   image -> w, skip features
+- ``motion.mlp``            <- ``mlp``           w -> alpha (motion coefficients)
+- ``motion.directions``     <- ``dir``           Q = qr(direction matrix); d = Q alpha
+- ``expression_head``       <- ``mlp_pose``      d -> expression offset
+- ``pose_head``             <- ``mlp_exp``       d -> pose offset
+- ``expression_generator``  <- ``dec_pose``      expression transfer (source pose kept)
+- ``pose_generator``        <- ``dec_exp``       pose transfer (source expression kept)
 
 Official ``exp`` stage (expression transfer, source pose kept)::
 
@@ -69,28 +66,39 @@ def _linear_stack(dim_in: int, dims: Sequence[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class DirectionBasis(nn.Module):
+    """The learned style_dim x motion_dim direction matrix (official ``dir``)."""
+
+    def __init__(self, style_dim: int, motion_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(style_dim, motion_dim))
+
+    def forward(self) -> torch.Tensor:
+        """Q of the reduced QR of ``weight + 1e-8`` (orthonormal columns), as in the official code."""
+        with _fp32(self.weight.device.type):
+            q, _ = torch.linalg.qr(self.weight + 1e-8, mode="reduced")
+        return q
+
+
 class MotionNetwork(nn.Module):
     """w -> alpha (5 linear layers, no activations) and the learned direction basis.
 
-    ``directions`` (style_dim x motion_dim) is orthonormalised by QR at every call; the motion
-    vector is ``d = Q alpha``.
+    The direction matrix (style_dim x motion_dim) is orthonormalised by QR at every call; the
+    motion vector is ``d = Q alpha``.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.mlp = _linear_stack(cfg.style_dim, [cfg.style_dim] * 4 + [cfg.motion_dim])
-        self.directions = nn.Parameter(torch.randn(cfg.style_dim, cfg.motion_dim))
+        self.directions = DirectionBasis(cfg.style_dim, cfg.motion_dim)
 
     def coefficients(self, latent: torch.Tensor) -> torch.Tensor:
         with _fp32(latent.device.type):
-            return self.mlp(latent.to(self.directions.dtype))
+            return self.mlp(latent.to(self.directions.weight.dtype))
 
     def basis(self) -> torch.Tensor:
-        """Q of the reduced QR of the direction matrix (orthonormal columns)."""
-        w = self.directions
-        with _fp32(w.device.type):
-            q, _ = torch.linalg.qr(w + 1e-8, mode="reduced")
-        return q
+        """Orthonormal basis Q ``(style_dim, motion_dim)``."""
+        return self.directions()
 
     def combine(self, alpha: torch.Tensor) -> torch.Tensor:
         """d = Q alpha for a batch of coefficients ``(B, motion_dim)``."""
@@ -108,12 +116,13 @@ class DPEGenerator(nn.Module):
     def __init__(self, cfg: ModelConfig | None = None):
         super().__init__()
         self.cfg = cfg = cfg or ModelConfig()
+        # registration order = the official state-dict order
         self.encoder = Encoder(cfg)
+        self.expression_generator = FlowGenerator(cfg)
+        self.pose_generator = FlowGenerator(cfg)
         self.motion = MotionNetwork(cfg)
         self.expression_head = _linear_stack(cfg.style_dim, [cfg.style_dim] * 3)
         self.pose_head = _linear_stack(cfg.style_dim, [cfg.style_dim] * 3)
-        self.expression_generator = FlowGenerator(cfg)
-        self.pose_generator = FlowGenerator(cfg)
 
     # ------------------------------------------------------------------ encoder / motion
     def encode(self, img: torch.Tensor) -> Encoded:
