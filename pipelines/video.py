@@ -130,7 +130,7 @@ def read_frames(path: str | os.PathLike, start_s: float, end_s: float, fps: floa
     if size is not None:
         filters.append(f"scale={width}:{height}:flags=area")
     command = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error",
-               "-ss", f"{start_s:.6f}", "-t", f"{end_s - start_s + 1.0 / fps:.6f}", "-i", str(path),
+               "-threads", "1", "-ss", f"{start_s:.6f}", "-t", f"{end_s - start_s + 1.0 / fps:.6f}", "-i", str(path),
                "-map", "0:v:0", "-vf", ",".join(filters), "-frames:v", str(wanted),
                "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]
     frame_bytes = width * height * 3
