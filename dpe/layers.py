@@ -52,12 +52,13 @@ def _depthwise(kernel: torch.Tensor, channels: int, dtype: torch.dtype) -> torch
     return kernel.to(dtype)[None, None].expand(channels, 1, *kernel.shape)
 
 
-def blur2d(x: torch.Tensor, kernel: torch.Tensor, pad: tuple[int, int]) -> torch.Tensor:
-    """``upfirdn2d(x, kernel, up=1, down=1, pad)``: FIR filter (true convolution) with padding."""
+def blur2d(x: torch.Tensor, kernel: torch.Tensor, pad: tuple[int, int], down: int = 1) -> torch.Tensor:
+    """``upfirdn2d(x, kernel, up=1, down, pad)``: FIR filter (true convolution) with padding,
+    keeping every ``down``-th output sample."""
     c = x.shape[1]
     x = F.pad(x, [pad[0], pad[1], pad[0], pad[1]])
     w = _depthwise(torch.flip(kernel, [0, 1]), c, x.dtype)
-    return F.conv2d(x, w, groups=c)
+    return F.conv2d(x, w, groups=c, stride=down)
 
 
 def upsample2d(x: torch.Tensor, kernel: torch.Tensor, pad: tuple[int, int], factor: int = 2) -> torch.Tensor:
@@ -183,6 +184,18 @@ class ConvLayer(nn.Sequential):
         if activate:
             layers.append(FusedLeakyReLU(out_channel) if bias else ScaledLeakyReLU(0.2))
         super().__init__(*layers)
+        # blur + strided 1x1 conv only reads every other blurred sample: blur at stride 2 instead
+        self._strided_blur = downsample and kernel_size == 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._strided_blur:
+            return super().forward(x)
+        blur, conv, *rest = self
+        x = blur2d(x, blur.kernel, blur.pad, down=2)
+        x = F.conv2d(x, conv.weight * conv.scale, bias=conv.bias)
+        for layer in rest:
+            x = layer(x)
+        return x
 
 
 class ResBlock(nn.Module):

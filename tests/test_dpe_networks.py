@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from dpe.config import ModelConfig
 from dpe.discriminator import Discriminator
-from dpe.layers import ToFlow, make_kernel, upsample2d
+from dpe.layers import ConvLayer, ToFlow, make_kernel, upsample2d
 from dpe.model import DPEGenerator, MotionNetwork
 
 TINY = ModelConfig.tiny()
@@ -145,6 +145,15 @@ def test_upsample_matches_upfirdn_definition():
     torch.testing.assert_close(upsample2d(x, k, (2, 1)), _upfirdn_up2(x, k, (2, 1)))
     asym = torch.rand(4, 4)  # a non-symmetric kernel checks the flip convention too
     torch.testing.assert_close(upsample2d(x, asym, (2, 1)), _upfirdn_up2(x, asym, (2, 1)))
+
+
+@pytest.mark.parametrize("activate", [False, True])
+def test_strided_blur_skip_equals_blur_then_strided_conv(activate):
+    torch.manual_seed(0)
+    layer = ConvLayer(8, 16, 1, downsample=True, activate=activate, bias=activate)
+    x = torch.randn(2, 8, 16, 16)
+    expected = torch.nn.Sequential.forward(layer, x)  # the official order of operations
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-6)
 
 
 def test_modulated_conv_equals_grouped_per_sample_weights():
