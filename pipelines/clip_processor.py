@@ -46,23 +46,27 @@ class ProcessedClip:
     end_s: float
     source_size: tuple[int, int]
     fps: float = OUTPUT_FPS
+    detector_calls: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per stage: probe_s, analyse_s (decode, detect, landmarks), select_s, crop_encode_s,
+    annotate_s, total_s."""
 
 
 def process_clip(video_path: str | os.PathLike, start_s: float | None, end_s: float | None,
                  meta_boxes: Sequence[MetaBox], detector: FaceDetector, config: TrackingConfig | None = None,
-                 *, crf: int = 18, preset: str = "medium") -> ProcessedClip:
+                 *, crf: int = 18, preset: str = "medium", info: VideoInfo | None = None) -> ProcessedClip:
     """Prepare the span [start_s, end_s) of a video (None: from the start / to the end).
 
     `meta_boxes` are the metadata face boxes (times in seconds of this video file) that pick the
-    face when several are present. Raises `ClipRejected` with a failure class naming the cause.
+    face when several are present. `info` skips probing when several clips share one file.
+    Raises `ClipRejected` with a failure class naming the cause.
     """
     config = config or TrackingConfig()
     label = f"{video_path} [{_fmt(start_s)}-{_fmt(end_s)} s]"
     timings: dict[str, float] = {}
     try:
         with _timed(timings, "probe_s"):
-            info = probe(video_path)
+            info = info or probe(video_path)
         start = 0.0 if start_s is None else float(start_s)
         end = info.duration_s if end_s is None else float(end_s)
         with _timed(timings, "analyse_s"):
@@ -84,12 +88,11 @@ def process_clip(video_path: str | os.PathLike, start_s: float | None, end_s: fl
     except PreparationError as error:
         raise ClipRejected(error.failure_class, f"{label}: {error.message}") from error
     timings["total_s"] = sum(timings.values())
-    timings["detector_calls"] = float(tracker.detector_calls)
     return ProcessedClip(
         mp4_bytes=mp4, frames=len(boxes), boxes=boxes, landmarks=landmarks.astype(np.float32),
         pose=np.asarray(pose, dtype=np.float32), expression=np.asarray(expression, dtype=np.float32),
         detector=detector.name, start_s=start + track.start / OUTPUT_FPS, end_s=start + track.end / OUTPUT_FPS,
-        source_size=(info.width, info.height), timings=timings)
+        source_size=(info.width, info.height), detector_calls=tracker.detector_calls, timings=timings)
 
 
 def _crops(frames: Iterator[np.ndarray], first: int, boxes: np.ndarray) -> Iterator[np.ndarray]:

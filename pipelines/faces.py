@@ -121,7 +121,8 @@ class FaceAlignmentDetector(FaceDetector):
         try:
             self._model = face_alignment.FaceAlignment(
                 face_alignment.LandmarksType.TWO_D, device=device, compile=False, face_detector="sfd",
-                flip_input=flip_input, face_detector_kwargs={"path_to_detector": str(directory / FACE_ALIGNMENT_WEIGHTS[1])})
+                flip_input=flip_input,
+                face_detector_kwargs={"path_to_detector": str(directory / FACE_ALIGNMENT_WEIGHTS[1])})
         finally:
             torch.hub.set_dir(previous_hub)
 

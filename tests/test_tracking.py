@@ -60,7 +60,8 @@ class ScriptedDetector(FaceDetector):
         self.detect_frames.append(index)
         if index in self.hidden:
             return []
-        return [Face((cx - 0.55 * s, cy - 0.5 * s, cx + 0.55 * s, cy + 0.6 * s), 1.0) for cx, cy, s in self._faces(index)]
+        return [Face((cx - 0.55 * s, cy - 0.5 * s, cx + 0.55 * s, cy + 0.6 * s), 1.0)
+                for cx, cy, s in self._faces(index)]
 
     def landmarks(self, frame, box):
         index = int(frame[0, 0, 0])
