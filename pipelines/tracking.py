@@ -71,7 +71,6 @@ class FaceTrack:
 
     start: int
     landmarks: list[np.ndarray] = field(default_factory=list)
-    detections: int = 0
     last_detected: int = -1
     missed: int = 0
     anchor: tuple[Box, np.ndarray, float] | None = None
@@ -163,7 +162,6 @@ class FaceTracker:
         for ti, track in enumerate(list(self._active)):
             if ti in matched:
                 track.missed = 0
-                track.detections += 1
                 track.last_detected = index
                 result[id(track)] = detections[matched[ti]]
             else:
@@ -173,7 +171,7 @@ class FaceTracker:
         taken = set(matched.values())
         for di, box in enumerate(detections):
             if di not in taken:
-                track = FaceTrack(start=index, detections=1, last_detected=index)
+                track = FaceTrack(start=index, last_detected=index)
                 self.tracks.append(track)
                 self._active.append(track)
                 result[id(track)] = box
@@ -205,10 +203,6 @@ def rigid_frame(points: np.ndarray) -> tuple[np.ndarray, float]:
     centre = rigid.mean(axis=-2)
     spread = np.sqrt(((rigid - centre[..., None, :]) ** 2).sum(axis=-1).mean(axis=-1))
     return centre, np.maximum(spread, 1e-6)
-
-
-def _extent(points: np.ndarray) -> Box:
-    return (float(points[:, 0].min()), float(points[:, 1].min()), float(points[:, 0].max()), float(points[:, 1].max()))
 
 
 def select_track(tracks: list[FaceTrack], frame_count: int, meta_boxes: list[tuple[int, Box]],

@@ -115,6 +115,24 @@ def test_a_jump_in_the_landmarks_triggers_an_early_detection():
     assert 14 in detector.detect_frames
 
 
+def test_an_opening_mouth_does_not_shrink_or_move_the_tracked_box():
+    class MouthOpening(ScriptedDetector):
+        def __init__(self):
+            super().__init__([lambda t: (100, 100, 60)])
+            self.boxes = []
+
+        def landmarks(self, frame, box):
+            self.boxes.append(box)
+            points = super().landmarks(frame, box)
+            index = int(frame[0, 0, 0])
+            points[48:68, 1] += 2.0 * index  # mouth drops, jaw and eyes stay
+            return points
+
+    detector = MouthOpening()
+    run_tracker(detector, 20, TrackingConfig(detect_stride=20))
+    np.testing.assert_allclose(np.array(detector.boxes), np.array(detector.boxes[:1] * 20), atol=1e-6)
+
+
 def test_one_missed_detection_is_bridged_but_a_vanished_face_ends_its_track():
     detector = ScriptedDetector([lambda t: (50, 50, 40) if t < 25 else None], hidden={10})
     tracker = run_tracker(detector, 50, TrackingConfig(detect_stride=5, max_missed_detections=1))
