@@ -130,6 +130,7 @@ def load_official_generator(path_or_state_dict: str | os.PathLike | Mapping[str,
             unknown.append(k)
         else:
             mapped[ours] = v
+    model = _unwrap(model)
     expected = model.state_dict()
     to_official = lambda k: ours_to_official(k) or k  # noqa: E731
     given = dict(mapped)
@@ -143,15 +144,17 @@ def load_official_generator(path_or_state_dict: str | os.PathLike | Mapping[str,
 
 def load_official_discriminator(path_or_state_dict: str | os.PathLike | Mapping[str, Any],
                                 model: nn.Module) -> nn.Module:
-    """Load the official discriminator (``dis`` entry; names are identical to ours)."""
+    """Load the official discriminator (``dis`` entry, or ``disc``; names are identical to ours)."""
     if isinstance(path_or_state_dict, Mapping):
         obj, source = path_or_state_dict, "state dict"
     else:
         obj, source = _torch_load(path_or_state_dict), str(path_or_state_dict)
-    if isinstance(obj, Mapping) and "gen" in obj and "dis" not in obj:
+    section = "disc" if isinstance(obj, Mapping) and "disc" in obj and "dis" not in obj else "dis"
+    if isinstance(obj, Mapping) and "gen" in obj and section not in obj:
         raise ValueError(f"{source}: holds no discriminator ('dis'); the released dpe.pt has only the "
                          "generator: train the discriminator from scratch or use a training snapshot")
-    official = _official_section(obj, "dis", source)
+    official = _official_section(obj, section, source)
+    model = _unwrap(model)
     expected = model.state_dict()
     check_state_dict(expected, official, f"{source} (discriminator)")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in official.items()}, strict=True)

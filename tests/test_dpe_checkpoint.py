@@ -139,6 +139,7 @@ def test_discriminator_loader(tiny_pair):
     source, target = Discriminator(TINY), Discriminator(TINY)
     load_official_discriminator({"gen": {}, "dis": source.state_dict()}, target)
     assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
+    load_official_discriminator({"disc": source.state_dict()}, target)
     with pytest.raises(ValueError, match="no discriminator"):
         load_official_discriminator({"gen": _official(tiny_pair[0])}, target)
     bad = dict(source.state_dict())
