@@ -239,9 +239,10 @@ class ModulatedConv2d(nn.Module):
         else:
             out = F.conv2d(x, weight, padding=self.padding)
         if self.demodulate:
-            # sum_{i,kh,kw} (w[o,i,kh,kw] * s[b,i])^2 computed in float32
-            wsq = at_least_fp32(weight).pow(2).sum(dim=(2, 3))  # (out, in)
-            demod = torch.rsqrt(at_least_fp32(s).pow(2) @ wsq.t().to(at_least_fp32(s).dtype) + 1e-8)  # (B, out)
+            # sum_{i,kh,kw} (w[o,i,kh,kw] * s[b,i])^2, in float32 at least
+            s32 = at_least_fp32(s)
+            wsq = weight.pow(2).sum(dim=(2, 3)).to(s32.dtype)  # (out, in)
+            demod = torch.rsqrt(s32.pow(2) @ wsq.t() + 1e-8)  # (B, out)
             out = out * demod.to(out.dtype)[:, :, None, None]
         if self.upsample:
             out = self.blur(out)
@@ -335,14 +336,13 @@ class ToFlow(nn.Module):
 
     def forward(self, x: torch.Tensor, style: torch.Tensor, feat: torch.Tensor,
                 skip: torch.Tensor | None = None):
+        # Flow coordinates are precision sensitive: this head runs in float32 even under autocast.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x32 = at_least_fp32(x)
-            out = self.conv(x32, at_least_fp32(style)) + self.bias
+            out = self.conv(at_least_fp32(x), at_least_fp32(style)) + self.bias
             if skip is not None:
                 out = out + self.upsample(at_least_fp32(skip))
-        out32 = out
-        flow = torch.tanh(out32[:, 0:2]).permute(0, 2, 3, 1) + self.grid.to(out32.dtype)
-        mask = torch.sigmoid(out32[:, 2:3])
-        warped = F.grid_sample(feat.to(out32.dtype), flow, mode="bilinear", padding_mode="zeros", align_corners=False)
+        flow = torch.tanh(out[:, 0:2]).permute(0, 2, 3, 1) + self.grid.to(out.dtype)
+        mask = torch.sigmoid(out[:, 2:3])
+        warped = F.grid_sample(feat.to(out.dtype), flow, mode="bilinear", padding_mode="zeros", align_corners=False)
         feat_warp = warped * mask
         return feat_warp, feat_warp + x * (1.0 - mask), out
