@@ -128,9 +128,11 @@ def target_motion(source_motion: torch.Tensor, driving_motion: torch.Tensor,
     raise ValueError(f"mode must be 'absolute' or 'relative', got {mode!r}")
 
 
-def _amp(device: torch.device, amp_dtype: torch.dtype | None):
+def _amp(source: Frames, amp_dtype: torch.dtype | None):
+    """Autocast on the device of the inputs when ``amp_dtype`` is given."""
     if amp_dtype is None:
         return contextlib.nullcontext()
+    device = (source.latent if isinstance(source, FrameCode) else source).device
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
@@ -159,8 +161,7 @@ def expression_transfer(model: DPEGenerator, source: Frames, driving: Frames, st
 
     Official ``exp`` stage at ``strength=1, mode='absolute'``.
     """
-    device = (source.latent if isinstance(source, FrameCode) else source).device
-    with _amp(device, amp_dtype):
+    with _amp(source, amp_dtype):
         return _transfer(model, "expression", source, driving, strength, mode, driving_reference)
 
 
@@ -172,8 +173,7 @@ def pose_transfer(model: DPEGenerator, source: Frames, driving: Frames, strength
 
     Official ``pose`` stage at ``strength=1, mode='absolute'``.
     """
-    device = (source.latent if isinstance(source, FrameCode) else source).device
-    with _amp(device, amp_dtype):
+    with _amp(source, amp_dtype):
         return _transfer(model, "pose", source, driving, strength, mode, driving_reference)
 
 
@@ -187,8 +187,7 @@ def transfer_both(model: DPEGenerator, source: Frames, driving: Frames, strength
     This is the official ``both`` stage at ``strength=1, mode='absolute'``. At ``strength=0`` it
     returns the pose-branch self-reconstruction of the expression-branch self-reconstruction.
     """
-    device = (source.latent if isinstance(source, FrameCode) else source).device
-    with _amp(device, amp_dtype):
+    with _amp(source, amp_dtype):
         drv = _as_driving(model, driving)
         ref = None if driving_reference is None else _as_driving(model, driving_reference)
         first = _transfer(model, "expression", source, drv, strength, mode, ref)
