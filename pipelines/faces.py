@@ -104,9 +104,10 @@ class FaceAlignmentDetector(FaceDetector):
 
     name = "face-alignment"
 
-    def __init__(self, device: str = "cpu", checkpoint_dir: str | os.PathLike | None = None,
+    def __init__(self, device: str | None = None, checkpoint_dir: str | os.PathLike | None = None,
                  flip_input: bool = True) -> None:
-        """`flip_input` averages FAN over the mirrored crop too: steadier points for twice the cost."""
+        """`device` defaults to CUDA when available; `flip_input` averages FAN over the mirrored crop
+        too: steadier points for twice the cost."""
         directory = Path(checkpoint_dir) if checkpoint_dir else face_alignment_checkpoint_dir()
         missing = [name for name in FACE_ALIGNMENT_WEIGHTS if not (directory / name).is_file()]
         if missing:
@@ -116,6 +117,7 @@ class FaceAlignmentDetector(FaceDetector):
         import face_alignment
         import torch
 
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         previous_hub = torch.hub.get_dir()
         torch.hub.set_dir(str(directory.parent))  # the library resolves FAN weights under the hub dir
         try:
