@@ -465,7 +465,7 @@ def _fetch(video_id: str, url: str, spans: list[Span] | None, folder: Path,
             log.warning("video %s (%s): section %.1f-%s s holds no video (past the end, or damaged data); "
                         "its clips will be missing", video_id, url, section.start_s, section.end_s)
     if not usable:
-        raise DownloadError("empty", f"video {video_id} ({url}): no video in the requested spans "
+        raise DownloadError("no_video_in_span", f"video {video_id} ({url}): no video in the requested spans "
                             f"{spans or 'whole video'}: past the end of the video, or damaged data", permanent=True)
     return usable
 
@@ -506,7 +506,7 @@ def download_video(video_id: str, url: str, spans: Iterable[Span | None], cache:
             return sections
         except DownloadError as error:
             if error.permanent:
-                if error.failure_class != "empty":  # the video is fine; other spans may work
+                if error.failure_class != "no_video_in_span":  # the video may be fine; other spans may work
                     cache.record_failure(video_id, url, error)
                 raise
             if attempt == options.retries:

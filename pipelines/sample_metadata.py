@@ -83,7 +83,7 @@ def write_sample_inputs(directory: str | Path, url_base: str) -> dict[str, Path]
         ("id20002", "missing", 0, 50, "train"),     # HTTP 404: permanent download failure
         ("id20003", "noface", 0, 75, "train"),      # no face in the video
         ("id20004", "twofaces", 0, 75, "train"),    # two faces, no box to choose one
-        ("id20005", "corrupt", 0, 75, "train"),     # truncated file
+        ("id20005", "corrupt", 150, 225, "train"),  # truncated file: the span lies in the lost part
         ("id20001", "talk", 500, 600, "test"),      # span past the end of the video
         ("id20001", "talk", 20, 95, "test"),        # duplicate of the first row
     ]

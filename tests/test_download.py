@@ -174,7 +174,7 @@ def test_span_past_the_end_fails_without_blocking_other_spans(server, tmp_path):
     cache = DownloadCache(tmp_path)
     with pytest.raises(DownloadError) as caught:
         download_video("talk", server.url("talk.mp4"), [(30.0, 31.0)], cache, FAST)
-    assert (caught.value.failure_class, caught.value.permanent) == ("empty", True)
+    assert (caught.value.failure_class, caught.value.permanent) == ("no_video_in_span", True)
     assert download_video("talk", server.url("talk.mp4"), [(1.0, 2.0)], cache, FAST)
     assert _leftovers(tmp_path) == []
 

@@ -25,6 +25,7 @@ EXPECTED_FAILURES = {
     "id20003/noface/0-3000": "no_face",
     "id20004/twofaces/0-3000": "multiple_faces",
     "id20001/talk/20000-24000": "span_outside_video",
+    "id20005/corrupt/6000-9000": "no_video_in_span",
 }
 
 
@@ -68,7 +69,6 @@ def test_good_clips_are_prepared_and_bad_ones_recorded_with_their_cause(sample_r
         assert by_id[clip_id].message
     rejected = {row.failure_class for row in state.values() if row.clip_id.startswith("invalid:")}
     assert rejected == {"bad_metadata", "duplicate_clip"}
-    assert by_id["id20005/corrupt/0-3000"].status == manifest.FAILED
     assert summary["ok"] == len(ok) and summary["failed"] == len(by_id) - len(ok)
 
 
