@@ -26,21 +26,24 @@ swapped. ``DisentanglementProbes`` adds the asymmetry from stored landmark annot
   squared norm of the batch covariance between the *other* offset and that target,
   divided by the offset's total variance, averaged over target dimensions: pose targets
   against the expression offset plus expression targets against the pose offset. It
-  is 0 when no linear trace of the other factor is left, at most 1 per pair (Cauchy-
-  Schwarz on standardised targets), and scale-invariant, so the generator cannot lower
-  it by shrinking an offset. Its small-batch noise floor is about 1/batch and does not
-  depend on the offsets, so it biases nothing. We first tried adversarial cross probes
-  (probe learns on detached offsets, generator drives its output to the mean): on a toy
-  problem the game cycled and left over half of the offset variance explained by the
-  wrong factor, where this closed form removed it to about 1 % even at batch 4.
+  is 0 when no linear trace of the other factor is left, at most the targets' batch
+  variance (about 1 once standardised) per pair by Cauchy-Schwarz, and scale-invariant,
+  so the generator cannot lower it by shrinking an offset. Its small-batch noise floor is about 1/batch and does not
+  depend on the offsets, so it biases nothing; with only two frames (batch 1) it is
+  constant and carries no gradient, and under gradient accumulation it is computed per
+  micro-batch, so it wants micro-batches of several pairs. An adversarial variant was
+  tried first (cross probes learn on detached offsets, the generator drives their
+  output to the mean): on a toy problem the game cycled and left over half of the
+  expression offset's variance explained by pose, where this closed form brought it to
+  1-3 % at batches of 4-16.
 
-Both weights are of order-1 defaults, not tuned at scale: each term starts near 1 against
+Both weights are order-1 defaults, not tuned at scale: each term starts near 1 against
 perceptual terms of order 10-100, so they steer the split without competing with the
 reconstruction (both are ``TrainConfig`` fields of ``dpe.train_step``).
 
-Targets are standardised with running statistics (cumulative average for the first
-100 batches, then an exponential average with rate 0.01), so pixel units of ``tx, ty, scale`` and the
-small magnitudes of the expression residual need no hand-set scales.
+Targets are standardised with running statistics (cumulative average for the first 100
+batches, then an exponential average with rate 0.01), so the pixel units of ``tx, ty,
+scale`` and the small magnitudes of the expression residual need no hand-set scales.
 """
 
 from __future__ import annotations
@@ -128,7 +131,7 @@ class AsymmetryLosses(NamedTuple):
 
 
 def cross_covariance_leakage(offset: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Share of ``offset`` linearly tied to standardised ``targets``, in [0, 1] (0 for batch 1).
+    """Share of ``offset`` linearly tied to standardised ``targets``, about [0, 1] (0 for batch 1).
 
     Mean over target dimensions of ``|cov(offset, target_j)|^2 / trace(cov(offset))``.
     """

@@ -153,7 +153,7 @@ def train_step(state: TrainState, batch: Mapping[str, torch.Tensor]) -> dict[str
 
     # ---- generator and probes
     state.generator.train()
-    d_params = _trainable(state.discriminator)
+    d_params = [p for group in state.d_optimizer.param_groups for p in group["params"]]
     _set_requires_grad(d_params, False)  # D is a fixed critic during the generator pass
     state.g_optimizer.zero_grad(set_to_none=True)
     state.probe_optimizer.zero_grad(set_to_none=True)
