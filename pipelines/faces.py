@@ -118,15 +118,18 @@ class FaceAlignmentDetector(FaceDetector):
         import torch
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        previous_hub = torch.hub.get_dir()
-        torch.hub.set_dir(str(directory.parent))  # the library resolves FAN weights under the hub dir
+        # The library resolves FAN weights under the hub dir; point it at `directory` for the
+        # construction only, and restore the exact previous state (normally "unset", so that
+        # $TORCH_HOME keeps being honoured by everything else in the process).
+        previous_hub = torch.hub._hub_dir
+        torch.hub.set_dir(str(directory.parent))
         try:
             self._model = face_alignment.FaceAlignment(
                 face_alignment.LandmarksType.TWO_D, device=device, compile=False, face_detector="sfd",
                 flip_input=flip_input,
                 face_detector_kwargs={"path_to_detector": str(directory / FACE_ALIGNMENT_WEIGHTS[1])})
         finally:
-            torch.hub.set_dir(previous_hub)
+            torch.hub._hub_dir = previous_hub
 
     def detect(self, frame_rgb: np.ndarray) -> list[Face]:
         found = self._model.face_detector.detect_from_image(np.ascontiguousarray(frame_rgb))
