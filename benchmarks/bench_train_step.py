@@ -11,14 +11,15 @@ The perceptual loss needs VGG19 weights: without ``--vgg-weights`` (and no file 
 torch hub cache) random weights are written to a temporary file and loaded through the
 same code path; throughput does not depend on the weight values.
 
-    python benchmarks/bench_train_step.py               # tiny and full, 2-4 min on 2 idle CPU cores
-    python benchmarks/bench_train_step.py --warmup-full 1 --steps-full 2   # steadier full figures
+    python benchmarks/bench_train_step.py               # tiny and full, about 2 min on 2 CPU cores
+    python benchmarks/bench_train_step.py --steps-full 3   # steadier full figures, longer
     python benchmarks/bench_train_step.py --configs tiny
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -59,17 +60,20 @@ def reconstruction_step(state: TrainState, batch: dict[str, torch.Tensor]) -> No
 
 
 def samples_per_second(step, state: TrainState, batch: dict[str, torch.Tensor], warmup: int, steps: int) -> float:
+    """Batch size over the median step time (robust to bursts of load on a shared machine)."""
     device = batch["frame_a"].device
     for _ in range(warmup):
         step(state, batch)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
+    durations = []
     for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
         step(state, batch)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * len(batch["frame_a"]) / (time.perf_counter() - start)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        durations.append(time.perf_counter() - start)
+    return len(batch["frame_a"]) / statistics.median(durations)
 
 
 def main() -> None:
@@ -77,10 +81,10 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", choices=("tiny", "full"), default=["tiny", "full"])
     parser.add_argument("--batch-tiny", type=int, default=4)
     parser.add_argument("--batch-full", type=int, default=1)
-    parser.add_argument("--steps-tiny", type=int, default=5, help="timed steps (after warm-up)")
+    parser.add_argument("--steps-tiny", type=int, default=10, help="timed steps (after warm-up)")
     parser.add_argument("--steps-full", type=int, default=1, help="timed steps (after warm-up)")
-    parser.add_argument("--warmup-tiny", type=int, default=1, help="untimed steps first")
-    parser.add_argument("--warmup-full", type=int, default=0, help="untimed steps first (0 keeps the run short)")
+    parser.add_argument("--warmup-tiny", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--warmup-full", type=int, default=1, help="untimed steps first")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--vgg-weights", help="VGG19 weights file (default: hub cache, else random)")
     parser.add_argument("--no-perceptual", action="store_true", help="leave the VGG term out")

@@ -76,8 +76,11 @@ def real_pair() -> dict[str, torch.Tensor]:
 
 def _both_ways(pair: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A batch of two samples: (A, B) and (B, A)."""
-    swapped = {key.replace("_a", "_x").replace("_b", "_a").replace("_x", "_b"): value for key, value in pair.items()}
-    return {key: torch.cat([pair[key], swapped[key]]) for key in pair}
+    def other_side(key: str) -> str:
+        stem, side = key.rsplit("_", 1)
+        return f"{stem}_{'b' if side == 'a' else 'a'}"
+
+    return {key: torch.cat([pair[key], pair[other_side(key)]]) for key in pair}
 
 
 def _reconstruction_l1(logs: dict[str, float]) -> float:
