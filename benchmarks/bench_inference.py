@@ -6,11 +6,16 @@ runs the generator. The baseline, measured in the same run with the same weights
 re-encodes the source for every frame (what the official demo does). The printed ratio is
 ``precomputed fps / baseline fps``.
 
+On CPU the script also repeats the measurement with glibc malloc serving large blocks from the
+heap (see ``use_heap_for_large_blocks``): with default settings every large activation is a
+fresh mmap whose pages the kernel must fault in and zero, which costs more than the
+convolutions once a batch holds a few frames.
+
 Weights are random (official 256x256 architecture) unless ``--checkpoint`` names an official
 ``dpe.pt``: the speed does not depend on the values. On CPU the model runs in float32; on CUDA
 (when available) in float32 and under bf16 autocast.
 
-    python benchmarks/bench_inference.py                 # batch 1 and 16, ~1-2 min on 2 cores
+    python benchmarks/bench_inference.py                 # batch 1 and 16, about 1.5 min on 2 cores
     python benchmarks/bench_inference.py --batch-sizes 1 --iters 5
 """
 
@@ -18,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import sys
 import time
@@ -44,7 +51,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--tiny", action="store_true", help="use ModelConfig.tiny() (smoke test of the script)")
     p.add_argument("--checkpoint", default=None, help="official dpe.pt to load (optional)")
+    p.add_argument("--malloc", choices=["default", "heap", "both"], default="both",
+                   help="CPU only: glibc malloc as configured ('default'), serving large blocks from the heap "
+                        "instead of fresh mmaps ('heap', like MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1G), "
+                        "or one after the other ('both')")
     return p.parse_args(argv)
+
+
+def use_heap_for_large_blocks() -> bool:
+    """Make glibc serve large blocks from the heap and keep freed memory.
+
+    By default glibc maps every block above 32 MiB afresh and unmaps it on free, so each large
+    activation (a batch of 64 x 256 x 256 float32 features is 16 MiB per frame) pays page
+    faults and zeroing in the kernel. Same effect as starting the process with
+    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824``. Returns False where not glibc.
+    """
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_max = -1, -4
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):
+        return False
 
 
 def _sync(device: torch.device) -> None:
@@ -78,15 +108,23 @@ def main(argv=None) -> int:
     source = (torch.rand(1, 3, cfg.size, cfg.size, generator=gen) * 2 - 1).to(device)
     driving_all = (torch.rand(max(args.batch_sizes), 3, cfg.size, cfg.size, generator=gen) * 2 - 1).to(device)
 
-    precisions = [("float32", None)]
+    runs = []  # (label, amp dtype, switch malloc to heap before the run)
     if device.type == "cuda":
-        precisions.append(("bf16-autocast", torch.bfloat16))
+        runs = [("float32", None, False), ("bf16-autocast", torch.bfloat16, False)]
+    else:
+        if args.malloc in ("default", "both"):
+            runs.append(("float32", None, False))
+        if args.malloc in ("heap", "both"):
+            runs.append(("float32/heap", None, True))
 
     print(f"device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else os.cpu_count()} "
           f"{'' if device.type == 'cuda' else 'cpus, '}{torch.get_num_threads()} threads) torch={torch.__version__} "
           f"size={cfg.size} params={sum(p.numel() for p in model.parameters()):,}")
-    print(f"{'precision':14s} {'batch':>5s} {'precomputed fps':>16s} {'re-encode fps':>14s} {'ratio':>6s}")
-    for name, amp in precisions:
+    print(f"{'run':14s} {'batch':>5s} {'precomputed fps':>16s} {'re-encode fps':>14s} {'ratio':>6s}")
+    for name, amp, heap in runs:
+        if heap and not use_heap_for_large_blocks():
+            print(f"{name}: skipped (mallopt not available)")
+            continue
         amp_ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
         with torch.inference_mode(), amp_ctx():
             cache = encode_source(model, source)
