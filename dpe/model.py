@@ -171,6 +171,3 @@ class DPEGenerator(nn.Module):
         """Self-reconstruction through the pose branch: ``w + pose_offset(d(w))``."""
         d = self.motion_vector(code.latent)
         return self.render_pose(code.latent + self.pose_offset(d), code.features)
-
-    def trainable_parameter_count(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
