@@ -65,7 +65,8 @@ def load_layout() -> dict:
 
 def _reference_file() -> tuple[Path, bool]:
     """(path, full) of the reference npz: the full shared file when available, else the reduced copy."""
-    for folder in (os.environ.get("DPE_REFERENCE_DIR"), "/work/shared/reference"):
+    beside_checkout = Path(__file__).resolve().parents[2] / "shared" / "reference"
+    for folder in (os.environ.get("DPE_REFERENCE_DIR"), beside_checkout):
         if folder and (Path(folder) / "dpe_reference.npz").is_file():
             return Path(folder) / "dpe_reference.npz", True
     return DATA / "dpe_reference_small.npz", False
@@ -138,6 +139,8 @@ def test_matches_official(reference_run, name):
     images = name.startswith("out_")
     assert max_rel < (1e-3 if images else 1e-4), f"{name}: max rel error {max_rel:.2e}"
     assert mean_rel < 1e-5, f"{name}: mean rel error {mean_rel:.2e}"
+    norm_rel = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+    assert norm_rel < 1e-4, f"{name}: relative L2 error {norm_rel:.2e}"
 
 
 def test_layout_counts_match_our_models():
