@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
 from pathlib import Path
 
+import cv2
 import pytest
 
+from flows.cli import main
 from pipelines import manifest, prepare
 from pipelines.clips import CROP_SIZE, ClipRequest
 from pipelines.download import DownloadOptions
+from pipelines.inspect import FRAMES_PER_ROW, LABEL_HEIGHT, TILE
 from pipelines.prepare import PrepareSettings
 from pipelines.ray_runner import map_videos
 from pipelines.shards import read_samples
@@ -35,30 +39,29 @@ def _settings(tmp: Path, **overrides) -> PrepareSettings:
     return replace(base, **overrides)
 
 
-def _run_flow(inputs, settings):
-    from flows.prepare_flow import prepare_dataset
-
-    return prepare_dataset(inputs, settings)
-
-
-def _all_samples(output: str):
-    store = OutputStore(output)
+def _all_samples(output: Path):
+    store = OutputStore(str(output))
     shards = [str(store.local_path(p)) for p in store.list() if p.endswith(".tar")]
     return list(read_samples(sorted(shards)))
 
 
+def _shard_files(output: Path) -> list[str]:
+    return sorted(p for p in OutputStore(str(output)).list() if p.endswith(".tar"))
+
+
 @pytest.fixture(scope="module")
 def sample_run(tmp_path_factory, ray_cluster, prefect_harness):
-    tmp = tmp_path_factory.mktemp("prepare")
-    settings = _settings(tmp)
-    with prepare.sample_inputs(Path(settings.workdir), settings, []) as (inputs, sample_settings):
-        summary = _run_flow(inputs, sample_settings)
-        yield inputs, sample_settings, summary
+    """The README's main command, run once: `portrait prepare --sample` with a contact sheet."""
+    output = tmp_path_factory.mktemp("prepare") / "out"
+    argv = ["prepare", "--sample", "--output", str(output), "--detector", "dlib", "--shard-size-mb", "2",
+            "--videos-per-batch", "3", "--retries", "1", "--contact-sheet"]
+    assert main(argv) == 0
+    return argv, output, json.loads((output / prepare.SUMMARY_PATH).read_text())
 
 
 def test_good_clips_are_prepared_and_bad_ones_recorded_with_their_cause(sample_run):
-    _, settings, summary = sample_run
-    state = manifest.load_state(OutputStore(settings.output))
+    _, output, summary = sample_run
+    state = manifest.load_state(OutputStore(str(output)))
     by_id = {row.clip_id: row for row in state.values()}
     ok = {cid for cid, row in by_id.items() if row.status == manifest.OK}
     assert {"id10001/talk/00001", "id00002/talk/00001", "id00002/talk/00002", "id20001/talk/800-3800"} <= ok
@@ -72,11 +75,11 @@ def test_good_clips_are_prepared_and_bad_ones_recorded_with_their_cause(sample_r
 
 
 def test_shards_hold_each_prepared_clip_once_with_consistent_annotations(sample_run):
-    _, settings, _ = sample_run
-    samples = _all_samples(settings.output)
+    _, output, _ = sample_run
+    samples = _all_samples(output)
     keys = [s.key for s in samples]
     assert len(keys) == len(set(keys))
-    state = manifest.load_state(OutputStore(settings.output))
+    state = manifest.load_state(OutputStore(str(output)))
     assert sorted(keys) == sorted(r.key for r in state.values() if r.status == manifest.OK)
     for sample in samples:
         frames = len(sample.landmarks)
@@ -88,26 +91,35 @@ def test_shards_hold_each_prepared_clip_once_with_consistent_annotations(sample_
 
 
 def test_splits_are_written_as_separate_shard_sets(sample_run):
-    _, settings, summary = sample_run
+    _, output, summary = sample_run
     assert set(summary["shards"]) == {"train", "test"}
-    for sample in _all_samples(settings.output):
+    for sample in _all_samples(output):
         assert f"/{sample.meta['split']}/" in sample.shard
 
 
+def test_contact_sheet_shows_every_prepared_clip(sample_run):
+    _, output, summary = sample_run
+    sheet = cv2.imread(str(output / "contact_sheet.png"))
+    assert sheet is not None and sheet.shape[1] == FRAMES_PER_ROW * TILE
+    assert sheet.shape[0] == summary["ok"] * (TILE + LABEL_HEIGHT)
+
+
 def test_rerun_resumes_without_redoing_or_duplicating(sample_run):
-    inputs, settings, first = sample_run
-    shards_before = sorted(p for p in OutputStore(settings.output).list() if p.endswith(".tar"))
-    plan = prepare.plan(inputs, settings)
-    assert plan.batches == () and plan.parse_failures == ()
-    second = _run_flow(inputs, settings)
-    assert second == first
-    assert sorted(p for p in OutputStore(settings.output).list() if p.endswith(".tar")) == shards_before
+    argv, output, first = sample_run
+    shards_before = _shard_files(output)
+    parts_before = OutputStore(str(output)).list(manifest.PARTS_PREFIX)
+    assert main(argv) == 0
+    assert json.loads((output / prepare.SUMMARY_PATH).read_text()) == first
+    assert _shard_files(output) == shards_before
+    assert OutputStore(str(output)).list(manifest.PARTS_PREFIX) == parts_before, "a rerun committed new work"
 
 
-def test_crash_between_shard_and_manifest_commit_leaves_no_duplicate(sample_run, tmp_path, monkeypatch):
-    inputs, sample_settings, _ = sample_run
-    settings = replace(sample_settings, output=str(tmp_path / "out"))
-    vox1 = [inputs[0]]
+def test_crash_between_shard_and_manifest_commit_leaves_no_duplicate(ray_cluster, tmp_path, monkeypatch):
+    with prepare.sample_inputs(tmp_path / "work", _settings(tmp_path), []) as (inputs, settings):
+        _crash_then_resume([inputs[0]], settings, monkeypatch)
+
+
+def _crash_then_resume(vox1: list[str], settings: PrepareSettings, monkeypatch) -> None:
     real_write_part = manifest.write_part
 
     def crash(store, batch_name, rows, **kwargs):
@@ -127,7 +139,7 @@ def test_crash_between_shard_and_manifest_commit_leaves_no_duplicate(sample_run,
     for batch in plan.batches:
         prepare.run_batch(batch, settings)
     prepare.finalize(settings)
-    keys = [s.key for s in _all_samples(settings.output)]
+    keys = [s.key for s in _all_samples(Path(settings.output))]
     assert len(keys) == 1
 
 
