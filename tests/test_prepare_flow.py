@@ -116,10 +116,12 @@ def test_rerun_resumes_without_redoing_or_duplicating(sample_run):
 
 def test_crash_between_shard_and_manifest_commit_leaves_no_duplicate(ray_cluster, tmp_path, monkeypatch):
     with prepare.sample_inputs(tmp_path / "work", _settings(tmp_path), []) as (inputs, settings):
-        _crash_then_resume([inputs[0]], settings, monkeypatch)
+        stalled = tmp_path / "stalled.txt"
+        stalled.write_text(Path(inputs[3]).read_text().replace("/talk.mp4", "/stall/talk.mp4"))
+        _crash_then_resume([inputs[0]], [str(stalled)], settings, monkeypatch)
 
 
-def _crash_then_resume(vox1: list[str], settings: PrepareSettings, monkeypatch) -> None:
+def _crash_then_resume(vox1: list[str], stalled: list[str], settings: PrepareSettings, monkeypatch) -> None:
     real_write_part = manifest.write_part
 
     def crash(store, batch_name, rows, **kwargs):
@@ -134,13 +136,14 @@ def _crash_then_resume(vox1: list[str], settings: PrepareSettings, monkeypatch) 
     assert manifest.orphan_shards(store), "the shard was committed before the crash"
     monkeypatch.setattr(manifest, "write_part", real_write_part)
 
-    plan = prepare.plan(vox1, settings)
+    plan = prepare.plan(vox1 + stalled, settings)  # the resume also meets a server that never answers
     assert manifest.orphan_shards(store) == []
     for batch in plan.batches:
         prepare.run_batch(batch, settings)
-    prepare.finalize(settings)
+    summary = prepare.finalize(settings)
     keys = [s.key for s in _all_samples(Path(settings.output))]
     assert len(keys) == 1
+    assert summary["ok"] == 1 and summary["by_failure_class"] == {"timeout": 1}
 
 
 def _die_on_noface(requests, settings):
