@@ -226,11 +226,11 @@ def finalize(settings: PrepareSettings) -> dict:
 def summary_text(summary: dict) -> str:
     """The end-of-run report printed on the command line."""
     lines = [f"prepared dataset: {summary['output']}",
-             f"  clips requested   {summary['requested']:>6}",
-             f"  ok                {summary['ok']:>6}  ({summary['ok_seconds']:.1f} s of video)",
-             f"  failed            {summary['failed']:>6}"]
-    lines += [f"    {name:<16}{count:>6}" for name, count in summary["by_failure_class"].items()]
-    lines += [f"  shards[{split}]{'':<{10 - len(split)}}{count:>6}" for split, count in summary["shards"].items()]
+             f"  {'clips requested':<22}{summary['requested']:>6}",
+             f"  {'ok':<22}{summary['ok']:>6}  ({summary['ok_seconds']:.1f} s of video)",
+             f"  {'failed':<22}{summary['failed']:>6}"]
+    lines += [f"    {name:<20}{count:>6}" for name, count in summary["by_failure_class"].items()]
+    lines += [f"  {f'shards[{split}]':<22}{count:>6}" for split, count in summary["shards"].items()]
     lines.append(f"  manifest: {summary['output'].rstrip('/')}/{manifest.MANIFEST_PATH}")
     return "\n".join(lines)
 
