@@ -240,9 +240,9 @@ def load_state(store: OutputStore) -> dict[str, ManifestRow]:
     return latest_rows(read_parts(store))
 
 
-def consolidate(store: OutputStore) -> str:
-    """Write ``manifest.parquet``: the latest row per clip, sorted by clip id."""
-    state = load_state(store)
+def consolidate(store: OutputStore, state: Mapping[str, ManifestRow] | None = None) -> str:
+    """Write ``manifest.parquet``: the latest row per clip (`state`, else read), sorted by clip id."""
+    state = load_state(store) if state is None else state
     _write_table(store, MANIFEST_PATH, rows_to_table(state[c] for c in sorted(state)))
     return MANIFEST_PATH
 
@@ -285,20 +285,22 @@ def next_attempt(state: Mapping[str, ManifestRow], clip_id: str) -> int:
     return 1 if row is None else row.attempt + 1
 
 
-def orphan_shards(store: OutputStore) -> list[str]:
+def orphan_shards(store: OutputStore, rows: Iterable[ManifestRow] | None = None) -> list[str]:
     """Committed shards (``*.tar`` outside ``manifest/``) that no manifest part references.
 
     They are what a crash between a shard commit and its batch's manifest commit leaves
-    behind; their clips are still pending, so a rerun would write them again.
+    behind; their clips are still pending, so a rerun would write them again. `rows` are all
+    parts' rows when the caller has read them already.
     """
-    referenced = {row.shard for row in read_parts(store) if row.shard}
+    rows = read_parts(store) if rows is None else rows
+    referenced = {row.shard for row in rows if row.shard}
     shards = [p for p in store.list() if p.endswith(".tar") and not p.startswith("manifest/")]
     return [p for p in shards if p not in referenced]
 
 
-def remove_orphan_shards(store: OutputStore) -> list[str]:
+def remove_orphan_shards(store: OutputStore, rows: Iterable[ManifestRow] | None = None) -> list[str]:
     """Delete orphan shards and their stats files; return the shards removed."""
-    orphans = orphan_shards(store)
+    orphans = orphan_shards(store, rows)
     for shard in orphans:
         store.delete(shard)
         store.delete(stats_path(shard), missing_ok=True)

@@ -106,14 +106,15 @@ def group_by_video(requests: list[ClipRequest]) -> list[tuple[ClipRequest, ...]]
 def plan(inputs: list[str], settings: PrepareSettings, run_id: str | None = None) -> Plan:
     """Parse the inputs, clean up after interrupted runs, and batch what is still to do."""
     store = OutputStore(settings.output)
-    removed = manifest.remove_orphan_shards(store)
+    rows = manifest.read_parts(store)
+    removed = manifest.remove_orphan_shards(store, rows)
     if removed:
         LOG.warning("removed %d shard(s) of an interrupted run (their clips will be redone): %s",
                     len(removed), ", ".join(removed[:5]))
     store.remove_temporaries()
     requests, failures = parse_sources(inputs, url_template=settings.download.url_template,
                                        splits=SplitPolicy(test_fraction=settings.test_fraction))
-    state = manifest.load_state(store)
+    state = manifest.latest_rows(rows)
     todo = manifest.pending(requests, state, retry_failed=True, retry_permanent=settings.retry_failed)
     new_failures = tuple(f for f in failures if f.record_id not in state)
     run_id = run_id or new_run_id()
@@ -200,9 +201,10 @@ def run_batch(batch: Batch, settings: PrepareSettings) -> dict[str, int]:
 def finalize(settings: PrepareSettings) -> dict:
     """Consolidate the manifest, index the shards per split, and write and return the summary."""
     store = OutputStore(settings.output)
-    manifest.remove_orphan_shards(store)
-    manifest.consolidate(store)
-    state = manifest.load_state(store)
+    rows = manifest.read_parts(store)
+    manifest.remove_orphan_shards(store, rows)
+    state = manifest.latest_rows(rows)
+    manifest.consolidate(store, state)
     shards: dict[str, set[str]] = defaultdict(set)
     for row in state.values():
         if row.status == manifest.OK and row.shard:
