@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import yaml
 
@@ -37,6 +37,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
             "PREFECT_API_URL point at a cluster."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
     )
     inputs = p.add_argument_group("inputs (at least one, or --sample)")
     inputs.add_argument("--vox1-txt", action="append", default=[], metavar="DIR",
@@ -58,10 +59,10 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    help="maps video ids to URLs ({id} is replaced); use it for mirrors and local servers")
     p.add_argument("--detector", choices=["auto", "dlib", "face-alignment"], default="auto",
                    help="face detector: face-alignment when its weights are in $TORCH_HOME, else dlib (logged)")
-    p.add_argument("--detect-every", type=int, default=None, metavar="N",
+    p.add_argument("--detect-every", type=_positive_int, default=None, metavar="N",
                    help="run the detector every N frames and track in between (default: the tracker's)")
-    p.add_argument("--shard-size-mb", type=float, default=256.0, help="target size of one tar shard")
-    p.add_argument("--videos-per-batch", type=int, default=8,
+    p.add_argument("--shard-size-mb", type=_positive_float, default=256.0, help="target size of one tar shard")
+    p.add_argument("--videos-per-batch", type=_positive_int, default=8,
                    help="videos per Prefect task; each video is one Ray task")
     p.add_argument("--test-fraction", type=float, default=0.0,
                    help="fraction of identities put in the test split when the input has no split")
@@ -84,6 +85,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 def _add_sample(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sample",
+        allow_abbrev=False,
         help="write the sample media and its VoxCeleb-format metadata to a directory",
         description="Make the offline sample (videos, VoxCeleb1/2 metadata trees, a clip table and a URL "
                     "list pointing at URL-BASE) so the inputs of `prepare` can be looked at and edited.",
@@ -97,6 +99,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "inspect",
+        allow_abbrev=False,
         help="summarise a prepared dataset and draw a contact sheet of its clips",
         description="Read the manifest and shards of a `prepare` output: counts by status and failure "
                     "class, and a PNG contact sheet (first frame of each clip with its landmarks).",
@@ -109,6 +112,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="portrait",
+        allow_abbrev=False,
         description="Video portrait editing at scale with DPE: dataset preparation, training, bulk editing.",
     )
     parser.add_argument("--config", type=Path, default=None, metavar="YAML",
@@ -122,7 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
-    """Parse once to find the subcommand and --config, then re-parse with the file's values as defaults."""
+    """Parse the command line, then fill every option it did not give from the --config file.
+
+    File values go through the option's own type and choices, so a typo in the file fails as it
+    would on the command line; a single value is accepted where an option may repeat.
+    """
     args = parser.parse_args(argv)
     if args.config is None:
         return args
@@ -133,13 +141,54 @@ def _apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> 
     if not isinstance(values, dict):
         parser.error(f"config file {args.config} must hold a mapping of option names to values")
     subparser = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
-    known = {a.dest for a in subparser._actions}
+    actions = {a.dest: a for a in subparser._actions if a.option_strings}
     normalised = {str(k).replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(normalised) - known)
+    unknown = sorted(set(normalised) - set(actions))
     if unknown:
         parser.error(f"config file {args.config}: unknown option(s) for '{args.command}': {', '.join(unknown)}")
-    subparser.set_defaults(**normalised)
-    return parser.parse_args(argv)
+    given = {dest for dest, action in actions.items()
+             if any(token == option or token.startswith(option + "=")
+                    for token in argv for option in action.option_strings)}
+    for dest, value in normalised.items():
+        if dest not in given:
+            setattr(args, dest, _config_value(parser, actions[dest], value, args.config))
+    return args
+
+
+def _config_value(parser: argparse.ArgumentParser, action: argparse.Action, value: Any, source: Path) -> Any:
+    repeatable = isinstance(action, argparse._AppendAction)
+    if isinstance(value, list) and not repeatable:
+        parser.error(f"config file {source}: '{action.dest}' takes one value, got a list")
+    if action.nargs == 0:  # a flag such as --sample
+        if not isinstance(value, bool):
+            parser.error(f"config file {source}: '{action.dest}' must be true or false, got {value!r}")
+        return value
+    converted = []
+    for item in value if isinstance(value, list) else [value]:
+        if action.type is not None and item is not None:
+            try:
+                item = action.type(str(item))
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+                parser.error(f"config file {source}: bad value {item!r} for '{action.dest}': {exc}")
+        if action.choices is not None and item not in action.choices:
+            parser.error(f"config file {source}: '{action.dest}' must be one of "
+                         f"{', '.join(map(str, action.choices))}, got {item!r}")
+        converted.append(item)
+    return converted if repeatable else converted[0]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
 
 
 def _run_prepare(args: argparse.Namespace) -> int:

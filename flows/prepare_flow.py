@@ -15,6 +15,7 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipelines import prepare
 from pipelines.download import DownloadOptions
@@ -22,6 +23,10 @@ from pipelines.prepare import PrepareSettings
 from pipelines.ray_runner import ensure_ray
 
 LOG = logging.getLogger(__name__)
+
+BATCHES_AT_ONCE = 2
+"""Batches in flight: enough to keep Ray busy while one batch drains, few enough that batches
+commit in order (an interrupted run keeps most of its work) and open shards stay few."""
 
 
 @task(name="parse-inputs")
@@ -48,7 +53,7 @@ def finalize_task(settings: PrepareSettings) -> dict:
     return prepare.finalize(settings)
 
 
-@flow(name="prepare_dataset", log_prints=True)
+@flow(name="prepare_dataset", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=BATCHES_AT_ONCE))
 def prepare_dataset(inputs: list[str], settings: PrepareSettings) -> dict:
     """Prepare VoxCeleb-style clips into WebDataset shards plus a Parquet manifest.
 
@@ -61,7 +66,7 @@ def prepare_dataset(inputs: list[str], settings: PrepareSettings) -> dict:
     futures = [prepare_batch_task.submit(batch, settings) for batch in plan.batches]
     for future in futures:
         future.wait()
-    failed_batches = [f for f in futures if f.state.is_failed()]
+    failed_batches = [f for f in futures if not f.state.is_completed()]
     summary = finalize_task(settings)
     create_markdown_artifact(
         key="prepare-dataset-summary",
@@ -82,7 +87,7 @@ def settings_from_args(args: argparse.Namespace, workdir: Path) -> PrepareSettin
     download = DownloadOptions(
         rate_limit_bytes_per_s=prepare.parse_rate(args.rate_limit),
         sleep_between_s=args.sleep,
-        cookies_file=Path(args.cookies) if args.cookies else None,
+        cookies_file=Path(args.cookies).expanduser().resolve() if args.cookies else None,
         proxy=args.proxy,
         retries=args.retries,
         allow_file_urls=args.allow_file_urls,
@@ -110,7 +115,7 @@ def prepare_from_args(args: argparse.Namespace) -> int:
         raise SystemExit("portrait prepare: give at least one input (--vox1-txt, --vox2-txt, --clips, --urls) "
                          "or --sample; see `portrait prepare --help`")
     with contextlib.ExitStack() as stack:
-        workdir = prepare.default_workdir(args.output, args.workdir, stack)
+        workdir = prepare.default_workdir(args.output, args.workdir)
         settings = settings_from_args(args, workdir)
         if args.sample:
             inputs, settings = stack.enter_context(prepare.sample_inputs(workdir, settings, inputs))

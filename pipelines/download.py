@@ -293,6 +293,13 @@ class DownloadCache:
                     for item in record["sections"]]
         return sections if all(section.path.is_file() for section in sections) else None
 
+    def evict(self, section: DownloadedSection) -> None:
+        """Forget the entry holding `section` (found damaged after download), so a rerun fetches it anew."""
+        entry = section.path.parent.resolve()
+        if self.directory.resolve() not in entry.parents:
+            raise ValueError(f"{section.path} is not inside the download cache {self.directory}")
+        shutil.rmtree(entry, ignore_errors=True)
+
     @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:
         """A fresh folder for one download attempt, removed afterwards whatever happens."""
@@ -425,6 +432,9 @@ def _ytdlp_params(options: DownloadOptions, spans: list[Span] | None, folder: Pa
         "extractor_retries": 0,
         "enable_file_urls": file_url,
         "ffmpeg_location": str(ensure_ffmpeg_on_path() / "ffmpeg"),
+        # Sections are read by ffmpeg, which ignores socket_timeout and by default waits forever
+        # on a server that stops sending: give its inputs the same read timeout (microseconds).
+        "external_downloader_args": {"ffmpeg_i": ["-rw_timeout", str(int(options.socket_timeout_s * 1e6))]},
     }
     if spans is not None:
         params["download_ranges"] = download_range_func(None, spans)

@@ -226,11 +226,15 @@ def read_parts(store: OutputStore) -> list[ManifestRow]:
 
 
 def latest_rows(rows: Iterable[ManifestRow]) -> dict[str, ManifestRow]:
-    """The latest row per clip id: newest `updated_at`, then highest attempt, then last seen."""
+    """The latest row per clip id: highest attempt, then newest `updated_at`, then last seen.
+
+    Attempts only grow (`next_attempt`), so they order rows even when the hosts that wrote them
+    disagree about the time.
+    """
     latest: dict[str, ManifestRow] = {}
     for row in rows:
         current = latest.get(row.clip_id)
-        if current is None or (row.updated_at, row.attempt) >= (current.updated_at, current.attempt):
+        if current is None or (row.attempt, row.updated_at) >= (current.attempt, current.updated_at):
             latest[row.clip_id] = row
     return latest
 

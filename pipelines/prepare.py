@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -24,8 +23,9 @@ from typing import Iterator
 from tqdm import tqdm
 
 from pipelines import manifest
-from pipelines.clips import ClipRequest
-from pipelines.download import DownloadOptions
+from pipelines.clips import ClipRequest, safe_key
+from pipelines.download import DownloadOptions, is_permanent
+from pipelines.faces import make_detector
 from pipelines.ray_runner import ensure_ray, map_videos
 from pipelines.shards import ClipSample, ShardWriter
 from pipelines.sources import ParseFailure, SplitPolicy, parse_sources
@@ -34,6 +34,11 @@ from pipelines.tracking import TrackingConfig
 from pipelines.video_worker import ClipOutcome, WorkerSettings
 
 LOG = logging.getLogger(__name__)
+
+RETRIED_ON_RERUN = frozenset({"worker_failed", "internal_error", "encode_failed", "corrupt_video", "refused_scheme"})
+"""Failures a plain rerun tries again besides transient download errors: they come from the
+machine (a killed worker, a full disk, a truncated download) or from settings the user may have
+changed (--allow-file-urls), not from the video itself."""
 
 SUMMARY_PATH = "summary.json"
 SHARD_INDEX_PATH = "shards.json"
@@ -104,7 +109,12 @@ def group_by_video(requests: list[ClipRequest]) -> list[tuple[ClipRequest, ...]]
 
 
 def plan(inputs: list[str], settings: PrepareSettings, run_id: str | None = None) -> Plan:
-    """Parse the inputs, clean up after interrupted runs, and batch what is still to do."""
+    """Parse the inputs, clean up after interrupted runs, and batch what is still to do.
+
+    The detector is built once here first, so a wrong name or missing weights stop the run with
+    one clear error instead of failing every video on the workers.
+    """
+    make_detector(settings.detector)
     store = OutputStore(settings.output)
     rows = manifest.read_parts(store)
     removed = manifest.remove_orphan_shards(store, rows)
@@ -115,7 +125,8 @@ def plan(inputs: list[str], settings: PrepareSettings, run_id: str | None = None
     requests, failures = parse_sources(inputs, url_template=settings.download.url_template,
                                        splits=SplitPolicy(test_fraction=settings.test_fraction))
     state = manifest.latest_rows(rows)
-    todo = manifest.pending(requests, state, retry_failed=True, retry_permanent=settings.retry_failed)
+    todo = manifest.pending(requests, state, retry_failed=True, retry_permanent=settings.retry_failed,
+                            is_permanent=lambda failure: failure not in RETRIED_ON_RERUN and is_permanent(failure))
     new_failures = tuple(f for f in failures if f.record_id not in state)
     run_id = run_id or new_run_id()
     groups = group_by_video(todo)
@@ -189,10 +200,10 @@ def run_batch(batch: Batch, settings: PrepareSettings) -> dict[str, int]:
 
         try:
             map_videos([list(group) for group in batch.groups], settings.worker_settings(), record)
+            output.commit()
         except BaseException:
             output.abort()
             raise
-    output.commit()
     ok = sum(row.status == manifest.OK for row in output.rows)
     LOG.info("batch %s: %d clips ok, %d failed", batch.name, ok, len(output.rows) - ok)
     return {"ok": ok, "failed": len(output.rows) - ok}
@@ -259,14 +270,16 @@ def parse_rate(text: str | None) -> int | None:
     return int(value)
 
 
-def default_workdir(output: str, workdir: str | None, stack: contextlib.ExitStack) -> Path:
-    """Scratch for downloads: the given one, else OUTPUT/.work for a local output, else a temp dir."""
+def default_workdir(output: str, workdir: str | None) -> Path:
+    """Scratch for downloads, absolute (workers resolve it on their own nodes), and kept across runs
+    so the download cache serves reruns: the given one, else OUTPUT/.work for a local output,
+    else a per-output folder under ~/.cache/dpe-portrait."""
     if workdir:
-        return Path(workdir)
+        return Path(workdir).expanduser().resolve()
     store = OutputStore(output)
     if store.is_local:
         return store.local_path(".work")
-    return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="portrait-work-")))
+    return Path.home() / ".cache" / "dpe-portrait" / safe_key(output)
 
 
 @contextlib.contextmanager

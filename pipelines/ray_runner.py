@@ -61,19 +61,23 @@ def map_videos(
         pending[remote.remote(group, settings_ref)] = group
         return True
 
-    while len(pending) < limit and submit_next():
-        pass
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        ref = done[0]
-        group = pending.pop(ref)
-        try:
-            outcomes = ray.get(ref)
-        except Exception as exc:  # RayTaskError / WorkerCrashedError after Ray's own retries
-            LOG.error("video %s: worker failed: %s", group[0].video_id, exc)
-            outcomes = [
-                ClipOutcome(r, failure_class="worker_failed", message=f"{type(exc).__name__}: {exc}")
-                for r in group
-            ]
-        on_outcomes(outcomes)
-        submit_next()
+    try:
+        while len(pending) < limit and submit_next():
+            pass
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            ref = done[0]
+            group = pending.pop(ref)
+            try:
+                outcomes = ray.get(ref)
+            except Exception as exc:  # RayTaskError / WorkerCrashedError after Ray's own retries
+                LOG.error("video %s: worker failed: %s", group[0].video_id, exc)
+                outcomes = [
+                    ClipOutcome(r, failure_class="worker_failed", message=f"{type(exc).__name__}: {exc}")
+                    for r in group
+                ]
+            on_outcomes(outcomes)
+            submit_next()
+    finally:  # on an error here (a full disk while writing), stop the work nobody will collect
+        for ref in pending:
+            ray.cancel(ref, force=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 from pipelines.clip_processor import ProcessedClip, process_clip
 from pipelines.clips import ClipRequest, MetaBox
 from pipelines.download import DownloadCache, DownloadError, DownloadOptions, DownloadedSection, download_for_clips, find_section
-from pipelines.errors import PreparationError
+from pipelines.errors import CORRUPT_VIDEO, PreparationError
 from pipelines.faces import FaceDetector, make_detector
 from pipelines.tracking import TrackingConfig
 
@@ -65,8 +65,9 @@ def prepare_video(requests: list[ClipRequest], settings: WorkerSettings) -> list
         return []
     first = requests[0]
     started = time.perf_counter()
+    cache = DownloadCache(Path(settings.download_dir))
     try:
-        sections = download_for_clips(requests, DownloadCache(Path(settings.download_dir)), settings.download)
+        sections = download_for_clips(requests, cache, settings.download)
     except DownloadError as exc:
         LOG.warning("video %s: download failed (%s): %s", first.video_id, exc.failure_class, exc)
         return [ClipOutcome(r, failure_class=exc.failure_class, message=str(exc)) for r in requests]
@@ -78,6 +79,9 @@ def prepare_video(requests: list[ClipRequest], settings: WorkerSettings) -> list
         outcome = _prepare_clip(request, sections, detector, settings)
         outcome.timings["download_s"] = download_s / len(requests)
         outcomes.append(outcome)
+    if any(o.failure_class == CORRUPT_VIDEO for o in outcomes):  # maybe a damaged transfer: fetch anew next run
+        for section in sections:
+            cache.evict(section)
     return outcomes
 
 

@@ -57,3 +57,28 @@ def test_prepare_without_inputs_says_what_to_give():
 def test_inspect_of_an_empty_output_says_nothing_is_there(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 1
     assert "no manifest" in capsys.readouterr().out
+
+
+def test_config_file_single_value_fills_a_repeatable_option_and_flags_replace_it(tmp_path):
+    config = tmp_path / "prepare.yaml"
+    config.write_text("clips: meta.csv\n")
+    parser = build_parser()
+    assert _apply_config_file(parser, ["--config", str(config), "prepare"]).clips == ["meta.csv"]
+    args = _apply_config_file(build_parser(), ["--config", str(config), "prepare", "--clips", "other.csv"])
+    assert args.clips == ["other.csv"]
+
+
+@pytest.mark.parametrize("line, complaint", [
+    ("detector: dlb", "detector"),
+    ("videos_per_batch: 0", "videos_per_batch"),
+    ("shard_size_mb: -1", "shard_size_mb"),
+    ("sample: maybe", "sample"),
+    ("output: [a, b]", "output"),
+])
+def test_config_file_values_are_checked_like_flags(tmp_path, capsys, line, complaint):
+    config = tmp_path / "prepare.yaml"
+    config.write_text(line + "\n")
+    with pytest.raises(SystemExit) as done:
+        _apply_config_file(build_parser(), ["--config", str(config), "prepare"])
+    assert done.value.code == 2
+    assert complaint in capsys.readouterr().err

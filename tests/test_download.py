@@ -313,3 +313,12 @@ def test_download_error_survives_pickling():
 
     error = pickle.loads(pickle.dumps(DownloadError("gone", "video x (http://h/x): gone", True)))
     assert (error.failure_class, error.message, error.permanent) == ("gone", "video x (http://h/x): gone", True)
+
+
+def test_a_damaged_entry_can_be_evicted_so_the_next_run_downloads_again(server, tmp_path):
+    cache = DownloadCache(tmp_path)
+    sections = download_video("talk", server.url("talk.mp4"), [(2.0, 4.0)], cache, FAST)
+    cache.evict(sections[0])
+    assert cache.lookup("talk", merge_spans([(2.0, 4.0)], FAST.margin_s, FAST.join_gap_s)) is None
+    with pytest.raises(ValueError, match="not inside the download cache"):
+        cache.evict(DownloadedSection(tmp_path.parent / "elsewhere.mp4", 0.0, None))

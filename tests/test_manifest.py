@@ -179,3 +179,13 @@ def test_summary_counts_by_status_and_failure_class():
     assert lines[0].split() == ["clips", "7"]
     assert lines.index("  no_face" + " " * 15 + "2".rjust(10)) < lines.index("  timeout" + " " * 15 + "1".rjust(10))
     assert summary([]).total == 0
+
+
+def test_a_later_attempt_wins_even_when_its_host_clock_is_behind(tmp_path):
+    store = OutputStore(str(tmp_path))
+    now = datetime.now(timezone.utc)
+    failed = row_failed(request("a"), "timeout", "slow", attempt=1)
+    retried = row_ok(request("a"), "train/b-0000.tar", 10, 0.4, attempt=2)
+    write_part(store, "a", [ManifestRow(**{**failed.__dict__, "updated_at": now})])
+    write_part(store, "b", [ManifestRow(**{**retried.__dict__, "updated_at": now - timedelta(hours=2)})])
+    assert load_state(store)["id1/-video0001/a"].status == OK

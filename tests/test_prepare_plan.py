@@ -1,0 +1,48 @@
+"""Planning a run: what a rerun does again, and a wrong detector stopping the run up front."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines import manifest, prepare
+from pipelines.prepare import PrepareSettings
+from pipelines.sources import parse_sources
+from pipelines.storage import OutputStore
+
+FAILURES = {"a": "worker_failed", "b": "not_found", "c": "corrupt_video", "d": "timeout", "e": "no_face"}
+
+
+def _inputs(tmp_path: Path) -> list[str]:
+    urls = tmp_path / "urls.txt"
+    urls.write_text("".join(f"http://127.0.0.1:9/{name}.mp4\n" for name in FAILURES))
+    return [str(urls)]
+
+
+def _fail_everything(inputs: list[str], settings: PrepareSettings) -> None:
+    requests, _ = parse_sources(inputs)
+    by_name = {r.url.rsplit("/", 1)[1][0]: r for r in requests}
+    rows = [manifest.row_failed(by_name[n], failure, "injected") for n, failure in FAILURES.items()]
+    manifest.write_part(OutputStore(settings.output), "earlier-run", rows)
+
+
+def _planned(plan: prepare.Plan) -> set[str]:
+    return {r.url.rsplit("/", 1)[1][0] for batch in plan.batches for group in batch.groups for r in group}
+
+
+def test_a_rerun_retries_machine_failures_but_not_what_the_video_itself_caused(tmp_path):
+    settings = PrepareSettings(output=str(tmp_path / "out"), workdir=str(tmp_path / "work"), detector="dlib")
+    inputs = _inputs(tmp_path)
+    _fail_everything(inputs, settings)
+    assert _planned(prepare.plan(inputs, settings)) == {"a", "c", "d"}
+    everything = prepare.plan(inputs, PrepareSettings(**{**settings.__dict__, "retry_failed": True}))
+    assert _planned(everything) == set(FAILURES)
+    assert all(v == 2 for batch in everything.batches for v in batch.attempts.values())
+
+
+def test_a_detector_that_cannot_be_built_stops_the_run_before_any_work(tmp_path):
+    settings = PrepareSettings(output=str(tmp_path / "out"), workdir=str(tmp_path / "work"), detector="nope")
+    with pytest.raises(ValueError, match="unknown face detector 'nope'"):
+        prepare.plan(_inputs(tmp_path), settings)
+    assert not (tmp_path / "out" / manifest.PARTS_PREFIX).exists()
