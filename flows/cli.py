@@ -15,6 +15,9 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from pipelines.download import DEFAULT_URL_TEMPLATE
+from pipelines.faces import DETECTOR_NAMES
+
 LOG = logging.getLogger("portrait")
 
 
@@ -54,10 +57,11 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=False, default="out/dataset", metavar="PATH_OR_URI",
                    help="output directory or object-store URI (s3://, gs://)")
     p.add_argument("--workdir", default=None, metavar="DIR",
-                   help="local scratch for downloads (default: OUTPUT/.work when OUTPUT is local, else a temp dir)")
-    p.add_argument("--url-template", default="https://www.youtube.com/watch?v={id}",
+                   help="local scratch and download cache, kept for reruns (default: OUTPUT/.work when OUTPUT "
+                        "is local, else ~/.cache/dpe-portrait/<output>)")
+    p.add_argument("--url-template", default=DEFAULT_URL_TEMPLATE,
                    help="maps video ids to URLs ({id} is replaced); use it for mirrors and local servers")
-    p.add_argument("--detector", choices=["auto", "dlib", "face-alignment"], default="auto",
+    p.add_argument("--detector", choices=DETECTOR_NAMES, default="auto",
                    help="face detector: face-alignment when its weights are in $TORCH_HOME, else dlib (logged)")
     p.add_argument("--detect-every", type=_positive_int, default=None, metavar="N",
                    help="run the detector every N frames and track in between (default: the tracker's)")

@@ -73,6 +73,10 @@ class ClipRequest:
         return self.end_s - self.start_s
 
 
+MAX_KEY_LENGTH = 85
+"""Longest sample key (`ClipRequest.key`) a shard can hold: a plain (ustar) tar member name has at
+most 100 characters, and the longest entry name adds ``.expression.npy`` (15)."""
+
 _SAFE = re.compile(r"[A-Za-z0-9-]")
 
 

@@ -26,8 +26,7 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from pipelines.clips import OUTPUT_FPS, ClipRequest
-from pipelines.sources import MAX_KEY_LENGTH
+from pipelines.clips import MAX_KEY_LENGTH, OUTPUT_FPS, ClipRequest
 from pipelines.storage import AtomicOutput, OutputStore, clean_relpath
 
 _TAR_BLOCK = 512

@@ -22,12 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-from pipelines.clips import VOX_FPS, ClipRequest, MetaBox, clip_id_for
+from pipelines.clips import MAX_KEY_LENGTH, VOX_FPS, ClipRequest, MetaBox, clip_id_for
+from pipelines.download import DEFAULT_URL_TEMPLATE, resolve_url
 
 BAD_METADATA = "bad_metadata"
 DUPLICATE_CLIP = "duplicate_clip"
-
-DEFAULT_URL_TEMPLATE = "https://www.youtube.com/watch?v={id}"
 
 VOX1_REFERENCE_HEIGHT = 360.0
 """VoxCeleb1 boxes are pixels of the 360p version of each video."""
@@ -40,11 +39,6 @@ _SPLIT = re.compile(r"[a-z0-9][a-z0-9-]*")
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
 _YOUTUBE_HOSTS = {"youtube.com", "www.youtube.com", "m.youtube.com", "youtu.be", "www.youtube-nocookie.com"}
 _SLUG_LENGTH = 40
-
-MAX_KEY_LENGTH = 85
-"""Longest sample key (`ClipRequest.key`) a shard can hold: a plain (ustar) tar member name has at
-most 100 characters, and the longest entry name adds ``.expression.npy`` (15)."""
-
 
 @dataclass(frozen=True)
 class ParseFailure:
@@ -105,15 +99,6 @@ class SplitPolicy:
         return assign_split(identity, self.test_fraction, self.seed)
 
 
-def url_for(value: str, url_template: str = DEFAULT_URL_TEMPLATE) -> str:
-    """Map a video id to a URL through `url_template` (``{id}`` placeholder); URLs pass through."""
-    if _URL.fullmatch(value):
-        return value
-    if "{id}" not in url_template:
-        raise ValueError(f"URL template {url_template!r} has no {{id}} placeholder")
-    return url_template.replace("{id}", value)
-
-
 def _slug_with_hash(name: str, full: str) -> str:
     """A short, path-safe id for a non-YouTube video: readable stem plus a hash of the full reference."""
     # '_' is replaced too: `safe_key` escapes it to four characters, and keys have a length limit.
@@ -155,7 +140,7 @@ def resolve_video(value: str, base_dir: Path, url_template: str = DEFAULT_URL_TE
         resolved = str(path.resolve())
         return _slug_with_hash(path.stem, resolved), resolved
     if _ID.fullmatch(value):
-        return value, url_for(value, url_template)
+        return value, resolve_url(value, url_template)
     raise _Invalid(f"{value!r} is neither a URL, an existing file nor a video id ([A-Za-z0-9_-]+)")
 
 
@@ -328,7 +313,7 @@ def _parse_utterance(
     return ClipRequest(
         clip_id=clip_id_for(identity, video_id, utterance),
         video_id=video_id,
-        url=url_for(video_id, url_template),
+        url=resolve_url(video_id, url_template),
         identity=identity,
         split=splits.split_for(identity),
         start_s=frames[0] / VOX_FPS,

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipelines.clips import safe_key
+from pipelines.download import resolve_url
 from pipelines.sources import (
     BAD_METADATA,
     DUPLICATE_CLIP,
@@ -23,7 +24,6 @@ from pipelines.sources import (
     parse_sources,
     parse_url_list,
     parse_voxceleb_tree,
-    url_for,
     write_voxceleb_tree,
 )
 
@@ -215,10 +215,10 @@ def test_assign_split_is_deterministic_and_close_to_the_fraction():
 
 
 def test_url_template_maps_ids_and_passes_urls_through():
-    assert url_for("abc", "https://mirror.example/v/{id}.mp4") == "https://mirror.example/v/abc.mp4"
-    assert url_for("https://x.example/a.mp4", "https://mirror.example/{id}") == "https://x.example/a.mp4"
+    assert resolve_url("abc", "https://mirror.example/v/{id}.mp4") == "https://mirror.example/v/abc.mp4"
+    assert resolve_url("https://x.example/a.mp4", "https://mirror.example/{id}") == "https://x.example/a.mp4"
     with pytest.raises(ValueError, match="placeholder"):
-        url_for("abc", "https://mirror.example/")
+        resolve_url("abc", "https://mirror.example/")
 
 
 def test_url_template_applies_to_voxceleb_ids(tmp_path):
