@@ -16,25 +16,23 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.clips import VOX_FPS
-from pipelines.faces import make_detector
+from pipelines.faces import FaceDetector, make_detector
 from pipelines.sample import SAMPLE_SIZE, make_sample_media
-from pipelines.sources import VoxUtterance, write_voxceleb_tree
+from pipelines.sources import VOX1_REFERENCE_HEIGHT, VoxUtterance, write_voxceleb_tree
 from pipelines.video import probe, read_frames
-
-VOX1_HEIGHT = 360.0
-"""VoxCeleb1 boxes are pixels of the 360p version of the video."""
 
 SAMPLE_CLIPS_S = ((0.4, 3.6), (4.4, 7.6), (8.4, 11.6))
 """Three utterances of the ~12 s sample video: one VoxCeleb1 and two VoxCeleb2."""
 
 
-def face_boxes(video: Path, start_s: float, end_s: float, stride: int = 5) -> np.ndarray:
+def face_boxes(video: Path, start_s: float, end_s: float, detector: FaceDetector, stride: int = 5) -> np.ndarray:
     """(x, y, w, h) pixel boxes of the largest face at 25 fps over the span, detected every `stride` frames."""
-    detector = make_detector("dlib")
-    frames = list(read_frames(video, start_s, end_s, fps=VOX_FPS))
-    keyframes, keyboxes = [], []
-    for index in range(0, len(frames), stride):
-        faces = detector.detect(frames[index])
+    keyframes, keyboxes, frame_count = [], [], 0
+    for index, frame in enumerate(read_frames(video, start_s, end_s, fps=VOX_FPS)):
+        frame_count = index + 1
+        if index % stride:
+            continue
+        faces = detector.detect(frame)
         if faces:
             x0, y0, x1, y1 = max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1])).box
             keyframes.append(index)
@@ -42,12 +40,13 @@ def face_boxes(video: Path, start_s: float, end_s: float, stride: int = 5) -> np
     if not keyframes:
         raise RuntimeError(f"no face found in {video} between {start_s} and {end_s} s")
     keyboxes = np.asarray(keyboxes, dtype=np.float64)
-    all_frames = np.arange(len(frames))
+    all_frames = np.arange(frame_count)
     return np.stack([np.interp(all_frames, keyframes, keyboxes[:, k]) for k in range(4)], axis=1)
 
 
-def _utterance(identity: str, video: Path, span: tuple[float, float], name: str, scale: np.ndarray) -> VoxUtterance:
-    boxes = face_boxes(video, *span) * scale
+def _utterance(identity: str, video: Path, span: tuple[float, float], name: str, scale: np.ndarray,
+               detector: FaceDetector) -> VoxUtterance:
+    boxes = face_boxes(video, *span, detector) * scale
     first = round(span[0] * VOX_FPS)
     return VoxUtterance(identity=identity, video_id=video.stem, utterance=name,
                         frames=list(range(first, first + len(boxes))), boxes=[tuple(b) for b in boxes])
@@ -56,7 +55,7 @@ def _utterance(identity: str, video: Path, span: tuple[float, float], name: str,
 def write_sample_inputs(directory: str | Path, url_base: str) -> dict[str, Path]:
     """Write sample media and inputs under `directory`; URLs point at `url_base` (the loopback server).
 
-    Returns the paths by role: media, vox1 and vox2 trees, clip table, URL list, URL template.
+    Returns the paths by role: media, vox1 and vox2 trees, clip table, URL list.
     """
     directory = Path(directory)
     media = make_sample_media(directory / "media")
@@ -68,10 +67,12 @@ def write_sample_inputs(directory: str | Path, url_base: str) -> dict[str, Path]
 
     vox1 = directory / "vox1"
     vox2 = directory / "vox2"
-    pixels_360p = np.full(4, VOX1_HEIGHT / height)
+    pixels_360p = np.full(4, VOX1_REFERENCE_HEIGHT / height)
     normalised = np.array([1 / width, 1 / height, 1 / width, 1 / height])
-    write_voxceleb_tree(vox1, [_utterance("id10001", talk, SAMPLE_CLIPS_S[0], "00001", pixels_360p)], version=1)
-    write_voxceleb_tree(vox2, [_utterance("id00002", talk, span, f"{n:05d}", normalised)
+    detector = make_detector("dlib")
+    write_voxceleb_tree(vox1, [_utterance("id10001", talk, SAMPLE_CLIPS_S[0], "00001", pixels_360p, detector)],
+                        version=1)
+    write_voxceleb_tree(vox2, [_utterance("id00002", talk, span, f"{n:05d}", normalised, detector)
                                for n, span in enumerate(SAMPLE_CLIPS_S[1:], start=1)], version=2)
     malformed = vox2 / "txt" / "id00002" / "talk" / "00009.txt"
     malformed.write_text("Identity  : \tid00002\nReference : \ttalk\n\nFRAME \tX \tY \tW \tH \n00010\tnot-a-number\n")
