@@ -22,7 +22,6 @@ import os
 import random
 import re
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
@@ -32,12 +31,13 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 from urllib.parse import quote, urlsplit
 
-import imageio_ffmpeg
 import yt_dlp
 from yt_dlp.networking.exceptions import HTTPError, TransportError
 from yt_dlp.utils import GeoRestrictedError, UnsupportedError, download_range_func
 
 from pipelines.clips import ClipRequest, safe_key
+from pipelines.errors import VideoError
+from pipelines.video import ffmpeg_exe, probe
 
 log = logging.getLogger(__name__)
 
@@ -389,7 +389,7 @@ def ensure_ffmpeg_on_path() -> Path:
     with _FFMPEG_LOCK:
         if _ffmpeg_dir is None:
             folder = Path(tempfile.mkdtemp(prefix="portrait-ffmpeg-"))
-            (folder / "ffmpeg").symlink_to(imageio_ffmpeg.get_ffmpeg_exe())
+            (folder / "ffmpeg").symlink_to(ffmpeg_exe())
             os.environ["PATH"] = os.pathsep.join([str(folder), os.environ.get("PATH", "")])
             atexit.register(shutil.rmtree, folder, ignore_errors=True)
             _ffmpeg_dir = folder
@@ -481,12 +481,12 @@ def _fetch(video_id: str, url: str, spans: list[Span] | None, folder: Path,
 
 
 def _has_video_stream(path: Path) -> bool:
-    """Whether ffmpeg finds a video stream in `path` (ffmpeg writes an empty mp4 for a span past the end)."""
-    if not path.is_file():
+    """Whether `path` holds readable video (ffmpeg writes an empty mp4 for a span past the end)."""
+    try:
+        probe(path)
+    except VideoError:
         return False
-    probe = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-hide_banner", "-i", str(path)],
-                           capture_output=True, text=True)
-    return re.search(r"Stream #\S+.*: Video:", probe.stderr) is not None
+    return True
 
 
 def download_video(video_id: str, url: str, spans: Iterable[Span | None], cache: DownloadCache,

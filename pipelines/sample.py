@@ -27,7 +27,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, Iterator
 
-import imageio_ffmpeg
+
+from pipelines.errors import CORRUPT_VIDEO, VideoError
+from pipelines.video import ffmpeg_exe, probe
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +93,7 @@ def make_sample_media(directory: str | os.PathLike) -> dict[str, Path]:
 
 
 def _ffmpeg(args: list[str]) -> None:
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *args]
+    cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *args]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"ffmpeg failed making sample media ({done.returncode}): {done.stderr.strip()[-2000:]}")
@@ -316,28 +318,19 @@ def serve_directory(directory: str | os.PathLike, stall_limit_s: float = 30.0,
 
 
 def describe_media(path: str | os.PathLike) -> dict[str, object]:
-    """Duration, frame count and streams of a media file, from the imageio ffmpeg (there is no ffprobe).
+    """`video.probe` plus an exact frame count (by decoding), for checking made or downloaded media.
 
-    Decodes the video stream to count frames exactly; returns {"duration_s", "frames", "width",
-    "height", "has_audio"}. Raises RuntimeError naming the file when ffmpeg cannot read it.
+    Returns {"duration_s", "frames", "width", "height", "has_audio"}; raises `VideoError` naming the
+    file when ffmpeg cannot read it.
     """
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-hide_banner", "-i", os.fspath(path),
-           "-map", "0:v:0", "-f", "null", "-"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    stderr = done.stderr
-    duration = re.search(r"Duration: (\d+):(\d+):(\d+(?:\.\d+)?)", stderr)
-    frames = re.findall(r"frame=\s*(\d+)", stderr)
-    size = re.search(r"Video: .*?, (\d{2,5})x(\d{2,5})", stderr)
-    if done.returncode != 0 or not (duration and frames and size):
-        raise RuntimeError(f"cannot read media file {path}: {stderr.strip()[-1000:]}")
-    hours, minutes, seconds = duration.groups()
-    return {
-        "duration_s": int(hours) * 3600 + int(minutes) * 60 + float(seconds),
-        "frames": int(frames[-1]),
-        "width": int(size.group(1)),
-        "height": int(size.group(2)),
-        "has_audio": bool(re.search(r"Stream #\S+.*: Audio:", stderr)),
-    }
+    info = probe(path)
+    done = subprocess.run([ffmpeg_exe(), "-nostdin", "-hide_banner", "-i", os.fspath(path),
+                           "-map", "0:v:0", "-f", "null", "-"], capture_output=True, text=True)
+    frames = re.findall(r"frame=\s*(\d+)", done.stderr)
+    if done.returncode != 0 or not frames:
+        raise VideoError(CORRUPT_VIDEO, f"cannot decode {path}: {done.stderr.strip()[-1000:]}")
+    return {"duration_s": info.duration_s, "frames": int(frames[-1]), "width": info.width,
+            "height": info.height, "has_audio": info.has_audio}
 
 
 __all__ = ["SAMPLE_NAMES", "SAMPLE_SIZE", "RequestRecord", "SampleServer", "describe_media",

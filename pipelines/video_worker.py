@@ -20,6 +20,7 @@ from pipelines.download import DownloadCache, DownloadError, DownloadOptions, Do
 from pipelines.errors import CORRUPT_VIDEO, PreparationError
 from pipelines.faces import FaceDetector, make_detector
 from pipelines.tracking import TrackingConfig
+from pipelines.video import VideoInfo, probe
 
 LOG = logging.getLogger(__name__)
 
@@ -74,9 +75,10 @@ def prepare_video(requests: list[ClipRequest], settings: WorkerSettings) -> list
     download_s = time.perf_counter() - started
 
     detector = _detector(settings.detector)
+    infos: dict[Path, VideoInfo] = {}
     outcomes = []
     for request in requests:
-        outcome = _prepare_clip(request, sections, detector, settings)
+        outcome = _prepare_clip(request, sections, detector, settings, infos)
         outcome.timings["download_s"] = download_s / len(requests)
         outcomes.append(outcome)
     if any(o.failure_class == CORRUPT_VIDEO for o in outcomes):  # maybe a damaged transfer: fetch anew next run
@@ -86,7 +88,8 @@ def prepare_video(requests: list[ClipRequest], settings: WorkerSettings) -> list
 
 
 def _prepare_clip(request: ClipRequest, sections: list[DownloadedSection], detector: FaceDetector,
-                  settings: WorkerSettings) -> ClipOutcome:
+                  settings: WorkerSettings, infos: dict[Path, VideoInfo]) -> ClipOutcome:
+    """Cut one clip from its section; `infos` keeps each section's probe for the video's other clips."""
     try:
         section, _ = find_section(sections, request.start_s, request.end_s)
     except LookupError as exc:
@@ -96,8 +99,10 @@ def _prepare_clip(request: ClipRequest, sections: list[DownloadedSection], detec
     start = None if request.start_s is None else request.start_s - offset
     end = None if request.end_s is None else request.end_s - offset
     try:
+        if section.path not in infos:
+            infos[section.path] = probe(section.path)
         processed = process_clip(section.path, start, end, _shift_boxes(request.boxes, offset),
-                                 detector, settings.tracking)
+                                 detector, settings.tracking, info=infos[section.path])
     except PreparationError as exc:
         return ClipOutcome(request, failure_class=exc.failure_class, message=f"clip {request.clip_id}: {exc}")
     except Exception as exc:  # a bug or an unforeseen input must not lose the other clips
