@@ -45,9 +45,10 @@ def _clip_frames(sample: ShardSample, scratch: Path, count: int) -> list[tuple[i
     """`count` frames spread over the clip, with their frame indices."""
     video = scratch / f"{sample.key}.mp4"
     video.write_bytes(sample.mp4)
-    frames = list(read_frames(video, 0.0, len(sample.landmarks) / float(sample.meta.get("fps", 25.0))))
-    picks = np.linspace(0, len(frames) - 1, count).round().astype(int)
-    return [(int(i), frames[i]) for i in picks]
+    total = len(sample.landmarks)
+    picks = set(np.linspace(0, total - 1, count).round().astype(int).tolist())
+    frames = read_frames(video, 0.0, total / float(sample.meta.get("fps", 25.0)))
+    return [(index, frame) for index, frame in enumerate(frames) if index in picks]
 
 
 def _tile(frame: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
