@@ -58,7 +58,6 @@ class FrameCode:
         return Encoded(self.latent, self.features)
 
 
-SourceCache = FrameCode  # the name used in the project brief
 Frames = Union[torch.Tensor, FrameCode]
 
 
@@ -115,11 +114,7 @@ def target_motion(source_motion: torch.Tensor, driving_motion: torch.Tensor,
     if mode == "absolute":
         if reference_motion is not None:
             raise ValueError("driving_reference is only used with mode='relative'")
-        if isinstance(s, float):
-            if s == 0.0:
-                return source_motion.expand(batch, -1)
-            if s == 1.0:
-                return driving_motion.expand(batch, -1)
+        # lerp returns its end points exactly at weights 0 and 1 (bit-identical self-reconstruction).
         return torch.lerp(source_motion, driving_motion, s).expand(batch, -1)
     if mode == "relative":
         if reference_motion is None:

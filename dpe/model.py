@@ -133,10 +133,6 @@ class DPEGenerator(nn.Module):
         """alpha ``(B, motion_dim)``."""
         return self.motion.coefficients(latent)
 
-    def motion_directions(self) -> torch.Tensor:
-        """Orthonormal basis Q ``(style_dim, motion_dim)``."""
-        return self.motion.basis()
-
     def motion_vector(self, latent: torch.Tensor) -> torch.Tensor:
         """d = Q alpha ``(B, style_dim)``, float32."""
         return self.motion(latent)

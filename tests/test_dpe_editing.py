@@ -8,7 +8,6 @@ import torch
 from dpe.config import ModelConfig
 from dpe.editing import (
     FrameCode,
-    SourceCache,
     encode_driving,
     encode_source,
     expression_transfer,
@@ -114,7 +113,7 @@ def test_strength_interpolates_offsets_because_heads_are_affine(model, frames):
 
 def test_precomputed_codes_give_the_same_images(model, frames):
     src, drv = encode_source(model, frames["source"]), encode_driving(model, frames["driving"])
-    assert isinstance(src, SourceCache) and drv.features is None
+    assert isinstance(src, FrameCode) and drv.features is None
     for fn in (expression_transfer, pose_transfer, transfer_both):
         torch.testing.assert_close(fn(model, src, drv), fn(model, frames["source"], frames["driving"]),
                                    rtol=0, atol=0)
