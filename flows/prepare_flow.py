@@ -38,8 +38,8 @@ def parse_inputs_task(inputs: list[str], settings: PrepareSettings) -> prepare.P
 
 
 @task(name="prepare-batch", retries=1, retry_delay_seconds=10, task_run_name="batch-{batch.name}")
-def prepare_batch_task(batch: prepare.Batch, settings: PrepareSettings) -> list[dict]:
-    """Download, track, crop and shard one batch of videos on Ray; returns its manifest rows.
+def prepare_batch_task(batch: prepare.Batch, settings: PrepareSettings) -> dict[str, int]:
+    """Download, track, crop and shard one batch of videos on Ray; returns its ok/failed counts.
 
     Retried once by Prefect (a lost Ray node, a full disk freed meanwhile); a retry rewrites the
     batch's shards under the same names, so nothing is duplicated.

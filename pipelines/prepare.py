@@ -46,7 +46,8 @@ SHARD_INDEX_PATH = "shards.json"
 
 @dataclass(frozen=True)
 class PrepareSettings:
-    """Everything a preparation run needs besides its inputs (plain data: it travels to workers)."""
+    """Everything a preparation run needs besides its inputs (plain data: Prefect records it as a
+    flow parameter; workers get only `worker_settings()`)."""
 
     output: str
     workdir: str
