@@ -111,16 +111,20 @@ def _official_section(obj: Any, section: str, source: str) -> Mapping[str, torch
                      f"DPE checkpoint with the generator under 'gen'")
 
 
+def _read_official(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -> tuple[Any, str]:
+    """The checkpoint's content and a name for it in messages."""
+    if isinstance(path_or_state_dict, Mapping):
+        return path_or_state_dict, "state dict"
+    return _torch_load(path_or_state_dict), str(path_or_state_dict)
+
+
 def load_official_generator(path_or_state_dict: str | os.PathLike | Mapping[str, Any], model: nn.Module) -> nn.Module:
     """Load official DPE generator weights (``dpe.pt`` or its ``gen`` dict) into a ``DPEGenerator``.
 
     Refuses (``ValueError``) files whose keys or shapes differ from the model's; nothing is
     copied in that case.
     """
-    if isinstance(path_or_state_dict, Mapping):
-        obj, source = path_or_state_dict, "state dict"
-    else:
-        obj, source = _torch_load(path_or_state_dict), str(path_or_state_dict)
+    obj, source = _read_official(path_or_state_dict)
     official = _official_section(obj, "gen", source)
     mapped: dict[str, Any] = {}
     unknown: list[str] = []
@@ -145,10 +149,7 @@ def load_official_generator(path_or_state_dict: str | os.PathLike | Mapping[str,
 def load_official_discriminator(path_or_state_dict: str | os.PathLike | Mapping[str, Any],
                                 model: nn.Module) -> nn.Module:
     """Load the official discriminator (``dis`` entry, or ``disc``; names are identical to ours)."""
-    if isinstance(path_or_state_dict, Mapping):
-        obj, source = path_or_state_dict, "state dict"
-    else:
-        obj, source = _torch_load(path_or_state_dict), str(path_or_state_dict)
+    obj, source = _read_official(path_or_state_dict)
     section = "disc" if isinstance(obj, Mapping) and "disc" in obj and "dis" not in obj else "dis"
     if isinstance(obj, Mapping) and "gen" in obj and section not in obj:
         raise ValueError(f"{source}: holds no discriminator ('dis'); the released dpe.pt has only the "

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .landmarks import split_pose_expression
+from .losses import l1_distance
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -37,7 +38,7 @@ _K1, _K2 = 0.01, 0.03
 def l1_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean absolute error per sample, ``(B,)``."""
     _check_images(output, target)
-    return (output.float() - target.float()).abs().flatten(1).mean(dim=1)
+    return l1_distance(output, target)
 
 
 def psnr(output: torch.Tensor, target: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
