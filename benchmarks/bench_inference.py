@@ -26,18 +26,14 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dpe.checkpoint import load_official_generator  # noqa: E402
-from dpe.config import ModelConfig  # noqa: E402
-from dpe.editing import encode_source, expression_transfer  # noqa: E402
-from dpe.model import DPEGenerator  # noqa: E402
+from dpe.checkpoint import load_official_generator
+from dpe.config import ModelConfig
+from dpe.editing import encode_source, expression_transfer
+from dpe.model import DPEGenerator
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -19,21 +19,18 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipelines.clip_processor import process_clip  # noqa: E402
-from pipelines.clips import OUTPUT_FPS  # noqa: E402
-from pipelines.crop import crop_frame  # noqa: E402
-from pipelines.faces import make_detector  # noqa: E402
-from pipelines.sample import make_sample_media  # noqa: E402
-from pipelines.tracking import TrackingConfig, jitter  # noqa: E402
-from pipelines.video import encode_mp4_bytes, probe, read_frames  # noqa: E402
+from pipelines.clip_processor import process_clip
+from pipelines.clips import OUTPUT_FPS
+from pipelines.crop import crop_frame
+from pipelines.faces import make_detector
+from pipelines.sample import make_sample_media
+from pipelines.tracking import TrackingConfig, jitter
+from pipelines.video import encode_mp4_bytes, probe, read_frames
 
 
 def cpu_seconds() -> float:
