@@ -118,8 +118,17 @@ def test_gradient_accumulation_matches_the_full_batch(real_pair) -> None:
         grads.append({f"{owner}.{name}": p.grad.clone() for owner, module in state.modules().items()
                       for name, p in module.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
+    # float32 sums in another order (and grid_sample sample points that cross a pixel boundary) differ
+    # by ~1e-4 relative overall and up to ~4e-3 in a few small tensors; a wrong chunk weighting would
+    # be off by tens of percent.
+    def relative(names) -> float:
+        full = torch.cat([grads[0][name].flatten() for name in names])
+        chunked = torch.cat([grads[1][name].flatten() for name in names])
+        return float((chunked - full).norm() / full.norm())
+
+    assert relative(grads[0]) < 1e-3
     for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-3, atol=1e-6, msg=name)
+        assert relative([name]) < 2e-2, name
     for name in ("l1_cycle_a", "g_gan", "readout", "d_gan"):
         assert logs[1][name] == pytest.approx(logs[0][name], rel=1e-4)
 
