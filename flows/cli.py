@@ -15,8 +15,8 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from pipelines.download import DEFAULT_URL_TEMPLATE
-from pipelines.faces import DETECTOR_NAMES
+from pipelines.prepare.download import DEFAULT_URL_TEMPLATE
+from pipelines.media.faces import DETECTOR_NAMES
 
 LOG = logging.getLogger("portrait")
 
@@ -202,7 +202,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
 
 
 def _run_sample(args: argparse.Namespace) -> int:
-    from pipelines.sample_metadata import write_sample_inputs
+    from pipelines.sample.metadata import write_sample_inputs
 
     written = write_sample_inputs(args.directory, args.url_base)
     for name, path in written.items():
@@ -211,7 +211,7 @@ def _run_sample(args: argparse.Namespace) -> int:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from pipelines.inspect import inspect_output
+    from pipelines.dataset.inspect import inspect_output
 
     return inspect_output(args.output, args.sheet)
 

@@ -17,10 +17,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pipelines import prepare
-from pipelines.download import DownloadOptions
-from pipelines.prepare import PrepareSettings
-from pipelines.ray_runner import ensure_ray
+from pipelines.prepare import job as prepare
+from pipelines.prepare.download import DownloadOptions
+from pipelines.prepare.job import PrepareSettings
+from pipelines.runtime import ensure_ray
 
 LOG = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def prepare_from_args(args: argparse.Namespace) -> int:
             inputs, settings = stack.enter_context(prepare.sample_inputs(workdir, settings, inputs))
         summary = prepare_dataset(inputs, settings)
     if args.contact_sheet:
-        from pipelines.inspect import write_contact_sheet
+        from pipelines.dataset.inspect import write_contact_sheet
 
         sheet = write_contact_sheet(settings.output)
         print(f"contact sheet: {sheet}")

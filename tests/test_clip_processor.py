@@ -9,14 +9,14 @@ import cv2
 import numpy as np
 import pytest
 
-from pipelines.clip_processor import ProcessedClip, process_clip
-from pipelines.clips import CROP_SIZE, MetaBox
-from pipelines.crop import crop_frame, landmarks_to_crop
+from pipelines.prepare.clip import ProcessedClip, process_clip
+from pipelines.prepare.requests import CROP_SIZE, MetaBox
+from pipelines.media.crop import crop_frame, landmarks_to_crop
 from pipelines.errors import CORRUPT_VIDEO, MULTIPLE_FACES, NO_FACE, SPAN_OUTSIDE_VIDEO, ClipRejected
-from pipelines.faces import DlibDetector
-from pipelines.sample import source_clip_path
-from pipelines.tracking import TrackingConfig, jitter
-from pipelines.video import ffmpeg_exe, probe, read_frames
+from pipelines.media.faces import DlibDetector
+from pipelines.sample.media import source_clip_path
+from pipelines.media.tracking import TrackingConfig, jitter
+from pipelines.media.video import ffmpeg_exe, probe, read_frames
 
 SAMPLE = source_clip_path()
 CONFIG = TrackingConfig(min_face_px=32)

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipelines.faces import (
+from pipelines.media.faces import (
     FACE_ALIGNMENT_WEIGHTS,
     DlibDetector,
     FaceAlignmentDetector,
@@ -21,8 +21,8 @@ from pipelines.faces import (
     face_alignment_available,
     make_detector,
 )
-from pipelines.sample import source_clip_path
-from pipelines.video import read_frames
+from pipelines.sample.media import source_clip_path
+from pipelines.media.video import read_frames
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_unknown_detector_name_is_refused():
 
 def test_auto_uses_dlib_without_face_alignment_weights(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with caplog.at_level(logging.INFO, logger="pipelines.faces"):
+    with caplog.at_level(logging.INFO, logger="pipelines.media.faces"):
         detector = make_detector("auto")
     assert detector.name == "dlib"
     assert "dlib" in caplog.text
@@ -109,7 +109,7 @@ def test_auto_picks_face_alignment_and_runs_landmarks_on_a_given_box(random_torc
                                                                      dlib_detector, caplog):
     monkeypatch.setenv("TORCH_HOME", random_torch_home)
     assert face_alignment_available()
-    with caplog.at_level(logging.INFO, logger="pipelines.faces"):
+    with caplog.at_level(logging.INFO, logger="pipelines.media.faces"):
         detector = make_detector("auto", flip_input=False)
     assert detector.name == "face-alignment" and "face-alignment" in caplog.text
 

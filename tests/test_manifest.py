@@ -7,8 +7,8 @@ from datetime import datetime, timedelta, timezone
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.clips import ClipRequest
-from pipelines.manifest import (
+from pipelines.prepare.requests import ClipRequest
+from pipelines.dataset.manifest import (
     FAILED,
     MANIFEST_PATH,
     OK,
@@ -26,8 +26,8 @@ from pipelines.manifest import (
     summary,
     write_part,
 )
-from pipelines.shards import ShardWriter, stats_path
-from pipelines.sources import DUPLICATE_CLIP, ParseFailure
+from pipelines.dataset.shards import ShardWriter, stats_path
+from pipelines.prepare.sources import DUPLICATE_CLIP, ParseFailure
 from pipelines.storage import OutputStore
 from tests.test_shards import make_sample
 

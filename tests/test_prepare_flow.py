@@ -11,15 +11,16 @@ import cv2
 import pytest
 
 from flows.cli import main
-from pipelines import manifest, prepare
-from pipelines.clips import CROP_SIZE, ClipRequest
-from pipelines.download import DownloadOptions
-from pipelines.inspect import FRAMES_PER_ROW, LABEL_HEIGHT, TILE
-from pipelines.prepare import PrepareSettings
-from pipelines.ray_runner import map_videos
-from pipelines.shards import read_samples
+from pipelines.dataset import manifest
+from pipelines.prepare import job as prepare
+from pipelines.prepare.requests import CROP_SIZE, ClipRequest
+from pipelines.prepare.download import DownloadOptions
+from pipelines.dataset.inspect import FRAMES_PER_ROW, LABEL_HEIGHT, TILE
+from pipelines.prepare.job import PrepareSettings
+from pipelines.prepare.runner import map_videos
+from pipelines.dataset.shards import read_samples
 from pipelines.storage import OutputStore
-from pipelines.video_worker import ClipOutcome, WorkerSettings
+from pipelines.prepare.worker import ClipOutcome, WorkerSettings
 
 pytestmark = pytest.mark.slow
 

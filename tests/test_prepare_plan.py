@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import manifest, prepare
-from pipelines.prepare import PrepareSettings
-from pipelines.sources import parse_sources
+from pipelines.dataset import manifest
+from pipelines.prepare import job as prepare
+from pipelines.prepare.job import PrepareSettings
+from pipelines.prepare.sources import parse_sources
 from pipelines.storage import OutputStore
 
 FAILURES = {"a": "worker_failed", "b": "not_found", "c": "corrupt_video", "d": "timeout", "e": "no_face"}

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.sample import SAMPLE_SIZE, _parse_range, describe_media, make_sample_media, serve_directory
+from pipelines.sample.media import SAMPLE_SIZE, describe_media, make_sample_media
+from pipelines.sample.server import _parse_range, serve_directory
 
 
 def _top_level_boxes(path: Path) -> list[str]:
@@ -122,7 +123,9 @@ def test_stall_holds_the_connection_until_shutdown(sample_media):
 
         client = threading.Thread(target=stalled_request)
         client.start()
-        time.sleep(0.5)
+        while not any(r.path == "/stall/talk.mp4" for r in server.requests):  # logged on arrival
+            assert client.is_alive(), f"the stall route answered instead of stalling: {outcome}"
+            time.sleep(0.01)
         assert client.is_alive(), "the stall route answered instead of stalling"
         started = time.monotonic()
     shutdown_s = time.monotonic() - started

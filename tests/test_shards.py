@@ -13,8 +13,8 @@ import pyarrow.fs as pafs
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-from pipelines.clips import ClipRequest
-from pipelines.shards import ClipSample, ShardWriter, read_samples, sample_metadata, stats_path
+from pipelines.prepare.requests import ClipRequest
+from pipelines.dataset.shards import ClipSample, ShardWriter, read_samples, sample_metadata, stats_path
 from pipelines.storage import OutputStore, clean_relpath
 
 REPO = Path(__file__).resolve().parents[1]
@@ -196,7 +196,7 @@ KILLED_WRITER = textwrap.dedent(
     sys.path.insert(0, sys.argv[2])
     sys.path.insert(0, os.path.dirname(sys.argv[3]))
     from test_shards import make_sample
-    from pipelines.shards import ShardWriter
+    from pipelines.dataset.shards import ShardWriter
     from pipelines.storage import OutputStore
 
     writer = ShardWriter(OutputStore(sys.argv[1]), "", "train", 40_000, "b")

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipelines.clips import safe_key
-from pipelines.download import resolve_url
-from pipelines.sources import (
+from pipelines.prepare.requests import safe_key
+from pipelines.prepare.download import resolve_url
+from pipelines.prepare.sources import (
     BAD_METADATA,
     DUPLICATE_CLIP,
     MAX_KEY_LENGTH,

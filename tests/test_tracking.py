@@ -15,8 +15,8 @@ from pipelines.errors import (
     TRACK_TOO_SHORT,
     ClipRejected,
 )
-from pipelines.faces import Face, FaceDetector
-from pipelines.tracking import (
+from pipelines.media.faces import Face, FaceDetector
+from pipelines.media.tracking import (
     FaceTrack,
     FaceTracker,
     TrackingConfig,

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipelines.errors import CORRUPT_VIDEO, SPAN_OUTSIDE_VIDEO, VideoError
-from pipelines.sample import source_clip_path
-from pipelines.video import (
+from pipelines.sample.media import source_clip_path
+from pipelines.media.video import (
     VideoInfo,
     check_span,
     encode_mp4,

@@ -20,9 +20,9 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.clips import ClipRequest, safe_key
-from pipelines.shards import stats_path
-from pipelines.sources import ParseFailure
+from pipelines.prepare.requests import ClipRequest, safe_key
+from pipelines.dataset.shards import stats_path
+from pipelines.prepare.sources import ParseFailure
 from pipelines.storage import OutputStore
 
 OK = "ok"
@@ -252,7 +252,7 @@ def consolidate(store: OutputStore, state: Mapping[str, ManifestRow] | None = No
 
 
 def _default_is_permanent(failure_class: str) -> bool:
-    from pipelines.download import is_permanent
+    from pipelines.prepare.download import is_permanent
 
     return is_permanent(failure_class)
 
@@ -269,7 +269,7 @@ def pending(
 
     Done (status ok) clips are skipped; failed ones are retried only with `retry_failed`, and
     failures that retrying cannot fix (not_found, private, no_face, ... as judged by
-    `is_permanent`, by default `pipelines.download.is_permanent`) only with `retry_permanent`,
+    `is_permanent`, by default `pipelines.prepare.download.is_permanent`) only with `retry_permanent`,
     which retries every failure.
     """
     permanent = is_permanent or _default_is_permanent

@@ -14,13 +14,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.clip_processor import ProcessedClip, process_clip
-from pipelines.clips import ClipRequest, MetaBox
-from pipelines.download import DownloadCache, DownloadError, DownloadOptions, DownloadedSection, download_for_clips, find_section
+from pipelines.prepare.clip import ProcessedClip, process_clip
+from pipelines.prepare.requests import ClipRequest, MetaBox
+from pipelines.prepare.download import DownloadCache, DownloadError, DownloadOptions, DownloadedSection, download_for_clips, find_section
 from pipelines.errors import CORRUPT_VIDEO, PreparationError
-from pipelines.faces import FaceDetector, make_detector
-from pipelines.tracking import TrackingConfig
-from pipelines.video import VideoInfo, probe
+from pipelines.media.faces import FaceDetector, make_detector
+from pipelines.media.tracking import TrackingConfig
+from pipelines.media.video import VideoInfo, probe
 
 LOG = logging.getLogger(__name__)
 

@@ -17,12 +17,12 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from dpe.landmarks import split_pose_expression
-from pipelines.clips import CROP_SIZE, OUTPUT_FPS, MetaBox
-from pipelines.crop import crop_frame, landmarks_to_crop
+from pipelines.prepare.requests import CROP_SIZE, OUTPUT_FPS, MetaBox
+from pipelines.media.crop import crop_frame, landmarks_to_crop
 from pipelines.errors import CORRUPT_VIDEO, ClipRejected, PreparationError
-from pipelines.faces import Box, FaceDetector
-from pipelines.tracking import FaceTracker, TrackingConfig, crop_boxes, select_track
-from pipelines.video import VideoInfo, encode_mp4_bytes, probe, read_frames
+from pipelines.media.faces import Box, FaceDetector
+from pipelines.media.tracking import FaceTracker, TrackingConfig, crop_boxes, select_track
+from pipelines.media.video import VideoInfo, encode_mp4_bytes, probe, read_frames
 
 
 @dataclass

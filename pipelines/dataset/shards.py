@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from pipelines.clips import MAX_KEY_LENGTH, OUTPUT_FPS, ClipRequest
+from pipelines.prepare.requests import MAX_KEY_LENGTH, OUTPUT_FPS, ClipRequest
 from pipelines.storage import AtomicOutput, OutputStore, clean_relpath
 
 _TAR_BLOCK = 512

@@ -35,9 +35,9 @@ import yt_dlp
 from yt_dlp.networking.exceptions import HTTPError, TransportError
 from yt_dlp.utils import GeoRestrictedError, UnsupportedError, download_range_func
 
-from pipelines.clips import ClipRequest, safe_key
+from pipelines.prepare.requests import ClipRequest, safe_key
 from pipelines.errors import VideoError
-from pipelines.video import ffmpeg_exe, probe
+from pipelines.media.video import ffmpeg_exe, probe
 
 log = logging.getLogger(__name__)
 

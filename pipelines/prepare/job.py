@@ -1,7 +1,7 @@
 """Dataset preparation as plain functions: plan -> run batches -> finalize.
 
-reader (`pipelines.sources`) -> downloader and processor (`pipelines.video_worker`, one Ray task
-per video via `pipelines.ray_runner`) -> writer (`pipelines.shards`, `pipelines.manifest`). The
+reader (`pipelines.prepare.sources`) -> downloader and processor (`pipelines.prepare.worker`, one Ray task
+per video via `pipelines.prepare.runner`) -> writer (`pipelines.dataset.shards`, `pipelines.dataset.manifest`). The
 Prefect flow in `flows/prepare_flow.py` only sequences these calls.
 
 Resume: a batch commits its shards first and its manifest part last; a rerun skips clips whose
@@ -22,16 +22,17 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from pipelines import manifest
-from pipelines.clips import ClipRequest, safe_key
-from pipelines.download import DownloadOptions, is_permanent
-from pipelines.faces import make_detector
-from pipelines.ray_runner import ensure_ray, map_videos
-from pipelines.shards import ClipSample, ShardWriter
-from pipelines.sources import ParseFailure, SplitPolicy, parse_sources
+from pipelines.dataset import manifest
+from pipelines.prepare.requests import ClipRequest, safe_key
+from pipelines.prepare.download import DownloadOptions, is_permanent
+from pipelines.media.faces import make_detector
+from pipelines.prepare.runner import map_videos
+from pipelines.runtime import ensure_ray
+from pipelines.dataset.shards import ClipSample, ShardWriter
+from pipelines.prepare.sources import ParseFailure, SplitPolicy, parse_sources
 from pipelines.storage import OutputStore
-from pipelines.tracking import TrackingConfig
-from pipelines.video_worker import ClipOutcome, WorkerSettings
+from pipelines.media.tracking import TrackingConfig
+from pipelines.prepare.worker import ClipOutcome, WorkerSettings
 
 LOG = logging.getLogger(__name__)
 
@@ -287,8 +288,9 @@ def default_workdir(output: str, workdir: str | None) -> Path:
 def sample_inputs(workdir: Path, settings: PrepareSettings, extra_inputs: list[str]
                   ) -> Iterator[tuple[list[str], PrepareSettings]]:
     """Serve the bundled sample on loopback while the run lasts; yield its inputs and matching settings."""
-    from pipelines.sample import SAMPLE_PORT, make_sample_media, serve_directory
-    from pipelines.sample_metadata import sample_url_template, write_sample_inputs
+    from pipelines.sample.media import SAMPLE_PORT, make_sample_media
+    from pipelines.sample.server import serve_directory
+    from pipelines.sample.metadata import sample_url_template, write_sample_inputs
 
     directory = workdir / "sample"
     media = make_sample_media(directory / "media")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from pipelines.clips import CROP_SIZE
+from pipelines.prepare.requests import CROP_SIZE
 
 
 def pixel_box(box: np.ndarray | tuple[float, float, float, float]) -> tuple[int, int, int]:

@@ -1,35 +1,19 @@
 """The distributor: runs `prepare_video` for many videos on Ray, local or cluster alike.
 
-With no address, Ray starts on this machine (embedded default); `--ray-address` or `RAY_ADDRESS`
-joins a cluster instead, and nothing else changes. At most `max_in_flight` videos are pending at
+`pipelines.runtime.ensure_ray` connects to a cluster or starts a local Ray; nothing here changes
+between the two. At most `max_in_flight` videos are pending at
 once, so results (encoded clips) stream back instead of piling up in the object store.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Callable, Iterable
 
-from pipelines.clips import ClipRequest
-from pipelines.video_worker import ClipOutcome, WorkerSettings, prepare_video
+from pipelines.prepare.requests import ClipRequest
+from pipelines.prepare.worker import ClipOutcome, WorkerSettings, prepare_video
 
 LOG = logging.getLogger(__name__)
-
-
-def ensure_ray(address: str | None = None) -> None:
-    """Connect to the given cluster, or to $RAY_ADDRESS, or start a local Ray; no-op when connected."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        LOG.info("connecting to Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=False)
-    else:
-        LOG.info("starting a local Ray (set RAY_ADDRESS or --ray-address to use a cluster)")
-        ray.init(include_dashboard=False, log_to_driver=False)
 
 
 def map_videos(

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.clips import VOX_FPS
-from pipelines.faces import FaceDetector, make_detector
-from pipelines.sample import SAMPLE_SIZE, make_sample_media
-from pipelines.sources import VOX1_REFERENCE_HEIGHT, VoxUtterance, write_voxceleb_tree
-from pipelines.video import probe, read_frames
+from pipelines.prepare.requests import VOX_FPS
+from pipelines.media.faces import FaceDetector, make_detector
+from pipelines.sample.media import SAMPLE_SIZE, make_sample_media
+from pipelines.prepare.sources import VOX1_REFERENCE_HEIGHT, VoxUtterance, write_voxceleb_tree
+from pipelines.media.video import probe, read_frames
 
 SAMPLE_CLIPS_S = ((0.4, 3.6), (4.4, 7.6), (8.4, 11.6))
 """Three utterances of the ~12 s sample video: one VoxCeleb1 and two VoxCeleb2."""

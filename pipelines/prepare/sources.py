@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-from pipelines.clips import MAX_KEY_LENGTH, VOX_FPS, ClipRequest, MetaBox, clip_id_for
-from pipelines.download import DEFAULT_URL_TEMPLATE, resolve_url
+from pipelines.prepare.requests import MAX_KEY_LENGTH, VOX_FPS, ClipRequest, MetaBox, clip_id_for
+from pipelines.prepare.download import DEFAULT_URL_TEMPLATE, resolve_url
 
 BAD_METADATA = "bad_metadata"
 DUPLICATE_CLIP = "duplicate_clip"

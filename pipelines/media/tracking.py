@@ -29,7 +29,7 @@ from pipelines.errors import (
     TRACK_TOO_SHORT,
     ClipRejected,
 )
-from pipelines.faces import Box, FaceDetector
+from pipelines.media.faces import Box, FaceDetector
 
 
 @dataclass(frozen=True)

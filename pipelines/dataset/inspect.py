@@ -14,11 +14,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipelines import manifest
-from pipelines.prepare import SHARD_INDEX_PATH
-from pipelines.shards import ShardSample, read_samples
+from pipelines.dataset import manifest
+from pipelines.prepare.job import SHARD_INDEX_PATH
+from pipelines.dataset.shards import ShardSample, read_samples
 from pipelines.storage import OutputStore
-from pipelines.video import read_frames
+from pipelines.media.video import read_frames
 
 FRAMES_PER_ROW = 4
 TILE = 192
