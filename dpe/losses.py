@@ -1,21 +1,37 @@
 """Loss terms of the DPE objective.
 
-Reconstruction and GAN terms follow the official trainer:
+Reconstruction and GAN terms follow the official trainer (``dpe.train_step`` lists where the
+default objective departs from it and why):
 
 * ``PerceptualLoss``: VGG19 relu1_1..relu5_1, weight 10 per layer, on an image pyramid at
-  scales 1, 1/2, 1/4, 1/8 (area downsampling, i.e. box-filter anti-aliasing). Pyramid
-  levels smaller than 16 px are skipped: VGG19 pools four times before relu5_1, so
+  scales 1, 1/2, 1/4, 1/8; both images are clamped to [-1, 1] first, as in the official
+  ``Vgg19.forward`` (the user sees clamped images, so that is what the term scores; L1
+  still sees the raw values and pulls overshoots back). Two modes:
+
+  - ``pyramid``: ``"area"`` (our default) averages each 2x2, 4x4 or 8x8 block exactly;
+    ``"gaussian"`` is the official (FOMM) anti-aliasing: a normalised Gaussian with
+    sigma = (1/s - 1)/2 and size 2*round(4*sigma)+1 (5, 13, 29 for 1/2, 1/4, 1/8), applied
+    depthwise with zero padding, then every (1/s)-th pixel. The Gaussian suppresses
+    aliasing better; its zero padding fades a band of 2, 6 or 14 input pixels at the
+    border towards 0 and its 29x29 kernel costs more, which is why it is not our default.
+  - ``detach_target``: the official loss detaches the second image's features, so on the
+    middle-consistency pair (two generated images) only the first one is pulled. Our
+    default lets the gradient reach both: the pair has no ground truth, and the official
+    L1 term on the same pair is two-sided too.
+
+  Pyramid levels smaller than 16 px are skipped: VGG19 pools four times before relu5_1, so
   smaller inputs vanish (this only affects tiny test models).
 * ``l1_distance``: mean absolute error per sample.
-* Non-saturating GAN losses for generator and discriminator (softplus form).
+* Non-saturating GAN losses for generator and discriminator (softplus form), one mean per
+  call; the training step sums them over the two cycle outputs, as the official trainer does.
 * ``r1_penalty``: optional. The official optimiser constants (D lr 0.002*16/17, betas
   0.99**(16/17)) are StyleGAN2's lazy-R1 ratios for one penalty every 16 steps, but the
   official DPE trainer applies no penalty, so the training step leaves it off by default
   (``r1_weight=0``); StyleGAN2 uses gamma = 10, every 16 steps.
 
 What the official code lacks (DESIGN.md, "Training objective") is anything that tells
-the two branches apart: every term is unchanged when pose and expression branches are
-swapped. ``DisentanglementProbes`` adds the asymmetry from stored landmark annotations
+the two branches apart: every term is unchanged when the pose and expression branches are
+swapped together with frames A and B, which are drawn alike. ``DisentanglementProbes`` adds the asymmetry from stored landmark annotations
 (``dpe.landmarks``: rigid pose (6) and canonical-frame expression residual (68x2)):
 
 * read-out (``READOUT_WEIGHT`` = 1): a linear probe must predict the frame's pose from the
@@ -58,6 +74,7 @@ from .landmarks import NUM_LANDMARKS
 from .vgg import VGG19Features
 
 PYRAMID_SCALES = (1.0, 0.5, 0.25, 0.125)
+PYRAMID_FILTERS = ("area", "gaussian")
 VGG_LAYER_WEIGHT = 10.0
 MIN_VGG_INPUT = 16
 READOUT_WEIGHT = 1.0
@@ -67,39 +84,86 @@ EXPRESSION_DIM = NUM_LANDMARKS * 2
 
 
 class PerceptualLoss(nn.Module):
-    """Multi-scale VGG19 feature distance, one value per sample."""
+    """Multi-scale VGG19 feature distance, one value per sample (modes: module docstring)."""
 
     def __init__(
         self,
         vgg: VGG19Features,
         scales: Sequence[float] = PYRAMID_SCALES,
         layer_weight: float = VGG_LAYER_WEIGHT,
+        pyramid: str = "area",
+        detach_target: bool = False,
     ) -> None:
         super().__init__()
+        if pyramid not in PYRAMID_FILTERS:
+            raise ValueError(f"pyramid must be one of {PYRAMID_FILTERS}, got {pyramid!r}")
+        if pyramid == "gaussian":
+            for scale in scales:
+                _integer_step(scale)
         self.vgg = vgg
         self.scales = tuple(scales)
         self.layer_weight = layer_weight
+        self.pyramid = pyramid
+        self.detach_target = detach_target
 
     def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """``(B,)`` losses for images ``(B, 3, H, W)`` in [-1, 1].
+        """``(B,)`` losses for images ``(B, 3, H, W)``, clamped to [-1, 1] before VGG.
 
-        Gradients reach whichever inputs require them (the middle-consistency pair has
-        generated images on both sides).
+        Gradients reach ``output`` and, unless ``detach_target``, ``target`` when it
+        requires them.
         """
         if output.shape != target.shape:
             raise ValueError(f"output {tuple(output.shape)} and target {tuple(target.shape)} differ in shape")
         batch = output.shape[0]
-        pair = torch.cat([output, target])
+        if self.detach_target:
+            target = target.detach()  # VGG is frozen, so this cuts every path to the target
+        pair = torch.cat([output, target]).clamp(-1.0, 1.0)
         total = pair.new_zeros(batch, dtype=torch.float32)
         for scale in self.scales:
             size = round(pair.shape[-1] * scale)
             if size < MIN_VGG_INPUT:
                 continue
-            level = pair if scale == 1.0 else F.interpolate(pair, scale_factor=scale, mode="area")
-            for features in self.vgg(level):
+            for features in self.vgg(self._downsample(pair, scale)):
                 out_f, tgt_f = features.float().split(batch)
                 total = total + self.layer_weight * (out_f - tgt_f).abs().mean(dim=(1, 2, 3))
         return total
+
+    def _downsample(self, images: torch.Tensor, scale: float) -> torch.Tensor:
+        if scale == 1.0:
+            return images
+        if self.pyramid == "gaussian":
+            return gaussian_downsample(images, scale)
+        return F.interpolate(images, scale_factor=scale, mode="area")
+
+
+def gaussian_kernel(scale: float) -> torch.Tensor:
+    """The official pyramid's normalised 2-D Gaussian for downsampling by ``scale`` (float32).
+
+    sigma = (1/scale - 1)/2, size 2*round(4*sigma)+1 (Python rounding, as the official code).
+    """
+    sigma = (1.0 / scale - 1.0) / 2.0
+    size = 2 * round(4 * sigma) + 1
+    offsets = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    profile = torch.exp(-(offsets**2) / (2 * sigma**2))
+    kernel = profile[:, None] * profile[None, :]
+    return kernel / kernel.sum()
+
+
+def gaussian_downsample(images: torch.Tensor, scale: float) -> torch.Tensor:
+    """Official anti-aliased downsampling: Gaussian blur with zero padding, then every (1/scale)-th pixel."""
+    step = _integer_step(scale)
+    kernel = gaussian_kernel(scale).to(device=images.device, dtype=images.dtype)
+    channels, pad = images.shape[1], kernel.shape[-1] // 2  # odd size: the same pad on both sides
+    weight = kernel.expand(channels, 1, *kernel.shape)
+    blurred = F.conv2d(F.pad(images, (pad, pad, pad, pad)), weight, groups=channels)
+    return blurred[:, :, ::step, ::step]
+
+
+def _integer_step(scale: float) -> int:
+    step = round(1.0 / scale)
+    if not 0 < scale <= 1 or abs(step * scale - 1.0) > 1e-9:
+        raise ValueError(f"the Gaussian pyramid needs scales 1/n for an integer n, got {scale}")
+    return step
 
 
 def l1_distance(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

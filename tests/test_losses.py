@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +16,7 @@ from dpe.losses import (
     cross_covariance_leakage,
     PerceptualLoss,
     discriminator_gan_loss,
+    gaussian_downsample,
     generator_gan_loss,
     l1_distance,
     r1_penalty,
@@ -110,6 +112,79 @@ def test_perceptual_gradient_reaches_both_generated_images(vgg) -> None:
     b = _images(1).requires_grad_(True)
     PerceptualLoss(vgg)(a, b).sum().backward()
     assert a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0
+
+
+def test_perceptual_target_detached_on_request(vgg) -> None:
+    """Official mode: the second image is a fixed target, only the first one is pulled."""
+    a = _images(0).requires_grad_(True)
+    b = _images(1).requires_grad_(True)
+    loss = PerceptualLoss(vgg, detach_target=True)(a, b)
+    torch.testing.assert_close(loss, PerceptualLoss(vgg)(a, b))  # same value, one-sided gradient
+    loss.sum().backward()
+    assert a.grad.abs().sum() > 0 and b.grad is None
+
+
+@pytest.mark.parametrize("pyramid", ["area", "gaussian"])
+def test_perceptual_inputs_are_clamped_to_the_image_range(vgg, pyramid: str) -> None:
+    target = _images(1)
+    output = (_images(0) * 3).requires_grad_(True)  # about a third of the pixels lie outside [-1, 1]
+    loss = PerceptualLoss(vgg, pyramid=pyramid)
+    torch.testing.assert_close(loss(output, target), loss(output.clamp(-1, 1), target))
+    loss(output, target).sum().backward()
+    outside = output.detach().abs() > 1
+    assert outside.any() and torch.all(output.grad[outside] == 0)
+    assert output.grad[~outside].abs().sum() > 0
+    # VGG on the raw values would give another distance, so the equality above is the clamp's doing.
+    raw = sum((o - t).abs().mean() for o, t in zip(vgg(output.detach()), vgg(target)))
+    clamped = sum((o - t).abs().mean() for o, t in zip(vgg(output.detach().clamp(-1, 1)), vgg(target)))
+    assert not torch.isclose(raw, clamped, rtol=1e-3)
+
+
+# The official (FOMM) anti-aliasing kernels, written out: (scale, kernel size, sigma).
+OFFICIAL_GAUSSIANS = ((0.5, 5, 0.5), (0.25, 13, 1.5), (0.125, 29, 3.5))
+
+
+def _explicit_gaussian_level(images: torch.Tensor, size: int, sigma: float, step: int) -> torch.Tensor:
+    """Float64 depthwise Gaussian with zero padding of size // 2 on each side, then a strided pick."""
+    offsets = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    profile = torch.exp(-(offsets**2) / (2 * sigma**2))
+    kernel = torch.outer(profile, profile)
+    kernel = (kernel / kernel.sum()).expand(3, 1, size, size)
+    padded = F.pad(images.double(), [size // 2] * 4, mode="constant", value=0.0)
+    return F.conv2d(padded, kernel, groups=3)[:, :, ::step, ::step].float()
+
+
+@pytest.mark.parametrize(("scale", "size", "sigma"), OFFICIAL_GAUSSIANS)
+def test_gaussian_pyramid_is_the_official_one(vgg, scale: float, size: int, sigma: float) -> None:
+    step = round(1 / scale)
+    a, b = _images(0, size=128, batch=1), _images(1, size=128, batch=1)
+    level = gaussian_downsample(a, scale)
+    torch.testing.assert_close(level, _explicit_gaussian_level(a, size, sigma, step), rtol=0, atol=1e-6)
+    assert level.shape[-1] == 128 // step
+    # Zero padding: a constant image fades at the corner by the kernel mass that falls outside.
+    ones = gaussian_downsample(torch.ones(1, 3, 128, 128), scale)
+    profile = torch.exp(-((torch.arange(size, dtype=torch.float64) - (size - 1) / 2) ** 2) / (2 * sigma**2))
+    inside = float(profile[size // 2 :].sum() / profile.sum()) ** 2
+    assert ones[0, 0, 0, 0].item() == pytest.approx(inside, rel=1e-5)
+    assert ones[0, 0, 8, 8].item() == pytest.approx(1.0, rel=1e-5)
+
+    # The perceptual loss at that scale is VGG on exactly these levels.
+    explicit = sum(
+        10.0 * (fa - fb).abs().mean()
+        for fa, fb in zip(vgg(_explicit_gaussian_level(a, size, sigma, step)),
+                          vgg(_explicit_gaussian_level(b, size, sigma, step)))
+    )
+    gaussian = PerceptualLoss(vgg, scales=(scale,), pyramid="gaussian")(a, b)
+    torch.testing.assert_close(gaussian, explicit.reshape(1), rtol=1e-4, atol=0)
+    area = PerceptualLoss(vgg, scales=(scale,))(a, b)
+    assert not torch.isclose(area, gaussian, rtol=1e-3).any()
+
+
+def test_perceptual_modes_are_checked(vgg) -> None:
+    with pytest.raises(ValueError, match="pyramid"):
+        PerceptualLoss(vgg, pyramid="bilinear")
+    with pytest.raises(ValueError, match="1/n"):
+        PerceptualLoss(vgg, scales=(1.0, 0.3), pyramid="gaussian")
 
 
 def test_l1_distance_per_sample() -> None:
