@@ -6,16 +6,58 @@ Batch (a dict of tensors; frames A and B come from the same clip):
 * ``pose_a``, ``pose_b``: (B, 6) and ``expression_a``, ``expression_b``: (B, 68, 2), the
   landmark split of ``dpe.landmarks.split_pose_expression`` stored by dataset preparation.
 
-The step, with P = pose branch (``pose_offset`` + ``render_pose``) and X = expression
-branch (``expression_offset`` + ``render_expression``), as in DESIGN.md:
+The step is the official trainer's graph (OpenTalker/DPE ``trainer.py`` and the training
+stage of ``networks/generator.py``), in behaviour names: X = expression branch
+(``expression_offset`` + ``render_expression``, official ``mlp_pose``/``dec_pose``), P = pose
+branch (``pose_offset`` + ``render_pose``, official ``mlp_exp``/``dec_exp``).
 
-1. forward cycle: ``P(w_A + pose(d_B))`` (B's pose, A's expression) is re-encoded and
-   ``X(.. + exp(d_B))`` must give B; backward cycle: ``X(w_B + exp(d_A))`` (B's pose, A's
-   expression) is re-encoded and ``P(.. + pose(d_A))`` must give A; both middle images
-   must agree; each branch must reconstruct A from its own motion.
-2. losses with the official weights (``PAIR_WEIGHTS``), a non-saturating GAN term on the two
-   cycle outputs, and the landmark probes of ``dpe.losses`` (the asymmetric constraint).
-3. generator + probe update, then the discriminator update (optional lazy R1).
+1. forward cycle: ``X(w_A + exp(d_B))`` (A's pose, B's expression; official ``fake_poseB2A``)
+   is re-encoded and ``P(.. + pose(d_B))`` must give B; backward cycle: ``P(w_B + pose(d_A))``
+   (A's pose, B's expression; ``fake_expA2B``) is re-encoded and ``X(.. + exp(d_A))`` must
+   give A; the two middle images must agree; each branch must reconstruct A from A's motion.
+2. losses with the official weights (``PAIR_WEIGHTS``), the non-saturating GAN term summed
+   over the two cycle outputs (``softplus(-D(cycle_b)).mean() + softplus(-D(cycle_a)).mean()``),
+   and the landmark probes of ``dpe.losses`` (the asymmetric constraint).
+3. generator + probe update, then the discriminator update: real B against the forward
+   cycle's output and real A against the backward cycle's, each image set in its own
+   discriminator call, the two pair losses summed (optional lazy R1 on each real set).
+
+``TrainConfig()`` is our objective, ``TrainConfig.official()`` the official one exactly. They
+differ in:
+
+* the probes (``readout_weight``, ``leakage_weight``): 0 in the official preset, which has
+  nothing that tells the branches apart;
+* ``perceptual_detach_target``: the official VGG loss detaches the second image, so the
+  middle pair's perceptual term pulls only X's middle image; ours pulls both (the pair has
+  no ground truth, and the official L1 on the same pair is two-sided);
+* ``perceptual_pyramid``: official Gaussian anti-aliasing against our exact block average
+  (cheaper, no zero-padding fade at the border; see ``dpe.losses``);
+* ``d_gan_weight``: the official discriminator loss is multiplied by 10. Adam is invariant
+  to a constant loss scale up to its eps, so this only matters against R1, whose gamma is
+  calibrated on StyleGAN2's unscaled loss; ours is 1.
+
+Where the official trainer was right and we had departed, the default now follows it: the
+generator's GAN term is the sum over the two cycle outputs (we took one mean over both, half
+the official adversarial weight); VGG inputs are clamped to [-1, 1]; the discriminator sees
+each image set in its own call, so minibatch-stddev groups hold one kind of image (a joint
+call of A and B put both frames of a clip, nearly the same face, into one group); the
+forward cycle starts with the expression branch on A (we started with the pose branch,
+which is the official objective with A and B exchanged in the cycles: the same in
+expectation over exchangeable pairs, not batch for batch).
+
+The official code does not run as shipped; the preset reproduces what it evidently intends:
+
+* the training forward calls the encoder with an undefined ``h_start`` (NameError); the
+  inference stages pass ``None``, which the encoder ignores, so there is nothing to pass;
+* ``train.py`` unpacks seven values from ``gen_update``, which returns nine (ValueError);
+* ``train.py`` then hands the two *middle* images to ``dis_update``, whose parameters are
+  named for the two *cycle outputs*. We follow ``dis_update``: the discriminator judges
+  the images the generator's adversarial term is computed on, each next to the real frame
+  it reconstructs.
+
+The official sampler (two frames drawn with replacement from the first 500 frames of a
+clip) belongs to the data loader, and official training starts from LIA's ``vox.pt``
+(``dpe.checkpoint.load_lia_initialisation``).
 
 Gradient accumulation splits the batch into ``micro_batches`` chunks (per-sample losses
 are weighted by chunk size, so the gradient equals the full-batch one up to the
@@ -58,11 +100,13 @@ PAIR_WEIGHTS: dict[str, tuple[float, float]] = {
     "self_pose": (2.0, 1.0),  # pose branch reconstructs A
     "self_expression": (2.0, 1.0),  # expression branch reconstructs A
 }
+# Each cycle output and the real frame it must reproduce (the discriminator's pairs).
+CYCLE_TARGETS: dict[str, str] = {"cycle_b": "frame_b", "cycle_a": "frame_a"}
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings; the defaults are the official ones where one exists."""
+    """Optimisation settings and objective switches: our objective by default (module docstring)."""
 
     g_lr: float = 0.0016
     g_betas: tuple[float, float] = (0.0, 0.99**0.8)
@@ -71,13 +115,28 @@ class TrainConfig:
     probe_lr: float = 1e-3
     perceptual: bool = True  # False trains without the VGG term (no weights file needed)
     vgg_weights: str | None = None  # None: $TORCH_HOME/hub/checkpoints/vgg19-dcbb9e9d.pth
-    readout_weight: float = READOUT_WEIGHT
-    leakage_weight: float = LEAKAGE_WEIGHT
+    perceptual_pyramid: str = "area"  # official: "gaussian"
+    perceptual_detach_target: bool = False  # official: True
+    readout_weight: float = READOUT_WEIGHT  # official: 0
+    leakage_weight: float = LEAKAGE_WEIGHT  # official: 0
     gan_weight: float = 1.0
+    d_gan_weight: float = 1.0  # official: 10
     r1_weight: float = 0.0  # StyleGAN2 uses 10; the official DPE trainer none
     r1_every: int = 16
     micro_batches: int = 1
     bf16: bool = False  # bfloat16 autocast for the networks (losses are summed in float32)
+
+    @classmethod
+    def official(cls, **overrides) -> "TrainConfig":
+        """The official DPE trainer's objective exactly; ``overrides`` set other fields (paths, batching)."""
+        official = dict(
+            perceptual_pyramid="gaussian",
+            perceptual_detach_target=True,
+            readout_weight=0.0,
+            leakage_weight=0.0,
+            d_gan_weight=10.0,
+        )
+        return cls(**{**official, **overrides})
 
 
 @dataclass
@@ -121,7 +180,13 @@ def make_train_state(
     generator = DPEGenerator(model_config).to(device)
     discriminator = Discriminator(model_config).to(device)
     probes = DisentanglementProbes(model_config.style_dim).to(device)
-    perceptual = PerceptualLoss(load_vgg19(train_config.vgg_weights)).to(device) if train_config.perceptual else None
+    perceptual = None
+    if train_config.perceptual:
+        perceptual = PerceptualLoss(
+            load_vgg19(train_config.vgg_weights),
+            pyramid=train_config.perceptual_pyramid,
+            detach_target=train_config.perceptual_detach_target,
+        ).to(device)
     return TrainState(
         generator=generator,
         discriminator=discriminator,
@@ -156,35 +221,35 @@ def train_step(state: TrainState, batch: Mapping[str, torch.Tensor]) -> dict[str
     _set_requires_grad(d_params, False)  # D is a fixed critic during the generator pass
     state.g_optimizer.zero_grad(set_to_none=True)
     state.probe_optimizer.zero_grad(set_to_none=True)
-    fakes, reals = [], []
+    sides: list[tuple[float, list[tuple[torch.Tensor, torch.Tensor]]]] = []  # (share, [(real, fake)])
     for chunk in chunks:
         share = len(chunk["frame_a"]) / size
         with autocast:
-            total, terms, cycle_outputs = generator_objective(state, chunk)
+            total, terms, cycles = generator_objective(state, chunk)
         (total * share).backward()
-        fakes.append(cycle_outputs.detach())
-        reals.append(torch.cat([chunk["frame_a"], chunk["frame_b"]]))
+        sides.append((share, [(chunk[frame], cycles[name].detach()) for name, frame in CYCLE_TARGETS.items()]))
         for name, value in terms.items():
             logs[name] = logs.get(name, 0.0) + share * value
     _average_across_workers([*_trainable(state.generator), *_trainable(state.probes)])
     state.g_optimizer.step()
     state.probe_optimizer.step()
 
-    # ---- discriminator
+    # ---- discriminator: each image set in its own call, the per-side losses summed
     _set_requires_grad(d_params, True)
     state.d_optimizer.zero_grad(set_to_none=True)
-    for real, fake in zip(reals, fakes):
-        share = len(real) / (2 * size)
+    for share, pairs in sides:
         with autocast:
-            d_loss = discriminator_gan_loss(state.discriminator(real), state.discriminator(fake))
-        (d_loss * share).backward()
+            d_loss = sum(discriminator_gan_loss(state.discriminator(real), state.discriminator(fake))
+                         for real, fake in pairs)
+        (d_loss * (cfg.d_gan_weight * share)).backward()
         logs["d_gan"] = logs.get("d_gan", 0.0) + share * d_loss.item()
     if cfg.r1_weight > 0 and state.step % cfg.r1_every == 0:
-        for real in reals:  # lazy R1 (StyleGAN2): every r1_every steps, scaled up by r1_every
-            share = len(real) / (2 * size)
-            real = real.detach().requires_grad_(True)
-            with autocast:
-                penalty = r1_penalty(state.discriminator(real), real)
+        for share, pairs in sides:  # lazy R1 (StyleGAN2): every r1_every steps, scaled up by r1_every
+            penalty = 0.0
+            for real, _ in pairs:
+                real = real.detach().requires_grad_(True)
+                with autocast:
+                    penalty = penalty + r1_penalty(state.discriminator(real), real)
             (penalty * (cfg.r1_weight / 2 * cfg.r1_every * share)).backward()
             logs["r1"] = logs.get("r1", 0.0) + share * penalty.item()
     _average_across_workers(d_params)
@@ -196,8 +261,8 @@ def train_step(state: TrainState, batch: Mapping[str, torch.Tensor]) -> dict[str
 
 def generator_objective(
     state: TrainState, batch: Mapping[str, torch.Tensor]
-) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
-    """Generator loss of one (micro-)batch, its terms as floats, and the two cycle outputs."""
+) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
+    """Generator loss of one (micro-)batch, its terms as floats, and the cycle outputs by name."""
     cfg, G = state.train_config, state.generator
     frame_a, frame_b = batch["frame_a"], batch["frame_b"]
 
@@ -206,20 +271,21 @@ def generator_objective(
     pose_a, pose_b = G.pose_offset(motion_a), G.pose_offset(motion_b)
     expression_a, expression_b = G.expression_offset(motion_a), G.expression_offset(motion_b)
 
-    # Forward cycle: A takes B's pose, then B's expression, and must become B.
-    middle_ab = G.render_pose(code_a.latent + pose_b, code_a.features)
-    code_ab = G.encode(middle_ab)
-    cycle_b = G.render_expression(code_ab.latent + expression_b, code_ab.features)
-    # Backward cycle: B takes A's expression, then A's pose, and must become A.
-    middle_ba = G.render_expression(code_b.latent + expression_a, code_b.features)
-    code_ba = G.encode(middle_ba)
-    cycle_a = G.render_pose(code_ba.latent + pose_a, code_ba.features)
+    # Forward cycle: A takes B's expression, then B's pose, and must become B.
+    middle_forward = G.render_expression(code_a.latent + expression_b, code_a.features)
+    code_forward = G.encode(middle_forward)
+    cycle_b = G.render_pose(code_forward.latent + pose_b, code_forward.features)
+    # Backward cycle: B takes A's pose, then A's expression, and must become A.
+    middle_backward = G.render_pose(code_b.latent + pose_a, code_b.features)
+    code_backward = G.encode(middle_backward)
+    cycle_a = G.render_expression(code_backward.latent + expression_a, code_backward.features)
     # Self-reconstruction through each branch.
     self_pose = G.render_pose(code_a.latent + pose_a, code_a.features)
     self_expression = G.render_expression(code_a.latent + expression_a, code_a.features)
 
-    outputs = torch.cat([cycle_b, cycle_a, middle_ab, self_pose, self_expression])
-    targets = torch.cat([frame_b, frame_a, middle_ba, frame_a, frame_a])
+    # Both middle images show A's pose with B's expression; official order: forward one first.
+    outputs = torch.cat([cycle_b, cycle_a, middle_forward, self_pose, self_expression])
+    targets = torch.cat([frame_b, frame_a, middle_backward, frame_a, frame_a])
     pairs = len(PAIR_WEIGHTS)
     vgg_weights, l1_weights = (torch.tensor(w, device=outputs.device) for w in zip(*PAIR_WEIGHTS.values()))
     l1 = l1_distance(outputs, targets).view(pairs, -1).mean(dim=1)
@@ -230,8 +296,8 @@ def generator_objective(
         terms.update({f"vgg_{name}": vgg[i] for i, name in enumerate(PAIR_WEIGHTS)})
         total = total + (vgg_weights * vgg).sum()
 
-    cycle_outputs = torch.cat([cycle_a, cycle_b])
-    terms["g_gan"] = generator_gan_loss(state.discriminator(cycle_outputs))
+    cycles = {"cycle_b": cycle_b, "cycle_a": cycle_a}
+    terms["g_gan"] = sum(generator_gan_loss(state.discriminator(image)) for image in cycles.values())
     asymmetry = state.probes(
         torch.cat([pose_a, pose_b]),
         torch.cat([expression_a, expression_b]),
@@ -246,7 +312,7 @@ def generator_objective(
         + cfg.leakage_weight * asymmetry.leakage
     )
     terms["g_total"] = total
-    return total, {name: float(value.detach()) for name, value in terms.items()}, cycle_outputs
+    return total, {name: float(value.detach()) for name, value in terms.items()}, cycles
 
 
 def _checked_batch(batch: Mapping[str, torch.Tensor], size: int, device: torch.device) -> dict[str, torch.Tensor]:

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dpe.checkpoint import load_checkpoint, save_checkpoint
 from dpe.config import ModelConfig
 from dpe.landmarks import split_pose_expression
-from dpe.train_step import PAIR_WEIGHTS, TrainConfig, make_train_state, train_step
+from dpe.discriminator import Discriminator
+from dpe.train_step import PAIR_WEIGHTS, TrainConfig, generator_objective, make_train_state, train_step
 from dpe.vgg import VGG19Features, VGGWeightsNotFoundError
 
 TINY = ModelConfig.tiny()
@@ -172,3 +175,92 @@ def test_state_resumes_from_a_checkpoint(real_pair, tmp_path: Path) -> None:
     expected = train_step(state, real_pair)
     torch.manual_seed(2)
     assert train_step(resumed, real_pair) == pytest.approx(expected, rel=1e-5)
+
+
+# --- the official objective ---------------------------------------------------------------
+
+
+def _random_batch(n: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    frames = {f"frame_{side}": torch.rand(n, 3, TINY.size, TINY.size, generator=g) * 2 - 1 for side in "ab"}
+    pose = {f"pose_{side}": torch.randn(n, 6, generator=g) for side in "ab"}
+    expression = {f"expression_{side}": torch.randn(n, 68, 2, generator=g) for side in "ab"}
+    return {**frames, **pose, **expression}
+
+
+def test_official_preset_is_plain_data_and_configures_every_switch(random_vgg_file) -> None:
+    official = TrainConfig.official(vgg_weights=random_vgg_file, micro_batches=2)
+    assert TrainConfig(**asdict(official)) == official  # survives a checkpoint's asdict round trip
+    assert (official.readout_weight, official.leakage_weight, official.d_gan_weight) == (0.0, 0.0, 10.0)
+    assert official.micro_batches == 2 and official.g_lr == TrainConfig().g_lr
+    state = make_train_state(TINY, official)
+    assert state.perceptual.pyramid == "gaussian" and state.perceptual.detach_target
+    ours = make_train_state(TINY, TrainConfig(vgg_weights=random_vgg_file))
+    assert ours.perceptual.pyramid == "area" and not ours.perceptual.detach_target
+    torch.manual_seed(0)
+    logs = train_step(state, _random_batch(2, 0))
+    assert all(math.isfinite(value) for value in logs.values()), logs
+    assert logs["g_total"] == pytest.approx(
+        logs["g_gan"] + sum(v * logs[f"vgg_{k}"] + l * logs[f"l1_{k}"] for k, (v, l) in PAIR_WEIGHTS.items()),
+        rel=1e-5,
+    )  # the probes are measured but carry no weight
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_generator_objective_is_the_official_graph_with_the_gan_term_summed(official: bool) -> None:
+    """Cycles as in the official training forward; GAN = softplus(-D(cycle_b)).mean() + the same for cycle_a."""
+    torch.manual_seed(0)
+    state = make_train_state(TINY, TrainConfig.official(perceptual=False) if official else TrainConfig(perceptual=False))
+    batch = _random_batch(4, 1)
+    _, terms, cycles = generator_objective(state, batch)
+
+    G, D = state.generator, state.discriminator
+    with torch.no_grad():
+        code_a, code_b = G.encode(batch["frame_a"]), G.encode(batch["frame_b"])
+        d_a, d_b = G.motion_vector(code_a.latent), G.motion_vector(code_b.latent)
+        # official dec_pose/mlp_pose = our expression branch, dec_exp/mlp_exp = our pose branch
+        fake_pose_b2a = G.render_expression(code_a.latent + G.expression_offset(d_b), code_a.features)
+        code = G.encode(fake_pose_b2a)
+        fake_pose_exp_b2a = G.render_pose(code.latent + G.pose_offset(d_b), code.features)
+        fake_exp_a2b = G.render_pose(code_b.latent + G.pose_offset(d_a), code_b.features)
+        code = G.encode(fake_exp_a2b)
+        fake_exp_pose_a2b = G.render_expression(code.latent + G.expression_offset(d_a), code.features)
+        gan = F.softplus(-D(fake_pose_exp_b2a)).mean() + F.softplus(-D(fake_exp_pose_a2b)).mean()
+
+    torch.testing.assert_close(cycles["cycle_b"], fake_pose_exp_b2a)
+    torch.testing.assert_close(cycles["cycle_a"], fake_exp_pose_a2b)
+    assert terms["l1_middle"] == pytest.approx(F.l1_loss(fake_pose_b2a, fake_exp_a2b).item(), rel=1e-5)
+    assert terms["g_gan"] == pytest.approx(gan.item(), rel=1e-5)
+
+
+def test_discriminator_calls_are_separate_per_image_set() -> None:
+    """Minibatch-stddev groups make a joint call differ; the step calls D once per image set, official style."""
+    torch.manual_seed(0)
+    assert TINY.stddev_group > 1
+    discriminator = Discriminator(TINY)
+    batch = _random_batch(4, 2)
+    with torch.no_grad():
+        joint = discriminator(torch.cat([batch["frame_a"], batch["frame_b"]]))
+        separate = torch.cat([discriminator(batch["frame_a"]), discriminator(batch["frame_b"])])
+    assert not torch.allclose(joint, separate, rtol=1e-3, atol=0)
+
+    state = make_train_state(TINY, TrainConfig.official(perceptual=False))
+    seen: list[torch.Tensor] = []
+    state.discriminator.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    train_step(state, batch)
+    assert [len(images) for images in seen] == [4] * 6
+    cycle_b, cycle_a = seen[:2]  # the generator's adversarial term, then the discriminator's four calls
+    expected = [batch["frame_b"], cycle_b, batch["frame_a"], cycle_a]
+    for got, want in zip(seen[2:], expected):
+        assert torch.equal(got, want)
+
+
+def test_official_discriminator_loss_weight_scales_its_gradient() -> None:
+    batch = _random_batch(2, 3)
+    grads = []
+    for weight in (1.0, 10.0):
+        torch.manual_seed(0)
+        state = make_train_state(TINY, TrainConfig(perceptual=False, g_lr=0.0, d_lr=0.0, d_gan_weight=weight))
+        train_step(state, batch)
+        grads.append(torch.cat([p.grad.flatten() for p in state.discriminator.parameters()]))
+    torch.testing.assert_close(grads[1], 10 * grads[0], rtol=1e-4, atol=1e-7)
