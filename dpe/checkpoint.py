@@ -1,9 +1,18 @@
-"""Official DPE checkpoints (``dpe.pt``) and the project's own checkpoints.
+"""Official DPE checkpoints (``dpe.pt``), LIA's ``vox.pt``, and the project's own checkpoints.
 
 Official files hold the generator state dict under ``gen`` (and, for training snapshots, the
 discriminator under ``dis``). Official names map onto ours by prefix (see :data:`OFFICIAL_PREFIXES`);
 a file whose keys or shapes do not match the model is refused with a ``ValueError`` that names
-the offending keys.
+the offending keys, and nothing is copied.
+
+* ``load_official_generator`` / ``load_official_discriminator``: one network each (inference).
+* ``initialise_from_official``: a trainer's start from an official file: the generator, and the
+  discriminator when the file has one; optimiser states are not taken (Adam starts afresh).
+* ``load_lia_initialisation``: the official DPE trainer's start from LIA's ``vox.pt``
+  (wyhsirius/LIA): its encoder, motion MLP and direction matrix, nothing else
+  (:data:`LIA_PREFIXES`).
+* ``export_official_generator``: our generator as ``{'gen': ...}`` with the official names,
+  order and shapes, readable by the official code.
 
 Our own checkpoints are plain dicts of tensors, numbers, strings and dicts, written atomically
 (temp file in the same folder, then ``os.replace``) and readable with ``weights_only=True``.
@@ -33,21 +42,32 @@ OFFICIAL_PREFIXES: tuple[tuple[str, str], ...] = (
     ("dir.", "motion.directions."),
 )
 
+# LIA generator prefix -> our prefix: what the official DPE trainer copies from vox.pt (its
+# ``Trainer.resume``): LIA's appearance encoder, its motion MLP (``enc.fc``, official ``mlp``) and the
+# direction matrix of its single decoder (``dec.direction``, official ``dir``).
+LIA_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("enc.net_app.", "encoder."),
+    ("enc.fc.", "motion.mlp."),
+    ("dec.direction.", "motion.directions."),
+)
+
 CHECKPOINT_FORMAT = "dpe-portrait/1"
 
 
-def official_to_ours(key: str) -> str | None:
-    for theirs, ours in OFFICIAL_PREFIXES:
-        if key.startswith(theirs):
-            return ours + key[len(theirs):]
+def _rename(key: str, prefixes: tuple[tuple[str, str], ...], to_ours: bool) -> str | None:
+    for theirs, ours in prefixes:
+        old, new = (theirs, ours) if to_ours else (ours, theirs)
+        if key.startswith(old):
+            return new + key[len(old):]
     return None
+
+
+def official_to_ours(key: str) -> str | None:
+    return _rename(key, OFFICIAL_PREFIXES, to_ours=True)
 
 
 def ours_to_official(key: str) -> str | None:
-    for theirs, ours in OFFICIAL_PREFIXES:
-        if key.startswith(ours):
-            return theirs + key[len(ours):]
-    return None
+    return _rename(key, OFFICIAL_PREFIXES, to_ours=False)
 
 
 def _torch_load(path: str | os.PathLike) -> Any:
@@ -108,7 +128,7 @@ def _official_section(obj: Any, section: str, source: str) -> Mapping[str, torch
         return obj  # a bare state dict
     keys = list(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
     raise ValueError(f"{source}: no '{section}' state dict found (top level: {keys}); expected an official "
-                     f"DPE checkpoint with the generator under 'gen'")
+                     f"DPE checkpoint (or LIA's vox.pt) with the generator under 'gen'")
 
 
 def _read_official(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -> tuple[Any, str]:
@@ -118,6 +138,34 @@ def _read_official(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) ->
     return _torch_load(path_or_state_dict), str(path_or_state_dict)
 
 
+def _discriminator_section_name(obj: Any) -> str:
+    return "disc" if isinstance(obj, Mapping) and "disc" in obj and "dis" not in obj else "dis"
+
+
+def _has_discriminator(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and _discriminator_section_name(obj) in obj
+
+
+def _checked_official_generator(obj: Any, source: str, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The file's generator under our names and dtypes, refused unless it matches ``model`` exactly."""
+    official = _official_section(obj, "gen", source)
+    expected = model.state_dict()
+    given = {official_to_ours(k) or k: v for k, v in official.items()}  # unknown names stay as they are
+    check_state_dict(expected, given, f"{source} (generator)", name_of=lambda k: ours_to_official(k) or k)
+    return {k: v.to(expected[k].dtype) for k, v in given.items()}
+
+
+def _checked_official_discriminator(obj: Any, source: str, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The file's discriminator (names are identical to ours), refused unless it matches ``model``."""
+    if isinstance(obj, Mapping) and "gen" in obj and not _has_discriminator(obj):
+        raise ValueError(f"{source}: holds no discriminator ('dis'); the released dpe.pt has only the "
+                         "generator: train the discriminator from scratch or use a training snapshot")
+    official = _official_section(obj, _discriminator_section_name(obj), source)
+    expected = model.state_dict()
+    check_state_dict(expected, official, f"{source} (discriminator)")
+    return {k: v.to(expected[k].dtype) for k, v in official.items()}
+
+
 def load_official_generator(path_or_state_dict: str | os.PathLike | Mapping[str, Any], model: nn.Module) -> nn.Module:
     """Load official DPE generator weights (``dpe.pt`` or its ``gen`` dict) into a ``DPEGenerator``.
 
@@ -125,24 +173,8 @@ def load_official_generator(path_or_state_dict: str | os.PathLike | Mapping[str,
     copied in that case.
     """
     obj, source = _read_official(path_or_state_dict)
-    official = _official_section(obj, "gen", source)
-    mapped: dict[str, Any] = {}
-    unknown: list[str] = []
-    for k, v in official.items():
-        ours = official_to_ours(k)
-        if ours is None:
-            unknown.append(k)
-        else:
-            mapped[ours] = v
     model = _unwrap(model)
-    expected = model.state_dict()
-    to_official = lambda k: ours_to_official(k) or k  # noqa: E731
-    given = dict(mapped)
-    for k in unknown:
-        given[k] = official[k]
-    check_state_dict(expected, given, f"{source} (generator)", name_of=to_official)
-    with torch.no_grad():
-        model.load_state_dict({k: v.to(expected[k].dtype) for k, v in mapped.items()}, strict=True)
+    model.load_state_dict(_checked_official_generator(obj, source, model), strict=True)
     return model
 
 
@@ -150,16 +182,74 @@ def load_official_discriminator(path_or_state_dict: str | os.PathLike | Mapping[
                                 model: nn.Module) -> nn.Module:
     """Load the official discriminator (``dis`` entry, or ``disc``; names are identical to ours)."""
     obj, source = _read_official(path_or_state_dict)
-    section = "disc" if isinstance(obj, Mapping) and "disc" in obj and "dis" not in obj else "dis"
-    if isinstance(obj, Mapping) and "gen" in obj and section not in obj:
-        raise ValueError(f"{source}: holds no discriminator ('dis'); the released dpe.pt has only the "
-                         "generator: train the discriminator from scratch or use a training snapshot")
-    official = _official_section(obj, section, source)
     model = _unwrap(model)
-    expected = model.state_dict()
-    check_state_dict(expected, official, f"{source} (discriminator)")
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in official.items()}, strict=True)
+    model.load_state_dict(_checked_official_discriminator(obj, source, model), strict=True)
     return model
+
+
+def initialise_from_official(path_or_state_dict: str | os.PathLike | Mapping[str, Any], generator: nn.Module,
+                             discriminator: nn.Module | None = None) -> list[str]:
+    """Start training from an official file; returns what was loaded (``["generator", "discriminator"]``).
+
+    The generator always comes from ``gen``; the discriminator from ``dis`` when the file has one
+    (training snapshots do, the released ``dpe.pt`` does not: then it keeps its initialisation).
+    Both are checked before either is copied. Optimiser states are not taken: ours hold only the
+    trainable parameters, so the official Adam moments would not line up.
+    """
+    obj, source = _read_official(path_or_state_dict)
+    generator = _unwrap(generator)
+    states = {"generator": (generator, _checked_official_generator(obj, source, generator))}
+    if discriminator is not None and _has_discriminator(obj):
+        discriminator = _unwrap(discriminator)
+        states["discriminator"] = (discriminator, _checked_official_discriminator(obj, source, discriminator))
+    for model, state in states.values():
+        model.load_state_dict(state, strict=True)
+    return list(states)
+
+
+_LIA_HINT = ("Expected LIA's vox.pt (wyhsirius/LIA: the generator under 'gen' with enc.net_app.*, enc.fc.* "
+             "and dec.direction.weight) for a model of the same size, style dim and motion dim "
+             "(ModelConfig() for vox.pt). An official DPE checkpoint is read with initialise_from_official.")
+
+
+def load_lia_initialisation(path_or_state_dict: str | os.PathLike | Mapping[str, Any],
+                            generator: nn.Module) -> list[str]:
+    """Initialise from LIA's ``vox.pt`` as the official DPE trainer does; returns our keys that were set.
+
+    Copies LIA's appearance encoder to ``encoder`` (its blur-kernel buffers included), ``enc.fc``
+    to ``motion.mlp`` and ``dec.direction`` to ``motion.directions``, nothing else: LIA's single
+    decoder, discriminator and optimiser states are ignored, the two heads and two generators keep
+    their initialisation. A file that lacks one of these parts, has extra keys under their
+    prefixes or other shapes is refused (``ValueError`` naming the LIA keys); nothing is copied then.
+    """
+    obj, source = _read_official(path_or_state_dict)
+    lia = _official_section(obj, "gen", source)
+    model = _unwrap(generator)
+    expected = {k: v for k, v in model.state_dict().items() if _rename(k, LIA_PREFIXES, to_ours=False)}
+    given = {}
+    for key, value in lia.items():
+        ours = _rename(key, LIA_PREFIXES, to_ours=True)
+        if ours is not None:
+            given[ours] = value
+    check_state_dict(expected, given, f"{source} (LIA generator)",
+                     name_of=lambda k: _rename(k, LIA_PREFIXES, to_ours=False) or k, hint=_LIA_HINT)
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in given.items()}, strict=False)
+    return list(expected)
+
+
+def export_official_generator(generator: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``{'gen': state dict}`` with the official names, order and shapes, atomically.
+
+    The official code (``Generator.load_state_dict(torch.load(path)['gen'])``) and
+    :func:`load_official_generator` read it; tensors are saved on the CPU.
+    """
+    state = {}
+    for key, value in _unwrap(generator).state_dict().items():
+        official = ours_to_official(key)
+        if official is None:
+            raise ValueError(f"{key} has no official name; export_official_generator takes a DPEGenerator")
+        state[official] = value.detach().cpu()
+    return _atomic_torch_save({"gen": state}, Path(path))
 
 
 # ------------------------------------------------------------------------------ own checkpoints
@@ -172,8 +262,6 @@ def save_checkpoint(path: str | os.PathLike, *, models: Mapping[str, nn.Module] 
     ``models``/``optimizers`` map names (e.g. ``generator``, ``discriminator``) to modules and
     optimisers; the file holds their state dicts. ``extra`` must hold plain data only.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(config, ModelConfig):
         config = config.to_dict()
     payload = {
@@ -184,6 +272,12 @@ def save_checkpoint(path: str | os.PathLike, *, models: Mapping[str, nn.Module] 
         "optimizers": {name: o.state_dict() for name, o in (optimizers or {}).items()},
         "extra": dict(extra or {}),
     }
+    return _atomic_torch_save(payload, Path(path))
+
+
+def _atomic_torch_save(payload: Any, path: Path) -> Path:
+    """``torch.save`` to a temp file in the same folder, then ``os.replace``: readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:

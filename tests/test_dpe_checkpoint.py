@@ -12,8 +12,12 @@ import pytest
 import torch
 
 from dpe.checkpoint import (
+    LIA_PREFIXES,
     config_from_checkpoint,
+    export_official_generator,
+    initialise_from_official,
     load_checkpoint,
+    load_lia_initialisation,
     load_official_discriminator,
     load_official_generator,
     official_to_ours,
@@ -146,6 +150,161 @@ def test_discriminator_loader(tiny_pair):
     bad.pop("final_linear.1.bias")
     with pytest.raises(ValueError, match="final_linear.1.bias"):
         load_official_discriminator({"dis": bad}, target)
+
+
+# ------------------------------------------------------------------------------ training initialisation and export
+def _random_from_layout(layout: dict[str, list[int]], kernels: dict[str, torch.Tensor], seed: int) -> dict:
+    """Random tensors with exactly the layout's keys and shapes; blur kernels (buffers) as given."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: kernels[k].clone() if k.endswith(".kernel") else torch.randn(shape, generator=g)
+            for k, shape in layout.items()}
+
+
+def _lia_layout() -> dict[str, list[int]]:
+    """LIA's vox.pt generator layout (wyhsirius/LIA networks/generator.py, encoder.py, styledecoder.py).
+
+    Its encoder is DPE's ``enc.net_app``; its motion MLP ``enc.fc`` is DPE's ``mlp``; its single
+    decoder ``dec`` is one DPE generator plus the direction matrix ``dec.direction``.
+    """
+    official = LAYOUT["generator"]
+    layout = {k: s for k, s in official.items() if k.startswith("enc.net_app.")}
+    layout.update({"enc.fc." + k[len("mlp."):]: s for k, s in official.items() if k.startswith("mlp.")})
+    layout["dec.direction.weight"] = official["dir.weight"]
+    layout.update({"dec." + k[len("dec_pose."):]: s for k, s in official.items() if k.startswith("dec_pose.")})
+    return layout
+
+
+def _lia_kernels(model: DPEGenerator) -> dict[str, torch.Tensor]:
+    ours = model.state_dict()
+    kernels = {ours_to_official(k): v for k, v in ours.items() if k.endswith(".kernel")}
+    kernels.update({"dec." + k[len("dec_pose."):]: v for k, v in kernels.items() if k.startswith("dec_pose.")})
+    return kernels
+
+
+def _lia_from(model: DPEGenerator) -> dict[str, torch.Tensor]:
+    """A LIA-format generator dict for ``model``'s size: its three shared parts plus a decoder to ignore."""
+    out = {}
+    for key, value in model.state_dict().items():
+        for lia, ours in LIA_PREFIXES:
+            if key.startswith(ours):
+                out[lia + key[len(ours):]] = value.clone()
+    prefix = "expression_generator."
+    out.update({"dec." + k[len(prefix):]: v.clone() for k, v in model.state_dict().items() if k.startswith(prefix)})
+    return out
+
+
+def _unchanged(before: dict[str, torch.Tensor], module: torch.nn.Module) -> bool:
+    return all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def test_initialise_from_an_official_training_snapshot(tmp_path):
+    torch.manual_seed(0)
+    gen, disc = DPEGenerator(ModelConfig()), Discriminator(ModelConfig())
+    official_gen = _random_from_layout(LAYOUT["generator"], {ours_to_official(k): v for k, v in gen.state_dict().items()}, 1)
+    official_dis = _random_from_layout(LAYOUT["discriminator"], disc.state_dict(), 2)
+    path = tmp_path / "000300.pt"
+    torch.save({"gen": official_gen, "dis": official_dis, "g_optim": {}, "d_optim": {},
+                "args": argparse.Namespace(size=256)}, path)
+
+    assert initialise_from_official(path, gen, disc) == ["generator", "discriminator"]
+    for key, value in gen.state_dict().items():
+        assert torch.equal(value, official_gen[ours_to_official(key)]), key
+    for key, value in disc.state_dict().items():
+        assert torch.equal(value, official_dis[key]), key
+
+
+def test_initialise_from_the_released_file_keeps_the_discriminator(tiny_pair):
+    source, target = tiny_pair
+    torch.manual_seed(2)
+    disc = Discriminator(TINY)
+    disc_before = {k: v.clone() for k, v in disc.state_dict().items()}
+    assert initialise_from_official({"gen": _official(source)}, target, disc) == ["generator"]
+    assert _unchanged(source.state_dict(), target) and _unchanged(disc_before, disc)
+
+
+def test_initialise_from_official_checks_both_networks_before_copying(tiny_pair):
+    source, target = tiny_pair
+    torch.manual_seed(2)
+    disc = Discriminator(TINY)
+    bad_dis = {k: v for k, v in disc.state_dict().items() if k != "final_linear.1.bias"}
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match="final_linear.1.bias"):
+        initialise_from_official({"gen": _official(source), "dis": bad_dis}, target, disc)
+    assert _unchanged(before, target)  # the generator was valid but is not half-loaded
+
+
+def test_lia_initialisation_copies_exactly_the_three_shared_parts(tmp_path):
+    torch.manual_seed(0)
+    model = DPEGenerator(ModelConfig())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lia = _random_from_layout(_lia_layout(), _lia_kernels(model), 3)
+    path = tmp_path / "vox.pt"
+    torch.save({"gen": lia, "dis": {}, "args": argparse.Namespace(size=256)}, path)
+
+    loaded = load_lia_initialisation(path, model)
+    shared = ("encoder.", "motion.mlp.", "motion.directions.")
+    assert loaded == [k for k in before if k.startswith(shared)]
+    assert len(loaded) == 45 + 10 + 1
+    after = model.state_dict()
+    assert torch.equal(after["encoder.convs.7.weight"], lia["enc.net_app.convs.7.weight"])
+    assert torch.equal(after["motion.mlp.4.bias"], lia["enc.fc.4.bias"])
+    assert torch.equal(after["motion.directions.weight"], lia["dec.direction.weight"])
+    for key in loaded:
+        lia_key = next(theirs + key[len(ours):] for theirs, ours in LIA_PREFIXES if key.startswith(ours))
+        assert torch.equal(after[key], lia[lia_key]), key
+    for key, value in after.items():
+        if key not in loaded:
+            assert torch.equal(value, before[key]), f"{key} changed"  # heads and both generators stay
+
+
+def _lia_refused(model: DPEGenerator, state: dict, *needles: str) -> str:
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError) as err:
+        load_lia_initialisation({"gen": state}, model)
+    message = str(err.value)
+    for needle in needles:
+        assert needle in message, message
+    assert _unchanged(before, model)
+    return message
+
+
+def test_lia_initialisation_refuses_other_files(tiny_pair):
+    source, target = tiny_pair
+    assert load_lia_initialisation(_lia_from(source), target)  # a bare LIA state dict is fine
+    assert torch.equal(target.motion.directions.weight, source.motion.directions.weight)
+
+    torch.manual_seed(4)
+    model = DPEGenerator(TINY)
+    # an official DPE file: no enc.fc.* / dec.direction.* (mlp.* and dir.* are DPE's names)
+    _lia_refused(model, _official(source), "missing keys 11", "enc.fc.0.weight", "initialise_from_official")
+    wrong = _lia_from(source)
+    wrong["enc.fc.4.weight"] = torch.zeros(3, 3)
+    wrong["enc.net_app.convs.9.weight"] = torch.zeros(3)
+    _lia_refused(model, wrong, "enc.fc.4.weight (3, 3)", "unexpected keys 1: enc.net_app.convs.9.weight")
+    del wrong["dec.direction.weight"]
+    _lia_refused(model, wrong, "missing keys 1: dec.direction.weight")
+    # vox.pt itself against the tiny model
+    _lia_refused(model, {k: torch.zeros(s) for k, s in _lia_layout().items()}, "shape mismatches", "ModelConfig()")
+
+
+def test_export_round_trip_gives_identical_outputs(tmp_path, tiny_pair):
+    source, target = tiny_pair
+    path = export_official_generator(source, tmp_path / "out" / "dpe.pt")
+    assert [p.name for p in path.parent.iterdir()] == ["dpe.pt"]  # written atomically, no temp file left
+    raw = torch.load(path, weights_only=True)
+    assert list(raw) == ["gen"] and list(raw["gen"]) == list(_official(source))
+    load_official_generator(path, target)
+    x = torch.rand(2, 3, TINY.size, TINY.size, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    with torch.no_grad():
+        for model_output in ("reconstruct_expression", "reconstruct_pose"):
+            expected = getattr(source, model_output)(source.encode(x))
+            assert torch.equal(getattr(target, model_output)(target.encode(x)), expected)
+
+
+def test_export_has_the_official_layout(tmp_path):
+    raw = torch.load(export_official_generator(DPEGenerator(ModelConfig()), tmp_path / "dpe.pt"), weights_only=True)
+    assert list(raw["gen"]) == list(LAYOUT["generator"])
+    assert {k: list(v.shape) for k, v in raw["gen"].items()} == LAYOUT["generator"]
 
 
 # ------------------------------------------------------------------------------ own checkpoints
