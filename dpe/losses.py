@@ -84,7 +84,13 @@ EXPRESSION_DIM = NUM_LANDMARKS * 2
 
 
 class PerceptualLoss(nn.Module):
-    """Multi-scale VGG19 feature distance, one value per sample (modes: module docstring)."""
+    """Multi-scale VGG19 feature distance, one value per sample; both images clamped to [-1, 1] first.
+
+    ``pyramid="area"`` downsamples by exact block averages, ``"gaussian"`` as the official
+    trainer does (FOMM's Gaussian anti-aliasing with zero padding, then a strided pick);
+    ``detach_target=True`` cuts the gradient to the second image, as the official loss does.
+    Why each: module docstring.
+    """
 
     def __init__(
         self,

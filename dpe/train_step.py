@@ -26,7 +26,8 @@ branch (``pose_offset`` + ``render_pose``, official ``mlp_exp``/``dec_exp``).
 differ in:
 
 * the probes (``readout_weight``, ``leakage_weight``): 0 in the official preset, which has
-  nothing that tells the branches apart;
+  nothing that tells the branches apart (both are still logged; the closed-form leakage stays
+  a meaningful diagnostic, the read-out probes do not learn);
 * ``perceptual_detach_target``: the official VGG loss detaches the second image, so the
   middle pair's perceptual term pulls only X's middle image; ours pulls both (the pair has
   no ground truth, and the official L1 on the same pair is two-sided);
