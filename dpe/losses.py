@@ -31,8 +31,9 @@ default objective departs from it and why):
 
 What the official code lacks (DESIGN.md, "Training objective") is anything that tells
 the two branches apart: every term is unchanged when the pose and expression branches are
-swapped together with frames A and B, which are drawn alike. ``DisentanglementProbes`` adds the asymmetry from stored landmark annotations
-(``dpe.landmarks``: rigid pose (6) and canonical-frame expression residual (68x2)):
+swapped together with frames A and B, which are drawn alike. ``DisentanglementProbes`` adds
+the asymmetry from stored landmark annotations (``dpe.landmarks``: rigid pose (6) and
+canonical-frame expression residual (68x2)):
 
 * read-out (``READOUT_WEIGHT`` = 1): a linear probe must predict the frame's pose from the
   pose branch's offset ``pose_offset(d)``, another its expression from

@@ -200,7 +200,8 @@ def _unchanged(before: dict[str, torch.Tensor], module: torch.nn.Module) -> bool
 def test_initialise_from_an_official_training_snapshot(tmp_path):
     torch.manual_seed(0)
     gen, disc = DPEGenerator(ModelConfig()), Discriminator(ModelConfig())
-    official_gen = _random_from_layout(LAYOUT["generator"], {ours_to_official(k): v for k, v in gen.state_dict().items()}, 1)
+    kernels = {ours_to_official(k): v for k, v in gen.state_dict().items()}
+    official_gen = _random_from_layout(LAYOUT["generator"], kernels, 1)
     official_dis = _random_from_layout(LAYOUT["discriminator"], disc.state_dict(), 2)
     path = tmp_path / "000300.pt"
     torch.save({"gen": official_gen, "dis": official_dis, "g_optim": {}, "d_optim": {},

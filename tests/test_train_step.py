@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from dpe.checkpoint import load_checkpoint, save_checkpoint
 from dpe.config import ModelConfig
-from dpe.landmarks import split_pose_expression
 from dpe.discriminator import Discriminator
+from dpe.landmarks import split_pose_expression
 from dpe.train_step import PAIR_WEIGHTS, TrainConfig, generator_objective, make_train_state, train_step
 from dpe.vgg import VGG19Features, VGGWeightsNotFoundError
 
@@ -210,7 +210,8 @@ def test_official_preset_is_plain_data_and_configures_every_switch(random_vgg_fi
 def test_generator_objective_is_the_official_graph_with_the_gan_term_summed(official: bool) -> None:
     """Cycles as in the official training forward; GAN = softplus(-D(cycle_b)).mean() + the same for cycle_a."""
     torch.manual_seed(0)
-    state = make_train_state(TINY, TrainConfig.official(perceptual=False) if official else TrainConfig(perceptual=False))
+    config = TrainConfig.official(perceptual=False) if official else TrainConfig(perceptual=False)
+    state = make_train_state(TINY, config)
     batch = _random_batch(4, 1)
     _, terms, cycles = generator_objective(state, batch)
 
