@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.prepare.clip import process_clip
-from pipelines.prepare.requests import OUTPUT_FPS
 from pipelines.media.crop import crop_frame
 from pipelines.media.faces import make_detector
-from pipelines.sample.media import make_sample_media
 from pipelines.media.tracking import TrackingConfig, jitter
 from pipelines.media.video import encode_mp4_bytes, probe, read_frames
+from pipelines.prepare.clip import process_clip
+from pipelines.prepare.requests import OUTPUT_FPS
+from pipelines.sample.media import make_sample_media
 
 
 def cpu_seconds() -> float:

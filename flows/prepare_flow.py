@@ -1,25 +1,24 @@
-"""The `prepare_dataset` Prefect flow: orchestration only, the work lives in `pipelines.prepare`.
+"""The `prepare_dataset` Prefect flow: orchestration only, the work lives in `pipelines.prepare.job`.
 
 Tasks work on batches of videos (never one Prefect task per clip or frame); inside a batch each
 video is one Ray task. Without PREFECT_API_URL the flow starts Prefect's temporary local server;
-without RAY_ADDRESS it starts a local Ray.
+without RAY_ADDRESS it starts a local Ray. Its parameters are the options of `portrait prepare`
+(plain values, validated by Prefect and shown as a form in its UI).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
-from pathlib import Path
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pipelines.prepare import job as prepare
-from pipelines.prepare.download import DownloadOptions
-from pipelines.prepare.job import PrepareSettings
+from pipelines.prepare import job, report
+from pipelines.prepare.settings import DEFAULT_URL_TEMPLATE, DownloadOptions, PrepareSettings, settings_from_options
+from pipelines.prepare.sources import SourceInputs
 from pipelines.runtime import ensure_ray
 
 LOG = logging.getLogger(__name__)
@@ -29,100 +28,103 @@ BATCHES_AT_ONCE = 2
 commit in order (an interrupted run keeps most of its work) and open shards stay few."""
 
 
-@task(name="parse-inputs")
-def parse_inputs_task(inputs: list[str], settings: PrepareSettings) -> prepare.Plan:
-    """Parse every input and subtract what earlier runs finished (resume)."""
-    plan = prepare.plan(inputs, settings)
+@task(name="plan")
+def plan_task(inputs: SourceInputs, settings: PrepareSettings) -> job.Plan:
+    """Claim and check the output, parse every input and subtract what earlier runs finished."""
+    plan = job.plan(inputs, settings)
     get_run_logger().info(plan.describe())
     return plan
 
 
 @task(name="prepare-batch", retries=1, retry_delay_seconds=10, task_run_name="batch-{batch.name}")
-def prepare_batch_task(batch: prepare.Batch, settings: PrepareSettings) -> dict[str, int]:
+def prepare_batch_task(batch: job.Batch, plan: job.Plan, settings: PrepareSettings) -> dict[str, int]:
     """Download, track, crop and shard one batch of videos on Ray; returns its ok/failed counts.
 
     Retried once by Prefect (a lost Ray node, a full disk freed meanwhile); a retry rewrites the
     batch's shards under the same names, so nothing is duplicated.
     """
-    return prepare.run_batch(batch, settings)
+    return job.run_batch(batch, plan, settings)
 
 
 @task(name="finalize")
-def finalize_task(settings: PrepareSettings) -> dict:
-    """Consolidate the manifest, drop shards of interrupted attempts, and summarise."""
-    return prepare.finalize(settings)
+def finalize_task(plan: job.Plan, settings: PrepareSettings) -> dict:
+    """Drop shards of failed batches, consolidate the manifest, and summarise."""
+    return job.finalize(plan, settings)
 
 
 @flow(name="prepare_dataset", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=BATCHES_AT_ONCE))
-def prepare_dataset(inputs: list[str], settings: PrepareSettings) -> dict:
+def prepare_dataset(
+    output: str = PrepareSettings.output,
+    vox1_txt: list[str] | None = None,
+    vox2_txt: list[str] | None = None,
+    clips: list[str] | None = None,
+    urls: list[str] | None = None,
+    sample: bool = False,
+    workdir: str | None = None,
+    url_template: str = DEFAULT_URL_TEMPLATE,
+    detector: str = PrepareSettings.detector,
+    detect_every: int | None = None,
+    shard_size_mb: float = PrepareSettings.shard_bytes / 2**20,
+    videos_per_batch: int = PrepareSettings.videos_per_batch,
+    test_fraction: float = PrepareSettings.test_fraction,
+    retry_failed: bool = False,
+    allow_file_urls: bool = False,
+    rate_limit: str | None = None,
+    sleep: float = DownloadOptions.sleep_between_s,
+    cookies: str | None = None,
+    proxy: str | None = None,
+    retries: int = DownloadOptions.retries,
+    ray_address: str | None = None,
+) -> dict:
     """Prepare VoxCeleb-style clips into WebDataset shards plus a Parquet manifest.
 
-    `inputs` are VoxCeleb txt trees (directories), clip tables (.csv/.parquet) or URL lists.
-    A rerun with the same `settings.output` only does what is missing.
+    Inputs by kind: `vox1_txt` / `vox2_txt` VoxCeleb metadata trees, `clips` clip tables (CSV or
+    Parquet), `urls` lists of whole videos; `sample` adds the bundled sample, served on loopback
+    while the flow runs. `output` is a local folder or an s3:// / gs:// URI; a rerun with the same
+    output only does what is missing. The other parameters are those of `portrait prepare --help`.
+    Returns the summary (counts by status and failure class, shards per split).
     """
+    inputs = SourceInputs(tuple(vox1_txt or ()), tuple(vox2_txt or ()), tuple(clips or ()), tuple(urls or ()))
+    settings = settings_from_options(
+        output=output, workdir=workdir, url_template=url_template, detector=detector, detect_every=detect_every,
+        shard_size_mb=shard_size_mb, videos_per_batch=videos_per_batch, test_fraction=test_fraction,
+        retry_failed=retry_failed, allow_file_urls=allow_file_urls, rate_limit=rate_limit, sleep=sleep,
+        cookies=cookies, proxy=proxy, retries=retries, ray_address=ray_address)
+    with contextlib.ExitStack() as stack:
+        if sample:
+            inputs, settings = stack.enter_context(_with_sample(inputs, settings))
+        inputs.check()
+        return _run(inputs, settings)
+
+
+@contextlib.contextmanager
+def _with_sample(inputs: SourceInputs, settings: PrepareSettings):
+    """The bundled sample added to the inputs, its loopback server running while the block runs."""
+    from dataclasses import replace
+
+    from pipelines.sample.metadata import serve_sample_inputs
+
+    with serve_sample_inputs(settings.work_path / "sample") as (sample, template):
+        merged = SourceInputs(*(tuple(getattr(sample, kind)) + tuple(getattr(inputs, kind))
+                                for kind in ("vox1_txt", "vox2_txt", "clips", "urls")))
+        yield merged, replace(settings, download=replace(settings.download, url_template=template))
+
+
+def _run(inputs: SourceInputs, settings: PrepareSettings) -> dict:
     ensure_ray(settings.ray_address)  # here, on the flow's main thread, not inside a task's thread
-    plan = parse_inputs_task(inputs, settings)
-    prepare.record_parse_failures(plan, settings)
-    futures = [prepare_batch_task.submit(batch, settings) for batch in plan.batches]
+    plan = plan_task(inputs, settings)
+    job.record_parse_failures(plan, settings)
+    futures = [prepare_batch_task.submit(batch, plan, settings) for batch in plan.batches]
     for future in futures:
         future.wait()
     failed_batches = [f for f in futures if not f.state.is_completed()]
-    summary = finalize_task(settings)
-    create_markdown_artifact(
-        key="prepare-dataset-summary",
-        markdown=prepare.summary_markdown(summary),
-        description=f"Dataset preparation into {settings.output}",
-    )
-    print(prepare.summary_text(summary))
+    summary = finalize_task(plan, settings)
+    create_markdown_artifact(key="prepare-dataset-summary", markdown=report.summary_markdown(summary),
+                             description=f"Dataset preparation into {settings.output}")
+    print(report.summary_text(summary))
     if failed_batches:
         raise RuntimeError(
             f"{len(failed_batches)} batch(es) failed after retries; their clips are not in the manifest. "
             f"Rerun the same command to resume them."
         )
     return summary
-
-
-def settings_from_args(args: argparse.Namespace, workdir: Path) -> PrepareSettings:
-    """Map the `portrait prepare` options to the flow's settings."""
-    download = DownloadOptions(
-        rate_limit_bytes_per_s=prepare.parse_rate(args.rate_limit),
-        sleep_between_s=args.sleep,
-        cookies_file=Path(args.cookies).expanduser().resolve() if args.cookies else None,
-        proxy=args.proxy,
-        retries=args.retries,
-        allow_file_urls=args.allow_file_urls,
-        url_template=args.url_template,
-        retry_recorded_failures=args.retry_failed,
-    )
-    return PrepareSettings(
-        output=args.output,
-        workdir=str(workdir),
-        detector=args.detector,
-        detect_every=args.detect_every,
-        shard_bytes=int(args.shard_size_mb * 2**20),
-        videos_per_batch=args.videos_per_batch,
-        test_fraction=args.test_fraction,
-        retry_failed=args.retry_failed,
-        download=download,
-        ray_address=args.ray_address,
-    )
-
-
-def prepare_from_args(args: argparse.Namespace) -> int:
-    """Run the flow for `portrait prepare`, starting the sample server first when --sample is given."""
-    inputs = [*args.vox1_txt, *args.vox2_txt, *args.clips, *args.urls]
-    if not inputs and not args.sample:
-        raise SystemExit("portrait prepare: give at least one input (--vox1-txt, --vox2-txt, --clips, --urls) "
-                         "or --sample; see `portrait prepare --help`")
-    with contextlib.ExitStack() as stack:
-        workdir = prepare.default_workdir(args.output, args.workdir)
-        settings = settings_from_args(args, workdir)
-        if args.sample:
-            inputs, settings = stack.enter_context(prepare.sample_inputs(workdir, settings, inputs))
-        summary = prepare_dataset(inputs, settings)
-    if args.contact_sheet:
-        from pipelines.dataset.inspect import write_contact_sheet
-
-        sheet = write_contact_sheet(settings.output)
-        print(f"contact sheet: {sheet}")
-    return 0 if summary.get("ok", 0) > 0 or not summary.get("requested", 0) else 1

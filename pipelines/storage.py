@@ -5,9 +5,9 @@ never see the difference between a laptop and a cluster bucket. Every write is a
 a reader (or a rerun after a crash) sees either the whole file or no file.
 
 - Local file systems (also behind `SubTreeFileSystem`): the data goes to a hidden temporary
-  name in the destination directory (``.<name>.<random>.part``), then one rename replaces the
-  final name; a process killed before the rename leaves only a ``.part`` file, which `list`
-  ignores and `remove_temporaries` deletes.
+  name in the destination directory (`temporary_name`: ``.<name>.<12 hex>.part``), then one
+  rename replaces the final name; a process killed before the rename leaves only such a file,
+  which `list` ignores and `remove_temporaries` deletes (only names of exactly that form).
 - Object stores (s3://, gs://, ...): the data is first spooled to a local temporary file and
   uploaded only once complete. An object becomes visible only when its upload finishes (single
   PUT, or the final step of a multipart upload), so upload is atomic by nature; spooling makes
@@ -16,18 +16,46 @@ a reader (or a rerun after a crash) sees either the whole file or no file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 import pyarrow.fs as pafs
 
-TEMPORARY_SUFFIX = ".part"
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{12}\.part")
+
+
+def temporary_name(name: str) -> str:
+    """The hidden name an atomic write of `name` uses until it commits (beside the final file)."""
+    return f".{name}.{uuid.uuid4().hex[:12]}.part"
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one `temporary_name` makes (the only names clean-up may delete)."""
+    return _TEMPORARY.fullmatch(posixpath.basename(name)) is not None
+
+
+@contextlib.contextmanager
+def atomic_local_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is renamed to `path`, on error deleted.
+
+    For writers that need a real file name (ffmpeg, PyAV): the final name appears only complete.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = final.with_name(temporary_name(final.name))
+    try:
+        yield temporary
+        os.replace(temporary, final)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def clean_relpath(relpath: str, *, allow_empty: bool = False) -> str:
@@ -78,7 +106,7 @@ class AtomicOutput:
         if store.is_local:
             directory, name = posixpath.split(self._final)
             store.filesystem.create_dir(directory, recursive=True)
-            self._temporary = posixpath.join(directory, f".{name}.{uuid.uuid4().hex[:12]}{TEMPORARY_SUFFIX}")
+            self._temporary = posixpath.join(directory, temporary_name(name))
             self.file: BinaryIO = store.filesystem.open_output_stream(self._temporary)  # type: ignore[assignment]
         else:
             self.file = tempfile.TemporaryFile(prefix="store-spool-")
@@ -158,8 +186,12 @@ class OutputStore:
         return output.relpath
 
     def read_bytes(self, relpath: str) -> bytes:
-        with self.filesystem.open_input_stream(self._full(clean_relpath(relpath))) as stream:
+        with self.open_input(relpath) as stream:
             return stream.read()
+
+    def open_input(self, relpath: str) -> BinaryIO:
+        """A readable binary stream of `relpath` (FileNotFoundError when absent)."""
+        return self.filesystem.open_input_stream(self._full(clean_relpath(relpath)))  # type: ignore[return-value]
 
     def exists(self, relpath: str) -> bool:
         info = self.filesystem.get_file_info(self._full(clean_relpath(relpath)))
@@ -176,23 +208,41 @@ class OutputStore:
 
         Temporary files of unfinished atomic writes are left out unless asked for.
         """
+        return self._list(prefix, recursive=True, files_only=True, include_temporaries=include_temporaries)
+
+    def list_dir(self, prefix: str = "", *, include_temporaries: bool = True) -> list[str]:
+        """Sorted relative paths of the files and folders directly inside `prefix` (not recursive)."""
+        return self._list(prefix, recursive=False, files_only=False, include_temporaries=include_temporaries)
+
+    def _list(self, prefix: str, *, recursive: bool, files_only: bool, include_temporaries: bool) -> list[str]:
         root = self._full(prefix)
-        selector = pafs.FileSelector(root, recursive=True, allow_not_found=True)
+        selector = pafs.FileSelector(root, recursive=recursive, allow_not_found=True)
         base = self.base.strip("/")
         paths = []
         for info in self.filesystem.get_file_info(selector):
-            if info.type != pafs.FileType.File:
+            if files_only and info.type != pafs.FileType.File:
                 continue
-            if not include_temporaries and info.base_name.startswith(".") and info.base_name.endswith(TEMPORARY_SUFFIX):
+            if not include_temporaries and is_temporary(info.base_name):
                 continue
             # Some file systems report paths with a leading '/' even for relative bases.
             path = info.path.strip("/")
             paths.append(posixpath.relpath(path, base) if base else path)
         return sorted(paths)
 
+    def file_sizes(self, prefix: str = "") -> dict[str, int]:
+        """Relative path -> size in bytes of every file directly inside `prefix` (not recursive)."""
+        selector = pafs.FileSelector(self._full(prefix), recursive=False, allow_not_found=True)
+        base = self.base.strip("/")
+        return {(posixpath.relpath(info.path.strip("/"), base) if base else info.path.strip("/")): info.size
+                for info in self.filesystem.get_file_info(selector) if info.type == pafs.FileType.File}
+
     def remove_temporaries(self, prefix: str = "") -> list[str]:
-        """Delete leftovers of writers that died before committing; only safe while no writer runs."""
-        stale = sorted(set(self.list(prefix, include_temporaries=True)) - set(self.list(prefix)))
+        """Delete leftovers of atomic writes that died before committing, directly inside `prefix`.
+
+        Only names `temporary_name` makes are touched, and only in that one folder (never a
+        recursive sweep); only safe while no writer of this store runs.
+        """
+        stale = [path for path in self.file_sizes(prefix) if is_temporary(path)]
         for relpath in stale:
             self.delete(relpath)
         return stale

@@ -9,27 +9,39 @@ import cv2
 import numpy as np
 import pytest
 
-from pipelines.prepare.clip import ProcessedClip, process_clip
-from pipelines.prepare.requests import CROP_SIZE, MetaBox
-from pipelines.media.crop import crop_frame, landmarks_to_crop
+from pipelines.dataset.schema import ClipSample, Provenance
 from pipelines.errors import CORRUPT_VIDEO, MULTIPLE_FACES, NO_FACE, SPAN_OUTSIDE_VIDEO, ClipRejected
+from pipelines.media.crop import crop_frame, landmarks_to_crop
 from pipelines.media.faces import DlibDetector
-from pipelines.sample.media import source_clip_path
 from pipelines.media.tracking import TrackingConfig, jitter
 from pipelines.media.video import ffmpeg_exe, probe, read_frames
+from pipelines.prepare.clip import process_clip
+from pipelines.prepare.requests import MetaBox
+from pipelines.prepare.settings import SampleFormat
+from pipelines.sample.media import source_clip_path
 
 SAMPLE = source_clip_path()
-CONFIG = TrackingConfig(min_face_px=32)
+FORMAT = SampleFormat(tracking=TrackingConfig(min_face_px=32), preset="veryfast")
 """The sample is 176x144 with a face of about 46 px; production keeps the 64 px default."""
+CROP_SIZE = FORMAT.crop_size
+ORIGIN = Provenance(clip_id="id1/carphone/whole", identity="id1", video_id="carphone", url="file:carphone.mp4",
+                    split="train", source="urls", requested_span=(None, None))
+
+
+def _process(path, start_s, end_s, boxes=(), sample_format=FORMAT) -> ClipSample:
+    return process_clip(path, start_s, end_s, list(boxes), DETECTOR, ORIGIN, sample_format).sample
 
 
 def _ffmpeg(*args: str) -> None:
     subprocess.run([ffmpeg_exe(), "-hide_banner", "-v", "error", "-y", *args], check=True)
 
 
+DETECTOR = DlibDetector()
+
+
 @pytest.fixture(scope="module")
 def detector() -> DlibDetector:
-    return DlibDetector()
+    return DETECTOR
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +60,13 @@ def media(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def clip(detector) -> ProcessedClip:
-    return process_clip(SAMPLE, None, None, [], detector, CONFIG, preset="veryfast")
+def processed(detector):
+    return process_clip(SAMPLE, None, None, [], detector, ORIGIN, FORMAT)
+
+
+@pytest.fixture(scope="module")
+def clip(processed) -> ClipSample:
+    return processed.sample
 
 
 @pytest.fixture(scope="module")
@@ -69,17 +86,18 @@ def per_frame_detections(detector) -> np.ndarray:
     return np.stack([np.interp(frames, frames[found], boxes[found, k]) for k in range(4)], axis=1)
 
 
-def test_clip_has_crops_and_annotations_of_every_frame(clip, tmp_path):
-    assert clip.frames == 100 and clip.detector == "dlib"
+def test_clip_has_crops_and_annotations_of_every_frame(clip, processed, tmp_path):
+    assert clip.frames == 100 and clip.meta.detector == "dlib"
     assert clip.boxes.shape == (100, 4) and clip.boxes.dtype == np.float32
     assert clip.landmarks.shape == (100, 68, 2) and clip.landmarks.dtype == np.float32
     assert clip.pose.shape == (100, 6) and clip.pose.dtype == np.float32
     assert clip.expression.shape == (100, 68, 2) and clip.expression.dtype == np.float32
-    assert clip.detector_calls < 100 / 4
-    assert {"analyse_s", "crop_encode_s", "total_s"} <= clip.timings.keys()
+    assert processed.detector_calls < 100 / 4
+    assert {"analyse_s", "encode_s", "total_s"} <= processed.timings.keys()
+    assert clip.meta.span == pytest.approx((0.0, 4.0)) and clip.meta.requested_span == (None, None)
     path = tmp_path / "clip.mp4"
-    path.write_bytes(clip.mp4_bytes)
-    assert clip.mp4_bytes.find(b"moov") < clip.mp4_bytes.find(b"mdat")
+    path.write_bytes(clip.mp4)
+    assert clip.mp4.find(b"moov") < clip.mp4.find(b"mdat")
     info = probe(path)
     assert (info.width, info.height, info.fps) == (CROP_SIZE, CROP_SIZE, 25.0)
     assert len(list(read_frames(path, 0.0, info.duration_s))) == 100
@@ -132,20 +150,20 @@ def test_landmark_transform_lands_on_the_same_image_content(box, size):
 
 def test_a_video_without_faces_is_rejected_as_no_face(media, detector):
     with pytest.raises(ClipRejected) as caught:
-        process_clip(media["noface"], 0.0, 2.0, [], detector, CONFIG)
+        _process(media["noface"], 0.0, 2.0)
     assert caught.value.failure_class == NO_FACE
     assert str(media["noface"]) in caught.value.message
 
 
 @pytest.fixture(scope="module")
-def twofaces_right(media, detector) -> ProcessedClip:
+def twofaces_right(media, detector) -> ClipSample:
     right_half = MetaBox(t=0.5, x=0.5 + 0.35 / 2, y=0.25, w=0.3 / 2, h=0.4)
-    return process_clip(media["twofaces"], 0.0, 2.0, [right_half], detector, CONFIG, preset="ultrafast")
+    return _process(media["twofaces"], 0.0, 2.0, [right_half])
 
 
 def test_two_faces_without_a_metadata_box_are_ambiguous(media, detector):
     with pytest.raises(ClipRejected) as caught:
-        process_clip(media["twofaces"], 0.0, 2.0, [], detector, CONFIG)
+        _process(media["twofaces"], 0.0, 2.0)
     assert caught.value.failure_class == MULTIPLE_FACES
 
 
@@ -158,14 +176,14 @@ def test_the_metadata_box_picks_the_face_it_names(twofaces_right):
 
 def test_a_span_outside_the_video_is_rejected(detector):
     with pytest.raises(ClipRejected) as caught:
-        process_clip(SAMPLE, 3.0, 6.0, [], detector, CONFIG)
+        _process(SAMPLE, 3.0, 6.0)
     assert caught.value.failure_class == SPAN_OUTSIDE_VIDEO
     assert "3.000-6.000" in caught.value.message
 
 
 def test_a_truncated_video_is_rejected_as_corrupt(media, detector):
     with pytest.raises(ClipRejected) as caught:
-        process_clip(media["truncated"], 0.0, 4.0, [], detector, CONFIG)
+        _process(media["truncated"], 0.0, 4.0)
     assert caught.value.failure_class == CORRUPT_VIDEO
 
 
@@ -175,7 +193,7 @@ def test_frames_are_streamed_not_held(detector):
 
     tracemalloc.start()
     try:
-        clip = process_clip(SAMPLE, 0.0, 4.0, [], detector, CONFIG, preset="ultrafast")
+        clip = _process(SAMPLE, 0.0, 4.0)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

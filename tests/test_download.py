@@ -14,12 +14,11 @@ import yt_dlp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.prepare.requests import ClipRequest
 from pipelines.prepare.download import (
     DownloadCache,
+    DownloadedSection,
     DownloadError,
     DownloadOptions,
-    DownloadedSection,
     check_url,
     classify_failure,
     download_for_clips,
@@ -29,6 +28,7 @@ from pipelines.prepare.download import (
     merge_spans,
     resolve_url,
 )
+from pipelines.prepare.requests import ClipRequest
 from pipelines.sample.media import describe_media
 from pipelines.sample.server import serve_directory
 
@@ -279,13 +279,13 @@ def test_find_section_rejects_spans_no_section_holds(tmp_path):
     ("ERROR: unable to download video data: HTTP Error 429: Too Many Requests", "rate_limited", False),
     ("ERROR: unable to download video data: HTTP Error 403: Forbidden", "forbidden", True),
     ("ERROR: [generic] x: Unable to download webpage: [Errno 104] Connection reset by peer", "network", False),
-    ("ERROR: something nobody has seen before", "unknown", False),
+    ("ERROR: something nobody has seen before", "download_failed", False),
 ])
 def test_classify_failure_from_yt_dlp_messages(message, failure_class, permanent):
-    from pipelines.prepare.download import is_permanent
+    from pipelines.errors import is_transient
 
     assert classify_failure(yt_dlp.utils.DownloadError(message)) == failure_class
-    assert is_permanent(failure_class) is permanent
+    assert is_transient(failure_class) is not permanent
 
 
 def test_classify_failure_prefers_structured_causes():
@@ -312,7 +312,7 @@ def test_ffmpeg_goes_on_path_once_even_from_many_threads():
 def test_download_error_survives_pickling():
     import pickle
 
-    error = pickle.loads(pickle.dumps(DownloadError("gone", "video x (http://h/x): gone", True)))
+    error = pickle.loads(pickle.dumps(DownloadError("gone", "video x (http://h/x): gone")))
     assert (error.failure_class, error.message, error.permanent) == ("gone", "video x (http://h/x): gone", True)
 
 

@@ -21,8 +21,8 @@ from pipelines.media.faces import (
     face_alignment_available,
     make_detector,
 )
-from pipelines.sample.media import source_clip_path
 from pipelines.media.video import read_frames
+from pipelines.sample.media import source_clip_path
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from dpe.losses import (
     DisentanglementProbes,
-    cross_covariance_leakage,
     PerceptualLoss,
+    cross_covariance_leakage,
     discriminator_gan_loss,
     gaussian_downsample,
     generator_gan_loss,

@@ -1,4 +1,4 @@
-"""Parquet manifest: atomic parts, latest-row-wins state, resume semantics, orphan shards, summaries."""
+"""Parquet manifest: atomic parts, latest-row-wins state, resume semantics, summaries."""
 
 from __future__ import annotations
 
@@ -7,29 +7,27 @@ from datetime import datetime, timedelta, timezone
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.prepare.requests import ClipRequest
+from pipelines.dataset.layout import MANIFEST_PATH
 from pipelines.dataset.manifest import (
     FAILED,
-    MANIFEST_PATH,
     OK,
+    TIMING_COLUMNS,
     ManifestRow,
     consolidate,
     load_state,
     next_attempt,
-    orphan_shards,
-    pending,
     read_parts,
-    remove_orphan_shards,
-    row_failed,
-    row_for_parse_failure,
-    row_ok,
     summary,
     write_part,
 )
-from pipelines.dataset.shards import ShardWriter, stats_path
-from pipelines.prepare.sources import DUPLICATE_CLIP, ParseFailure
+from pipelines.errors import DUPLICATE_CLIP
+from pipelines.prepare.job import Plan, pending, record_parse_failures
+from pipelines.prepare.requests import ClipRequest, manifest_row
+from pipelines.prepare.settings import PrepareSettings
+from pipelines.prepare.sources import ParseFailure
 from pipelines.storage import OutputStore
-from tests.test_shards import make_sample
+
+TIMINGS = {"download_s": 1.5, "analyse_s": 0.25, "encode_s": 0.5, "total_s": 0.8, "probe_s": 0.01}
 
 
 def request(name: str, video: str = "-video0001") -> ClipRequest:
@@ -38,8 +36,20 @@ def request(name: str, video: str = "-video0001") -> ClipRequest:
     )
 
 
-def transient_only(failure_class: str) -> bool:
-    return failure_class not in {"timeout", "network"}
+def row_ok(req: ClipRequest, shard: str, frames: int, seconds: float, timings=TIMINGS, attempt: int = 1) -> ManifestRow:
+    return manifest_row(req, status=OK, attempt=attempt, timings=timings, shard=shard, frames=frames, seconds=seconds)
+
+
+def row_failed(req: ClipRequest, failure_class: str, message: str, timings=None, attempt: int = 1) -> ManifestRow:
+    return manifest_row(req, status=FAILED, attempt=attempt, timings=timings, failure_class=failure_class,
+                        message=message)
+
+
+def parse_failure_rows(store: OutputStore, *failures: ParseFailure) -> list[ManifestRow]:
+    plan = Plan(run_id="r1", detector="dlib", requested=0, already_done=0, redone=0, parse_failures=failures,
+                batches=())
+    record_parse_failures(plan, PrepareSettings(output=store.uri))
+    return [row for row in read_parts(store) if row.clip_id in {f.record_id for f in failures}]
 
 
 @pytest.fixture
@@ -49,17 +59,27 @@ def store(tmp_path) -> OutputStore:
 
 def test_part_round_trips_every_column(store):
     rows = [
-        row_ok(request("a"), "train/b-0000.tar", 50, 2.0, {"download_s": 1.5, "detect": 0.25, "mux_s": 0.1}, attempt=2),
+        row_ok(request("a"), "train/b-0000.tar", 50, 2.0, attempt=2),
         row_failed(request("b"), "no_face", "no face in 50 frames", {"download_s": 0.5}),
-        row_for_parse_failure(ParseFailure("list.txt:3", "not a URL")),
     ]
     relpath = write_part(store, "batch-1", rows)
     assert relpath == "manifest/parts/batch-1.parquet"
     assert read_parts(store) == rows
     ok = rows[0]
-    assert (ok.download_s, ok.detect_s, ok.encode_s) == (1.5, 0.25, None)
-    assert '"mux_s": 0.1' in ok.timings_json
+    assert (ok.download_s, ok.analyse_s, ok.encode_s, ok.total_s) == (1.5, 0.25, 0.5, 0.8)
+    assert '"probe_s": 0.01' in ok.timings_json
+    assert rows[1].download_s == 0.5 and rows[1].encode_s is None
     assert [p.name for p in store.local_path().rglob("*.part")] == []
+
+
+def test_an_ok_row_must_carry_every_timing_column_and_a_failure_a_registered_class():
+    for missing in TIMING_COLUMNS:
+        with pytest.raises(ValueError, match=missing):
+            row_ok(request("a"), "s.tar", 1, 0.04, timings={k: 1.0 for k in TIMING_COLUMNS if k != missing})
+    with pytest.raises(KeyError, match="no_such_class"):
+        row_failed(request("a"), "no_such_class", "")
+    with pytest.raises(ValueError, match="status"):
+        manifest_row(request("a"), status="maybe", attempt=1)
 
 
 def test_batch_names_are_checked_and_never_reused(store):
@@ -101,7 +121,7 @@ def test_latest_row_per_clip_wins(store):
 
 
 def test_rerun_does_only_what_is_missing(store):
-    done, slow, gone, new = (request(n) for n in ("done", "slow", "gone", "new"))
+    done, slow, gone, killed, new = (request(n) for n in ("done", "slow", "gone", "killed", "new"))
     write_part(
         store,
         "b1",
@@ -109,66 +129,36 @@ def test_rerun_does_only_what_is_missing(store):
             row_ok(done, "train/b1-0000.tar", 10, 0.4),
             row_failed(slow, "timeout", "read timed out"),
             row_failed(gone, "not_found", "HTTP 404"),
+            row_failed(killed, "worker_failed", "SIGKILL"),
         ],
     )
     state = load_state(store)
-    everything = [done, slow, gone, new]
-    assert pending(everything, state, is_permanent=transient_only) == [new]
-    assert pending(everything, state, retry_failed=True, is_permanent=transient_only) == [slow, new]
-    assert pending(everything, state, retry_permanent=True, is_permanent=transient_only) == [slow, gone, new]
+    everything = [done, slow, gone, killed, new]
+    assert pending(everything, state) == [slow, killed, new]  # transient and machine failures come back
+    assert pending(everything, state, retry_all=True) == [slow, gone, killed, new]
 
     write_part(store, "b2", [row_ok(slow, "train/b2-0000.tar", 10, 0.4, attempt=next_attempt(state, slow.clip_id))])
     state = load_state(store)
-    assert pending(everything, state, retry_failed=True, is_permanent=transient_only) == [new]
+    assert pending(everything, state) == [killed, new]
     assert state[slow.clip_id].attempt == 2
-
-
-def test_default_permanence_follows_the_download_module(store):
-    write_part(store, "b1", [row_failed(request("gone"), "not_found", "404"), row_failed(request("slow"), "timeout", "")])
-    todo = pending([request("gone"), request("slow")], load_state(store), retry_failed=True)
-    assert [r.clip_id for r in todo] == [request("slow").clip_id]
 
 
 def test_parse_failures_never_clobber_real_clips(store):
     kept = request("a")
     duplicate = ParseFailure("t.csv:3", f"clip {kept.clip_id!r} repeats ...", DUPLICATE_CLIP)
-    write_part(store, "b1", [row_ok(kept, "train/b1-0000.tar", 10, 0.4), row_for_parse_failure(duplicate)])
+    write_part(store, "b1", [row_ok(kept, "train/b1-0000.tar", 10, 0.4)])
+    (row,) = parse_failure_rows(store, duplicate)
+    assert row.origin == "t.csv:3" and row.key.startswith("k")
     state = load_state(store)
     assert state[kept.clip_id].status == OK
     assert state[duplicate.record_id].failure_class == DUPLICATE_CLIP
     assert pending([kept], state) == []
 
 
-def write_batch(store: OutputStore, batch: str, indices: range) -> list[ManifestRow]:
-    rows = []
-    with ShardWriter(store, "", "train", 30_000, batch) as writer:
-        for i in indices:
-            sample = make_sample(i, mp4_bytes=6000)
-            shard = writer.write(sample)
-            rows.append(row_ok(sample.request, shard, sample.frames, sample.seconds))
-    return rows
-
-
-def test_orphan_shards_from_a_crash_before_the_manifest_commit(store):
-    rows = write_batch(store, "b1", range(0, 6))
-    write_part(store, "b1", rows)
-    write_batch(store, "b2", range(6, 12))  # crash here: shards committed, manifest part never written
-    orphans = orphan_shards(store)
-    assert orphans and all(p.startswith("train/b2-") for p in orphans)
-    assert set(orphans) == {p for p in store.list() if p.startswith("train/b2-") and p.endswith(".tar")}
-
-    assert remove_orphan_shards(store) == orphans
-    assert not any(p.startswith("train/b2-") for p in store.list())
-    assert orphan_shards(store) == []
-    all_requests = [make_sample(i).request for i in range(12)]
-    assert pending(all_requests, load_state(store)) == all_requests[6:]
-    assert all(store.exists(stats_path(r.shard)) for r in rows)
-
-
 def test_summary_counts_by_status_and_failure_class():
     rows = [row_ok(request(f"ok{i}"), "s.tar", 25, 1.0) for i in range(3)]
     rows += [row_failed(request(f"nf{i}"), "no_face", "") for i in range(2)]
-    rows += [row_failed(request("t"), "timeout", ""), row_for_parse_failure(ParseFailure("x:1", "bad"))]
+    rows += [row_failed(request("t"), "timeout", ""), row_failed(request("x"), "bad_metadata", "bad")]
     result = summary(rows)
     assert result.total == 7
     assert result.by_status == {OK: 3, FAILED: 4}

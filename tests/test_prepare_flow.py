@@ -11,18 +11,22 @@ import cv2
 import pytest
 
 from flows.cli import main
-from pipelines.dataset import manifest
-from pipelines.prepare import job as prepare
-from pipelines.prepare.requests import CROP_SIZE, ClipRequest
-from pipelines.prepare.download import DownloadOptions
+from pipelines.dataset import integrity, manifest
 from pipelines.dataset.inspect import FRAMES_PER_ROW, LABEL_HEIGHT, TILE
-from pipelines.prepare.job import PrepareSettings
-from pipelines.prepare.runner import map_videos
+from pipelines.dataset.layout import PARTS_PREFIX, SUMMARY_PATH
 from pipelines.dataset.shards import read_samples
-from pipelines.storage import OutputStore
+from pipelines.prepare import job as prepare
+from pipelines.prepare.requests import ClipRequest
+from pipelines.prepare.runner import map_videos
+from pipelines.prepare.settings import DownloadOptions, PrepareSettings, SampleFormat
+from pipelines.prepare.sources import SourceInputs
 from pipelines.prepare.worker import ClipOutcome, WorkerSettings
+from pipelines.sample.metadata import serve_sample_inputs
+from pipelines.storage import OutputStore
 
 pytestmark = pytest.mark.slow
+
+CROP_SIZE = SampleFormat().crop_size
 
 EXPECTED_FAILURES = {
     "id20002/missing/0-2000": "not_found",
@@ -57,7 +61,7 @@ def sample_run(tmp_path_factory, ray_cluster, prefect_harness):
     argv = ["prepare", "--sample", "--output", str(output), "--detector", "dlib", "--shard-size-mb", "2",
             "--videos-per-batch", "3", "--retries", "1", "--contact-sheet"]
     assert main(argv) == 0
-    return argv, output, json.loads((output / prepare.SUMMARY_PATH).read_text())
+    return argv, output, json.loads((output / SUMMARY_PATH).read_text())
 
 
 def test_good_clips_are_prepared_and_bad_ones_recorded_with_their_cause(sample_run):
@@ -86,7 +90,9 @@ def test_shards_hold_each_prepared_clip_once_with_consistent_annotations(sample_
         frames = len(sample.landmarks)
         assert sample.boxes.shape == (frames, 4) and sample.pose.shape == (frames, 6)
         assert sample.expression.shape == (frames, 68, 2)
-        assert sample.meta["frames"] == frames and sample.meta["fps"] == 25.0
+        assert sample.meta.frames == frames and sample.meta.fps == 25.0
+        start, end = sample.meta.span
+        assert end - start == pytest.approx(frames / 25.0)
         inside = (sample.landmarks >= 0) & (sample.landmarks < CROP_SIZE)
         assert inside.all(), f"{sample.key}: landmarks leave the crop"
 
@@ -95,7 +101,7 @@ def test_splits_are_written_as_separate_shard_sets(sample_run):
     _, output, summary = sample_run
     assert set(summary["shards"]) == {"train", "test"}
     for sample in _all_samples(output):
-        assert f"/{sample.meta['split']}/" in sample.shard
+        assert f"/{sample.meta.split}/" in sample.shard
 
 
 def test_contact_sheet_shows_every_prepared_clip(sample_run):
@@ -108,21 +114,25 @@ def test_contact_sheet_shows_every_prepared_clip(sample_run):
 def test_rerun_resumes_without_redoing_or_duplicating(sample_run):
     argv, output, first = sample_run
     shards_before = _shard_files(output)
-    parts_before = OutputStore(str(output)).list(manifest.PARTS_PREFIX)
+    parts_before = OutputStore(str(output)).list(PARTS_PREFIX)
     assert main(argv) == 0
-    assert json.loads((output / prepare.SUMMARY_PATH).read_text()) == first
+    assert json.loads((output / SUMMARY_PATH).read_text()) == first
     assert _shard_files(output) == shards_before
-    assert OutputStore(str(output)).list(manifest.PARTS_PREFIX) == parts_before, "a rerun committed new work"
+    assert OutputStore(str(output)).list(PARTS_PREFIX) == parts_before, "a rerun committed new work"
 
 
 def test_crash_between_shard_and_manifest_commit_leaves_no_duplicate(ray_cluster, tmp_path, monkeypatch):
-    with prepare.sample_inputs(tmp_path / "work", _settings(tmp_path), []) as (inputs, settings):
+    settings = _settings(tmp_path)
+    with serve_sample_inputs(tmp_path / "work" / "sample") as (inputs, template):
+        settings = replace(settings, download=replace(settings.download, url_template=template))
         stalled = tmp_path / "stalled.txt"
-        stalled.write_text(Path(inputs[3]).read_text().replace("/talk.mp4", "/stall/talk.mp4"))
-        _crash_then_resume([inputs[0]], [str(stalled)], settings, monkeypatch)
+        stalled.write_text(Path(inputs.urls[0]).read_text().replace("/talk.mp4", "/stall/talk.mp4"))
+        _crash_then_resume(SourceInputs(vox1_txt=inputs.vox1_txt), SourceInputs(vox1_txt=inputs.vox1_txt,
+                           urls=(str(stalled),)), settings, monkeypatch)
 
 
-def _crash_then_resume(vox1: list[str], stalled: list[str], settings: PrepareSettings, monkeypatch) -> None:
+def _crash_then_resume(vox1: SourceInputs, vox1_and_stalled: SourceInputs, settings: PrepareSettings,
+                       monkeypatch) -> None:
     real_write_part = manifest.write_part
 
     def crash(store, batch_name, rows, **kwargs):
@@ -131,17 +141,20 @@ def _crash_then_resume(vox1: list[str], stalled: list[str], settings: PrepareSet
         return real_write_part(store, batch_name, rows, **kwargs)
 
     monkeypatch.setattr(manifest, "write_part", crash)
+    first = prepare.plan(vox1, settings)
     with pytest.raises(OSError):
-        prepare.run_batch(prepare.plan(vox1, settings).batches[0], settings)
+        prepare.run_batch(first.batches[0], first, settings)
     store = OutputStore(settings.output)
-    assert manifest.orphan_shards(store), "the shard was committed before the crash"
+    assert _shard_files(Path(settings.output)), "the shard was committed before the crash"
     monkeypatch.setattr(manifest, "write_part", real_write_part)
 
-    plan = prepare.plan(vox1 + stalled, settings)  # the resume also meets a server that never answers
-    assert manifest.orphan_shards(store) == []
+    plan = prepare.plan(vox1_and_stalled, settings)  # the resume also meets a server that never answers
+    assert _shard_files(Path(settings.output)) == [], "the interrupted batch's shard must be gone"
     for batch in plan.batches:
-        prepare.run_batch(batch, settings)
-    summary = prepare.finalize(settings)
+        prepare.run_batch(batch, plan, settings)
+    summary = prepare.finalize(plan, settings)
+    assert integrity.reconcile(store, manifest.read_parts(store), integrity.read_run_records(store),
+                               repair=False).removed_shards == []
     keys = [s.key for s in _all_samples(Path(settings.output))]
     assert len(keys) == 1
     assert summary["ok"] == 1 and summary["by_failure_class"] == {"timeout": 1}

@@ -7,25 +7,30 @@ from pathlib import Path
 import pytest
 
 from pipelines.dataset import manifest
+from pipelines.dataset.layout import PARTS_PREFIX, claim_output
 from pipelines.prepare import job as prepare
-from pipelines.prepare.job import PrepareSettings
-from pipelines.prepare.sources import parse_sources
+from pipelines.prepare.requests import manifest_row
+from pipelines.prepare.settings import PrepareSettings
+from pipelines.prepare.sources import SourceInputs, parse_sources
 from pipelines.storage import OutputStore
 
 FAILURES = {"a": "worker_failed", "b": "not_found", "c": "corrupt_video", "d": "timeout", "e": "no_face"}
 
 
-def _inputs(tmp_path: Path) -> list[str]:
+def _inputs(tmp_path: Path) -> SourceInputs:
     urls = tmp_path / "urls.txt"
     urls.write_text("".join(f"http://127.0.0.1:9/{name}.mp4\n" for name in FAILURES))
-    return [str(urls)]
+    return SourceInputs(urls=(str(urls),))
 
 
-def _fail_everything(inputs: list[str], settings: PrepareSettings) -> None:
+def _fail_everything(inputs: SourceInputs, settings: PrepareSettings) -> None:
     requests, _ = parse_sources(inputs)
     by_name = {r.url.rsplit("/", 1)[1][0]: r for r in requests}
-    rows = [manifest.row_failed(by_name[n], failure, "injected") for n, failure in FAILURES.items()]
-    manifest.write_part(OutputStore(settings.output), "earlier-run", rows)
+    rows = [manifest_row(by_name[n], status=manifest.FAILED, attempt=1, failure_class=failure, message="injected")
+            for n, failure in FAILURES.items()]
+    store = OutputStore(settings.output)
+    claim_output(store, settings.sample_format.record("dlib"))
+    manifest.write_part(store, "earlier-run", rows)
 
 
 def _planned(plan: prepare.Plan) -> set[str]:
@@ -46,4 +51,4 @@ def test_a_detector_that_cannot_be_built_stops_the_run_before_any_work(tmp_path)
     settings = PrepareSettings(output=str(tmp_path / "out"), workdir=str(tmp_path / "work"), detector="nope")
     with pytest.raises(ValueError, match="unknown face detector 'nope'"):
         prepare.plan(_inputs(tmp_path), settings)
-    assert not (tmp_path / "out" / manifest.PARTS_PREFIX).exists()
+    assert not (tmp_path / "out").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,38 +14,35 @@ import pyarrow.fs as pafs
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-from pipelines.prepare.requests import ClipRequest
-from pipelines.dataset.shards import ClipSample, ShardWriter, read_samples, sample_metadata, stats_path
-from pipelines.storage import OutputStore, clean_relpath
+from pipelines.dataset.layout import stats_path
+from pipelines.dataset.schema import ClipSample, SampleMeta, safe_key
+from pipelines.dataset.shards import ShardWriter, read_samples
+from pipelines.storage import OutputStore, clean_relpath, is_temporary
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def make_sample(index: int, frames: int = 8, mp4_bytes: int = 2000, video: str = "-vid_ABC") -> ClipSample:
     rng = np.random.default_rng(index)
-    request = ClipRequest(
-        clip_id=f"id{index:05d}/{video}/{index:05d}",
-        video_id=video,
-        url=f"https://www.youtube.com/watch?v={video}",
-        identity=f"id{index:05d}",
-        split="train",
-        start_s=1.0 * index,
-        end_s=1.0 * index + frames / 25,
-        source="voxceleb2",
-    )
+    clip_id = f"id{index:05d}/{video}/{index:05d}"
+    meta = SampleMeta(clip_id=clip_id, identity=f"id{index:05d}", video_id=video,
+                      url=f"https://www.youtube.com/watch?v={video}", split="train", source="voxceleb2",
+                      requested_span=(1.0 * index, 1.0 * index + frames / 25),
+                      span=(1.0 * index, 1.0 * index + frames / 25), fps=25.0, frames=frames, crop_size=256,
+                      source_size=(640, 360), detector="dlib")
     return ClipSample(
-        request=request,
+        key=safe_key(clip_id),
         mp4=rng.bytes(mp4_bytes),  # stands in for an encoded clip: the shard stores bytes as given
         boxes=rng.uniform(0, 300, (frames, 4)),
         landmarks=rng.uniform(0, 256, (frames, 68, 2)),
         pose=rng.normal(size=(frames, 6)),
         expression=rng.normal(size=(frames, 68, 2)),
-        detector="dlib-hog",
+        meta=meta,
     )
 
 
 def temporaries(root: Path) -> list[str]:
-    return [p.name for p in root.rglob("*") if p.name.endswith(".part")]
+    return [p.name for p in root.rglob("*") if is_temporary(p.name)]
 
 
 # --- storage -----------------------------------------------------------------------------------
@@ -109,8 +107,20 @@ def test_unfinished_write_stays_hidden_until_removed(tmp_path):
     output.file.write(b"partial")  # the writer "dies" here: neither commit nor discard
     assert store.list() == [] and not store.exists("d/a.bin")
     assert len(store.list(include_temporaries=True)) == 1
-    assert len(store.remove_temporaries()) == 1
+    assert store.remove_temporaries() == []  # only the folder named, never a recursive sweep
+    assert len(store.remove_temporaries("d")) == 1
     assert store.list(include_temporaries=True) == []
+
+
+def test_clean_up_deletes_only_its_own_temporary_names(tmp_path):
+    store = OutputStore(tmp_path)
+    foreign = [".draft.part", ".notes.txt.part", "x.part", ".a.0123456789ab.partial"]
+    for name in foreign:
+        (tmp_path / name).write_bytes(b"someone else's")
+    ours = store.open_output_atomic("a.bin")
+    ours.file.write(b"partial")
+    assert len(store.remove_temporaries()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(foreign)
 
 
 def test_object_store_path_uploads_only_complete_files():
@@ -133,17 +143,16 @@ def test_object_store_path_uploads_only_complete_files():
 def test_samples_read_back_exactly(tmp_path):
     store = OutputStore(tmp_path)
     samples = [make_sample(i, frames=3 + i, video=v) for i, v in enumerate(["-dash", "_under", "plain"])]
-    with ShardWriter(store, "shards", "train", 10**9, "batch-a") as writer:
+    with ShardWriter(store, "train", 10**9, "batch-a") as writer:
         paths = [writer.write(s) for s in samples]
-    assert set(paths) == {"shards/train/batch-a-0000.tar"}
+    assert set(paths) == {"train/batch-a-0000.tar"}
     (record,) = writer.records
     read = list(read_samples([store.local_path(record.path)]))
-    assert [r.key for r in read] == [s.request.key for s in samples]
+    assert [r.key for r in read] == [s.key for s in samples]
     for got, sample in zip(read, samples):
         assert got.key[0].isalpha() and "." not in got.key
         assert got.mp4 == sample.mp4
-        assert got.meta == json.loads(json.dumps(sample_metadata(sample)))
-        assert got.meta["clip_id"] == sample.request.clip_id and got.meta["frames"] == sample.frames
+        assert got.meta == sample.meta
         for name in ("boxes", "landmarks", "pose", "expression"):
             array = getattr(got, name)
             assert array.dtype == np.float32
@@ -156,7 +165,7 @@ def test_shards_respect_the_target_size_and_record_their_stats(tmp_path):
     target = 60_000
     samples = [make_sample(i, frames=4 + i % 3, mp4_bytes=3000 + 2000 * (i % 4)) for i in range(20)]
     samples.append(make_sample(99, frames=5, mp4_bytes=100_000))  # larger than the target on its own
-    with ShardWriter(store, "", "train", target, "b7") as writer:
+    with ShardWriter(store, "train", target, "b7") as writer:
         for sample in samples:
             writer.write(sample)
     records = writer.records
@@ -169,7 +178,7 @@ def test_shards_respect_the_target_size_and_record_their_stats(tmp_path):
         stats = json.loads(store.read_bytes(stats_path(record.path)))
         assert stats == record.to_json()
         assert len(list(read_samples([store.local_path(record.path)]))) == record.samples
-    assert [k for r in records for k in r.keys] == [s.request.key for s in samples]
+    assert [k for r in records for k in r.keys] == [s.key for s in samples]
     assert sum(r.frames for r in records) == sum(s.frames for s in samples)
     assert sum(r.seconds for r in records) == pytest.approx(sum(s.frames for s in samples) / 25)
 
@@ -177,7 +186,7 @@ def test_shards_respect_the_target_size_and_record_their_stats(tmp_path):
 def test_an_exception_mid_shard_keeps_committed_shards_only(tmp_path):
     store = OutputStore(tmp_path)
     with pytest.raises(RuntimeError, match="detector crashed"):
-        with ShardWriter(store, "", "train", 40_000, "b") as writer:
+        with ShardWriter(store, "train", 40_000, "b") as writer:
             for i in range(10):
                 writer.write(make_sample(i, mp4_bytes=8000))
             raise RuntimeError("detector crashed")
@@ -199,7 +208,7 @@ KILLED_WRITER = textwrap.dedent(
     from pipelines.dataset.shards import ShardWriter
     from pipelines.storage import OutputStore
 
-    writer = ShardWriter(OutputStore(sys.argv[1]), "", "train", 40_000, "b")
+    writer = ShardWriter(OutputStore(sys.argv[1]), "train", 40_000, "b")
     for i in range(7):
         writer.write(make_sample(i, mp4_bytes=8000))
     os.kill(os.getpid(), signal.SIGKILL)  # dies with a shard half written
@@ -221,26 +230,49 @@ def test_a_killed_writer_leaves_no_partial_tar_visible(tmp_path):
         assert len(list(read_samples([store.local_path(tar)]))) == stats["samples"]
     assert sum(json.loads(store.read_bytes(stats_path(t)))["samples"] for t in tars) < 7
     assert len(temporaries(out)) == 1  # the half-written shard, hidden
-    assert store.remove_temporaries() and temporaries(out) == []
+    assert store.remove_temporaries("train") and temporaries(out) == []
 
 
 def test_invalid_samples_and_names_are_refused(tmp_path):
     store = OutputStore(tmp_path)
-    writer = ShardWriter(store, "", "train", 10**6, "b")
+    writer = ShardWriter(store, "train", 10**6, "b")
     good = make_sample(1)
-    bad_shape = ClipSample(good.request, good.mp4, good.boxes, good.landmarks[:, :5], good.pose, good.expression)
+    bad_shape = dataclasses.replace(good, landmarks=good.landmarks[:, :5])
     with pytest.raises(ValueError, match="landmarks has shape"):
         writer.write(bad_shape)
     writer.write(good)
     with pytest.raises(ValueError, match="already written"):
         writer.write(good)
     long_id = make_sample(2, video="v" * 80)
-    with pytest.raises(ValueError, match="exceeds"):
+    with pytest.raises(ValueError, match="more than 85"):
         writer.write(long_id)
+    dotted = dataclasses.replace(good, key="k.x")
+    with pytest.raises(ValueError, match="must start with a letter"):
+        writer.write(dotted)
     assert writer.close()[0].samples == 1
-    for split, batch in (("../train", "b"), ("train", "b.c"), ("train", "_b")):
-        with pytest.raises(ValueError, match="names files"):
-            ShardWriter(store, "", split, 10, batch)
+    for split, batch in (("../train", "b"), ("train", "b.c"), ("train", "_b"), ("Train", "b")):
+        with pytest.raises(ValueError, match="names"):
+            ShardWriter(store, split, 10, batch)
+
+
+def test_damaged_samples_and_truncated_shards_are_reported_by_name(tmp_path):
+    store = OutputStore(tmp_path)
+    with ShardWriter(store, "train", 10**9, "b") as writer:
+        for index in range(3):
+            writer.write(make_sample(index, mp4_bytes=20_000))
+    shard = tmp_path / writer.records[0].path
+    data = shard.read_bytes()
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(data[: len(data) // 2])
+    problems = []
+    read = list(read_samples([truncated], on_error=lambda where, error: problems.append((where, str(error)))))
+    assert 0 < len(read) < 3
+    assert problems and "truncated.tar" in problems[-1][0]
+    with pytest.raises(ValueError, match="truncated.tar"):
+        list(read_samples([truncated]))
+    problems.clear()
+    assert list(read_samples([tmp_path / "missing.tar"], on_error=lambda w, e: problems.append(w))) == []
+    assert problems == [str(tmp_path / "missing.tar")]
 
 
 def test_reading_no_shards_yields_nothing():

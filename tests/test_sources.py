@@ -11,21 +11,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipelines.prepare.requests import safe_key
-from pipelines.prepare.download import resolve_url
+from pipelines.dataset.schema import MAX_KEY_LENGTH, safe_key
+from pipelines.errors import BAD_METADATA, DUPLICATE_CLIP
+from pipelines.prepare.requests import resolve_url
 from pipelines.prepare.sources import (
-    BAD_METADATA,
-    DUPLICATE_CLIP,
-    MAX_KEY_LENGTH,
+    InputError,
+    SourceInputs,
     SplitPolicy,
-    VoxUtterance,
-    assign_split,
     parse_clip_table,
     parse_sources,
     parse_url_list,
     parse_voxceleb_tree,
-    write_voxceleb_tree,
 )
+from pipelines.prepare.sources.common import assign_split
+from pipelines.prepare.sources.voxceleb import VoxUtterance, write_voxceleb_tree
 
 VOX1_TEXT = (
     "Identity  : \tid10001 \nReference : \t1zcIwhmdeo4 \nOffset    : \t1 \nFV Conf   : \t17.734 (1)\n"
@@ -147,7 +146,7 @@ def test_unreadable_and_misplaced_files_are_failures(tmp_path):
 
 def test_missing_tree_is_one_failure(tmp_path):
     requests, failures = parse_voxceleb_tree(tmp_path / "nope")
-    assert requests == [] and "not a directory" in failures[0].message
+    assert requests == [] and "holds no VoxCeleb tree" in failures[0].message
 
 
 def test_same_video_and_span_under_two_utterances_is_a_duplicate(tmp_path):
@@ -384,6 +383,30 @@ def test_parse_sources_dispatches_by_kind_and_deduplicates_across_inputs(tmp_pat
     put(tmp_path, "vox/txt/id00012/21Uxsk56VDQ/00001.txt", VOX2_TEXT)
     table = put(tmp_path, "t.csv", "video_id,start,end,identity\n21Uxsk56VDQ,1,3,id00012\nother000001,0,5,id1\n")
     urls = put(tmp_path, "u.txt", "other000002\n")
-    requests, failures = parse_sources([tmp_path / "vox", table, urls])
+    requests, failures = parse_sources(SourceInputs(vox2_txt=(str(tmp_path / "vox"),), clips=(str(table),),
+                                                    urls=(str(urls),)))
     assert [r.source for r in requests] == ["voxceleb2", "table", "urls"]
     assert [f.failure_class for f in failures] == [DUPLICATE_CLIP]  # same video and span as the utterance
+
+
+def test_each_input_flag_takes_only_its_own_kind(tmp_path):
+    utterance = put(tmp_path, "vox/txt/id00012/21Uxsk56VDQ/00001.txt", VOX2_TEXT)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    table = put(tmp_path, "t.csv", "video_id,start,end\nabc,0,1\n")
+    urls = put(tmp_path, "u.txt", "https://example.com/v.mp4\n")
+    SourceInputs(vox2_txt=(str(tmp_path / "vox"),), clips=(str(table),), urls=(str(urls),)).check()
+    SourceInputs(vox1_txt=(str(tmp_path / "vox" / "txt"),)).check()  # the txt folder itself is fine too
+    refused = {
+        SourceInputs(vox1_txt=(str(tmp_path / "nonexistent"),)): "missing",
+        SourceInputs(vox2_txt=(str(empty),)): "no VoxCeleb utterance files",
+        SourceInputs(vox2_txt=(str(utterance),)): "a file; expected the folder",
+        SourceInputs(clips=(str(urls),)): "expected a clip table",
+        SourceInputs(clips=(str(tmp_path),)): "a folder",
+        SourceInputs(urls=(str(table),)): "give it with --clips",
+        SourceInputs(urls=(str(tmp_path / "none.txt"),)): "missing",
+    }
+    for inputs, complaint in refused.items():
+        with pytest.raises(InputError, match=complaint) as caught:
+            inputs.check()
+        assert str(tmp_path) in str(caught.value)

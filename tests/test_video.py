@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipelines.errors import CORRUPT_VIDEO, SPAN_OUTSIDE_VIDEO, VideoError
-from pipelines.sample.media import source_clip_path
 from pipelines.media.video import (
     VideoInfo,
     check_span,
@@ -22,6 +21,7 @@ from pipelines.media.video import (
     probe,
     read_frames,
 )
+from pipelines.sample.media import source_clip_path
 
 SAMPLE = source_clip_path()
 

@@ -1,37 +1,31 @@
 """The Parquet manifest: one row per requested clip, the record that makes reruns resumable.
 
-Each batch commits one part file ``manifest/parts/<batch_name>.parquet`` atomically, after its
-shards are committed; `consolidate` merges all parts into ``manifest.parquet`` (latest row per
-clip wins). Parts are never rewritten, so the manifest is an append-only log: `load_state`
-replays it to learn each clip's latest status, `pending` picks what a rerun still has to do,
-and `orphan_shards` finds shards a crash left without a manifest part (delete them before
-resuming, or the rerun would add the same clips twice).
+Each batch commits one part file (`layout.part_path`) atomically, after its shards are
+committed; `consolidate` merges all parts into ``manifest.parquet`` (latest row per clip wins).
+Parts are never rewritten, except by a retry of the same batch, so the manifest is an append-only
+log: `load_state` replays it to learn each clip's latest status.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.prepare.requests import ClipRequest, safe_key
-from pipelines.dataset.shards import stats_path
-from pipelines.prepare.sources import ParseFailure
+from pipelines.dataset.layout import MANIFEST_PATH, PARTS_PREFIX, part_path
+from pipelines.errors import failure_class as registered
 from pipelines.storage import OutputStore
 
 OK = "ok"
 FAILED = "failed"
-PARTS_PREFIX = "manifest/parts"
-MANIFEST_PATH = "manifest.parquet"
-TIMING_COLUMNS = ("download_s", "detect_s", "encode_s")
-
-_BATCH = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+TIMING_COLUMNS = ("download_s", "analyse_s", "encode_s", "total_s")
+"""Seconds per stage of an ok clip, as columns; every stage the worker measures is also in
+`timings_json`. An ok row must carry all of them (a renamed stage fails loudly, not as nulls)."""
 
 
 def _now() -> datetime:
@@ -57,13 +51,20 @@ class ManifestRow:
     frames: int | None = None
     seconds: float | None = None
     download_s: float | None = None
-    detect_s: float | None = None
+    analyse_s: float | None = None
     encode_s: float | None = None
+    total_s: float | None = None
     timings_json: str = "{}"
     attempt: int = 1
     source: str = ""
     origin: str = ""
     updated_at: datetime = field(default_factory=_now)
+
+    def __post_init__(self) -> None:
+        if self.status == FAILED:
+            registered(self.failure_class or "")
+        elif self.status != OK:
+            raise ValueError(f"clip {self.clip_id!r}: status must be {OK!r} or {FAILED!r}, got {self.status!r}")
 
 
 SCHEMA = pa.schema(
@@ -83,8 +84,9 @@ SCHEMA = pa.schema(
         ("frames", pa.int64()),
         ("seconds", pa.float64()),
         ("download_s", pa.float64()),
-        ("detect_s", pa.float64()),
+        ("analyse_s", pa.float64()),
         ("encode_s", pa.float64()),
+        ("total_s", pa.float64()),
         ("timings_json", pa.string()),
         ("attempt", pa.int32()),
         ("source", pa.string()),
@@ -95,95 +97,15 @@ SCHEMA = pa.schema(
 assert SCHEMA.names == [f.name for f in fields(ManifestRow)], "SCHEMA and ManifestRow must list the same columns"
 
 
-def _timing_columns(timings: Mapping[str, float] | None) -> dict[str, object]:
-    """The three main timings as columns (``download``/``download_s`` both accepted), all as JSON."""
-    timings = dict(timings or {})
-    columns: dict[str, object] = {}
-    for column in TIMING_COLUMNS:
-        value = timings.get(column, timings.get(column.removesuffix("_s")))
-        columns[column] = None if value is None else float(value)
-    columns["timings_json"] = json.dumps({k: float(v) for k, v in sorted(timings.items())})
+def timing_columns(timings: Mapping[str, float] | None, *, required: bool) -> dict[str, object]:
+    """`TIMING_COLUMNS` and ``timings_json`` of a row; `required` (ok rows) makes a missing stage an error."""
+    timings = {name: float(value) for name, value in (timings or {}).items()}
+    missing = [column for column in TIMING_COLUMNS if column not in timings]
+    if required and missing:
+        raise ValueError(f"timings lack {missing} (have {sorted(timings)}); the manifest records {TIMING_COLUMNS}")
+    columns: dict[str, object] = {column: timings.get(column) for column in TIMING_COLUMNS}
+    columns["timings_json"] = json.dumps(dict(sorted(timings.items())))
     return columns
-
-
-def _request_columns(request: ClipRequest) -> dict[str, object]:
-    return {
-        "clip_id": request.clip_id,
-        "key": request.key,
-        "video_id": request.video_id,
-        "url": request.url,
-        "identity": request.identity,
-        "split": request.split,
-        "start_s": request.start_s,
-        "end_s": request.end_s,
-        "source": request.source,
-        "origin": request.origin,
-    }
-
-
-def row_ok(
-    request: ClipRequest,
-    shard: str,
-    frames: int,
-    seconds: float,
-    timings: Mapping[str, float] | None = None,
-    attempt: int = 1,
-) -> ManifestRow:
-    """A clip written to `shard`."""
-    return ManifestRow(
-        **_request_columns(request),  # type: ignore[arg-type]
-        status=OK,
-        shard=shard,
-        frames=frames,
-        seconds=seconds,
-        attempt=attempt,
-        **_timing_columns(timings),  # type: ignore[arg-type]
-    )
-
-
-def row_failed(
-    request: ClipRequest,
-    failure_class: str,
-    message: str,
-    timings: Mapping[str, float] | None = None,
-    attempt: int = 1,
-) -> ManifestRow:
-    """A clip that failed with a stable `failure_class` and a message for people."""
-    if not failure_class:
-        raise ValueError(f"clip {request.clip_id!r}: a failed row needs a failure class")
-    return ManifestRow(
-        **_request_columns(request),  # type: ignore[arg-type]
-        status=FAILED,
-        failure_class=failure_class,
-        message=message,
-        attempt=attempt,
-        **_timing_columns(timings),  # type: ignore[arg-type]
-    )
-
-
-def row_for_parse_failure(failure: ParseFailure, attempt: int = 1) -> ManifestRow:
-    """An input line or file that never became a clip; keyed by its origin."""
-    return ManifestRow(
-        clip_id=failure.record_id,
-        key=safe_key(failure.record_id),
-        video_id="",
-        url="",
-        identity="",
-        split="",
-        start_s=None,
-        end_s=None,
-        status=FAILED,
-        failure_class=failure.failure_class,
-        message=failure.message,
-        attempt=attempt,
-        origin=failure.origin,
-    )
-
-
-def part_path(batch_name: str) -> str:
-    if not _BATCH.fullmatch(batch_name):
-        raise ValueError(f"batch name {batch_name!r} must be letters, digits, '_' and '-' (it names a file)")
-    return f"{PARTS_PREFIX}/{batch_name}.parquet"
 
 
 def rows_to_table(rows: Iterable[ManifestRow]) -> pa.Table:
@@ -251,64 +173,10 @@ def consolidate(store: OutputStore, state: Mapping[str, ManifestRow] | None = No
     return MANIFEST_PATH
 
 
-def _default_is_permanent(failure_class: str) -> bool:
-    from pipelines.prepare.download import is_permanent
-
-    return is_permanent(failure_class)
-
-
-def pending(
-    requests: Iterable[ClipRequest],
-    state: Mapping[str, ManifestRow],
-    *,
-    retry_failed: bool = False,
-    retry_permanent: bool = False,
-    is_permanent: Callable[[str], bool] | None = None,
-) -> list[ClipRequest]:
-    """The requests a rerun still has to do.
-
-    Done (status ok) clips are skipped; failed ones are retried only with `retry_failed`, and
-    failures that retrying cannot fix (not_found, private, no_face, ... as judged by
-    `is_permanent`, by default `pipelines.prepare.download.is_permanent`) only with `retry_permanent`,
-    which retries every failure.
-    """
-    permanent = is_permanent or _default_is_permanent
-    todo = []
-    for request in requests:
-        row = state.get(request.clip_id)
-        if row is None:
-            todo.append(request)
-        elif row.status == FAILED and (retry_permanent or (retry_failed and not permanent(row.failure_class or ""))):
-            todo.append(request)
-    return todo
-
-
 def next_attempt(state: Mapping[str, ManifestRow], clip_id: str) -> int:
     """The attempt number for the next try at `clip_id` (1 for a clip never tried)."""
     row = state.get(clip_id)
     return 1 if row is None else row.attempt + 1
-
-
-def orphan_shards(store: OutputStore, rows: Iterable[ManifestRow] | None = None) -> list[str]:
-    """Committed shards (``*.tar`` outside ``manifest/``) that no manifest part references.
-
-    They are what a crash between a shard commit and its batch's manifest commit leaves
-    behind; their clips are still pending, so a rerun would write them again. `rows` are all
-    parts' rows when the caller has read them already.
-    """
-    rows = read_parts(store) if rows is None else rows
-    referenced = {row.shard for row in rows if row.shard}
-    shards = [p for p in store.list() if p.endswith(".tar") and not p.startswith("manifest/")]
-    return [p for p in shards if p not in referenced]
-
-
-def remove_orphan_shards(store: OutputStore, rows: Iterable[ManifestRow] | None = None) -> list[str]:
-    """Delete orphan shards and their stats files; return the shards removed."""
-    orphans = orphan_shards(store, rows)
-    for shard in orphans:
-        store.delete(shard)
-        store.delete(stats_path(shard), missing_ok=True)
-    return orphans
 
 
 @dataclass(frozen=True)

@@ -1,67 +1,35 @@
-"""WebDataset tar shards of prepared clips: write them atomically at a target size, read them back.
+"""WebDataset tar shards of `ClipSample`s: written atomically at a target size, read back as a stream.
 
-One sample per clip, keyed by `ClipRequest.key`, with entries ``mp4`` (the 256x256 clip),
-``json`` (provenance and a summary), and per-frame float32 arrays ``boxes.npy`` (T, 4),
-``landmarks.npy`` (T, 68, 2), ``pose.npy`` (T, 6), ``expression.npy`` (T, 68, 2).
+Shards go to ``<split>/<batch_name>-<n:04d>.tar`` (see `pipelines.dataset.layout`); each is written
+under a temporary name and renamed when complete (`pipelines.storage`), then a
+``<shard>.stats.json`` with its sample count, size, frames, seconds and keys is committed next to
+it. A writer that dies mid-shard therefore leaves no partial ``.tar`` that a reader could pick up.
 
-Shards go to ``<prefix>/<split>/<batch_name>-<n:04d>.tar``; each is written under a temporary
-name and renamed when complete (see `pipelines.storage`), then a ``<shard>.stats.json`` with
-its sample count, size, frames, seconds and keys is committed next to it. A writer that dies
-mid-shard therefore leaves no partial ``.tar`` that a reader could pick up.
+Reading needs no webdataset pipeline: shards are plain tars whose members are ``<key>.<entry>``,
+so `read_shard` streams one from any file object (a local file or an object-store stream) with
+`tarfile`, one sample in memory at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import posixpath
-import re
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
-import numpy as np
 import webdataset as wds
 
-from pipelines.prepare.requests import MAX_KEY_LENGTH, OUTPUT_FPS, ClipRequest
-from pipelines.storage import AtomicOutput, OutputStore, clean_relpath
+from pipelines.dataset.layout import shard_path, stats_path
+from pipelines.dataset.schema import ClipSample
+from pipelines.storage import AtomicOutput, OutputStore
 
 _TAR_BLOCK = 512
 _TAR_RECORD = 20 * _TAR_BLOCK
-_USTAR_NAME_LIMIT = 100
-
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-_ARRAY_SHAPES = {"boxes": (4,), "landmarks": (68, 2), "pose": (6,), "expression": (68, 2)}
-assert MAX_KEY_LENGTH + max(len(f".{name}.npy") for name in _ARRAY_SHAPES) <= _USTAR_NAME_LIMIT
-
-
-@dataclass(frozen=True)
-class ClipSample:
-    """A prepared clip ready for a shard: encoded video plus per-frame face arrays.
-
-    `boxes` are the tracked face boxes per output frame (x0, y0, x1, y1 in source pixels);
-    `pose` and `expression` are the rigid/non-rigid landmark split of `dpe.landmarks`.
-    """
-
-    request: ClipRequest
-    mp4: bytes
-    boxes: np.ndarray
-    landmarks: np.ndarray
-    pose: np.ndarray
-    expression: np.ndarray
-    fps: float = OUTPUT_FPS
-    detector: str = ""
-
-    @property
-    def frames(self) -> int:
-        return int(self.boxes.shape[0])
-
-    @property
-    def seconds(self) -> float:
-        return self.frames / self.fps
 
 
 @dataclass(frozen=True)
@@ -77,76 +45,22 @@ class ShardRecord:
     keys: tuple[str, ...] = field(repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "split": self.split,
-            "samples": self.samples,
-            "bytes": self.bytes,
-            "frames": self.frames,
-            "seconds": self.seconds,
-            "keys": list(self.keys),
-        }
+        return {"path": self.path, "split": self.split, "samples": self.samples, "bytes": self.bytes,
+                "frames": self.frames, "seconds": self.seconds, "keys": list(self.keys)}
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> ShardRecord:
+        return cls(path=record["path"], split=record["split"], samples=int(record["samples"]),
+                   bytes=int(record["bytes"]), frames=int(record["frames"]), seconds=float(record["seconds"]),
+                   keys=tuple(record["keys"]))
 
 
-def stats_path(shard_path: str) -> str:
-    """The stats JSON committed next to a shard."""
-    return f"{shard_path}.stats.json"
-
-
-def sample_metadata(sample: ClipSample) -> dict[str, Any]:
-    """The ``json`` entry of a sample: provenance of the clip and a summary of its face track."""
-    request = sample.request
-    boxes = sample.boxes.astype(np.float64)
-    return {
-        "clip_id": request.clip_id,
-        "source": request.source,
-        "identity": request.identity,
-        "video_id": request.video_id,
-        "url": request.url,
-        "split": request.split,
-        "span": [request.start_s, request.end_s],
-        "fps": sample.fps,
-        "frames": sample.frames,
-        "seconds": sample.seconds,
-        "detector": sample.detector,
-        "track_box": {
-            "mean": boxes.mean(axis=0).tolist(),
-            "min": boxes.min(axis=0).tolist(),
-            "max": boxes.max(axis=0).tolist(),
-        },
-    }
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
-    return buffer.getvalue()
-
-
-def encode_sample(sample: ClipSample) -> dict[str, Any]:
-    """The WebDataset entries of a sample as bytes, after checking key and array shapes."""
-    key = sample.request.key
-    assert "." not in key and not key.startswith("_"), f"unsafe WebDataset key {key!r}"
-    if len(key) > MAX_KEY_LENGTH:
-        raise ValueError(
-            f"clip {sample.request.clip_id!r}: key of {len(key)} characters exceeds {MAX_KEY_LENGTH}; "
-            "shorten the clip id (sources derive short ids)"
-        )
-    frames = sample.frames
-    if frames < 1:
-        raise ValueError(f"clip {sample.request.clip_id!r}: no frames")
-    if not sample.mp4:
-        raise ValueError(f"clip {sample.request.clip_id!r}: empty mp4")
-    entries: dict[str, Any] = {"__key__": key, "mp4": bytes(sample.mp4)}
-    for name, tail in _ARRAY_SHAPES.items():
-        array = np.asarray(getattr(sample, name))
-        if array.shape != (frames, *tail):
-            raise ValueError(
-                f"clip {sample.request.clip_id!r}: {name} has shape {array.shape}, expected {(frames, *tail)}"
-            )
-        entries[f"{name}.npy"] = _npy(array)
-    entries["json"] = json.dumps(sample_metadata(sample), sort_keys=True).encode("utf-8")
-    return entries
+def read_stats(store: OutputStore, shard: str) -> ShardRecord | None:
+    """The stats committed next to `shard`, or None when there are none (or they cannot be read)."""
+    try:
+        return ShardRecord.from_json(json.loads(store.read_bytes(stats_path(shard))))
+    except (FileNotFoundError, OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _padded(size: int) -> int:
@@ -164,21 +78,18 @@ def _closed_tar_bytes(member_bytes: int) -> int:
 
 
 class ShardWriter:
-    """Write clip samples of one split into shards of about `target_bytes` each.
+    """Write samples of one split into shards of about `target_bytes` each.
 
     A shard is closed before a sample that would take it over `target_bytes`, so shards stay
     under the target unless one sample alone is larger. Use as a context manager: a normal
     exit commits the open shard, an exception discards it (committed shards stay).
     """
 
-    def __init__(self, store: OutputStore, prefix: str, split: str, target_bytes: int, batch_name: str) -> None:
-        for label, value in (("split", split), ("batch name", batch_name)):
-            if not _NAME.fullmatch(value):
-                raise ValueError(f"{label} {value!r} must be letters, digits, '_' and '-' (it names files)")
+    def __init__(self, store: OutputStore, split: str, target_bytes: int, batch_name: str) -> None:
         if target_bytes <= 0:
             raise ValueError(f"target_bytes must be positive, got {target_bytes}")
+        shard_path(split, batch_name, 0)  # checks both names
         self.store = store
-        self.directory = posixpath.join(clean_relpath(prefix, allow_empty=True), split)
         self.split = split
         self.target_bytes = target_bytes
         self.batch_name = batch_name
@@ -193,14 +104,13 @@ class ShardWriter:
 
     @property
     def current_path(self) -> str:
-        return posixpath.join(self.directory, f"{self.batch_name}-{len(self.records):04d}.tar")
+        return shard_path(self.split, self.batch_name, len(self.records))
 
     def write(self, sample: ClipSample) -> str:
         """Add a sample; return the path of the shard it goes into (committed at the latest on `close`)."""
-        entries = encode_sample(sample)
-        key = entries["__key__"]
-        if key in self._seen_keys:
-            raise ValueError(f"clip {sample.request.clip_id!r} was already written by this writer")
+        entries = sample.to_entries()
+        if sample.key in self._seen_keys:
+            raise ValueError(f"clip {sample.meta.clip_id!r} was already written by this writer")
         size = _tar_bytes(entries)
         if self._tar is not None and _closed_tar_bytes(self._member_bytes + size) > self.target_bytes:
             self._commit_shard()
@@ -208,8 +118,8 @@ class ShardWriter:
             self._output = self.store.open_output_atomic(self.current_path)
             self._tar = wds.TarWriter(self._output.file, encoder=False, mtime=0)
         self._tar.write(entries)
-        self._seen_keys.add(key)
-        self._keys.append(key)
+        self._seen_keys.add(sample.key)
+        self._keys.append(sample.key)
         self._member_bytes += size
         self._frames += sample.frames
         self._seconds += sample.seconds
@@ -219,17 +129,14 @@ class ShardWriter:
         assert self._tar is not None and self._output is not None
         self._tar.close()
         self._output.commit()
-        record = ShardRecord(
-            path=self._output.relpath,
-            split=self.split,
-            samples=len(self._keys),
-            bytes=_closed_tar_bytes(self._member_bytes),
-            frames=self._frames,
-            seconds=self._seconds,
-            keys=tuple(self._keys),
-        )
+        record = ShardRecord(path=self._output.relpath, split=self.split, samples=len(self._keys),
+                             bytes=_closed_tar_bytes(self._member_bytes), frames=self._frames,
+                             seconds=self._seconds, keys=tuple(self._keys))
         self.store.write_bytes_atomic(stats_path(record.path), json.dumps(record.to_json(), indent=1).encode())
         self.records.append(record)
+        self._reset()
+
+    def _reset(self) -> None:
         self._tar, self._output = None, None
         self._keys, self._member_bytes, self._frames, self._seconds = [], 0, 0, 0.0
 
@@ -248,8 +155,7 @@ class ShardWriter:
                 self._tar.close()
         if self._output is not None:
             self._output.discard()
-        self._tar, self._output = None, None
-        self._keys, self._member_bytes, self._frames, self._seconds = [], 0, 0, 0.0
+        self._reset()
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -261,38 +167,69 @@ class ShardWriter:
             self.abort()
 
 
-@dataclass(frozen=True)
-class ShardSample:
-    """One decoded sample read back from a shard."""
-
-    key: str
-    mp4: bytes
-    meta: dict[str, Any]
-    boxes: np.ndarray
-    landmarks: np.ndarray
-    pose: np.ndarray
-    expression: np.ndarray
-    shard: str
+SampleErrorHandler = Callable[[str, Exception], None]
+"""Called with (where, error) for a sample or shard that cannot be read; the reader then skips it."""
 
 
-def read_samples(paths: Iterable[str | Any]) -> Iterator[ShardSample]:
-    """Stream the samples of the given shards in order (local paths or URLs webdataset can open).
+def read_shard(stream: IO[bytes], shard: str, on_error: SampleErrorHandler | None = None) -> Iterator[ClipSample]:
+    """Stream the samples of one shard from a binary file object, in order.
 
-    Reads exactly the shards given (no shuffling, no splitting across nodes: the caller chooses
-    each node's shards); inside a DataLoader, worker processes share them out as webdataset does.
+    A sample that does not match the schema, or a shard that ends in the middle (truncated),
+    raises ValueError naming it, unless `on_error` is given: then it is reported there and skipped.
     """
-    urls = [str(path) for path in paths]
-    if not urls:
+    record: dict[str, Any] = {}
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as archive:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                key, _, entry = posixpath.basename(member.name).partition(".")
+                if record and key != record["__key__"]:
+                    yield from _finish_record(record, shard, on_error)
+                    record = {}
+                record["__key__"] = key
+                record[entry] = archive.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as error:
+        _report(ValueError(f"shard {shard} cannot be read to the end ({type(error).__name__}: {error}); "
+                           "it is truncated or not a tar"), shard, on_error)
         return
-    dataset = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, empty_check=False).decode()
-    for sample in dataset:
-        yield ShardSample(
-            key=sample["__key__"],
-            mp4=sample["mp4"],
-            meta=sample["json"],
-            boxes=sample["boxes.npy"],
-            landmarks=sample["landmarks.npy"],
-            pose=sample["pose.npy"],
-            expression=sample["expression.npy"],
-            shard=sample["__url__"],
-        )
+    if record:
+        yield from _finish_record(record, shard, on_error)
+
+
+def _finish_record(record: dict[str, Any], shard: str, on_error: SampleErrorHandler | None) -> Iterator[ClipSample]:
+    try:
+        yield ClipSample.from_entries(record, shard)
+    except ValueError as error:
+        _report(error, f"{shard}:{record.get('__key__')}", on_error)
+
+
+def _report(error: ValueError, where: str, on_error: SampleErrorHandler | None) -> None:
+    if on_error is None:
+        raise error
+    on_error(where, error)
+
+
+def read_samples(paths: Iterable[str | Path], on_error: SampleErrorHandler | None = None) -> Iterator[ClipSample]:
+    """Stream the samples of the given local shard files in order (see `read_shard`)."""
+    for path in paths:
+        try:
+            stream = open(path, "rb")
+        except OSError as error:
+            _report(ValueError(f"shard {path} cannot be opened: {error}"), str(path), on_error)
+            continue
+        with stream:
+            yield from read_shard(stream, str(path), on_error)
+
+
+def read_store_samples(store: OutputStore, shards: Iterable[str],
+                       on_error: SampleErrorHandler | None = None) -> Iterator[ClipSample]:
+    """Stream the samples of shards inside a dataset store (local folder or object store)."""
+    for shard in shards:
+        try:
+            stream = store.open_input(shard)
+        except OSError as error:
+            _report(ValueError(f"shard {store.uri}/{shard} cannot be opened: {error}"), shard, on_error)
+            continue
+        with stream:
+            yield from read_shard(stream, shard, on_error)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from pipelines.prepare.requests import CROP_SIZE
-
 
 def pixel_box(box: np.ndarray | tuple[float, float, float, float]) -> tuple[int, int, int]:
     """Snap a square (x0, y0, x1, y1) box to whole pixels: (x0, y0, side)."""
@@ -24,7 +22,7 @@ def pixel_box(box: np.ndarray | tuple[float, float, float, float]) -> tuple[int,
 
 
 def crop_frame(frame: np.ndarray, box: np.ndarray | tuple[float, float, float, float],
-               size: int = CROP_SIZE) -> np.ndarray:
+               size: int) -> np.ndarray:
     """The box's content as a (size, size, 3) image (INTER_AREA when shrinking, INTER_CUBIC when enlarging)."""
     x0, y0, side = pixel_box(box)
     height, width = frame.shape[:2]
@@ -40,7 +38,7 @@ def crop_frame(frame: np.ndarray, box: np.ndarray | tuple[float, float, float, f
 
 
 def landmarks_to_crop(points: np.ndarray, box: np.ndarray | tuple[float, float, float, float],
-                      size: int = CROP_SIZE) -> np.ndarray:
+                      size: int) -> np.ndarray:
     """Map (..., 2) source-pixel points into the pixel coordinates of `crop_frame(frame, box, size)`.
 
     Coordinates are pixel indices (a pixel's centre is an integer), as landmark models give them,

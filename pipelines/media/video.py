@@ -22,10 +22,8 @@ from typing import IO, Iterable, Iterator
 
 import numpy as np
 
-from pipelines.errors import CORRUPT_VIDEO, SPAN_OUTSIDE_VIDEO, VideoError
-
-MISSING_VIDEO = "missing_video"
-ENCODE_FAILED = "encode_failed"
+from pipelines.errors import CORRUPT_VIDEO, ENCODE_FAILED, MISSING_VIDEO, SPAN_OUTSIDE_VIDEO, VideoError
+from pipelines.storage import atomic_local_path
 
 SPAN_TOLERANCE_S = 0.05
 """A span may end this far past the reported duration (container durations are rounded)."""
@@ -178,19 +176,26 @@ def encode_mp4(frames: Iterable[np.ndarray], path: str | os.PathLike, fps: float
     if first.dtype != np.uint8 or first.ndim != 3 or first.shape[2] != 3 or width % 2 or height % 2:
         raise ValueError(f"frames for {path} must be (H, W, 3) uint8 RGB with even H and W, "
                          f"got {first.shape} {first.dtype}")
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial.mp4")
+    with atomic_local_path(path) as temporary:
+        return _encode_pipe(_chain(first, frames), first.shape, temporary, path, fps, crf, preset)
+
+
+def _encode_pipe(frames: Iterable[np.ndarray], shape: tuple[int, ...], target: Path, label: Path, fps: float,
+                 crf: int, preset: str) -> int:
+    """Pipe frames of `shape` into an ffmpeg that writes `target`; raise `encode_failed` if it fails."""
+    height, width = shape[:2]
     command = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-y",
                "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", f"{fps:g}",
                "-i", "pipe:0", "-c:v", "libx264", "-preset", preset, "-crf", str(crf),
-               "-pix_fmt", "yuv420p", "-movflags", "+faststart", "-f", "mp4", str(temporary)]
+               "-pix_fmt", "yuv420p", "-movflags", "+faststart", "-f", "mp4", str(target)]
     count = 0
     with tempfile.TemporaryFile() as errors:
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors)
         try:
-            for frame in _chain(first, frames):
-                if frame.shape != first.shape or frame.dtype != np.uint8:
-                    raise ValueError(f"frame {count} for {path} is {frame.shape} {frame.dtype}, "
-                                     f"expected {first.shape} uint8 like the first")
+            for frame in frames:
+                if frame.shape != shape or frame.dtype != np.uint8:
+                    raise ValueError(f"frame {count} for {label} is {frame.shape} {frame.dtype}, "
+                                     f"expected {shape} uint8 like the first")
                 process.stdin.write(np.ascontiguousarray(frame).data)
                 count += 1
             process.stdin.close()
@@ -206,12 +211,9 @@ def encode_mp4(frames: Iterable[np.ndarray], path: str | os.PathLike, fps: float
                     process.stdin.close()
                 except BrokenPipeError:
                     pass
-            if process.returncode != 0:
-                temporary.unlink(missing_ok=True)
         if returncode != 0:
-            raise VideoError(ENCODE_FAILED, f"{path}: ffmpeg encode failed (exit {returncode}): "
+            raise VideoError(ENCODE_FAILED, f"{label}: ffmpeg encode failed (exit {returncode}): "
                                             f"{_tail(_read_report(errors))}")
-    os.replace(temporary, path)
     return count
 
 

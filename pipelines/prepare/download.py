@@ -29,57 +29,24 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import yt_dlp
 from yt_dlp.networking.exceptions import HTTPError, TransportError
 from yt_dlp.utils import GeoRestrictedError, UnsupportedError, download_range_func
 
-from pipelines.prepare.requests import ClipRequest, safe_key
-from pipelines.errors import VideoError
+from pipelines import errors
+from pipelines.dataset.schema import safe_key
+from pipelines.errors import RecordedFailure, VideoError, is_transient
 from pipelines.media.video import ffmpeg_exe, probe
+from pipelines.prepare.requests import ClipRequest, resolve_url
+from pipelines.prepare.settings import DownloadOptions
+from pipelines.storage import atomic_local_path
 
 log = logging.getLogger(__name__)
 
-DEFAULT_URL_TEMPLATE = "https://www.youtube.com/watch?v={id}"
-
 Span = tuple[float, float]
 """(start, end) in seconds from the start of the video."""
-
-
-@dataclass(frozen=True)
-class DownloadOptions:
-    """How to download: politeness, network settings, retry policy, format and URL mapping."""
-
-    rate_limit_bytes_per_s: int | None = None
-    """Applies to whole-video downloads (yt-dlp's HTTP downloader); sections are read by ffmpeg."""
-    sleep_between_s: float = 0.0
-    """Pause before each download (yt-dlp `sleep_interval`), to be polite to the host."""
-    cookies_file: Path | None = None
-    proxy: str | None = None
-    retries: int = 3
-    """Extra attempts after a transient failure; permanent failures are never retried."""
-    backoff_base_s: float = 2.0
-    """Retry k waits backoff_base_s * 2**k, times a random factor in [0.5, 1.5)."""
-    socket_timeout_s: float = 20.0
-    allow_file_urls: bool = False
-    max_height: int = 360
-    format: str | None = None
-    """A yt-dlp format selector; None picks mp4 at most `max_height` high."""
-    url_template: str = DEFAULT_URL_TEMPLATE
-    margin_s: float = 0.5
-    """Added before and after each span, so cuts never clip a requested frame."""
-    join_gap_s: float = 1.0
-    """Spans whose padded ends are at most this far apart are fetched as one section."""
-    retry_recorded_failures: bool = False
-    """Try again videos that failed permanently in an earlier run (otherwise the record is raised)."""
-
-    def format_selector(self) -> str:
-        if self.format:
-            return self.format
-        h = int(self.max_height)
-        return (f"bv*[height<=?{h}][ext=mp4]+ba[ext=m4a]/b[height<=?{h}][ext=mp4]"
-                f"/bv*[height<=?{h}]+ba/b[height<=?{h}]/b")
 
 
 @dataclass(frozen=True)
@@ -103,18 +70,13 @@ class DownloadedSection:
         return end_s is not None and end_s <= self.end_s + 1e-6
 
 
-class DownloadError(Exception):
-    """A video could not be downloaded. `failure_class` is a short stable name; `permanent` means
-    retrying cannot help (the video is gone, private, blocked, or the URL is refused)."""
+class DownloadError(RecordedFailure):
+    """A video could not be downloaded. `permanent` means retrying cannot help (the video is gone,
+    private, blocked, or the URL is refused); transient classes are retried with backoff."""
 
-    def __init__(self, failure_class: str, message: str, permanent: bool) -> None:
-        super().__init__(message)
-        self.failure_class = failure_class
-        self.message = message
-        self.permanent = permanent
-
-    def __reduce__(self):  # picklable across Ray/Prefect workers
-        return (type(self), (self.failure_class, self.message, self.permanent))
+    @property
+    def permanent(self) -> bool:
+        return not is_transient(self.failure_class)
 
 
 # --- URLs --------------------------------------------------------------------------------------
@@ -122,24 +84,8 @@ class DownloadError(Exception):
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 
 
-def resolve_url(video_id_or_url: str, template: str = DEFAULT_URL_TEMPLATE) -> str:
-    """The URL to fetch: URLs and local paths are returned as they are, ids fill `{id}` of `template`.
-
-    The id is percent-encoded and only ever becomes part of a URL (yt-dlp is called as a library,
-    never through a command line), so ids starting with '-' or '_' are plain ids.
-    """
-    text = video_id_or_url.strip()
-    if not text:
-        raise ValueError("empty video id or URL")
-    if "://" in text or text.startswith(("/", "./", "../", "~")):
-        return text
-    if "{id}" not in template:
-        raise ValueError(f"URL template {template!r} has no '{{id}}' placeholder (e.g. {DEFAULT_URL_TEMPLATE})")
-    return template.replace("{id}", quote(text, safe=""))
-
-
 def check_url(url: str, allow_file_urls: bool = False) -> str:
-    """Return the URL to hand to yt-dlp, or raise DownloadError("refused_scheme") for anything but http(s).
+    """Return the URL to hand to yt-dlp, or raise DownloadError(refused_scheme) for anything but http(s).
 
     With `allow_file_urls`, file:// URLs and plain local paths (made into file:// URLs) pass too.
     """
@@ -147,18 +93,17 @@ def check_url(url: str, allow_file_urls: bool = False) -> str:
     scheme = scheme_match.group(1).lower() if scheme_match else ""
     if scheme in ("http", "https"):
         if not urlsplit(url).hostname:
-            raise DownloadError("bad_url", f"URL has no host: {url!r}", permanent=True)
+            raise DownloadError(errors.BAD_URL, f"URL has no host: {url!r}")
         return url
     if allow_file_urls and scheme == "file":
         return url
     if allow_file_urls and not scheme:
         path = Path(url).expanduser().resolve()
         if not path.is_file():
-            raise DownloadError("not_found", f"local file does not exist: {path}", permanent=True)
+            raise DownloadError(errors.NOT_FOUND, f"local file does not exist: {path}")
         return path.as_uri()
     hint = "" if allow_file_urls else " (local files need allow_file_urls / --allow-file-urls)"
-    raise DownloadError("refused_scheme", f"refusing to download {url!r}: only http(s) URLs are allowed{hint}",
-                        permanent=True)
+    raise DownloadError(errors.REFUSED_SCHEME, f"refusing to download {url!r}: only http(s) URLs are allowed{hint}")
 
 
 # --- spans -------------------------------------------------------------------------------------
@@ -197,29 +142,28 @@ def find_section(sections: Sequence[DownloadedSection], start_s: float | None,
 
 # --- failures ----------------------------------------------------------------------------------
 
-_TRANSIENT = {"timeout", "network", "server_error", "rate_limited", "unknown"}
-
-_HTTP_CLASSES = {404: "not_found", 410: "gone", 403: "forbidden", 401: "forbidden", 429: "rate_limited"}
+_HTTP_CLASSES = {404: errors.NOT_FOUND, 410: errors.GONE, 403: errors.FORBIDDEN, 401: errors.FORBIDDEN,
+                 429: errors.RATE_LIMITED}
 
 _MESSAGE_CLASSES = [  # first match wins; lower-case text of yt-dlp's message
-    (re.compile(r"timed out|timeout"), "timeout"),
-    (re.compile(r"http error 404"), "not_found"),
-    (re.compile(r"http error 410"), "gone"),
-    (re.compile(r"http error 40[13]"), "forbidden"),
-    (re.compile(r"http error 429|too many requests|confirm you.re not a bot"), "rate_limited"),
-    (re.compile(r"http error 5\d\d"), "server_error"),
-    (re.compile(r"http error \d{3}"), "http_error"),
-    (re.compile(r"private video|video is private"), "private"),
-    (re.compile(r"copyright"), "copyright"),
-    (re.compile(r"in your country|geo.?restrict"), "geo_blocked"),
-    (re.compile(r"confirm your age|age.restricted|inappropriate for some users"), "age_restricted"),
-    (re.compile(r"unsupported url"), "unsupported_url"),
-    (re.compile(r"cannot be partially downloaded|requested format is not available"), "unsupported_format"),
+    (re.compile(r"timed out|timeout"), errors.TIMEOUT),
+    (re.compile(r"http error 404"), errors.NOT_FOUND),
+    (re.compile(r"http error 410"), errors.GONE),
+    (re.compile(r"http error 40[13]"), errors.FORBIDDEN),
+    (re.compile(r"http error 429|too many requests|confirm you.re not a bot"), errors.RATE_LIMITED),
+    (re.compile(r"http error 5\d\d"), errors.SERVER_ERROR),
+    (re.compile(r"http error \d{3}"), errors.HTTP_ERROR),
+    (re.compile(r"private video|video is private"), errors.PRIVATE),
+    (re.compile(r"copyright"), errors.COPYRIGHT),
+    (re.compile(r"in your country|geo.?restrict"), errors.GEO_BLOCKED),
+    (re.compile(r"confirm your age|age.restricted|inappropriate for some users"), errors.AGE_RESTRICTED),
+    (re.compile(r"unsupported url"), errors.UNSUPPORTED_URL),
+    (re.compile(r"cannot be partially downloaded|requested format is not available"), errors.UNSUPPORTED_FORMAT),
     (re.compile(r"video unavailable|not available|has been removed|been terminated|no longer available"
-                r"|does not exist"), "unavailable"),
+                r"|does not exist"), errors.UNAVAILABLE),
     (re.compile(r"connection (reset|refused|aborted)|remote end closed|incomplete ?read|broken pipe"
                 r"|temporary failure in name resolution|name or service not known|network is unreachable"),
-     "network"),
+     errors.NETWORK),
 ]
 
 
@@ -243,25 +187,20 @@ def classify_failure(error: BaseException) -> str:
     for cause in _causes(error):
         if isinstance(cause, HTTPError):
             status = cause.status
-            return _HTTP_CLASSES.get(status) or ("server_error" if 500 <= status < 600 else "http_error")
+            return _HTTP_CLASSES.get(status) or (errors.SERVER_ERROR if 500 <= status < 600 else errors.HTTP_ERROR)
         if isinstance(cause, GeoRestrictedError):
-            return "geo_blocked"
+            return errors.GEO_BLOCKED
         if isinstance(cause, UnsupportedError):
-            return "unsupported_url"
+            return errors.UNSUPPORTED_URL
         if isinstance(cause, TimeoutError):
-            return "timeout"
+            return errors.TIMEOUT
     text = str(error).lower()
     for pattern, failure_class in _MESSAGE_CLASSES:
         if pattern.search(text):
             return failure_class
     if any(isinstance(cause, (TransportError, ConnectionError)) for cause in _causes(error)):
-        return "network"
-    return "unknown"
-
-
-def is_permanent(failure_class: str) -> bool:
-    """Whether retrying a failure of this class cannot help."""
-    return failure_class not in _TRANSIENT
+        return errors.NETWORK
+    return errors.DOWNLOAD_FAILED
 
 
 # --- cache -------------------------------------------------------------------------------------
@@ -351,7 +290,7 @@ class DownloadCache:
             return None
         if record.get("url") != url:
             return None
-        return DownloadError(record["failure_class"], f"{record['message']} (recorded by an earlier run)", True)
+        return DownloadError(record["failure_class"], f"{record['message']} (recorded by an earlier run)")
 
     def forget_failure(self, video_id: str) -> None:
         self._failure_path(video_id).unlink(missing_ok=True)
@@ -365,12 +304,8 @@ def _spans_digest(spans: list[Span] | None) -> str:
 
 
 def _write_json_atomically(path: Path, record: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_local_path(path) as temporary:
+        temporary.write_text(json.dumps(record, indent=1))
 
 
 # --- ffmpeg for yt-dlp -------------------------------------------------------------------------
@@ -460,13 +395,11 @@ def _fetch(video_id: str, url: str, spans: list[Span] | None, folder: Path,
     except yt_dlp.utils.YoutubeDLError as error:
         failure_class = classify_failure(error)
         reason = re.sub(r"^ERROR:\s*", "", str(error))
-        raise DownloadError(failure_class, f"video {video_id} ({url}): {failure_class}: {reason}",
-                            is_permanent(failure_class)) from error
+        raise DownloadError(failure_class, f"video {video_id} ({url}): {reason}") from error
     downloads = (info or {}).get("requested_downloads") or []
     if not downloads:
         kind = "a playlist" if (info or {}).get("entries") is not None else "nothing downloadable"
-        raise DownloadError("bad_url", f"video {video_id} ({url}): yt-dlp found {kind}, expected one video",
-                            permanent=True)
+        raise DownloadError(errors.BAD_URL, f"video {video_id} ({url}): yt-dlp found {kind}, expected one video")
     sections = [DownloadedSection(Path(item["filepath"]), float(item.get("section_start") or 0.0),
                                   item.get("section_end")) for item in downloads]
     usable = [section for section in sections if _has_video_stream(section.path)]
@@ -475,8 +408,8 @@ def _fetch(video_id: str, url: str, spans: list[Span] | None, folder: Path,
             log.warning("video %s (%s): section %.1f-%s s holds no video (past the end, or damaged data); "
                         "its clips will be missing", video_id, url, section.start_s, section.end_s)
     if not usable:
-        raise DownloadError("no_video_in_span", f"video {video_id} ({url}): no video in the requested spans "
-                            f"{spans or 'whole video'}: past the end of the video, or damaged data", permanent=True)
+        raise DownloadError(errors.NO_VIDEO_IN_SPAN, f"video {video_id} ({url}): no video in the requested spans "
+                            f"{spans or 'whole video'}: past the end of the video, or damaged data")
     return usable
 
 
@@ -516,7 +449,7 @@ def download_video(video_id: str, url: str, spans: Iterable[Span | None], cache:
             return sections
         except DownloadError as error:
             if error.permanent:
-                if error.failure_class != "no_video_in_span":  # the video may be fine; other spans may work
+                if error.failure_class != errors.NO_VIDEO_IN_SPAN:  # the video may be fine; other spans may work
                     cache.record_failure(video_id, url, error)
                 raise
             if attempt == options.retries:
@@ -541,6 +474,6 @@ def download_for_clips(requests: Sequence[ClipRequest], cache: DownloadCache,
     return download_video(video_id, resolve_url(url or video_id, options.url_template), spans, cache, options)
 
 
-__all__ = ["DEFAULT_URL_TEMPLATE", "DownloadCache", "DownloadError", "DownloadOptions", "DownloadedSection",
+__all__ = ["DownloadCache", "DownloadError", "DownloadOptions", "DownloadedSection",
            "Span", "check_url", "classify_failure", "download_for_clips", "download_video",
-           "ensure_ffmpeg_on_path", "find_section", "is_permanent", "merge_spans", "resolve_url"]
+           "ensure_ffmpeg_on_path", "find_section", "merge_spans"]

@@ -1,72 +1,43 @@
 """Dataset preparation as plain functions: plan -> run batches -> finalize.
 
-reader (`pipelines.prepare.sources`) -> downloader and processor (`pipelines.prepare.worker`, one Ray task
-per video via `pipelines.prepare.runner`) -> writer (`pipelines.dataset.shards`, `pipelines.dataset.manifest`). The
-Prefect flow in `flows/prepare_flow.py` only sequences these calls.
+reader (`pipelines.prepare.sources`) -> downloader and processor (`pipelines.prepare.worker`, one
+Ray task per video via `pipelines.prepare.runner`) -> writer (`pipelines.dataset.shards`,
+`pipelines.dataset.manifest`). The Prefect flow in `flows/prepare_flow.py` only sequences these.
 
-Resume: a batch commits its shards first and its manifest part last; a rerun skips clips whose
-latest manifest row is ok and deletes shards that no part references (left by an interrupted
-batch), so no clip is ever in two shards.
+Safety and resume: `plan` first claims the output (`dataset.layout.claim_output`: an empty folder
+or a dataset prepared with the same sample settings, nothing else), then checks every clip the
+manifest calls ok against its shard (`dataset.integrity`), records the run's batches, and only
+then batches what is still to do. A batch commits its shards first and its manifest part last; a
+rerun skips clips whose latest row is ok, redoes lost ones, and deletes shards of batches that
+never committed, so no clip is ever in two shards.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import logging
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Iterator
 
 from tqdm import tqdm
 
-from pipelines.dataset import manifest
-from pipelines.prepare.requests import ClipRequest, safe_key
-from pipelines.prepare.download import DownloadOptions, is_permanent
+from pipelines import errors
+from pipelines.dataset import integrity, manifest
+from pipelines.dataset.layout import SHARD_INDEX_PATH, SUMMARY_PATH, claim_output
+from pipelines.dataset.schema import safe_key
+from pipelines.dataset.shards import ShardWriter
 from pipelines.media.faces import make_detector
+from pipelines.prepare.requests import ClipRequest, manifest_row
 from pipelines.prepare.runner import map_videos
-from pipelines.runtime import ensure_ray
-from pipelines.dataset.shards import ClipSample, ShardWriter
-from pipelines.prepare.sources import ParseFailure, SplitPolicy, parse_sources
-from pipelines.storage import OutputStore
-from pipelines.media.tracking import TrackingConfig
+from pipelines.prepare.settings import PrepareSettings
+from pipelines.prepare.sources import ParseFailure, SourceInputs, SplitPolicy, parse_sources
 from pipelines.prepare.worker import ClipOutcome, WorkerSettings
+from pipelines.runtime import ensure_ray
+from pipelines.storage import OutputStore
 
 LOG = logging.getLogger(__name__)
-
-RETRIED_ON_RERUN = frozenset({"worker_failed", "internal_error", "encode_failed", "corrupt_video", "refused_scheme"})
-"""Failures a plain rerun tries again besides transient download errors: they come from the
-machine (a killed worker, a full disk, a truncated download) or from settings the user may have
-changed (--allow-file-urls), not from the video itself."""
-
-SUMMARY_PATH = "summary.json"
-SHARD_INDEX_PATH = "shards.json"
-
-
-@dataclass(frozen=True)
-class PrepareSettings:
-    """Everything a preparation run needs besides its inputs (plain data: Prefect records it as a
-    flow parameter; workers get only `worker_settings()`)."""
-
-    output: str
-    workdir: str
-    detector: str = "auto"
-    detect_every: int | None = None
-    shard_bytes: int = 256 * 2**20
-    videos_per_batch: int = 8
-    test_fraction: float = 0.0
-    retry_failed: bool = False
-    download: DownloadOptions = field(default_factory=DownloadOptions)
-    ray_address: str | None = None
-
-    def worker_settings(self) -> WorkerSettings:
-        tracking = TrackingConfig()
-        if self.detect_every:
-            tracking = replace(tracking, detect_stride=self.detect_every)
-        return WorkerSettings(download_dir=str(Path(self.workdir) / "downloads"), detector=self.detector,
-                              download=self.download, tracking=tracking)
 
 
 @dataclass(frozen=True)
@@ -85,8 +56,10 @@ class Batch:
 @dataclass(frozen=True)
 class Plan:
     run_id: str
+    detector: str
     requested: int
     already_done: int
+    redone: int
     parse_failures: tuple[ParseFailure, ...]
     batches: tuple[Batch, ...]
 
@@ -94,8 +67,14 @@ class Plan:
         todo = sum(b.clips for b in self.batches)
         videos = sum(len(b.groups) for b in self.batches)
         return (f"{self.requested} clips requested, {self.already_done} already prepared or finally failed, "
-                f"{todo} to do from {videos} videos in {len(self.batches)} batches; "
-                f"{len(self.parse_failures)} input lines rejected")
+                f"{todo} to do from {videos} videos in {len(self.batches)} batches "
+                f"({self.redone} redone because their shard was lost); "
+                f"{len(self.parse_failures)} input lines rejected; detector {self.detector}")
+
+    def worker_settings(self, settings: PrepareSettings) -> WorkerSettings:
+        """Workers use the detector the plan resolved ("auto" never means two things in one run)."""
+        return WorkerSettings(download_dir=str(settings.work_path / "downloads"), detector=self.detector,
+                              download=settings.download, sample_format=settings.sample_format)
 
 
 def new_run_id() -> str:
@@ -110,27 +89,37 @@ def group_by_video(requests: list[ClipRequest]) -> list[tuple[ClipRequest, ...]]
     return [tuple(group) for group in groups.values()]
 
 
-def plan(inputs: list[str], settings: PrepareSettings, run_id: str | None = None) -> Plan:
-    """Parse the inputs, clean up after interrupted runs, and batch what is still to do.
+def pending(requests: list[ClipRequest], state: dict[str, manifest.ManifestRow], *,
+            retry_all: bool = False) -> list[ClipRequest]:
+    """The requests a rerun still has to do: never tried, or failed with a class a rerun retries
+    (`errors.retried_on_rerun`); with `retry_all` every failure is tried again."""
+    todo = []
+    for request in requests:
+        row = state.get(request.clip_id)
+        if row is None or (row.status == manifest.FAILED
+                           and (retry_all or errors.retried_on_rerun(row.failure_class or ""))):
+            todo.append(request)
+    return todo
 
-    The detector is built once here first, so a wrong name or missing weights stop the run with
-    one clear error instead of failing every video on the workers.
+
+def plan(inputs: SourceInputs, settings: PrepareSettings, run_id: str | None = None) -> Plan:
+    """Claim the output, check it against its records, parse the inputs and batch what is to do.
+
+    The detector is built here first, so a wrong name or missing weights stop the run with one
+    clear error instead of failing every video on the workers, and its resolved name is what the
+    dataset's marker records.
     """
-    make_detector(settings.detector)
+    detector = make_detector(settings.detector).name
     store = OutputStore(settings.output)
+    claim_output(store, settings.sample_format.record(detector))
+    run_id = run_id or new_run_id()
     rows = manifest.read_parts(store)
-    removed = manifest.remove_orphan_shards(store, rows)
-    if removed:
-        LOG.warning("removed %d shard(s) of an interrupted run (their clips will be redone): %s",
-                    len(removed), ", ".join(removed[:5]))
-    store.remove_temporaries()
+    state = manifest.latest_rows(rows)
+    lost = _reconcile(store, rows, run_id, "verify")
+    state.update(lost)
     requests, failures = parse_sources(inputs, url_template=settings.download.url_template,
                                        splits=SplitPolicy(test_fraction=settings.test_fraction))
-    state = manifest.latest_rows(rows)
-    todo = manifest.pending(requests, state, retry_failed=True, retry_permanent=settings.retry_failed,
-                            is_permanent=lambda failure: failure not in RETRIED_ON_RERUN and is_permanent(failure))
-    new_failures = tuple(f for f in failures if f.record_id not in state)
-    run_id = run_id or new_run_id()
+    todo = pending(requests, state, retry_all=settings.retry_failed)
     groups = group_by_video(todo)
     size = max(1, settings.videos_per_batch)
     batches = tuple(
@@ -138,17 +127,48 @@ def plan(inputs: list[str], settings: PrepareSettings, run_id: str | None = None
               attempts={r.clip_id: manifest.next_attempt(state, r.clip_id) for g in groups[start:start + size] for r in g})
         for index, start in enumerate(range(0, len(groups), size))
     )
-    return Plan(run_id=run_id, requested=len(requests) + len(failures), already_done=len(requests) - len(todo),
-                parse_failures=new_failures, batches=batches)
+    integrity.write_run_record(store, integrity.RunRecord(run_id, tuple(b.name for b in batches),
+                                                          tuple(sorted({r.split for r in todo}))))
+    return Plan(run_id=run_id, detector=detector, requested=len(requests) + len(failures),
+                already_done=len(requests) - len(todo), redone=len(lost),
+                parse_failures=tuple(f for f in failures if f.record_id not in state), batches=batches)
+
+
+def _reconcile(store: OutputStore, rows: list[manifest.ManifestRow], run_id: str,
+               part: str) -> dict[str, manifest.ManifestRow]:
+    """Check the dataset against its records, clean up after interrupted batches, and record every
+    clip whose shard was lost as `shard_lost` (so it is prepared again); returns those rows."""
+    check = integrity.reconcile(store, rows, integrity.read_run_records(store), repair=True)
+    if check.removed_shards:
+        LOG.warning("removed %d shard(s) this dataset wrote that no committed batch holds (an interrupted run, or "
+                    "a shard that disagreed with its records): %s", len(check.removed_shards),
+                    ", ".join(check.removed_shards[:5]))
+    if not check.lost:
+        return {}
+    latest = manifest.latest_rows(rows)
+    lost = {}
+    for clip_id, reason in sorted(check.lost.items()):
+        LOG.warning("clip %s was recorded as prepared but %s: it will be prepared again", clip_id, reason)
+        row = latest[clip_id]
+        lost[clip_id] = dataclasses.replace(
+            row, status=manifest.FAILED, failure_class=errors.SHARD_LOST, message=f"clip {clip_id}: {reason}",
+            shard=None, frames=None, seconds=None, attempt=row.attempt + 1, updated_at=datetime.now(timezone.utc),
+            **manifest.timing_columns(None, required=False))
+    manifest.write_part(store, f"{run_id}-{part}", list(lost.values()))
+    return lost
 
 
 def record_parse_failures(plan_: Plan, settings: PrepareSettings) -> None:
     """Input lines that never became clips get manifest rows too, so nothing is silently dropped."""
-    if plan_.parse_failures:
-        rows = [manifest.row_for_parse_failure(f) for f in plan_.parse_failures]
-        manifest.write_part(OutputStore(settings.output), f"{plan_.run_id}-inputs", rows)
-        for failure in plan_.parse_failures:
-            LOG.warning("input rejected (%s) %s: %s", failure.failure_class, failure.origin, failure.message)
+    if not plan_.parse_failures:
+        return
+    rows = [manifest.ManifestRow(clip_id=f.record_id, key=safe_key(f.record_id), video_id="", url="", identity="",
+                                 split="", start_s=None, end_s=None, status=manifest.FAILED,
+                                 failure_class=f.failure_class, message=f.message, origin=f.origin)
+            for f in plan_.parse_failures]
+    manifest.write_part(OutputStore(settings.output), f"{plan_.run_id}-inputs", rows)
+    for failure in plan_.parse_failures:
+        LOG.warning("input rejected (%s) %s: %s", failure.failure_class, failure.origin, failure.message)
 
 
 class _BatchWriter:
@@ -164,20 +184,18 @@ class _BatchWriter:
     def add(self, outcome: ClipOutcome) -> None:
         request = outcome.request
         attempt = self.batch.attempts[request.clip_id]
-        if not outcome.ok:
+        if outcome.sample is None:
             LOG.warning("clip %s failed (%s): %s", request.clip_id, outcome.failure_class, outcome.message)
-            self.rows.append(manifest.row_failed(request, outcome.failure_class or "unknown", outcome.message,
-                                                 outcome.timings, attempt))
+            self.rows.append(manifest_row(request, status=manifest.FAILED, attempt=attempt, timings=outcome.timings,
+                                          failure_class=outcome.failure_class, message=outcome.message))
             return
-        clip = outcome.processed
-        sample = ClipSample(request=request, mp4=clip.mp4_bytes, boxes=clip.boxes, landmarks=clip.landmarks,
-                            pose=clip.pose, expression=clip.expression, detector=clip.detector)
         writer = self.writers.get(request.split)
         if writer is None:
-            writer = self.writers[request.split] = ShardWriter(self.store, "", request.split, self.shard_bytes,
+            writer = self.writers[request.split] = ShardWriter(self.store, request.split, self.shard_bytes,
                                                                self.batch.name)
-        shard = writer.write(sample)
-        self.rows.append(manifest.row_ok(request, shard, sample.frames, sample.seconds, outcome.timings, attempt))
+        shard = writer.write(outcome.sample)
+        self.rows.append(manifest_row(request, status=manifest.OK, attempt=attempt, timings=outcome.timings,
+                                      shard=shard, frames=outcome.sample.frames, seconds=outcome.sample.seconds))
 
     def commit(self) -> None:
         """Commit the open shards, then the manifest part that makes them count."""
@@ -190,8 +208,10 @@ class _BatchWriter:
             writer.abort()
 
 
-def run_batch(batch: Batch, settings: PrepareSettings) -> dict[str, int]:
-    """Prepare one batch on Ray, write its shards, then commit its manifest part (the commit point)."""
+def run_batch(batch: Batch, plan_: Plan, settings: PrepareSettings) -> dict[str, int]:
+    """Prepare one batch on Ray, write its shards, then commit its manifest part (the commit point).
+
+    A retry of the same batch rewrites its shards under the same names."""
     ensure_ray(settings.ray_address)
     output = _BatchWriter(batch, OutputStore(settings.output), settings.shard_bytes)
     with tqdm(total=batch.clips, desc=f"batch {batch.name}", unit="clip") as progress:
@@ -201,7 +221,7 @@ def run_batch(batch: Batch, settings: PrepareSettings) -> dict[str, int]:
                 progress.update(1)
 
         try:
-            map_videos([list(group) for group in batch.groups], settings.worker_settings(), record)
+            map_videos([list(group) for group in batch.groups], plan_.worker_settings(settings), record)
             output.commit()
         except BaseException:
             output.abort()
@@ -211,12 +231,14 @@ def run_batch(batch: Batch, settings: PrepareSettings) -> dict[str, int]:
     return {"ok": ok, "failed": len(output.rows) - ok}
 
 
-def finalize(settings: PrepareSettings) -> dict:
-    """Consolidate the manifest, index the shards per split, and write and return the summary."""
+def finalize(plan_: Plan, settings: PrepareSettings) -> dict:
+    """Clean up after failed batches, consolidate the manifest, index the shards per split, and
+    write and return the summary."""
     store = OutputStore(settings.output)
     rows = manifest.read_parts(store)
-    manifest.remove_orphan_shards(store, rows)
+    lost = _reconcile(store, rows, plan_.run_id, "final-check")
     state = manifest.latest_rows(rows)
+    state.update(lost)
     manifest.consolidate(store, state)
     shards: dict[str, set[str]] = defaultdict(set)
     for row in state.values():
@@ -236,66 +258,3 @@ def finalize(settings: PrepareSettings) -> dict:
     }
     store.write_bytes_atomic(SUMMARY_PATH, json.dumps(result, indent=1).encode())
     return result
-
-
-def summary_text(summary: dict) -> str:
-    """The end-of-run report printed on the command line."""
-    lines = [f"prepared dataset: {summary['output']}",
-             f"  {'clips requested':<22}{summary['requested']:>6}",
-             f"  {'ok':<22}{summary['ok']:>6}  ({summary['ok_seconds']:.1f} s of video)",
-             f"  {'failed':<22}{summary['failed']:>6}"]
-    lines += [f"    {name:<20}{count:>6}" for name, count in summary["by_failure_class"].items()]
-    lines += [f"  {f'shards[{split}]':<22}{count:>6}" for split, count in summary["shards"].items()]
-    lines.append(f"  manifest: {summary['output'].rstrip('/')}/{manifest.MANIFEST_PATH}")
-    return "\n".join(lines)
-
-
-def summary_markdown(summary: dict) -> str:
-    """The same report as a Prefect artifact."""
-    rows = ["| status / failure class | clips |", "|---|---:|",
-            f"| ok | {summary['ok']} |", f"| failed | {summary['failed']} |"]
-    rows += [f"| failed: `{name}` | {count} |" for name, count in summary["by_failure_class"].items()]
-    shards = ", ".join(f"{split}: {n}" for split, n in summary["shards"].items()) or "none"
-    return (f"## Dataset preparation\n\nOutput `{summary['output']}`; {summary['ok_seconds']:.1f} s of "
-            f"prepared video; shards {shards}.\n\n" + "\n".join(rows))
-
-
-def parse_rate(text: str | None) -> int | None:
-    """'2M' -> 2097152 bytes/s (yt-dlp's notation); None stays None."""
-    if not text:
-        return None
-    from yt_dlp.utils import parse_bytes
-
-    value = parse_bytes(text)
-    if value is None:
-        raise ValueError(f"cannot read rate limit {text!r}: use a number of bytes/s with an optional K, M or G")
-    return int(value)
-
-
-def default_workdir(output: str, workdir: str | None) -> Path:
-    """Scratch for downloads, absolute (workers resolve it on their own nodes), and kept across runs
-    so the download cache serves reruns: the given one, else OUTPUT/.work for a local output,
-    else a per-output folder under ~/.cache/dpe-portrait."""
-    if workdir:
-        return Path(workdir).expanduser().resolve()
-    store = OutputStore(output)
-    if store.is_local:
-        return store.local_path(".work")
-    return Path.home() / ".cache" / "dpe-portrait" / safe_key(output)
-
-
-@contextlib.contextmanager
-def sample_inputs(workdir: Path, settings: PrepareSettings, extra_inputs: list[str]
-                  ) -> Iterator[tuple[list[str], PrepareSettings]]:
-    """Serve the bundled sample on loopback while the run lasts; yield its inputs and matching settings."""
-    from pipelines.sample.media import SAMPLE_PORT, make_sample_media
-    from pipelines.sample.server import serve_directory
-    from pipelines.sample.metadata import sample_url_template, write_sample_inputs
-
-    directory = workdir / "sample"
-    media = make_sample_media(directory / "media")
-    with serve_directory(next(iter(media.values())).parent, port=SAMPLE_PORT) as server:
-        written = write_sample_inputs(directory, server.base_url)
-        download = replace(settings.download, url_template=sample_url_template(server.base_url))
-        inputs = [str(written[k]) for k in ("vox1", "vox2", "clips", "urls")] + list(extra_inputs)
-        yield inputs, replace(settings, download=download)

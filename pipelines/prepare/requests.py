@@ -1,4 +1,4 @@
-"""The unit of work of dataset preparation: one requested clip, and safe keys derived from ids.
+"""The unit of work of dataset preparation: one requested clip, and the manifest rows it ends in.
 
 Every metadata source (VoxCeleb txt trees, clip tables, URL lists) is parsed into `ClipRequest`s;
 everything downstream (download, faces, shards, manifest) speaks only this type.
@@ -6,16 +6,16 @@ everything downstream (download, faces, shards, manifest) speaks only this type.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
+from typing import Mapping
+from urllib.parse import quote
+
+from pipelines.dataset import manifest
+from pipelines.dataset.schema import Provenance, safe_key
+from pipelines.prepare.settings import DEFAULT_URL_TEMPLATE
 
 VOX_FPS = 25.0
 """VoxCeleb metadata frame numbers count at 25 fps."""
-
-OUTPUT_FPS = 25.0
-"""Prepared clips are resampled to this frame rate."""
-
-CROP_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -72,27 +72,38 @@ class ClipRequest:
             return None
         return self.end_s - self.start_s
 
-
-MAX_KEY_LENGTH = 85
-"""Longest sample key (`ClipRequest.key`) a shard can hold: a plain (ustar) tar member name has at
-most 100 characters, and the longest entry name adds ``.expression.npy`` (15)."""
-
-_SAFE = re.compile(r"[A-Za-z0-9-]")
-
-
-def safe_key(text: str) -> str:
-    """Map any id to a key safe as a file name and as a WebDataset key, injectively.
-
-    Letters, digits and '-' are kept; every other character (including '_', '.', '/') becomes
-    '_' plus its code point in hex and a closing '_'. The key always starts with a letter, so
-    ids beginning with '-' or '_' (legal on YouTube) cannot look like options or tar metadata.
-    """
-    if not text:
-        raise ValueError("cannot derive a key from an empty id")
-    escaped = "".join(ch if _SAFE.fullmatch(ch) else f"_{ord(ch):x}_" for ch in text)
-    return "k" + escaped
+    def provenance(self) -> Provenance:
+        """What a prepared sample records about where it comes from."""
+        return Provenance(clip_id=self.clip_id, identity=self.identity, video_id=self.video_id, url=self.url,
+                          split=self.split, source=self.source, requested_span=(self.start_s, self.end_s))
 
 
 def clip_id_for(*parts: str) -> str:
     """Join id parts into one clip id (identity, video, utterance) with a separator that `safe_key` escapes."""
     return "/".join(parts)
+
+
+def resolve_url(video_id_or_url: str, template: str = DEFAULT_URL_TEMPLATE) -> str:
+    """The URL to fetch: URLs and local paths are returned as they are, ids fill `{id}` of `template`.
+
+    The id is percent-encoded and only ever becomes part of a URL (yt-dlp is called as a library,
+    never through a command line), so ids starting with '-' or '_' are plain ids.
+    """
+    text = video_id_or_url.strip()
+    if not text:
+        raise ValueError("empty video id or URL")
+    if "://" in text or text.startswith(("/", "./", "../", "~")):
+        return text
+    if "{id}" not in template:
+        raise ValueError(f"URL template {template!r} has no '{{id}}' placeholder (e.g. {DEFAULT_URL_TEMPLATE})")
+    return template.replace("{id}", quote(text, safe=""))
+
+
+def manifest_row(request: ClipRequest, *, status: str, attempt: int, timings: Mapping[str, float] | None = None,
+                 **outcome: object) -> manifest.ManifestRow:
+    """The manifest row of one attempt at `request` (ok rows must carry every timing column)."""
+    return manifest.ManifestRow(
+        clip_id=request.clip_id, key=request.key, video_id=request.video_id, url=request.url,
+        identity=request.identity, split=request.split, start_s=request.start_s, end_s=request.end_s,
+        source=request.source, origin=request.origin, status=status, attempt=attempt,
+        **manifest.timing_columns(timings, required=status == manifest.OK), **outcome)  # type: ignore[arg-type]

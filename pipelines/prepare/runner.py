@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Iterable
 
+from pipelines import errors
 from pipelines.prepare.requests import ClipRequest
 from pipelines.prepare.worker import ClipOutcome, WorkerSettings, prepare_video
 
@@ -57,7 +58,7 @@ def map_videos(
             except Exception as exc:  # RayTaskError / WorkerCrashedError after Ray's own retries
                 LOG.error("video %s: worker failed: %s", group[0].video_id, exc)
                 outcomes = [
-                    ClipOutcome(r, failure_class="worker_failed", message=f"{type(exc).__name__}: {exc}")
+                    ClipOutcome(r, failure_class=errors.WORKER_FAILED, message=f"{type(exc).__name__}: {exc}")
                     for r in group
                 ]
             on_outcomes(outcomes)

@@ -14,13 +14,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.prepare.clip import ProcessedClip, process_clip
-from pipelines.prepare.requests import ClipRequest, MetaBox
-from pipelines.prepare.download import DownloadCache, DownloadError, DownloadOptions, DownloadedSection, download_for_clips, find_section
-from pipelines.errors import CORRUPT_VIDEO, PreparationError
+from pipelines import errors
+from pipelines.dataset.schema import ClipSample
+from pipelines.errors import RecordedFailure
 from pipelines.media.faces import FaceDetector, make_detector
-from pipelines.media.tracking import TrackingConfig
 from pipelines.media.video import VideoInfo, probe
+from pipelines.prepare.clip import process_clip
+from pipelines.prepare.download import DownloadCache, DownloadedSection, DownloadError, download_for_clips, find_section
+from pipelines.prepare.requests import ClipRequest, MetaBox
+from pipelines.prepare.settings import DownloadOptions, SampleFormat
 
 LOG = logging.getLogger(__name__)
 
@@ -32,22 +34,22 @@ class WorkerSettings:
     download_dir: str
     detector: str = "auto"
     download: DownloadOptions = field(default_factory=DownloadOptions)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sample_format: SampleFormat = field(default_factory=SampleFormat)
 
 
 @dataclass
 class ClipOutcome:
-    """The result of one requested clip: `processed` when it succeeded, else a failure class."""
+    """The result of one requested clip: `sample` when it succeeded, else a failure class."""
 
     request: ClipRequest
-    processed: ProcessedClip | None = None
+    sample: ClipSample | None = None
     failure_class: str | None = None
     message: str = ""
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return self.processed is not None
+        return self.sample is not None
 
 
 @functools.lru_cache(maxsize=4)
@@ -70,8 +72,8 @@ def prepare_video(requests: list[ClipRequest], settings: WorkerSettings) -> list
     try:
         sections = download_for_clips(requests, cache, settings.download)
     except DownloadError as exc:
-        LOG.warning("video %s: download failed (%s): %s", first.video_id, exc.failure_class, exc)
-        return [ClipOutcome(r, failure_class=exc.failure_class, message=str(exc)) for r in requests]
+        LOG.warning("video %s: download failed (%s): %s", first.video_id, exc.failure_class, exc.message)
+        return [ClipOutcome(r, failure_class=exc.failure_class, message=exc.message) for r in requests]
     download_s = time.perf_counter() - started
 
     detector = _detector(settings.detector)
@@ -81,7 +83,7 @@ def prepare_video(requests: list[ClipRequest], settings: WorkerSettings) -> list
         outcome = _prepare_clip(request, sections, detector, settings, infos)
         outcome.timings["download_s"] = download_s / len(requests)
         outcomes.append(outcome)
-    if any(o.failure_class == CORRUPT_VIDEO for o in outcomes):  # maybe a damaged transfer: fetch anew next run
+    if any(o.failure_class == errors.CORRUPT_VIDEO for o in outcomes):  # maybe a damaged transfer: fetch anew
         for section in sections:
             cache.evict(section)
     return outcomes
@@ -93,7 +95,7 @@ def _prepare_clip(request: ClipRequest, sections: list[DownloadedSection], detec
     try:
         section, _ = find_section(sections, request.start_s, request.end_s)
     except LookupError as exc:
-        return ClipOutcome(request, failure_class="span_outside_video",
+        return ClipOutcome(request, failure_class=errors.SPAN_OUTSIDE_VIDEO,
                            message=f"clip {request.clip_id} ({request.url}): {exc}")
     offset = section.start_s
     start = None if request.start_s is None else request.start_s - offset
@@ -101,13 +103,12 @@ def _prepare_clip(request: ClipRequest, sections: list[DownloadedSection], detec
     try:
         if section.path not in infos:
             infos[section.path] = probe(section.path)
-        processed = process_clip(section.path, start, end, _shift_boxes(request.boxes, offset),
-                                 detector, settings.tracking, info=infos[section.path])
-    except PreparationError as exc:
-        return ClipOutcome(request, failure_class=exc.failure_class, message=f"clip {request.clip_id}: {exc}")
+        processed = process_clip(section.path, start, end, _shift_boxes(request.boxes, offset), detector,
+                                 request.provenance(), settings.sample_format, info=infos[section.path])
+    except RecordedFailure as exc:
+        return ClipOutcome(request, failure_class=exc.failure_class, message=f"clip {request.clip_id}: {exc.message}")
     except Exception as exc:  # a bug or an unforeseen input must not lose the other clips
         LOG.exception("clip %s: unexpected error", request.clip_id)
-        return ClipOutcome(request, failure_class="internal_error",
+        return ClipOutcome(request, failure_class=errors.INTERNAL_ERROR,
                            message=f"clip {request.clip_id}: {type(exc).__name__}: {exc}")
-    return ClipOutcome(request, processed=processed, timings=dict(processed.timings))
-
+    return ClipOutcome(request, sample=processed.sample, timings=dict(processed.timings))

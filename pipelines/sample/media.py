@@ -13,12 +13,11 @@ import logging
 import os
 import re
 import subprocess
-import threading
 from pathlib import Path
-from typing import Callable
 
 from pipelines.errors import CORRUPT_VIDEO, VideoError
 from pipelines.media.video import ffmpeg_exe, probe
+from pipelines.storage import atomic_local_path
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +74,11 @@ def make_sample_media(directory: str | os.PathLike) -> dict[str, Path]:
     paths = {name: directory / name for name in SAMPLE_NAMES}
     for name, args in recipes.items():
         if not paths[name].exists():
-            _write_atomically(paths[name], lambda tmp, args=args: _ffmpeg([*args, *_ENCODE, str(tmp)]))
+            with atomic_local_path(paths[name]) as temporary:
+                _ffmpeg([*args, *_ENCODE, str(temporary)])
     if not paths["corrupt.mp4"].exists():
-        _write_atomically(paths["corrupt.mp4"], lambda tmp: _truncated_copy(paths["talk.mp4"], tmp, 0.4))
+        with atomic_local_path(paths["corrupt.mp4"]) as temporary:
+            _truncated_copy(paths["talk.mp4"], temporary, 0.4)
     return paths
 
 
@@ -91,16 +92,6 @@ def _ffmpeg(args: list[str]) -> None:
 def _truncated_copy(source: Path, target: Path, fraction: float) -> None:
     data = source.read_bytes()
     target.write_bytes(data[: int(len(data) * fraction)])
-
-
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` on a temporary name beside `path`, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def describe_media(path: str | os.PathLike) -> dict[str, object]:

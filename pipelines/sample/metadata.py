@@ -10,16 +10,20 @@ failures are recorded without stopping the good work.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
-from pipelines.prepare.requests import VOX_FPS
 from pipelines.media.faces import FaceDetector, make_detector
-from pipelines.sample.media import SAMPLE_SIZE, make_sample_media
-from pipelines.prepare.sources import VOX1_REFERENCE_HEIGHT, VoxUtterance, write_voxceleb_tree
 from pipelines.media.video import probe, read_frames
+from pipelines.prepare.requests import VOX_FPS
+from pipelines.prepare.sources import SourceInputs
+from pipelines.prepare.sources.voxceleb import VOX1_REFERENCE_HEIGHT, VoxUtterance, write_voxceleb_tree
+from pipelines.sample.media import SAMPLE_PORT, SAMPLE_SIZE, make_sample_media
+from pipelines.sample.server import serve_directory
 
 SAMPLE_CLIPS_S = ((0.4, 3.6), (4.4, 7.6), (8.4, 11.6))
 """Three utterances of the ~12 s sample video: one VoxCeleb1 and two VoxCeleb2."""
@@ -101,3 +105,16 @@ def write_sample_inputs(directory: str | Path, url_base: str) -> dict[str, Path]
 def sample_url_template(url_base: str) -> str:
     """The URL template that maps the sample's video ids to the loopback server."""
     return url_base.rstrip("/") + "/{id}.mp4"
+
+
+@contextlib.contextmanager
+def serve_sample_inputs(directory: str | Path) -> Iterator[tuple[SourceInputs, str]]:
+    """Serve the bundled sample on loopback while the block runs; yield its inputs (written under
+    `directory`) and the URL template that maps its video ids to the server."""
+    directory = Path(directory)
+    media = make_sample_media(directory / "media")
+    with serve_directory(next(iter(media.values())).parent, port=SAMPLE_PORT) as server:
+        written = write_sample_inputs(directory, server.base_url)
+        yield (SourceInputs(vox1_txt=(str(written["vox1"]),), vox2_txt=(str(written["vox2"]),),
+                            clips=(str(written["clips"]),), urls=(str(written["urls"]),)),
+               sample_url_template(server.base_url))

@@ -1,0 +1,226 @@
+"""VoxCeleb1/2 metadata trees: ``txt/<identity>/<youtube id>/<utterance>.txt``, one clip per file.
+
+Each file has five header lines, then a FRAME/X/Y/W/H table at 25 fps; VoxCeleb1 boxes are pixels
+of the 360p video, VoxCeleb2 boxes are normalised. `write_voxceleb_tree` writes the same format,
+so tests and the sample can describe a video the way VoxCeleb would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.prepare.requests import VOX_FPS, ClipRequest, MetaBox, clip_id_for, resolve_url
+from pipelines.prepare.settings import DEFAULT_URL_TEMPLATE
+from pipelines.prepare.sources.common import (
+    ID_PATTERN,
+    InvalidInput,
+    ParseFailure,
+    ParseResult,
+    SplitPolicy,
+    finish,
+    read_lines,
+)
+
+VOX1_REFERENCE_HEIGHT = 360.0
+"""VoxCeleb1 boxes are pixels of the 360p version of each video."""
+
+VOX1_TEST_IDENTITIES = frozenset(f"id{n}" for n in range(10270, 10310))
+"""The 40 identities of the official VoxCeleb1 test split (id10270..id10309)."""
+
+
+
+@dataclass(frozen=True)
+class VoxUtterance:
+    """The content of one VoxCeleb utterance file; boxes are (x, y, w, h) per frame."""
+
+    identity: str
+    video_id: str
+    utterance: str
+    frames: Sequence[int]
+    boxes: Sequence[tuple[float, float, float, float]]
+    offset: int = 1
+    fv_conf: float = 17.0
+    asd_conf: float = 5.0
+
+
+def write_voxceleb_tree(directory: str | Path, utterances: Iterable[VoxUtterance], version: int = 1) -> list[Path]:
+    """Write utterances as ``<directory>/txt/<identity>/<video>/<utterance>.txt`` in VoxCeleb `version` 1 or 2.
+
+    Version 1 writes integer pixel boxes with the trailing spaces of the VoxCeleb1 release;
+    version 2 writes normalised boxes with three decimals, as VoxCeleb2 does.
+    """
+    if version not in (1, 2):
+        raise ValueError(f"VoxCeleb version must be 1 or 2, got {version}")
+    written = []
+    for utt in utterances:
+        if len(utt.frames) != len(utt.boxes):
+            raise ValueError(f"{utt.utterance}: {len(utt.frames)} frames but {len(utt.boxes)} boxes")
+        path = Path(directory) / "txt" / utt.identity / utt.video_id / f"{utt.utterance}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(_vox_text(utt, version))
+        written.append(path)
+    return written
+
+
+def _vox_text(utt: VoxUtterance, version: int) -> str:
+    if version == 1:
+        header = [
+            f"Identity  : \t{utt.identity} ",
+            f"Reference : \t{utt.video_id} ",
+            f"Offset    : \t{utt.offset} ",
+            f"FV Conf   : \t{utt.fv_conf:.3f} (1)",
+            f"ASD Conf  : \t{utt.asd_conf:.3f} ",
+            "",
+            "FRAME \tX \tY \tW \tH ",
+        ]
+        rows = [f"{f:06d} \t" + " \t".join(f"{round(v):04d}" for v in box) + " " for f, box in zip(utt.frames, utt.boxes)]
+    else:
+        header = [
+            f"Identity  : \t{utt.identity}",
+            f"Reference : \t{utt.video_id}",
+            f"Offset    : \t{utt.offset}",
+            f"FV Conf   : \t{utt.fv_conf:.3f}\t(1)",
+            f"ASD Conf  : \t{utt.asd_conf:.3f}",
+            "",
+            "FRAME \tX \tY \tW \tH ",
+        ]
+        rows = [f"{f:05d}\t" + "\t".join(f"{v:.3f}" for v in box) for f, box in zip(utt.frames, utt.boxes)]
+    return "\n".join(header + rows) + "\n"
+
+
+def voxceleb_txt_root(root: Path) -> Path | None:
+    """The folder whose <identity>/<video>/<utterance>.txt files are the tree (`root/txt` or `root`),
+    or None when there are no such files."""
+    for candidate in (root / "txt", root):
+        if candidate.is_dir() and next(candidate.glob("*/*/*.txt"), None) is not None:
+            return candidate
+    return None
+
+
+def parse_voxceleb_tree(
+    root: str | Path,
+    *,
+    version: int | None = None,
+    url_template: str = DEFAULT_URL_TEMPLATE,
+    splits: SplitPolicy = SplitPolicy(),
+) -> ParseResult:
+    """Parse every ``txt/<identity>/<video>/<utterance>.txt`` under `root` (or `root` itself if it is ``txt``).
+
+    `version` 1 (pixel boxes of the 360p video) or 2 (normalised boxes); None detects it per file
+    (all values <= 1 means normalised). One `ClipRequest` per utterance, spanning its first to last
+    frame (inclusive) at 25 fps, with one `MetaBox` per row.
+    """
+    if version not in (None, 1, 2):
+        raise ValueError(f"VoxCeleb version must be 1, 2 or None (detect), got {version}")
+    root = Path(root)
+    txt_root = voxceleb_txt_root(root)
+    if txt_root is None:
+        return [], [ParseFailure(str(root), "holds no VoxCeleb tree txt/<identity>/<video>/<utterance>.txt")]
+    requests: list[ClipRequest] = []
+    failures: list[ParseFailure] = []
+    for path in sorted(txt_root.rglob("*.txt")):
+        try:
+            requests.append(_parse_utterance(path, txt_root, version, url_template, splits))
+        except InvalidInput as error:
+            origin = f"{path}:{error.line}" if error.line else str(path)
+            failures.append(ParseFailure(origin, str(error)))
+    return finish(requests, failures)
+
+
+def _parse_utterance(
+    path: Path, txt_root: Path, version: int | None, url_template: str, splits: SplitPolicy
+) -> ClipRequest:
+    parts = path.relative_to(txt_root).parts
+    if len(parts) != 3:
+        raise InvalidInput("misplaced utterance file: expected txt/<identity>/<video>/<utterance>.txt")
+    identity, video_id, utterance = parts[0], parts[1], path.stem
+    for label, value in (("identity", identity), ("video id", video_id), ("utterance", utterance)):
+        if not ID_PATTERN.fullmatch(value):
+            raise InvalidInput(f"{label} {value!r} has characters outside [A-Za-z0-9_-]")
+    lines = read_lines(path)
+    header, rows_start = _parse_vox_header(lines)
+    if header.get("identity", identity) != identity:
+        raise InvalidInput(f"header identity {header['identity']!r} differs from directory {identity!r}", 1)
+    if header.get("reference", video_id) != video_id:
+        raise InvalidInput(f"header reference {header['reference']!r} differs from directory {video_id!r}", 2)
+    frames, values = _parse_vox_rows(lines, rows_start)
+    units = _vox_units(values, version)
+    reference_height = VOX1_REFERENCE_HEIGHT if units == "pixels" else None
+    boxes = tuple(
+        MetaBox(frame / VOX_FPS, x, y, w, h, units=units, reference_height=reference_height)
+        for frame, (x, y, w, h) in zip(frames, values)
+    )
+    return ClipRequest(
+        clip_id=clip_id_for(identity, video_id, utterance),
+        video_id=video_id,
+        url=resolve_url(video_id, url_template),
+        identity=identity,
+        split=splits.split_for(identity),
+        start_s=frames[0] / VOX_FPS,
+        end_s=(frames[-1] + 1) / VOX_FPS,
+        boxes=boxes,
+        source="voxceleb1" if units == "pixels" else "voxceleb2",
+        origin=str(path),
+    )
+
+
+def _parse_vox_header(lines: list[str]) -> tuple[dict[str, str], int]:
+    """Return the ``key : value`` header (keys lower-cased) and the index of the first frame row."""
+    header: dict[str, str] = {}
+    for index, line in enumerate(lines):
+        if not line.strip():
+            continue
+        if line.split()[0].upper() == "FRAME":
+            if [cell.upper() for cell in line.split()] != ["FRAME", "X", "Y", "W", "H"]:
+                raise InvalidInput(f"column header {line.strip()!r} is not 'FRAME X Y W H'", index + 1)
+            if "identity" not in header or "reference" not in header:
+                raise InvalidInput("header lacks 'Identity :' or 'Reference :'", index + 1)
+            return header, index + 1
+        key, colon, value = line.partition(":")
+        if not colon:
+            raise InvalidInput(f"header line {line.strip()!r} is not 'Key : value'", index + 1)
+        header[" ".join(key.split()).lower()] = value.strip()
+    raise InvalidInput("no 'FRAME X Y W H' column header")
+
+
+def _parse_vox_rows(lines: list[str], start: int) -> tuple[list[int], list[tuple[float, float, float, float]]]:
+    frames: list[int] = []
+    values: list[tuple[float, float, float, float]] = []
+    for index in range(start, len(lines)):
+        cells = lines[index].split()
+        if not cells:
+            continue
+        if len(cells) != 5:
+            raise InvalidInput(f"expected 5 columns (FRAME X Y W H), found {len(cells)}", index + 1)
+        try:
+            frame = int(cells[0])
+            x, y, w, h = (float(cell) for cell in cells[1:])
+        except ValueError:
+            raise InvalidInput(f"non-numeric row {lines[index].strip()!r}", index + 1) from None
+        if not all(math.isfinite(v) for v in (x, y, w, h)):
+            raise InvalidInput("box values must be finite", index + 1)
+        if w <= 0 or h <= 0:
+            raise InvalidInput(f"box width and height must be positive, got {w} x {h}", index + 1)
+        if frame < 0 or (frames and frame <= frames[-1]):
+            raise InvalidInput(f"frame {frame} is negative or not after frame {frames[-1] if frames else '-'}", index + 1)
+        frames.append(frame)
+        values.append((x, y, w, h))
+    if not frames:
+        raise InvalidInput("no frame rows after the column header")
+    return frames, values
+
+
+def _vox_units(values: list[tuple[float, float, float, float]], version: int | None) -> str:
+    """Pixels (VoxCeleb1) or normalised (VoxCeleb2), detected or checked against `version`."""
+    largest = max(max(row) for row in values)
+    smallest = min(min(row) for row in values)
+    units = "normalized" if version == 2 or (version is None and largest <= 1.0) else "pixels"
+    if units == "normalized" and (largest > 1.0 or smallest < 0.0):
+        raise InvalidInput(f"normalised (VoxCeleb2) box values must lie in [0, 1], found {smallest}..{largest}")
+    if units == "pixels" and any(x + w <= 0 or y + h <= 0 or y >= VOX1_REFERENCE_HEIGHT for x, y, w, h in values):
+        raise InvalidInput(f"a pixel box lies outside the {VOX1_REFERENCE_HEIGHT:.0f}p frame")
+    return units
+
