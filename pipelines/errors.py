@@ -89,6 +89,12 @@ INTERNAL_ERROR = _define("internal_error", "an unexpected error: a bug; the mess
 SHARD_LOST = _define("shard_lost", "a clip recorded as prepared whose shard is missing or disagrees with "
                                    "its stats", retried_on_rerun=True)
 
+# --- training data (skipped by `portrait train`, counted and listed in the run's skipped.json) ---
+UNREADABLE_SHARD = _define("unreadable_shard", "a shard in the shard index that cannot be opened or read as a tar "
+                                               "(missing, truncated, not a tar); its clips are skipped")
+BAD_SAMPLE = _define("bad_sample", "a training sample whose video cannot be decoded, whose entries do not match "
+                                   "the schema, or whose arrays disagree with its frame count; it is skipped")
+
 
 def failure_class(name: str) -> FailureClass:
     """The registered class called `name`; an unknown name is a bug, not a new kind of failure."""
