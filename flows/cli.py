@@ -21,7 +21,7 @@ from flows.commands import add_common_options
 
 LOG = logging.getLogger("portrait")
 
-COMMANDS = ("prepare", "inspect", "sample")
+COMMANDS = ("prepare", "train", "inspect", "sample")
 """Modules of `flows.commands`, in the order `portrait --help` lists them."""
 
 

@@ -1,0 +1,212 @@
+"""The training job on the driver: check everything, start a Ray Train TorchTrainer, summarise.
+
+Before any worker starts, `run_training` refuses what cannot work, with a message that names the
+input and the fix: bad settings, a missing dataset or an empty split, a missing or mismatched
+`--init` file, VGG weights demanded but absent, and a rerun whose model-shaping settings differ
+from the run's checkpoints. Then it runs `loop.train_worker` on `--workers` Ray workers (gloo on
+CPU, NCCL on GPU) with
+
+* `RunConfig(name, storage_path=run_dir)`: the run folder; running the same name and run
+  directory again resumes from the newest checkpoint (Ray Train 2.60 restores by name + path);
+* `FailureConfig(max_failures)`: a dead worker restarts the group from the newest checkpoint;
+* `CheckpointConfig(num_to_keep=keep_checkpoints)`.
+
+While the workers train, a progress bar on the driver follows the run's progress file (worker
+output need not reach the driver). The summary is read back from the run's files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import asdict, replace
+from datetime import datetime, timezone
+from typing import Any
+
+from pipelines.runtime import ensure_ray
+from pipelines.storage import OutputStore
+from pipelines.train import checkpoints, outputs
+from pipelines.train.clips import Catalogue, TrainingDataError, load_catalogue
+from pipelines.train.model import ModelPlan, plan_model
+from pipelines.train.settings import MODEL_SHAPING, TrainSettings, check_settings
+
+LOG = logging.getLogger(__name__)
+
+PROGRESS_POLL_S = 2.0
+
+
+class RunRefused(ValueError):
+    """A rerun whose settings cannot continue the existing run; the message lists the differences."""
+
+
+def run_location(settings: TrainSettings) -> str:
+    return f"{settings.run_dir.rstrip('/')}/{settings.name}"
+
+
+def prepare_run(settings: TrainSettings) -> tuple[TrainSettings, ModelPlan, Catalogue, Catalogue, int]:
+    """All checks that need no Ray: returns the settings (run_dir made absolute when local), the
+    model plan, the train and evaluation catalogues and the step to resume from."""
+    check_settings(settings)
+    store = OutputStore(settings.run_dir)
+    if store.is_local:
+        settings = replace(settings, run_dir=str(store.local_path()))
+    train = load_catalogue(settings.data, settings.train_split)
+    try:
+        evaluation = load_catalogue(settings.data, settings.eval_split)
+    except TrainingDataError as error:
+        LOG.warning("evaluating on training clips: %s", error)
+        evaluation = train
+    LOG.info("training data: %s; evaluation: %s", train.describe(), evaluation.describe())
+    latest = checkpoints.latest_checkpoint(settings.run_dir, settings.name)
+    start = latest[0] if latest else 0
+    if latest:
+        _check_same_model(store, settings)
+    plan = plan_model(settings)
+    return settings, plan, train, evaluation, start
+
+
+def _check_same_model(store: OutputStore, settings: TrainSettings) -> None:
+    recorded = outputs.read_json(store, f"{settings.name}/{outputs.RUN_RECORD}", {}).get("settings", {})
+    differences = [f"{name}: {recorded[name]!r} -> {getattr(settings, name)!r}"
+                   for name in MODEL_SHAPING if name in recorded and recorded[name] != getattr(settings, name)]
+    if differences:
+        raise RunRefused(f"run {run_location(settings)} has checkpoints of another model or objective "
+                         f"({'; '.join(differences)}); rerun with the run's settings to resume, or give a new --name")
+    if recorded.get("workers") not in (None, settings.workers) or recorded.get("batch") not in (None, settings.batch):
+        LOG.warning("resuming with %d workers and batch %d where the run had %s and %s: training continues, "
+                    "but the pairs drawn from here on differ from an uninterrupted run", settings.workers,
+                    settings.batch, recorded.get("workers"), recorded.get("batch"))
+
+
+def _write_run_record(settings: TrainSettings, plan: ModelPlan, train: Catalogue, evaluation: Catalogue,
+                      start: int) -> None:
+    store = OutputStore(settings.run_dir)
+    relpath = f"{settings.name}/{outputs.RUN_RECORD}"
+    record = outputs.read_json(store, relpath, {})
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    record.setdefault("created_at", now)
+    record.update(settings=settings.to_dict(), model=plan.model, train_config=plan.train, init_kind=plan.init_kind,
+                  data={"train": train.describe(), "evaluation": evaluation.describe(),
+                        "train_shards": list(train.shards)})
+    record.setdefault("launches", []).append({"at": now, "from_step": start, "to_step": settings.steps,
+                                              "workers": settings.workers})
+    store.write_bytes_atomic(relpath, json.dumps(record, indent=1, sort_keys=True).encode())
+
+
+def run_training(settings: TrainSettings) -> dict[str, Any]:
+    """Train (or resume) the run and return its summary; raises on refused input or a failed run."""
+    settings, plan, train, evaluation, start = prepare_run(settings)
+    location = run_location(settings)
+    if start >= settings.steps:
+        LOG.info("run %s is already at step %d (asked for %d): nothing to train; raise --steps to continue",
+                 location, start, settings.steps)
+        return summarise(settings)
+    LOG.info("run %s: %s from step %d to %d on %d worker(s), %d pairs per step", location,
+             "resuming" if start else "starting", start, settings.steps, settings.workers, settings.batch)
+    _write_run_record(settings, plan, train, evaluation, start)
+
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.train.loop import train_worker
+
+    ensure_ray(settings.ray_address)
+    init_content = None
+    if plan.init_kind is not None and start == 0:
+        folder, file = settings.init.rsplit("/", 1) if "/" in settings.init else (".", settings.init)
+        init_content = ray.put(OutputStore(folder).read_bytes(file))
+    resources = {"CPU": settings.cpus_per_worker}
+    if settings.gpus_per_worker:
+        resources["GPU"] = settings.gpus_per_worker
+    store = OutputStore(settings.run_dir)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"settings": settings.to_dict(), "plan": asdict(plan), "train_catalogue": train,
+                           "eval_catalogue": evaluation, "init_content": init_content},
+        scaling_config=ScalingConfig(num_workers=settings.workers, use_gpu=settings.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=settings.name, storage_path=str(store.local_path()) if store.is_local
+                             else settings.run_dir,
+                             failure_config=FailureConfig(max_failures=settings.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=settings.keep_checkpoints)),
+    )
+    with _ProgressBar(store, settings, start):
+        trainer.fit()
+    return summarise(settings)
+
+
+def summarise(settings: TrainSettings) -> dict[str, Any]:
+    """The run's location, step, throughput, last evaluation, skipped samples and newest checkpoint."""
+    store = OutputStore(settings.run_dir)
+    final = outputs.read_json(store, f"{settings.name}/{outputs.FINAL_METRICS}", {})
+    latest = checkpoints.latest_checkpoint(settings.run_dir, settings.name)
+    return {"run": run_location(settings), "step": final.get("step", latest[0] if latest else 0),
+            "steps": settings.steps, "pairs_per_s": final.get("pairs_per_s"),
+            "last_evaluation": final.get("last_evaluation"), "losses": final.get("losses", {}),
+            "skipped": final.get("skipped", {}),
+            "checkpoint": f"{settings.run_dir.rstrip('/')}/{latest[1]}" if latest else None}
+
+
+def summary_text(summary: dict[str, Any]) -> str:
+    """The summary as the lines `portrait train` prints."""
+    lines = [f"training run: {summary['run']}", f"  {'step':<30}{summary['step']} / {summary['steps']}"]
+    if summary.get("pairs_per_s") is not None:
+        lines.append(f"  {'pairs/s':<30}{summary['pairs_per_s']:.2f}")
+    evaluation = summary.get("last_evaluation") or {}
+    for name, value in evaluation.items():
+        if name != "step":
+            lines.append(f"  {'eval ' + name:<30}{value:.4g}")
+    for name, count in (summary.get("skipped") or {}).items():
+        lines.append(f"  {'skipped ' + name:<30}{count}")
+    lines.append(f"  {'checkpoint':<30}{summary.get('checkpoint')}")
+    return "\n".join(lines)
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The summary as the Prefect artifact of the `train_model` flow."""
+    evaluation = summary.get("last_evaluation") or {}
+    rows = [f"| {name} | {value:.4g} |" for name, value in evaluation.items() if name != "step"]
+    pairs = summary.get("pairs_per_s")
+    return "\n".join([
+        f"# Training run `{summary['run']}`", "",
+        f"* steps: {summary['step']} of {summary['steps']}",
+        f"* samples/s (pairs per second, all workers): {pairs:.2f}" if pairs is not None else "* samples/s: -",
+        f"* newest checkpoint: `{summary.get('checkpoint')}`",
+        f"* skipped samples: {summary.get('skipped') or 'none'}", "",
+        f"## Last evaluation (step {evaluation.get('step', '-')})", "", "| metric | value |", "|---|---|", *rows])
+
+
+class _ProgressBar:
+    """A tqdm bar on the driver that follows the run's progress file while `fit()` runs."""
+
+    def __init__(self, store: OutputStore, settings: TrainSettings, start: int) -> None:
+        self.store, self.settings, self.start = store, settings, start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="train-progress", daemon=True)
+
+    def __enter__(self) -> _ProgressBar:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _follow(self) -> None:
+        from tqdm import tqdm
+
+        relpath = f"{self.settings.name}/{outputs.PROGRESS}"
+        with tqdm(total=self.settings.steps, initial=self.start, desc=f"train {self.settings.name}",
+                  unit="step") as bar:
+            while True:
+                stopping = self._stop.wait(PROGRESS_POLL_S)
+                progress = outputs.read_json(self.store, relpath, {})
+                if progress.get("step", 0) > bar.n:
+                    values = progress.get("values", {})
+                    bar.update(progress["step"] - bar.n)
+                    bar.set_postfix(g=f"{values.get('g_total', float('nan')):.3f}",
+                                    pairs_s=f"{values.get('pairs_per_s', 0.0):.2f}", refresh=False)
+                if stopping:
+                    return

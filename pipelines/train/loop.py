@@ -1,0 +1,235 @@
+"""The loop every Ray Train worker runs: draw this rank's pairs, take a `dpe.train_step`, report.
+
+All ranks start from the same weights (same seed, same initialisation file or checkpoint) and
+`train_step` averages gradients across them, so the weights stay identical; each rank draws its
+own pairs (`pairs.PairSampler`). Every rank runs the same steps and meets the others at the
+same collective calls: the gradient all-reduce inside the step, a gather of the interval's
+losses and skipped samples every `log_every` steps, and `ray.train.report` at each checkpoint
+(a barrier). Rank 0 alone writes the run's files (`outputs.RunOutputs`), grids and evaluations.
+
+Resume is exact: a checkpoint holds the weights, the three optimisers, the step and each
+rank's probe statistics (the only state that differs between ranks); the pairs of a step
+depend only on (seed, rank, step), and torch is re-seeded from the same triple before every
+step. So N steps in one go and N/2 + resume + N/2 give the same weights and the same data.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.train import checkpoints
+from pipelines.train.clips import Catalogue, ClipReader
+from pipelines.train.model import ModelPlan, apply_init, build_state
+from pipelines.train.pairs import PairSampler, fixed_pairs
+from pipelines.train.settings import TrainSettings
+
+LOG = logging.getLogger(__name__)
+
+TRAIN_PAIRS_FOR_EVALUATION = 8
+"""Fixed training pairs whose self-reconstruction L1 is tracked (the proof that the loop trains)."""
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of one step on one rank (reproducible on resume)."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train's `train_loop_per_worker`; `config` is what `job.run_training` passes."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from dpe.train_step import train_step
+
+    settings = TrainSettings.from_dict(config["settings"])
+    plan = ModelPlan(**config["plan"])
+    train_catalogue: Catalogue = config["train_catalogue"]
+    eval_catalogue: Catalogue = config["eval_catalogue"]
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(settings.cpus_per_worker)))
+
+    torch.manual_seed(settings.seed)
+    state = build_state(plan, device)
+    start = _restore_or_initialise(state, ray.train.get_checkpoint(), plan, config.get("init_content"), rank)
+    reader = ClipReader(settings.data, settings.size, frame_window=settings.effective_frame_window,
+                        cache_bytes=settings.clip_cache_mb << 20)
+    sampler = PairSampler(train_catalogue, reader, seed=settings.seed, rank=rank)
+    LOG.info("rank %d/%d on %s: steps %d..%d, %d pairs per step, data %s", rank, world_size, device, start,
+             settings.steps, settings.per_worker_batch, train_catalogue.describe())
+
+    outputs = evaluator = None
+    if rank == 0:
+        from pipelines.train.evaluation import Evaluator
+        from pipelines.train.outputs import RunOutputs
+
+        outputs = RunOutputs(settings.run_dir, settings.name, settings.steps, start, world_size)
+        eval_reader = ClipReader(settings.data, settings.size, cache_bytes=settings.clip_cache_mb << 20)
+        evaluator = Evaluator(fixed_pairs(eval_catalogue, eval_reader, settings.eval_pairs, settings.seed),
+                              fixed_pairs(train_catalogue, eval_reader, TRAIN_PAIRS_FOR_EVALUATION, settings.seed))
+        if start == 0:
+            _visualise(outputs, evaluator, state.generator, 0, grid=True, evaluate=True)
+
+    interval = _Interval()
+    upload = checkpoints.upload_checkpoint(settings.run_dir, settings.name)
+    for step in range(start, settings.steps):
+        began = time.perf_counter()
+        batch = {key: torch.from_numpy(value) for key, value in sampler.batch(step, settings.per_worker_batch).items()}
+        loaded = time.perf_counter()
+        torch.manual_seed(step_seed(settings.seed, rank, step))
+        interval.add(train_step(state, batch), loaded - began, time.perf_counter() - began)
+        done = step + 1
+        last = done == settings.steps
+        if done % settings.log_every == 0 or last:
+            gathered = _gather({"losses": interval.means(), "skipped": dict(reader.skipped)}, world_size)
+            if outputs is not None:
+                _log(outputs, state, settings, done, interval, gathered)
+            interval = _Interval()
+        if outputs is not None:
+            _visualise(outputs, evaluator, state.generator, done, grid=done % settings.grid_every == 0 or last,
+                       evaluate=done % settings.eval_every == 0 or last)
+        if done % settings.checkpoint_every == 0 or last:
+            _checkpoint(state, settings, plan, done, rank, world_size, upload, outputs)
+    if outputs is not None:
+        outputs.finish(settings.steps)
+
+
+def _restore_or_initialise(state, checkpoint, plan: ModelPlan, init_content: Any, rank: int) -> int:
+    """Load the latest checkpoint (returns its step), or the --init file for a new run (returns 0)."""
+    import ray
+
+    from dpe.checkpoint import load_checkpoint
+
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            payload = load_checkpoint(Path(folder) / checkpoints.CHECKPOINT_FILE, models=state.modules(),
+                                      optimizers=state.optimizers())
+        _restore_probe_statistics(state.probes, payload["extra"].get("probe_statistics", []), rank)
+        state.step = int(payload["step"])
+        LOG.info("rank %d resumed from %s at step %d", rank, checkpoint.path, state.step)
+        return state.step
+    if plan.init_kind is not None:
+        content = ray.get(init_content) if isinstance(init_content, ray.ObjectRef) else init_content
+        loaded = apply_init(state, plan.init_kind, content)
+        LOG.info("rank %d initialised %s from the %s file", rank, ", ".join(loaded), plan.init_kind)
+    return 0
+
+
+def _probe_statistics(probes) -> dict[str, list]:
+    return {name: buffer.tolist() for name, buffer in probes.named_buffers()}
+
+
+def _restore_probe_statistics(probes, saved: list[dict[str, list]], rank: int) -> None:
+    """Each rank's own running target statistics (rank 0's when the run had fewer ranks before)."""
+    import torch
+
+    if not saved:
+        return
+    statistics = saved[rank] if rank < len(saved) else saved[0]
+    for name, buffer in probes.named_buffers():
+        buffer.copy_(torch.tensor(statistics[name], dtype=buffer.dtype))
+
+
+class _Interval:
+    """Losses and timings of the steps since the last log."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.steps = 0
+        self.data_s = 0.0
+        self.step_s = 0.0
+        self.began = time.perf_counter()
+
+    def add(self, losses: dict[str, float], data_s: float, step_s: float) -> None:
+        for name, value in losses.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+            self.counts[name] = self.counts.get(name, 0) + 1
+        self.steps += 1
+        self.data_s += data_s
+        self.step_s += step_s
+
+    def means(self) -> dict[str, float]:
+        return {name: total / self.counts[name] for name, total in self.sums.items()}
+
+
+def _gather(local: dict[str, Any], world_size: int) -> list[dict[str, Any]]:
+    """Every rank's `local` (a collective: all ranks call it at the same steps)."""
+    import torch.distributed as dist
+
+    if world_size == 1 or not dist.is_initialized():
+        return [local]
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, local)
+    return gathered
+
+
+def _log(outputs, state, settings: TrainSettings, step: int, interval: _Interval, gathered: list[dict]) -> None:
+    names = sorted({name for part in gathered for name in part["losses"]})
+    losses = {name: float(np.mean([p["losses"][name] for p in gathered if name in p["losses"]])) for name in names}
+    wall = time.perf_counter() - interval.began
+    pairs_per_s = settings.batch * interval.steps / wall if wall > 0 else 0.0
+    values = {**losses, "pairs_per_s": pairs_per_s, "data_fraction": interval.data_s / max(interval.step_s, 1e-9),
+              **{f"lr_{name}": optimizer.param_groups[0]["lr"] for name, optimizer in state.optimizers().items()}}
+    eta_s = (settings.steps - step) * wall / interval.steps if interval.steps else None
+    outputs.log(step, values, eta_s)
+    for part in gathered:
+        outputs.skip(part["skipped"])
+    LOG.info("step %d/%d (%.0f%%) g_total %.4f d_gan %.4f | %.2f pairs/s | ETA %s", step, settings.steps,
+             100 * step / settings.steps, losses.get("g_total", float("nan")), losses.get("d_gan", float("nan")),
+             pairs_per_s, _duration(eta_s))
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _visualise(outputs, evaluator, generator, step: int, *, grid: bool, evaluate: bool) -> None:
+    from pipelines.train.evaluation import grid_png, transfers
+
+    if grid and evaluator.pairs:
+        outputs.grid(step, grid_png(transfers(generator, evaluator.pairs)))
+    if evaluate:
+        outputs.evaluation(step, evaluator.evaluate(generator))
+
+
+def _checkpoint(state, settings: TrainSettings, plan: ModelPlan, step: int, rank: int, world_size: int,
+                upload, outputs) -> None:
+    """Save and report a checkpoint (rank 0 writes it; every rank reports, as Ray Train requires)."""
+    import ray.train
+
+    from dpe.checkpoint import save_checkpoint
+
+    statistics = [part["probes"] for part in _gather({"probes": _probe_statistics(state.probes)}, world_size)]
+    metrics = {"step": step}
+    dir_name = checkpoints.checkpoint_dir_name(step)
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    extra = {"train_config": asdict(state.train_config), "settings": settings.to_dict(),
+             "sampler": {"seed": settings.seed, "world_size": world_size, "pairs_per_rank": settings.per_worker_batch,
+                         "next_step": step, "frame_window": settings.effective_frame_window},
+             "probe_statistics": statistics, "data": {"uri": settings.data, "split": settings.train_split},
+             "init": {"file": settings.init, "kind": plan.init_kind}}
+    with tempfile.TemporaryDirectory(prefix="checkpoint-") as folder:
+        save_checkpoint(Path(folder) / checkpoints.CHECKPOINT_FILE, models=state.modules(),
+                        optimizers=state.optimizers(), step=step, config=state.model_config, extra=extra)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=dir_name,
+                         checkpoint_upload_fn=upload, delete_local_checkpoint_after_upload=False)
+    checkpoints.point_latest(settings.run_dir, settings.name, dir_name)
+    outputs.checkpointed()
+    LOG.info("checkpoint %s written", dir_name)

@@ -1,0 +1,103 @@
+"""The networks, objective and starting weights of a run, from its settings.
+
+Everything here is decided once, on the driver, before any worker starts (`plan_model`): the
+model's `ModelConfig`, the `TrainConfig` of the chosen objective, whether the VGG19 perceptual
+term can run, and what kind of file `--init` names (checked against the model, so a wrong file
+fails in seconds, not after the workers have started). Workers rebuild the same state from that
+plain-data plan (`build_state`) and apply the initialisation (`apply_init`).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pipelines.train.settings import TrainSettings, model_shape
+
+LOG = logging.getLogger(__name__)
+
+INIT_OFFICIAL = "official"
+INIT_LIA = "lia"
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """Plain data every worker builds its `TrainState` from."""
+
+    model: dict[str, Any]
+    train: dict[str, Any]
+    init_kind: str | None = None
+
+
+def plan_model(settings: TrainSettings) -> ModelPlan:
+    """Resolve the model, the objective and the initialisation file; ValueError naming what is wrong."""
+    from dpe.config import ModelConfig
+    from dpe.train_step import TrainConfig
+    from dpe.vgg import VGGWeightsNotFoundError, resolve_vgg19_weights
+
+    model = ModelConfig(**model_shape(settings.size, settings.model_width))
+    perceptual = settings.perceptual != "off"
+    vgg_weights = settings.vgg_weights
+    if perceptual:
+        try:
+            vgg_weights = str(resolve_vgg19_weights(settings.vgg_weights))
+        except VGGWeightsNotFoundError as error:
+            if settings.perceptual == "on":
+                raise ValueError(f"perceptual: {error}") from None
+            LOG.warning("training WITHOUT the VGG19 perceptual term: %s", error)
+            perceptual, vgg_weights = False, None
+    options = dict(perceptual=perceptual, vgg_weights=vgg_weights, micro_batches=settings.micro_batches,
+                   bf16=settings.bf16)
+    train = TrainConfig.official(**options) if settings.objective == "official" else TrainConfig(**options)
+    init_kind = detect_init(settings.init, model) if settings.init else None
+    return ModelPlan(model.to_dict(), asdict(train), init_kind)
+
+
+def detect_init(path: str, model_config) -> str:
+    """Whether `path` is an official DPE checkpoint or LIA's vox.pt for this model (tried in that order).
+
+    Raises FileNotFoundError or ValueError with both loaders' reasons when it is neither.
+    """
+    from dpe.checkpoint import initialise_from_official, load_lia_initialisation
+    from dpe.discriminator import Discriminator
+    from dpe.model import DPEGenerator
+
+    generator, discriminator = DPEGenerator(model_config), Discriminator(model_config)
+    try:
+        loaded = initialise_from_official(path, generator, discriminator)
+        LOG.info("--init %s: an official DPE checkpoint (%s)", path, " and ".join(loaded))
+        return INIT_OFFICIAL
+    except ValueError as official_error:
+        try:
+            load_lia_initialisation(path, generator)
+        except ValueError as lia_error:
+            raise ValueError(f"init: {path} is neither an official DPE checkpoint nor LIA's vox.pt for this model "
+                             f"(size {model_config.size}). As an official file: {official_error} As a LIA file: "
+                             f"{lia_error}") from None
+    LOG.info("--init %s: LIA's vox.pt (encoder, motion MLP and directions)", path)
+    return INIT_LIA
+
+
+def build_state(plan: ModelPlan, device):
+    """A fresh `dpe.train_step.TrainState` from the plan (seed torch first for identical ranks)."""
+    from dpe.config import ModelConfig
+    from dpe.train_step import TrainConfig, make_train_state
+
+    train = dict(plan.train)
+    for name in ("g_betas", "d_betas"):
+        train[name] = tuple(train[name])
+    return make_train_state(ModelConfig.from_dict(plan.model), TrainConfig(**train), device)
+
+
+def apply_init(state, kind: str, content: bytes) -> list[str]:
+    """Load the initialisation file's content (as read on the driver) into a fresh state."""
+    from dpe.checkpoint import initialise_from_official, load_lia_initialisation
+
+    if kind == INIT_OFFICIAL:
+        return initialise_from_official(io.BytesIO(content), state.generator, state.discriminator)
+    if kind == INIT_LIA:
+        load_lia_initialisation(io.BytesIO(content), state.generator)
+        return ["encoder", "motion"]
+    raise ValueError(f"unknown initialisation kind {kind!r}")
