@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,44 @@ def carphone_frames():
         capture_output=True, check=True,
     ).stdout
     return np.frombuffer(raw, np.uint8).reshape(-1, 144, 176, 3)
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A real S3-compatible server on loopback (moto's server mode) and a client to make buckets."""
+
+    endpoint: str
+    client: object
+
+    def bucket(self, name: str) -> str:
+        self.client.create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server in a thread on 127.0.0.1; pyarrow (and so every store) reaches it through the
+    standard AWS_* environment variables, as a user's S3-compatible endpoint would be configured."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    previous = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield S3Server(endpoint, boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1"))
+    finally:
+        server.stop()
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

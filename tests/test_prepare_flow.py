@@ -13,8 +13,8 @@ import pytest
 from flows.cli import main
 from pipelines.dataset import integrity, manifest
 from pipelines.dataset.inspect import FRAMES_PER_ROW, LABEL_HEIGHT, TILE
-from pipelines.dataset.layout import PARTS_PREFIX, SUMMARY_PATH
-from pipelines.dataset.shards import read_samples
+from pipelines.dataset.layout import PARTS_PREFIX, SUMMARY_PATH, stats_path
+from pipelines.dataset.shards import read_samples, read_stats
 from pipelines.prepare import job as prepare
 from pipelines.prepare.requests import ClipRequest
 from pipelines.prepare.runner import map_videos
@@ -74,6 +74,9 @@ def test_good_clips_are_prepared_and_bad_ones_recorded_with_their_cause(sample_r
         assert by_id[clip_id].status == manifest.FAILED
         assert by_id[clip_id].failure_class == failure_class, by_id[clip_id].message
         assert by_id[clip_id].message
+    for row in state.values():  # the manifest records the stages the worker measured
+        if row.status == manifest.OK:
+            assert None not in [getattr(row, column) for column in manifest.TIMING_COLUMNS], row
     rejected = {row.failure_class for row in state.values() if row.clip_id.startswith("invalid:")}
     assert rejected == {"bad_metadata", "duplicate_clip"}
     assert summary["ok"] == len(ok) and summary["failed"] == len(by_id) - len(ok)
@@ -119,6 +122,33 @@ def test_rerun_resumes_without_redoing_or_duplicating(sample_run):
     assert json.loads((output / SUMMARY_PATH).read_text()) == first
     assert _shard_files(output) == shards_before
     assert OutputStore(str(output)).list(PARTS_PREFIX) == parts_before, "a rerun committed new work"
+
+
+def test_shards_lost_behind_the_manifests_back_are_reported_and_redone(sample_run, tmp_path, capsys):
+    argv, output, first = sample_run
+    store = OutputStore(str(output))
+    missing, tampered = _shard_files(output)[:2]
+    lost_keys = set(read_stats(store, missing).keys) | set(read_stats(store, tampered).keys)
+    (output / missing).unlink()
+    stats = json.loads(store.read_bytes(stats_path(tampered)))
+    stats["keys"] = stats["keys"][:-1] + ["kinvented"]
+    store.write_bytes_atomic(stats_path(tampered), json.dumps(stats).encode())
+    capsys.readouterr()
+
+    assert main(["inspect", str(output), "--sheet", str(tmp_path / "sheet.png")]) == 1
+    report = capsys.readouterr().out
+    assert f"MISSING shard {missing}" in report and "keys differ" in report
+
+    assert main(argv) == 0
+    state = manifest.load_state(store)
+    ok = {row.key: row for row in state.values() if row.status == manifest.OK}
+    assert lost_keys <= set(ok) and len(ok) == first["ok"]
+    assert all(ok[key].attempt >= 2 and ok[key].shard not in (missing, tampered) for key in lost_keys)
+    keys = [sample.key for sample in _all_samples(output)]
+    assert sorted(keys) == sorted(ok), "every ok clip is in exactly one shard"
+    history = [row for row in manifest.read_parts(store) if row.failure_class == "shard_lost"]
+    assert {row.key for row in history} == lost_keys and all(row.message for row in history)
+    assert main(["inspect", str(output), "--sheet", str(tmp_path / "sheet.png")]) == 0
 
 
 def test_crash_between_shard_and_manifest_commit_leaves_no_duplicate(ray_cluster, tmp_path, monkeypatch):

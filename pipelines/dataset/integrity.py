@@ -101,6 +101,8 @@ def reconcile(store: OutputStore, rows: list[manifest.ManifestRow], runs: list[R
             store.delete(shard)
             store.delete(stats_path(shard), missing_ok=True)
             result.removed_shards.append(shard)
+        for shard in result.missing_shards:  # stats left without their shard would describe nothing
+            store.delete(stats_path(shard), missing_ok=True)
         for folder in ["", PARTS_PREFIX, RUNS_PREFIX, *sorted(splits)]:
             result.removed_temporaries += store.remove_temporaries(folder)
     else:
