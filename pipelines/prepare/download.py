@@ -154,7 +154,7 @@ _MESSAGE_CLASSES = [  # first match wins; lower-case text of yt-dlp's message
     (re.compile(r"http error 5\d\d"), errors.SERVER_ERROR),
     (re.compile(r"http error \d{3}"), errors.HTTP_ERROR),
     (re.compile(r"private video|video is private"), errors.PRIVATE),
-    (re.compile(r"copyright"), errors.COPYRIGHT),
+    (re.compile(r"copyright\b"), errors.COPYRIGHT),
     (re.compile(r"in your country|geo.?restrict"), errors.GEO_BLOCKED),
     (re.compile(r"confirm your age|age.restricted|inappropriate for some users"), errors.AGE_RESTRICTED),
     (re.compile(r"unsupported url"), errors.UNSUPPORTED_URL),
