@@ -34,13 +34,16 @@ def make_clips(talk: Path, noface: Path, twofaces: Path, directory: Path) -> dic
     # Variable frame rate: every frame of the first 20, then every third one (uneven pts).
     ffmpeg("-i", str(talk), "-vf", r"select='lt(n\,20)+not(mod(n\,3))'", "-fps_mode", "vfr", "-frames:v", "40",
            *_X264, "-c:a", "copy", "-t", "3", str(d["vfr.mp4"]))
-    # Display rotation metadata (90 degrees counter-clockwise), pixels stored landscape.
-    ffmpeg("-display_rotation", "90", "-i", str(d["short.mp4"]), "-c", "copy", str(d["rotated.mp4"]))
+    # A phone-style file: pixels stored turned 90 degrees clockwise (288x352) with display rotation
+    # metadata (90 degrees counter-clockwise) that shows them upright (352x288).
+    turned = directory / "turned.mp4"
+    ffmpeg("-i", str(d["short.mp4"]), "-vf", "transpose=1", *_X264, "-c:a", "copy", str(turned))
+    ffmpeg("-display_rotation", "90", "-i", str(turned), "-c", "copy", str(d["rotated.mp4"]))
     # Odd width and height (4:2:0 cannot hold them).
     ffmpeg("-i", str(talk), "-frames:v", "20", "-vf", "scale=351:287", "-c:v", "libx264", "-preset", "ultrafast",
            "-pix_fmt", "yuv444p", "-an", str(d["odd.mp4"]))
-    # Portrait orientation stored as such (288 wide, 352 high).
-    ffmpeg("-i", str(talk), "-frames:v", "30", "-vf", "transpose=2", *_X264, "-an", str(d["portrait.mp4"]))
+    # Portrait orientation stored as such (216 wide, 288 high).
+    ffmpeg("-i", str(talk), "-frames:v", "30", "-vf", "crop=216:288", *_X264, "-an", str(d["portrait.mp4"]))
     ffmpeg("-i", str(talk), "-frames:v", "1", *_X264, "-an", str(d["one_frame.mp4"]))
     # The index (moov) after the data: cannot be streamed from a pipe.
     ffmpeg("-i", str(talk), "-frames:v", "30", *_X264, "-c:a", "copy", "-t", "1", str(d["moov_end.mp4"]))

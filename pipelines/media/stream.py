@@ -313,7 +313,7 @@ def _seconds(packet: av.Packet) -> float:
 
 
 def _segment_packets(segments: list[Path], output: av.video.stream.VideoStream) -> Iterator[tuple[float, int, av.Packet]]:
-    for number, segment in enumerate(segments):
+    for segment in segments:
         with av.open(str(segment), "r") as container:
             for packet in container.demux(container.streams.video[0]):
                 if packet.size == 0:
@@ -394,12 +394,12 @@ def video_timestamps(path: str | os.PathLike) -> tuple[np.ndarray, Fraction]:
         container.close()
 
 
-def audio_packets(path: str | os.PathLike) -> list[list[tuple[int | None, bytes]]]:
-    """Per audio stream, every packet's (pts, bytes): what 'copied unchanged' is checked against."""
+def audio_packets(path: str | os.PathLike) -> list[list[tuple[Fraction | None, bytes]]]:
+    """Per audio stream, every packet's (time in seconds, bytes): what "copied unchanged" is checked against."""
     container = _open(path)
     try:
         streams = list(container.streams.audio)
-        result: list[list[tuple[int | None, bytes]]] = [[] for _ in streams]
+        result: list[list[tuple[Fraction | None, bytes]]] = [[] for _ in streams]
         if streams:
             position = {stream.index: number for number, stream in enumerate(streams)}
             for packet in container.demux(streams):

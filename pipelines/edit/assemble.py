@@ -1,0 +1,146 @@
+"""The last step of a job: join its segments with the source's audio, check the result, make previews.
+
+A job is finished only when every chunk came back. If any failed, the job's row records the first
+failure (by chunk order) and the segments that did succeed stay in the output store, so a rerun
+redoes only the failed chunks. Otherwise the segments' packets and every audio stream of the source
+are muxed into the output file (no re-encoding), which appears only complete; the written file's
+frame timestamps are compared with the source's, one by one, before the job counts as ok. Then the
+segments are deleted and the optional previews written.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from pipelines import errors
+from pipelines.edit.analyse import local_info
+from pipelines.edit.fetch import local_copy, store_output
+from pipelines.edit.previews import write_previews
+from pipelines.edit.results import FAILED, OK, ResultRow, base_row
+from pipelines.edit.settings import EditSettings
+from pipelines.edit.work import STAGE_TIMINGS, ChunkWork, timed
+from pipelines.errors import RecordedFailure
+from pipelines.media.stream import StreamInfo, container_format, join_segments, open_info, video_timestamps
+from pipelines.storage import OutputStore
+
+LOG = logging.getLogger(__name__)
+
+
+def output_uri(settings: EditSettings, relpath: str) -> str:
+    return f"{settings.output.rstrip('/')}/{relpath}"
+
+
+def _same_instants(a: np.ndarray, a_base: Fraction, b: np.ndarray, b_base: Fraction) -> bool:
+    """Whether two pts lists name exactly the same instants (exact rational comparison)."""
+    if len(a) != len(b):
+        return False
+    left = a.astype(object) * (a_base.numerator * b_base.denominator)
+    right = b.astype(object) * (b_base.numerator * a_base.denominator)
+    return bool(np.all(left == right))
+
+
+def verify_output(path: Path, chunks: list[ChunkWork], info: StreamInfo) -> StreamInfo:
+    """Check the written video has exactly the source's frames at the source's instants; return its info."""
+    expected = np.concatenate([c.pts for c in chunks])
+    written, base = video_timestamps(path)
+    if not _same_instants(written, base, np.sort(expected), info.time_base):
+        raise RecordedFailure(errors.INTERNAL_ERROR,
+                              f"the output has {len(written)} frames at other instants than the source's "
+                              f"{len(expected)}: a bug in segment joining; the output was not published")
+    return open_info(path)
+
+
+def _segments_local(store: OutputStore, chunks: list[ChunkWork], scratch: Path) -> list[Path]:
+    if store.is_local:
+        return [store.local_path(c.segment) for c in chunks]
+    paths = []
+    for chunk in chunks:
+        target = scratch / Path(chunk.segment).name
+        target.write_bytes(store.read_bytes(chunk.segment))
+        paths.append(target)
+    return paths
+
+
+def _delete_segments(store: OutputStore, chunks: list[ChunkWork]) -> None:
+    for chunk in chunks:
+        store.delete(chunk.segment, missing_ok=True)
+    if store.is_local:
+        folder = store.local_path(chunks[0].segment).parent
+        try:
+            folder.rmdir()
+            folder.parent.rmdir()  # `.segments` itself, when no other job has segments there
+        except OSError:
+            pass
+
+
+def _sheet_frames(chunks: list[ChunkWork], count: int) -> list[int]:
+    weights = np.concatenate([c.weights for c in chunks])
+    edited = np.flatnonzero(weights > 0)
+    pool = edited if len(edited) else np.arange(len(weights))
+    return sorted({int(pool[int(round(i))]) for i in np.linspace(0, len(pool) - 1, count)})
+
+
+def finish_job(chunks: list[ChunkWork], settings: EditSettings, store: OutputStore, model: str) -> ResultRow:
+    """The job's results row, after joining and checking its output when every chunk succeeded."""
+    chunks = sorted(chunks, key=lambda c: c.chunk)
+    started = min(c.started_at for c in chunks)
+    first = chunks[0]
+    job = first.job
+    timings: dict[str, float] = {}
+    for chunk in chunks:
+        for key, value in chunk.timings.items():
+            timings[key] = timings.get(key, 0.0) + value
+    workers = sorted({w for c in chunks for w in c.workers})
+    common = dict(attempt=first.work.attempt, spec=first.work.spec, model=model, worker=",".join(workers))
+    failed = [c for c in chunks if not c.ok]
+    info = first.info
+    described = {} if info is None else dict(
+        frames=int(sum(c.frames for c in chunks)), chunks=first.chunks, width=info.display_size[0],
+        height=info.display_size[1], rotation=info.rotation, input_fps=info.rate_text,
+        input_duration_s=info.duration_s, audio_streams=info.audio_streams)
+    if failed:
+        return _row(job, settings, timings, started, status=FAILED, failure_class=failed[0].failure_class,
+                    message=failed[0].message, **described, **common)
+    preview_video = preview_sheet = ""
+    try:
+        source = local_info(first, settings)
+        with tempfile.TemporaryDirectory(prefix="edit-join-") as scratch:
+            with store_output(store, job.output) as target:
+                with timed(timings, "join_s"):
+                    join_segments(_segments_local(store, chunks, Path(scratch)), target, source,
+                                  container_format(job.output))
+                    written = verify_output(target, chunks, source)
+                if settings.previews:
+                    with timed(timings, "preview_s"):
+                        preview_video, preview_sheet = _previews(chunks, source, target, settings, store)
+    except RecordedFailure as error:
+        return _row(job, settings, timings, started, status=FAILED, failure_class=error.failure_class,
+                    message=f"{job.source}: {error.message}", **described, **common)
+    _delete_segments(store, chunks)
+    edited = int(sum(c.frames_edited for c in chunks))
+    return _row(job, settings, timings, started, status=OK, frames_edited=edited,
+                frames_passed_through=described["frames"] - edited, output_fps=written.rate_text,
+                output_duration_s=written.duration_s, preview_video=preview_video, preview_sheet=preview_sheet,
+                **described, **common)
+
+
+def _previews(chunks: list[ChunkWork], source: StreamInfo, result: Path, settings: EditSettings,
+              store: OutputStore) -> tuple[str, str]:
+    job = chunks[0].job
+    video, sheet = f"previews/{job.key}.mp4", f"previews/{job.key}.png"
+    with store_output(store, video) as video_path, store_output(store, sheet) as sheet_path:
+        write_previews(job, source, local_copy(job.driving, settings.workdir), result, video_path, sheet_path,
+                       settings, _sheet_frames(chunks, settings.sheet_frames))
+    return output_uri(settings, video), output_uri(settings, sheet)
+
+
+def _row(job, settings: EditSettings, timings: dict[str, float], started: float, **values) -> ResultRow:
+    stages = {key: round(timings[key], 4) for key in (*STAGE_TIMINGS, "preview_s") if key in timings}
+    return base_row(job, output_uri(settings, job.output), **stages, total_s=round(sum(stages.values()), 4),
+                    wall_s=round(time.time() - started, 3), **values)

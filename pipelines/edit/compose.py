@@ -1,0 +1,97 @@
+"""The paste and encode stage: decode the chunk again, paste each edited face back, encode a segment.
+
+Each frame with an edited face gets the edited crop blended into the full-resolution frame
+(`media.paste`: soft landmark mask, colour matched around the face; for pose edits the mask also
+covers the face where the edit moved it, found by the landmark model on the edited crop); every
+other frame is written as decoded. Frames keep their pts and durations (`media.stream`), and the
+segment appears in the output store only once complete.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import cv2
+import numpy as np
+
+from pipelines.edit.analyse import local_info
+from pipelines.edit.crops import chunk_frames
+from pipelines.edit.fetch import store_output
+from pipelines.edit.settings import EditSettings
+from pipelines.edit.work import ChunkWork, timed
+from pipelines.errors import RecordedFailure
+from pipelines.media.crop import crop_frame, landmarks_to_crop
+from pipelines.media.faces import FaceDetector, make_detector
+from pipelines.media.paste import MaskConfig, face_mask, match_colour, paste_back
+from pipelines.media.stream import SegmentWriter
+from pipelines.storage import OutputStore
+
+LANDMARK_INPUT_SIZE = 256
+"""Edited crops smaller than this are enlarged before the landmark model looks at them."""
+
+
+@functools.lru_cache(maxsize=2)
+def cached_detector(name: str) -> FaceDetector:
+    """One detector per worker process and name (loading the models takes about a second)."""
+    return make_detector(name)
+
+
+def edited_landmarks(detector: FaceDetector, crop: np.ndarray, source_points: np.ndarray) -> np.ndarray:
+    """68 landmarks of the face in an edited crop, searched where the source face was (crop pixels)."""
+    scale = max(1.0, LANDMARK_INPUT_SIZE / crop.shape[0])
+    image = cv2.resize(crop, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC) if scale > 1 else crop
+    low, high = source_points.min(axis=0) * scale, source_points.max(axis=0) * scale
+    margin = 0.1 * (high - low)
+    box = (*(low - margin), *(high + margin))
+    return detector.landmarks(np.ascontiguousarray(image), tuple(float(v) for v in box)) / scale
+
+
+def paste_face(frame: np.ndarray, edited: np.ndarray, box: np.ndarray, landmarks: np.ndarray, weight: float,
+               mask_config: MaskConfig, colour_match: bool, detector: FaceDetector | None) -> np.ndarray:
+    """`frame` with `edited` (a crop of `box`) pasted over the face whose landmarks (frame pixels) are given.
+
+    With a `detector`, the mask is the union of the source face and the face found in the edited crop.
+    """
+    size = edited.shape[0]
+    points = landmarks_to_crop(landmarks, box, size)
+    regions = [points]
+    if detector is not None:
+        regions.append(edited_landmarks(detector, edited, points))
+    mask = face_mask(regions, size, mask_config) * np.float32(weight)
+    if colour_match:
+        edited = match_colour(edited, crop_frame(frame, box, size), mask)
+    return paste_back(frame, edited, mask, box)
+
+
+def compose_chunk(chunk: ChunkWork, settings: EditSettings, store: OutputStore) -> ChunkWork:
+    """Write the chunk's segment into the store; failures are recorded on the chunk."""
+    if not chunk.ok or chunk.reused:
+        return chunk
+    chunk.visited()
+    timings = chunk.timings
+    edited = np.flatnonzero(chunk.driving_index >= 0)
+    position = {int(i): n for n, i in enumerate(edited)}
+    detector = cached_detector(settings.detector) if chunk.job.mode != "expression" and len(edited) else None
+    try:
+        info = local_info(chunk, settings)
+        with store_output(store, chunk.segment) as path:
+            writer = SegmentWriter(path, info, crf=settings.crf, preset=settings.preset)
+            try:
+                for offset, frame in enumerate(chunk_frames(chunk, info, timings)):
+                    image = frame.image
+                    if offset in position:
+                        with timed(timings, "paste_s"):
+                            image = paste_face(image, chunk.edited[position[offset]], chunk.boxes[offset],
+                                               chunk.landmarks[offset], float(chunk.weights[offset]), settings.mask,
+                                               settings.colour_match, detector)
+                    with timed(timings, "encode_s"):
+                        writer.write(image, frame.pts, frame.duration)
+                with timed(timings, "encode_s"):
+                    writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+    except RecordedFailure as error:
+        chunk.fail(error.failure_class, f"{chunk.label}: {error.message}")
+    chunk.edited = None
+    return chunk

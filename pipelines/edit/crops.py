@@ -1,0 +1,102 @@
+"""The crop stage: decode one chunk of the source (seeking to it) and cut the model's aligned crops.
+
+Only the crops travel on to the model stage (a chunk of 240 frames at 256 px is about 47 MB),
+never full frames: the paste stage decodes the chunk again, which costs far less than shipping
+full-resolution frames between workers. The driver's frames this chunk needs, and the reference
+frame relative motion is measured from, are cropped here too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.edit.analyse import local_info, read_image
+from pipelines.edit.fetch import local_copy
+from pipelines.edit.settings import EditSettings
+from pipelines.edit.work import ChunkWork, timed, timed_iter
+from pipelines.errors import DAMAGED_VIDEO, RecordedFailure, VideoError
+from pipelines.media.crop import crop_frame
+from pipelines.media.stream import DecodedFrame, StreamInfo, decode, open_info
+
+
+def chunk_frames(chunk: ChunkWork, info: StreamInfo, timings: dict[str, float]):
+    """The chunk's frames, decoded again, each checked against the pts the analysis pass saw."""
+    expected = chunk.pts
+    frames = decode(info, start_index=chunk.start, start_pts=int(expected[0]), count=len(expected))
+    produced = 0
+    for frame in timed_iter(frames, timings, "decode_s"):
+        if frame.pts != expected[produced]:
+            raise VideoError(DAMAGED_VIDEO, f"{info.path}: frame {frame.index} has pts {frame.pts} on this pass, "
+                                            f"{expected[produced]} on the first; the video does not decode the same "
+                                            "twice")
+        produced += 1
+        yield frame
+    if produced != len(expected):
+        raise VideoError(DAMAGED_VIDEO, f"{info.path}: chunk from frame {chunk.start} decoded {produced} of "
+                                        f"{len(expected)} frames")
+
+
+def _selected_frames(path: Path, frames: np.ndarray, pts: np.ndarray,
+                     timings: dict[str, float]) -> dict[int, DecodedFrame]:
+    """Decode the given (ascending) frame indices of a video, seeking to the first."""
+    info = open_info(path)
+    wanted = set(int(i) for i in frames)
+    first, last = int(frames[0]), int(frames[-1])
+    found = {}
+    for frame in timed_iter(decode(info, start_index=first, start_pts=int(pts[0]), count=last - first + 1),
+                            timings, "decode_s"):
+        if frame.index in wanted:
+            found[frame.index] = frame
+    missing = wanted - set(found)
+    if missing:
+        raise VideoError(DAMAGED_VIDEO, f"{path}: driving frames {sorted(missing)[:5]} could not be decoded again")
+    return found
+
+
+def crop_chunk(chunk: ChunkWork, settings: EditSettings) -> ChunkWork:
+    """Fill `source_crops`, `driving_crops` and `reference_crop`; failures are recorded on the chunk."""
+    if not chunk.ok or chunk.reused or chunk.frames_edited == 0:
+        return chunk
+    chunk.visited()
+    size = chunk.work.model_size
+    timings = chunk.timings
+    try:
+        info = local_info(chunk, settings)
+        edited = np.flatnonzero(chunk.driving_index >= 0)
+        crops = np.empty((len(edited), size, size, 3), np.uint8)
+        position = {int(i): n for n, i in enumerate(edited)}
+        for offset, frame in enumerate(chunk_frames(chunk, info, timings)):
+            if offset in position:
+                with timed(timings, "crop_s"):
+                    crops[position[offset]] = crop_frame(frame.image, chunk.boxes[offset], size)
+        driver = chunk.driver
+        driver_path = local_copy(chunk.job.driving, settings.workdir)
+        if driver.is_image:
+            with timed(timings, "decode_s"):
+                image = read_image(driver_path)
+            with timed(timings, "crop_s"):
+                driving = crop_frame(image, driver.boxes[0], size)[None]
+        else:
+            decoded = _selected_frames(driver_path, driver.frames, driver.pts, timings)
+            with timed(timings, "crop_s"):
+                driving = np.stack([crop_frame(decoded[int(i)].image, box, size)
+                                    for i, box in zip(driver.frames, driver.boxes)])
+        chunk.source_crops, chunk.driving_crops = crops, driving
+        chunk.reference_crop = _reference_crop(chunk, info, driver_path, timings, size)
+    except RecordedFailure as error:
+        chunk.fail(error.failure_class, f"{chunk.label}: {error.message}")
+    return chunk
+
+
+def _reference_crop(chunk: ChunkWork, info: StreamInfo, driver_path: Path, timings: dict[str, float], size: int) -> np.ndarray | None:
+    if chunk.reference is None:
+        return None
+    kind, index, pts, box = chunk.reference
+    if kind == "source":
+        frame = next(timed_iter(decode(info, start_index=index, start_pts=pts, count=1), timings, "decode_s"))
+    else:
+        frame = _selected_frames(driver_path, np.array([index]), np.array([pts]), timings)[index]
+    with timed(timings, "crop_s"):
+        return crop_frame(frame.image, box, size)[None]

@@ -1,0 +1,155 @@
+"""Bulk editing as plain functions: plan -> run -> finalize (the Prefect flow only sequences these).
+
+`plan` reads the inputs into jobs, loads and checks the checkpoint (a missing file or the wrong
+architecture stops here, before any video is touched), reads the results table and decides what
+is still to do. `run` executes those jobs (`runner.run_ray`, or `runner.run_local`) and records
+each job's row as it finishes; `finalize` writes the table and returns the run's summary.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+
+from pipelines.edit import results
+from pipelines.edit.jobs import (
+    EditJob,
+    InputError,
+    RejectedJob,
+    drop_duplicate_outputs,
+    jobs_from_sources,
+    jobs_from_table,
+    single_job,
+)
+from pipelines.edit.settings import EditSettings
+from pipelines.edit.work import JobWork
+from pipelines.storage import OutputStore
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EditInputs:
+    """What to edit: one `source` (with `output_name` inside the output folder), a `jobs` table, or a
+    `sources` glob / prefix; `driving` is the driver for one source or a glob, and the default driver
+    of table rows without one."""
+
+    source: str | None = None
+    driving: str | None = None
+    jobs: str | None = None
+    sources: str | None = None
+    output_name: str | None = None
+
+    def check(self) -> None:
+        given = [name for name in ("source", "jobs", "sources") if getattr(self, name)]
+        if len(given) != 1:
+            raise InputError("give exactly one of --source, --jobs, --sources "
+                             f"(got {', '.join('--' + g for g in given) or 'none'})")
+        if (self.source or self.sources) and not self.driving:
+            raise InputError("--driving is needed with --source and --sources (a video or an image)")
+
+
+def collect_jobs(inputs: EditInputs, settings: EditSettings) -> tuple[list[EditJob], list[RejectedJob]]:
+    """The run's jobs and the rows that cannot become jobs (bad values, duplicate outputs)."""
+    inputs.check()
+    if inputs.source:
+        jobs, rejected = [single_job(inputs.source, inputs.driving, inputs.output_name, settings.defaults)], []
+    elif inputs.jobs:
+        jobs, rejected = jobs_from_table(inputs.jobs, settings.defaults, inputs.driving)
+    else:
+        jobs, rejected = jobs_from_sources(inputs.sources, inputs.driving, settings.defaults)
+    jobs, duplicates = drop_duplicate_outputs(jobs)
+    return jobs, rejected + duplicates
+
+
+def spec_context(settings: EditSettings, model: str) -> dict:
+    """The settings that decide what an output looks like (a change redoes finished jobs)."""
+    keys = ("detector", "tracking", "framing", "mask", "colour_match", "min_face_px", "min_track_frames",
+            "fade_frames", "chunk_frames", "crf", "preset", "precision")
+    everything = asdict(settings)
+    return {"model": model, "checkpoint": settings.checkpoint, **{key: everything[key] for key in keys}}
+
+
+@dataclass
+class EditPlan:
+    """A run's jobs, what is left to do, and the checked model."""
+
+    run_id: str
+    model: str
+    model_size: int
+    jobs: list[EditJob]
+    rejected: list[RejectedJob]
+    pending: results.Pending
+
+    def describe(self) -> str:
+        p = self.pending
+        return (f"{len(self.jobs) + len(self.rejected)} jobs: {len(p.todo)} to do, {p.done} done before, "
+                f"{p.recorded_failures} failed before for reasons of their input (kept; --retry-failed retries "
+                f"them), {p.changed} redone because their settings changed, {p.missing_outputs} redone because "
+                f"their output is gone, {len(self.rejected)} rejected; model {self.model}")
+
+    def works(self) -> list[JobWork]:
+        return [JobWork(job, spec, attempt, self.model_size) for job, spec, attempt in self.pending.todo]
+
+
+def plan(inputs: EditInputs, settings: EditSettings, weights=None) -> tuple[EditPlan, object]:
+    """Collect the jobs, check the checkpoint, and subtract what earlier runs settled.
+
+    Returns the plan and the loaded `ModelWeights` (pass `weights` to skip loading them again).
+    Raises `InputError` or `CheckpointError` before any video work.
+    """
+    from pipelines.edit.model import load_weights
+
+    jobs, rejected = collect_jobs(inputs, settings)
+    weights = weights or load_weights(settings.checkpoint, settings.workdir)
+    model = weights.describe()
+    context = spec_context(settings, f"{weights.kind} {weights.size}px")
+    specs = {job.job_id: job.spec(context) for job in jobs}
+    store = OutputStore(settings.output)
+    state = results.read_results(store)
+    todo = results.pending(jobs, specs, state, store, settings.retry_failed)
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    return EditPlan(run_id, model, weights.size, jobs, rejected, todo), weights
+
+
+def run(edit_plan: EditPlan, weights, settings: EditSettings) -> list[results.ResultRow]:
+    """Edit every pending job; record rejected rows and every finished job in the results table."""
+    from pipelines.edit import runner
+
+    table = results.ResultsTable(OutputStore(settings.output))
+    rows: list[results.ResultRow] = []
+
+    def record(row: results.ResultRow) -> None:
+        if row.status == results.FAILED:
+            LOG.warning("%s failed (%s): %s", row.job_id, row.failure_class, row.message)
+        else:
+            LOG.info("%s: %d frames (%d edited) -> %s", row.job_id, row.frames, row.frames_edited, row.output)
+        rows.append(row)
+        table.record(row)
+
+    for rejection in edit_plan.rejected:
+        record(results.base_row(rejection.job, "", job_id=rejection.job_id, status=results.FAILED,
+                                failure_class=rejection.failure_class, message=rejection.message))
+    works = edit_plan.works()
+    try:
+        if works and settings.executor == "local":
+            runner.run_local(works, weights, settings, edit_plan.model, record)
+        elif works:
+            from pipelines.runtime import ensure_ray
+
+            ensure_ray(settings.ray_address)
+            runner.run_ray(works, weights, settings, edit_plan.model, record)
+    finally:
+        table.flush()
+    return rows
+
+
+def finalize(edit_plan: EditPlan, settings: EditSettings) -> tuple[dict, list[results.ResultRow]]:
+    """The run's summary and rows, over all of its jobs (those settled by earlier runs included)."""
+    state = results.read_results(OutputStore(settings.output))
+    ids = [job.job_id for job in edit_plan.jobs] + [r.job_id for r in edit_plan.rejected]
+    rows = [state[i] for i in ids if i in state]
+    summary = results.summary(rows, edit_plan.pending, settings.output)
+    summary["model"] = edit_plan.model
+    return summary, rows

@@ -1,0 +1,237 @@
+"""The model stage: checkpoint loading (checked before any video work) and batched editing of crops.
+
+`load_weights` accepts an official `dpe.pt` (generator under 'gen'), a project checkpoint
+("dpe-portrait/1", as `portrait train` writes `model.pt`) or a folder holding `model.pt`, local
+or in an object store. The crop size follows the checkpoint's model config. A file of the wrong
+architecture is refused with the dpe loaders' message, which names the mismatched keys.
+
+`CropEditor` holds one generator (in a Ray Data actor: loaded once per actor) and edits the crops
+of one chunk in batches: each source crop is encoded once, each distinct driving frame once (a
+still driver once per chunk), then the chosen branch renders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import logging
+import posixpath
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dpe import editing
+from dpe.checkpoint import CHECKPOINT_FORMAT, check_state_dict, config_from_checkpoint, load_official_generator
+from dpe.config import ModelConfig
+from dpe.model import DPEGenerator
+from pipelines.edit.fetch import scratch_dir
+from pipelines.edit.jobs import is_uri
+from pipelines.edit.work import ChunkWork, timed
+from pipelines.storage import OutputStore, atomic_local_path
+
+LOG = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "model.pt"
+"""The file `portrait train` writes in a checkpoint folder."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, unreadable, or of another architecture."""
+
+
+@dataclass
+class ModelWeights:
+    """A checked generator as plain data: its config, its state dict, and what it was read from."""
+
+    config: dict[str, Any]
+    state: dict[str, torch.Tensor]
+    kind: str
+    """'official' (dpe.pt) or the project format name."""
+    source: str
+
+    @property
+    def size(self) -> int:
+        return int(self.config["size"])
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.size}px from {self.source}"
+
+    def build(self, device: torch.device | str = "cpu") -> DPEGenerator:
+        model = DPEGenerator(ModelConfig.from_dict(self.config))
+        model.load_state_dict(self.state)
+        return model.to(device).eval()
+
+
+def resolve_checkpoint(uri: str, workdir: str | None = None) -> Path:
+    """A local checkpoint file for `uri`: the file itself, `model.pt` in a folder, or a copy of an object."""
+    if not uri:
+        raise CheckpointError("no checkpoint given: --checkpoint takes an official dpe.pt, a `portrait train` "
+                              "model.pt or its folder (local or s3:// / gs://)")
+    if is_uri(uri):
+        directory, name = posixpath.split(uri.rstrip("/"))
+        store = OutputStore(directory)
+        if not store.exists(name):
+            if store.exists(f"{name}/{CHECKPOINT_FILE}"):
+                directory, name = f"{directory}/{name}", CHECKPOINT_FILE
+                store = OutputStore(directory)
+            else:
+                raise CheckpointError(f"checkpoint {uri}: no such object (nor {uri.rstrip('/')}/{CHECKPOINT_FILE})")
+        target = scratch_dir(workdir) / "checkpoints" / hashlib.sha1(directory.encode()).hexdigest()[:20] / name
+        if not target.is_file():
+            with atomic_local_path(target) as temporary, store.open_input(name) as stream, \
+                    open(temporary, "wb") as out:
+                shutil.copyfileobj(stream, out, length=8 << 20)
+        return target
+    path = Path(uri[len("file://"):] if uri.startswith("file://") else uri).expanduser()
+    if path.is_dir():
+        if not (path / CHECKPOINT_FILE).is_file():
+            raise CheckpointError(f"checkpoint folder {path} holds no {CHECKPOINT_FILE} (what `portrait train` "
+                                  "writes); give the checkpoint file itself")
+        path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    return path
+
+
+def _peek(path: Path) -> Any:
+    """The checkpoint's top level without reading every tensor (memory-mapped where the format allows)."""
+    with torch.serialization.safe_globals([argparse.Namespace]):  # official training snapshots pickle their args
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_weights(uri: str, workdir: str | None = None) -> ModelWeights:
+    """Read and check a checkpoint; raises `CheckpointError` naming the file and the mismatched keys."""
+    path = resolve_checkpoint(uri, workdir)
+    try:
+        payload = _peek(path)
+    except Exception as error:  # unpicklable content, a truncated file, not a torch file at all
+        raise CheckpointError(f"checkpoint {path}: cannot be read with torch.load(weights_only=True): {error}") from None
+    try:
+        if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
+            config = config_from_checkpoint(payload)
+            if config is None:
+                raise ValueError(f"{path}: a {CHECKPOINT_FORMAT} checkpoint without a model config")
+            models = payload.get("models") or {}
+            if "generator" not in models:
+                raise ValueError(f"{path}: no model 'generator' (has {sorted(models)})")
+            model = DPEGenerator(config)
+            check_state_dict(model.state_dict(), models["generator"], f"{path} model 'generator'",
+                             hint="The checkpoint's config does not describe its weights; it is damaged.")
+            model.load_state_dict(models["generator"])
+            kind = CHECKPOINT_FORMAT
+        else:
+            del payload
+            config = ModelConfig()
+            model = load_official_generator(path, DPEGenerator(config))
+            kind = "official"
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
+    LOG.info("model: %s checkpoint %s, %d px crops", kind, path, config.size)
+    state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    return ModelWeights(config=config.to_dict(), state=state, kind=kind, source=uri)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bfloat16 autocast on GPU by default; float32 on CPU, where bfloat16 measured slower."""
+    if precision == "bfloat16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def to_tensor(crops: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(N, S, S, 3) uint8 RGB -> (N, 3, S, S) float in [-1, 1]."""
+    tensor = torch.from_numpy(np.ascontiguousarray(crops)).to(device)
+    return tensor.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+def to_crops(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, S, S) float in [-1, 1] -> (N, S, S, 3) uint8 RGB."""
+    scaled = images.detach().float().clamp(-1.0, 1.0).add(1.0).mul(127.5).round()
+    return scaled.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+TRANSFERS = {"expression": editing.expression_transfer, "pose": editing.pose_transfer,
+             "both": editing.transfer_both}
+
+
+class CropEditor:
+    """One generator on one device, editing batches of aligned crops."""
+
+    def __init__(self, weights: ModelWeights, precision: str = "auto", batch: int = 8,
+                 device: torch.device | str | None = None, threads: int | None = None) -> None:
+        """`threads`: torch CPU threads (on a CPU device); None leaves torch's default."""
+        self.device = torch.device(device) if device is not None else pick_device()
+        if threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(threads)
+        self.model = weights.build(self.device)
+        self.size = weights.size
+        self.batch = batch
+        self.amp = amp_dtype(precision, self.device)
+
+    @torch.no_grad()
+    def edit(self, source: np.ndarray, driving: np.ndarray, driving_index: np.ndarray, mode: str,
+             strength: float, motion: str, reference: np.ndarray | None = None) -> np.ndarray:
+        """Edited crops (N, S, S, 3) uint8 for source crops (N, S, S, 3).
+
+        `driving` holds the distinct driving crops (K, S, S, 3); `driving_index[i]` says which one
+        drives source crop i. `reference` (1, S, S, 3) is what relative motion is measured from.
+        """
+        if len(source) == 0:
+            return np.zeros((0, self.size, self.size, 3), np.uint8)
+        if source.shape[1:3] != (self.size, self.size) or driving.shape[1:3] != (self.size, self.size):
+            raise ValueError(f"crops are {source.shape[1:3]} / {driving.shape[1:3]}, the model takes {self.size} px")
+        codes = self._encode_driving(driving)
+        reference_code = None
+        if motion == "relative":
+            if reference is None:
+                raise ValueError("relative motion needs a reference crop")
+            reference_code = editing.encode_driving(self.model, to_tensor(reference, self.device))
+        transfer = TRANSFERS[mode]
+        index = torch.as_tensor(np.asarray(driving_index, dtype=np.int64), device=self.device)
+        results = []
+        for start in range(0, len(source), self.batch):
+            stop = min(start + self.batch, len(source))
+            picked = index[start:stop]
+            driving_code = editing.FrameCode(codes.latent[picked], codes.motion[picked], None)
+            out = transfer(self.model, to_tensor(source[start:stop], self.device), driving_code, strength=strength,
+                           mode=motion, driving_reference=reference_code, amp_dtype=self.amp)
+            results.append(to_crops(out))
+        return np.concatenate(results)
+
+    def _encode_driving(self, driving: np.ndarray) -> editing.FrameCode:
+        latents, motions = [], []
+        for start in range(0, len(driving), self.batch):
+            with _autocast(self.device, self.amp):
+                code = editing.encode_driving(self.model, to_tensor(driving[start:start + self.batch], self.device))
+            latents.append(code.latent.float())
+            motions.append(code.motion.float())
+        return editing.FrameCode(torch.cat(latents), torch.cat(motions), None)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def edit_chunk(chunk: ChunkWork, editor: CropEditor) -> ChunkWork:
+    """The model stage for one chunk: edited crops in, source and driving crops dropped."""
+    if not chunk.ok or chunk.reused or chunk.frames_edited == 0:
+        return chunk
+    chunk.visited()
+    with timed(chunk.timings, "model_s"):
+        chunk.edited = editor.edit(chunk.source_crops, chunk.driving_crops,
+                                   chunk.driving_index[chunk.driving_index >= 0], chunk.job.mode,
+                                   chunk.job.strength, chunk.motion, chunk.reference_crop)
+    chunk.source_crops = chunk.driving_crops = chunk.reference_crop = None
+    return chunk

@@ -1,0 +1,201 @@
+"""Editing jobs from every kind of input, per-frame driving and fading, the results table and what a
+rerun redoes: the parts of `portrait edit` that need no video."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import errors
+from pipelines.edit import results
+from pipelines.edit.analyse import driving_indices, edit_weights
+from pipelines.edit.jobs import (
+    EditJob,
+    InputError,
+    drop_duplicate_outputs,
+    jobs_from_sources,
+    jobs_from_table,
+    single_job,
+    split_output,
+)
+from pipelines.edit.settings import EditSettings, JobDefaults, settings_from_options
+from pipelines.storage import OutputStore
+
+DEFAULTS = JobDefaults()
+
+
+def test_a_single_video_is_a_job_table_of_one(tmp_path):
+    job = single_job("talk.mp4", "smile.png", None, DEFAULTS)
+    assert job.output == "talk.mp4" and job.mode == "expression" and job.strength == 1.0
+    assert job.source == str((tmp_path.cwd() / "talk.mp4").resolve())
+    assert job.driving_is_image and job.resolved_motion() == "absolute"
+    assert single_job("talk.mp4", "smile.mp4", "x.mov", DEFAULTS).resolved_motion() == "relative"
+    assert split_output("out/x.mp4", True) == ("out", "x.mp4")
+    assert split_output("s3://b/edited/x.mp4", True) == ("s3://b/edited", "x.mp4")
+    assert split_output("out/x.mp4", False) == ("out/x.mp4", None)
+    assert split_output("out/edited", True) == ("out/edited", None)
+
+
+def test_job_table_rows_with_per_row_options_and_paths_relative_to_the_table(tmp_path):
+    (tmp_path / "tables").mkdir()
+    table = tmp_path / "tables" / "jobs.csv"
+    table.write_text("Source,Driving,Output,Mode,Strength,Driving-Policy\n"
+                     "a.mp4,smile.mp4,,pose,0.5,loop\n"
+                     "videos/b.mp4,s3://bucket/smile.png,b/out.mkv,,,\n")
+    jobs, rejected = jobs_from_table(str(table), DEFAULTS)
+    assert rejected == []
+    first, second = jobs
+    assert first.source == str(tmp_path / "tables" / "a.mp4") and first.output == "a.mp4"
+    assert (first.mode, first.strength, first.driving_policy) == ("pose", 0.5, "loop")
+    assert second.driving == "s3://bucket/smile.png" and second.output == "b/out.mkv"
+    assert (second.mode, second.strength, second.driving_policy) == ("expression", 1.0, "hold")
+    assert first.origin.endswith("jobs.csv:2") and second.origin.endswith("jobs.csv:3")
+
+
+def test_parquet_tables_and_a_default_driver(tmp_path):
+    table = tmp_path / "jobs.parquet"
+    pq.write_table(pa.table({"source": ["/v/a.mp4", "/v/b.mp4"], "strength": [0.3, None]}), table)
+    jobs, rejected = jobs_from_table(str(table), DEFAULTS, driving="/d/smile.mp4")
+    assert rejected == [] and [j.driving for j in jobs] == ["/d/smile.mp4"] * 2
+    assert [j.strength for j in jobs] == [0.3, 1.0]
+
+
+def test_bad_rows_fail_alone_and_name_their_column(tmp_path):
+    table = tmp_path / "jobs.csv"
+    table.write_text("source,driving,mode,strength,output,face\n"
+                     "a.mp4,d.mp4,smile,,,\n"
+                     "b.mp4,d.mp4,,lots,,\n"
+                     "c.mp4,,,,,\n"
+                     "d.mp4,d.mp4,,,../escape.mp4,\n"
+                     "e.mp4,d.mp4,,,e.avi,\n"
+                     "f.mp4,d.mp4,,,,left\n"
+                     "g.mp4,d.mp4,,,,\n")
+    jobs, rejected = jobs_from_table(str(table), DEFAULTS)
+    assert [j.output for j in jobs] == ["g.mp4"]
+    assert all(r.failure_class == errors.BAD_JOB for r in rejected)
+    messages = [r.message for r in rejected]
+    for column, message in zip(["mode", "strength", "driving", "..", "output", "face"], messages):
+        assert column in message
+    assert len({r.job_id for r in rejected}) == len(rejected), "rejected rows keep distinct ids"
+
+
+def test_unknown_columns_and_unreadable_tables_refuse_the_whole_table(tmp_path):
+    table = tmp_path / "jobs.csv"
+    table.write_text("source,driving,strenght\na.mp4,d.mp4,0.5\n")
+    with pytest.raises(InputError, match="strenght"):
+        jobs_from_table(str(table), DEFAULTS)
+    table.write_text("video,driving\na.mp4,d.mp4\n")
+    with pytest.raises(InputError, match="no 'source' column"):
+        jobs_from_table(str(table), DEFAULTS)
+    with pytest.raises(InputError, match="cannot be read"):
+        jobs_from_table(str(tmp_path / "missing.csv"), DEFAULTS)
+
+
+def test_two_jobs_writing_one_output_keep_the_first(tmp_path):
+    a = single_job("a.mp4", "d.mp4", "same.mp4", DEFAULTS)
+    b = dataclasses.replace(single_job("b.mp4", "d.mp4", "same.mp4", DEFAULTS), origin="row 3")
+    kept, rejected = drop_duplicate_outputs([a, b])
+    assert kept == [a]
+    assert rejected[0].failure_class == errors.DUPLICATE_OUTPUT and "row 3" in rejected[0].message
+    assert rejected[0].job_id != a.job_id
+
+
+def test_a_glob_of_sources_keeps_their_folder_structure(tmp_path):
+    for name in ("archive/a.mp4", "archive/day2/b.MOV", "archive/notes.txt", "archive/.hidden.mp4"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    jobs, _ = jobs_from_sources(str(tmp_path / "archive"), str(tmp_path / "smile.mp4"), DEFAULTS)
+    assert [j.output for j in jobs] == ["a.mp4", "day2/b.mp4"]
+    jobs, _ = jobs_from_sources(str(tmp_path / "archive" / "*.mp4"), str(tmp_path / "smile.mp4"), DEFAULTS)
+    assert [j.output for j in jobs] == ["a.mp4"]
+    with pytest.raises(InputError, match="no video matches"):
+        jobs_from_sources(str(tmp_path / "archive" / "*.webm"), "smile.mp4", DEFAULTS)
+
+
+def test_job_keys_are_safe_file_names_and_specs_follow_every_option():
+    job = single_job("a b/../x.mp4", "d.mp4", "sub dir/x y.mp4", DEFAULTS)
+    assert "/" not in job.key and " " not in job.key and len(job.key) <= 71
+    context = {"model": "m"}
+    assert job.spec(context) == dataclasses.replace(job, origin="elsewhere").spec(context)
+    assert job.spec(context) != dataclasses.replace(job, strength=0.5).spec(context)
+    assert job.spec(context) != job.spec({"model": "other"})
+
+
+@pytest.mark.parametrize("policy, expected", [
+    ("hold", [0, 1, 2, 3, 3, 3, 3]), ("loop", [0, 1, 2, 3, 0, 1, 2]), ("stop", [0, 1, 2, 3, -1, -1, -1])])
+def test_frame_i_drives_frame_i_then_the_policy_decides(policy, expected):
+    assert driving_indices(7, 4, policy, is_image=False).tolist() == expected
+    assert driving_indices(7, 1, policy, is_image=True).tolist() == [0] * 7
+
+
+def test_edits_fade_in_and_out_mid_video_but_not_at_its_ends():
+    edited = np.array([1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1], bool)
+    weights = edit_weights(edited, fade_frames=2)
+    assert weights[0] == 1.0 and weights[-1] == 1.0  # the video's own start and end
+    assert weights[3] == weights[4] == 0.0
+    assert 0 < weights[2] < 1 and 0 < weights[5] < weights[6] < 1  # fading out, fading in
+    assert np.array_equal(edit_weights(edited, 0) > 0, edited)
+
+
+def _row(job: EditJob, status: str, spec: str, failure: str | None = None) -> results.ResultRow:
+    return results.base_row(job, f"out/{job.output}", status=status, failure_class=failure, spec=spec)
+
+
+def test_a_rerun_redoes_missing_changed_and_machine_failures_only(tmp_path):
+    store = OutputStore(tmp_path)
+    jobs = [single_job(f"{name}.mp4", "d.mp4", None, DEFAULTS) for name in "abcdef"]
+    specs = {job.job_id: "s1" for job in jobs}
+    state = {row.job_id: row for row in [
+        _row(jobs[0], results.OK, "s1"), _row(jobs[1], results.OK, "s1"),
+        _row(jobs[2], results.FAILED, "s1", errors.NO_FACE), _row(jobs[3], results.FAILED, "s1", errors.WORKER_FAILED),
+        _row(jobs[4], results.OK, "s0")]}
+    store.write_bytes_atomic("a.mp4", b"video")  # b's output is gone
+    plan = results.pending(jobs, specs, state, store, retry_failed=False)
+    assert [job.output for job, _, _ in plan.todo] == ["b.mp4", "d.mp4", "e.mp4", "f.mp4"]
+    assert [attempt for _, _, attempt in plan.todo] == [2, 2, 2, 1]
+    assert (plan.done, plan.recorded_failures, plan.changed, plan.missing_outputs) == (1, 1, 1, 1)
+    retry = results.pending(jobs, specs, state, store, retry_failed=True)
+    assert "c.mp4" in [job.output for job, _, _ in retry.todo]
+
+
+def test_the_results_table_round_trips_every_column(tmp_path):
+    store = OutputStore(tmp_path)
+    job = single_job("a.mp4", "d.mp4", None, DEFAULTS)
+    row = results.base_row(job, "out/a.mp4", status=results.OK, frames=45, frames_edited=40, frames_passed_through=5,
+                           input_fps="30000/1001", output_fps="30000/1001", decode_s=1.5, total_s=2.0, spec="s")
+    failed = results.base_row(single_job("b.mp4", "d.mp4", None, DEFAULTS), "", status=results.FAILED,
+                              failure_class=errors.NOT_A_VIDEO, message="b.mp4: empty")
+    results.write_results(store, {row.job_id: row, failed.job_id: failed})
+    back = results.read_results(store)
+    assert back[row.job_id] == row and back[failed.job_id] == failed
+    assert store.list() == [results.RESULTS_PATH]
+    with pytest.raises(KeyError):
+        results.base_row(job, "", status=results.FAILED, failure_class="made_up")
+
+
+def test_summary_counts_frames_and_failures():
+    job = single_job("a.mp4", "d.mp4", None, DEFAULTS)
+    rows = [results.base_row(job, "", status=results.OK, frames=10, frames_edited=8, frames_passed_through=2,
+                             output_duration_s=0.4),
+            results.base_row(job, "", job_id="x", status=results.FAILED, failure_class=errors.NO_FACE)]
+    summary = results.summary(rows, output="out")
+    assert (summary["ok"], summary["failed"], summary["frames_edited"]) == (1, 1, 8)
+    assert summary["by_failure_class"] == {errors.NO_FACE: 1}
+    text = results.summary_text(summary)
+    assert "no_face" in text and "results.parquet" in text
+
+
+def test_settings_refuse_bad_values_by_name():
+    for options, name in [({"mode": "smile"}, "mode"), ({"strength": -1}, "strength"), ({"chunk_frames": 0},
+                          "chunk_frames"), ({"face": "left"}, "face"), ({"preview_height": 255}, "preview_height"),
+                          ({"face_fraction": 0.0}, "face_fraction"), ({"executor": "spark"}, "executor")]:
+        with pytest.raises(ValueError, match=name):
+            settings_from_options(**options)
+    assert settings_from_options(detect_every=4).tracking.detect_stride == 4
+    assert EditSettings().tracking.detect_stride == 10
+    assert not math.isnan(EditSettings().defaults.strength)
