@@ -129,6 +129,11 @@ class ClipReader:
         self._cached_bytes = 0
         self._members: dict[str, dict[str, dict[str, tuple[int, int]]] | None] = {}
 
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes of decoded frames held in the cache now."""
+        return self._cached_bytes
+
     def load(self, clip: ClipEntry) -> LoadedClip | None:
         """The decoded clip, or None when it is unusable (then recorded in `skipped`)."""
         cached = self._cache.get(clip.key)

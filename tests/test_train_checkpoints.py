@@ -1,0 +1,119 @@
+"""Run settings, initialisation from official / LIA files, checkpoints found by path, export round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpe.checkpoint import load_checkpoint, load_official_generator, ours_to_official, save_checkpoint
+from dpe.config import ModelConfig
+from dpe.model import DPEGenerator
+from flows.cli import main
+from pipelines.train import checkpoints
+from pipelines.train.model import INIT_LIA, INIT_OFFICIAL, apply_init, build_state, detect_init, plan_model
+from pipelines.train.settings import TrainSettings, check_settings, model_shape
+
+SETTINGS = TrainSettings(size=32, perceptual="off")
+LIA_NAMES = {"encoder.": "enc.net_app.", "motion.mlp.": "enc.fc.", "motion.directions.": "dec.direction."}
+
+
+def _random_like(state_dict: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=generator).to(v.dtype) for k, v in state_dict.items()}
+
+
+@pytest.fixture()
+def state():
+    torch.manual_seed(0)
+    return build_state(plan_model(SETTINGS), "cpu")
+
+
+def test_settings_are_checked_with_the_option_and_the_fix():
+    check_settings(TrainSettings(workers=2, batch=4, micro_batches=2))
+    with pytest.raises(ValueError, match="batch: 5 must be a multiple of --workers"):
+        check_settings(TrainSettings(workers=2, batch=5))
+    with pytest.raises(ValueError, match="micro-batches: 3 must divide the per-worker batch"):
+        check_settings(TrainSettings(workers=2, batch=4, micro_batches=3))
+    with pytest.raises(ValueError, match="name: '../x'"):
+        check_settings(TrainSettings(name="../x"))
+    with pytest.raises(ValueError, match="size: 48 must be a power of two"):
+        check_settings(TrainSettings(size=48))
+
+
+def test_model_presets():
+    assert ModelConfig(**model_shape(256, "auto")).to_dict() == ModelConfig().to_dict()  # the released model
+    small = ModelConfig(**model_shape(64, "auto"))
+    assert (small.size, small.style_dim, small.channels[64]) == (64, 32, 16)
+    assert ModelConfig(**model_shape(64, "official")).channels[64] == 256
+
+
+def test_init_from_an_official_file_loads_generator_and_discriminator(state, tmp_path):
+    generator = _random_like(state.generator.state_dict(), 1)
+    discriminator = _random_like(state.discriminator.state_dict(), 2)
+    path = tmp_path / "dpe.pt"
+    torch.save({"gen": {ours_to_official(k): v for k, v in generator.items()}, "dis": discriminator}, path)
+    assert detect_init(str(path), state.model_config) == INIT_OFFICIAL
+    assert apply_init(state, INIT_OFFICIAL, path.read_bytes()) == ["generator", "discriminator"]
+    assert all(torch.equal(state.generator.state_dict()[k], v) for k, v in generator.items())
+    assert all(torch.equal(state.discriminator.state_dict()[k], v) for k, v in discriminator.items())
+
+
+def test_init_from_a_lia_file_copies_encoder_motion_and_directions_only(state, tmp_path):
+    before = {k: v.clone() for k, v in state.generator.state_dict().items()}
+    ours = _random_like({k: v for k, v in before.items() if k.startswith(tuple(LIA_NAMES))}, 3)
+    lia = {next(theirs + k[len(mine):] for mine, theirs in LIA_NAMES.items() if k.startswith(mine)): v
+           for k, v in ours.items()}
+    lia["dec.synthesis.conv1.weight"] = torch.randn(4, 4)  # LIA's own decoder: never copied
+    path = tmp_path / "vox.pt"
+    torch.save({"gen": lia, "disc": {"convs.0.0.weight": torch.randn(2)}}, path)
+    assert detect_init(str(path), state.model_config) == INIT_LIA
+    apply_init(state, INIT_LIA, path.read_bytes())
+    after = state.generator.state_dict()
+    assert ours and all(torch.equal(after[k], v) for k, v in ours.items())
+    untouched = [k for k in before if k not in ours]
+    assert any(k.startswith("expression_generator.") for k in untouched)
+    assert all(torch.equal(after[k], before[k]) for k in untouched)
+
+
+def test_a_file_of_another_model_is_refused_with_both_reasons(tmp_path):
+    other = DPEGenerator(ModelConfig.tiny())
+    path = tmp_path / "other.pt"
+    torch.save({"gen": {ours_to_official(k): v for k, v in other.state_dict().items()}}, path)
+    with pytest.raises(ValueError, match="neither an official DPE checkpoint nor LIA's vox.pt.*size 32"):
+        detect_init(str(path), ModelConfig(**model_shape(32, "small")))
+
+
+def _write_run_checkpoint(state, run_dir, name: str, step: int):
+    dir_name = checkpoints.checkpoint_dir_name(step)
+    save_checkpoint(run_dir / name / dir_name / checkpoints.CHECKPOINT_FILE, models=state.modules(),
+                    optimizers=state.optimizers(), step=step, config=state.model_config, extra={"settings": {}})
+    checkpoints.point_latest(str(run_dir), name, dir_name)
+
+
+def test_checkpoints_are_found_by_file_folder_run_or_latest(state, tmp_path):
+    for step in (3, 12):
+        _write_run_checkpoint(state, tmp_path, "demo", step)
+    (tmp_path / "demo" / "checkpoint_00000020").mkdir()  # an upload that never finished: no model.pt
+    newest = f"{tmp_path}/demo/checkpoint_00000012/model.pt"
+    assert checkpoints.latest_checkpoint(str(tmp_path), "demo") == (12, "demo/checkpoint_00000012/model.pt")
+    assert checkpoints.resolve_checkpoint(f"{tmp_path}/demo") == newest
+    assert checkpoints.resolve_checkpoint(f"{tmp_path}/demo/latest") == newest
+    assert checkpoints.resolve_checkpoint(f"{tmp_path}/demo/checkpoint_00000003").endswith("00000003/model.pt")
+    assert checkpoints.resolve_checkpoint(newest) == newest
+    assert (tmp_path / "demo" / "latest").resolve().name == "checkpoint_00000012"
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        checkpoints.resolve_checkpoint(f"{tmp_path}/demo/checkpoint_00000020")
+
+
+def test_export_writes_the_official_format_that_the_loader_reads_back(state, tmp_path, capsys):
+    _write_run_checkpoint(state, tmp_path, "demo", 7)
+    output = tmp_path / "exported.pt"
+    assert main(["train", "--export", f"{tmp_path}/demo/latest", str(output)]) == 0
+    assert "step 7" in capsys.readouterr().out
+    content = torch.load(output, weights_only=True)
+    assert list(content) == ["gen"]
+    assert list(content["gen"]) == [ours_to_official(k) for k in state.generator.state_dict()]
+    config = ModelConfig.from_dict(load_checkpoint(output.parent / "demo/latest/model.pt")["config"])
+    loaded = load_official_generator(output, DPEGenerator(config))
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.generator.state_dict().items())
+    assert main(["train", "--export", str(tmp_path / "nothing"), str(output)]) == 2

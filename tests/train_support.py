@@ -1,0 +1,119 @@
+"""Datasets for the training tests.
+
+* `write_dataset`: a small dataset written with the dataset package's own writers (`ShardWriter`,
+  manifest parts, shard index) from frames of the real talking-face clip: for fast tests that
+  need no Ray or Prefect.
+* `prepared_sample`: the real output of `portrait prepare --sample --detector dlib`, made once
+  per test session (kept under pytest's session folder, so every module that asks reuses it).
+* `add_damage`: a sample whose video is cut short and a shard that is not a tar, both recorded
+  as prepared in the manifest, so a reader must skip and count them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from dpe.landmarks import project_template, split_pose_expression
+from pipelines.dataset import manifest
+from pipelines.dataset.layout import SHARD_INDEX_PATH
+from pipelines.dataset.schema import ClipSample, SampleMeta
+from pipelines.dataset.shards import ShardWriter, read_store_samples
+from pipelines.errors import BAD_SAMPLE, UNREADABLE_SHARD
+from pipelines.media.video import encode_mp4_bytes
+from pipelines.storage import OutputStore
+
+CROP = 64
+
+
+def _row(key: str, identity: str, split: str, shard: str, frames: int) -> manifest.ManifestRow:
+    return manifest.ManifestRow(clip_id=key, key=key, video_id=key, url="", identity=identity, split=split,
+                                start_s=None, end_s=None, status=manifest.OK, shard=shard, frames=frames,
+                                seconds=frames / 25.0)
+
+
+def _clip(frames: np.ndarray, key: str, identity: str, split: str) -> ClipSample:
+    """A sample of square face crops (`CROP` px) with template landmarks that move a little."""
+    count = len(frames)
+    t = np.linspace(0, 1, count)[:, None]
+    pose = np.concatenate([0.2 * np.sin(6 * t), 0.1 * np.cos(4 * t), 0.05 * t,
+                           np.full((count, 1), CROP / 2), np.full((count, 1), CROP / 2 + 4),
+                           np.full((count, 1), CROP / 3)], axis=1)
+    landmarks = project_template(pose).astype(np.float32)
+    split_pose, expression = split_pose_expression(landmarks)
+    boxes = np.tile(np.array([[0, 0, CROP, CROP]], np.float32), (count, 1))
+    meta = SampleMeta(clip_id=key, identity=identity, video_id=key, url="", split=split, source="test",
+                      requested_span=(None, None), span=(0.0, count / 25.0), fps=25.0, frames=count, crop_size=CROP,
+                      source_size=(176, 144), detector="test")
+    mp4 = encode_mp4_bytes(frames, fps=25.0, crf=23, preset="ultrafast")
+    return ClipSample(key=key, mp4=mp4, boxes=boxes, landmarks=landmarks, pose=split_pose.astype(np.float32),
+                      expression=expression.astype(np.float32), meta=meta)
+
+
+def write_dataset(folder: Path, carphone_frames: np.ndarray, clips: dict[str, tuple[str, str, int, int]]) -> Path:
+    """Write clips {key: (identity, split, first frame, frame count)} of the real clip as a dataset.
+
+    Each split goes into one shard, as `portrait prepare` writes a small batch.
+    """
+    store = OutputStore(str(folder))
+    crops = np.stack([cv2.resize(frame[10:134, 26:150], (CROP, CROP), interpolation=cv2.INTER_AREA)
+                      for frame in carphone_frames])
+    rows, index = [], {}
+    for split in sorted({split for _, split, _, _ in clips.values()}):
+        with ShardWriter(store, split, 1 << 30, "testbatch") as writer:
+            for key, (identity, clip_split, first, count) in clips.items():
+                if clip_split == split:
+                    shard = writer.write(_clip(crops[first:first + count], key, identity, split))
+                    rows.append(_row(key, identity, split, shard, count))
+        index[split] = [record.path for record in writer.records]
+    manifest.write_part(store, "testbatch", rows)
+    store.write_bytes_atomic(SHARD_INDEX_PATH, json.dumps(index).encode())
+    return folder
+
+
+def prepare_sample(base: Path) -> Path:
+    """The output of `portrait prepare --sample --detector dlib` under `base` (made on the first call)."""
+    from flows.cli import main
+
+    output = base / "prepared-sample"
+    if not (output / SHARD_INDEX_PATH).exists():
+        code = main(["prepare", "--sample", "--output", str(output), "--detector", "dlib",
+                     "--workdir", str(base / "prepare-work")])
+        assert code == 0, f"portrait prepare --sample exited with {code}"
+    return output
+
+
+@pytest.fixture(scope="session")
+def prepared_sample(tmp_path_factory, ray_cluster, prefect_harness) -> Path:
+    """The prepared sample dataset: 4 train clips in 1 shard, 1 test clip (real faces, dlib landmarks)."""
+    return prepare_sample(tmp_path_factory.getbasetemp())
+
+
+def add_damage(dataset: Path, split: str = "train") -> dict[str, str]:
+    """Add to `dataset` a sample whose mp4 is cut to a third and a shard of garbage bytes, each recorded
+    as prepared (manifest part, shard index) with an identity of its own; returns key -> expected class."""
+    store = OutputStore(str(dataset))
+    index = json.loads(store.read_bytes(SHARD_INDEX_PATH))
+    good = next(iter(read_store_samples(store, index[split][:1])))
+    damaged = replace(good, key="kdamaged", mp4=good.mp4[: len(good.mp4) // 3],
+                      meta=replace(good.meta, clip_id="damaged", identity="id-damaged"))
+    with ShardWriter(store, split, 1 << 30, "damaged") as writer:
+        damaged_shard = writer.write(damaged)
+    broken_shard = f"{split}/broken-0000.tar"
+    store.write_bytes_atomic(broken_shard, b"this is not a tar archive\n" * 64)
+    manifest.write_part(store, "damaged", [_row("kdamaged", "id-damaged", split, damaged_shard, good.frames),
+                                           _row("kbroken", "id-broken", split, broken_shard, good.frames)])
+    index[split] = sorted([*index[split], damaged_shard, broken_shard])
+    store.write_bytes_atomic(SHARD_INDEX_PATH, json.dumps(index).encode())
+    return {"kdamaged": BAD_SAMPLE, "kbroken": UNREADABLE_SHARD}
+
+
+def copy_dataset(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
