@@ -42,7 +42,7 @@ def finalize_task(edit_plan: job.EditPlan, settings: EditSettings) -> tuple[dict
     return job.finalize(edit_plan, settings)
 
 
-@flow(name="edit_videos", log_prints=True)
+@flow(name="edit_videos")
 def edit_videos(
     source: str | None = None,
     driving: str | None = None,
@@ -111,5 +111,5 @@ def edit_videos(
     summary, rows = finalize_task(edit_plan, settings)
     create_markdown_artifact(key="edit-videos-summary", markdown=results.summary_markdown(summary, rows),
                              description=f"Video editing into {settings.output}")
-    print(results.summary_text(summary))
+    get_run_logger().info(results.summary_text(summary))
     return summary

@@ -162,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     from flows.edit_flow import edit_videos
+    from pipelines.edit.results import summary_text
 
     summary = edit_videos(**options)
+    print(summary_text(summary))
     return 0 if summary.get("failed", 0) == 0 else 1

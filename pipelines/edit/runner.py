@@ -22,6 +22,7 @@ run again, so one poisoned video cannot loop forever and the rest of the archive
 
 from __future__ import annotations
 
+import functools
 import logging
 import pickle
 from typing import Callable, Iterable
@@ -44,19 +45,30 @@ LOG = logging.getLogger(__name__)
 
 
 class AttemptLedger:
-    """Counts, per stage and chunk, attempts that began and never finished (their worker died)."""
+    """Counts, per stage and chunk, attempts that began and never finished (their worker died).
+
+    A job one of whose chunks gave up is abandoned: its other chunks are recorded without being run,
+    so a video that crashes every worker it touches costs `max_chunk_attempts` crashes, not that
+    many per chunk.
+    """
 
     def __init__(self) -> None:
         self._open: dict[str, int] = {}
+        self._abandoned: dict[str, str] = {}
 
-    def begin(self, key: str) -> int:
-        """Record an attempt at `key`; return how many earlier attempts died unfinished."""
+    def begin(self, key: str, job_id: str) -> tuple[int, str | None]:
+        """Record an attempt at `key`: (earlier attempts that died unfinished, why the job was abandoned)."""
+        if job_id in self._abandoned:
+            return 0, self._abandoned[job_id]
         crashed = self._open.get(key, 0)
         self._open[key] = crashed + 1
-        return crashed
+        return crashed, None
 
     def end(self, key: str) -> None:
         self._open.pop(key, None)
+
+    def abandon(self, job_id: str, reason: str) -> None:
+        self._abandoned.setdefault(job_id, reason)
 
 
 def _pack(items: Iterable[object]) -> dict[str, np.ndarray]:
@@ -76,12 +88,15 @@ def guarded(stage: str, chunk: ChunkWork, work: Callable[[ChunkWork], ChunkWork]
     if ledger is not None:
         import ray
 
-        crashed = ray.get(ledger.begin.remote(key))
+        crashed, abandoned = ray.get(ledger.begin.remote(key, chunk.job.job_id))
+        if abandoned:
+            return chunk.fail(errors.WORKER_FAILED, f"{chunk.label}: not run: {abandoned}")
         if crashed >= max_attempts:
-            LOG.error("%s: gave up after its worker died %d times in the %s stage", chunk.label, crashed, stage)
-            return chunk.fail(errors.WORKER_FAILED,
-                              f"{chunk.label}: the worker process died {crashed} times in the {stage} stage "
-                              "(killed, out of memory, or a crash in native code); not tried again in this run")
+            message = (f"{chunk.label}: the worker process died {crashed} times in the {stage} stage (killed, out "
+                       "of memory, or a crash in native code); not tried again in this run")
+            LOG.error(message)
+            ledger.abandon.remote(chunk.job.job_id, message)
+            return chunk.fail(errors.WORKER_FAILED, message)
     try:
         result = work(chunk)
     except RecordedFailure as error:
@@ -147,6 +162,11 @@ class _ModelStage:
 
         return _pack(guarded("model", chunk, lambda c: edit_chunk(c, self.editor), self.ledger,
                              self.settings.max_chunk_attempts) for chunk in _unpack(batch))
+
+
+def _task_retries(retries: int) -> dict:
+    """Remote arguments of the CPU stages' tasks (a function: Ray Data takes `max_retries` only this way)."""
+    return {"max_retries": retries}
 
 
 def _limit_threads() -> None:
@@ -227,10 +247,12 @@ def run_ray(works: list[JobWork], weights, settings: EditSettings, model: str, r
     dataset = ray.data.from_items([{"payload": pickle.dumps(w, protocol=5)} for w in works],
                                   override_num_blocks=max(1, len(works)))
     common = dict(batch_size=1, batch_format="numpy", zero_copy_batch=True)
-    # CPU tasks: enough retries after a worker death for the ledger to turn the last one into a record.
-    # (Differing from the model stage's arguments, this also keeps Ray Data from fusing the crop
-    # stage into the model actors on CPU-only clusters, where their resources would be equal.)
-    cpu = dict(num_cpus=1, max_retries=settings.max_chunk_attempts + 1, **common)
+    # CPU tasks: enough retries after worker deaths for the ledger to turn the last one into a record,
+    # still bounded if a process dies outside a guarded stage. (Differing from the model stage's
+    # arguments, this also keeps Ray Data from fusing the crop stage into the model actors on CPU-only
+    # clusters, where their resources would be equal, so CPU work would run inside the model pool.)
+    cpu = dict(num_cpus=1, ray_remote_args_fn=functools.partial(_task_retries, 4 * settings.max_chunk_attempts),
+               **common)
     stage_args = {"settings": settings, "ledger": ledger}
     dataset = dataset.map_batches(_analyse_batch, fn_kwargs=stage_args, **cpu)
     dataset = dataset.map_batches(_crop_batch, fn_kwargs={**stage_args, "crop": crop}, **cpu)

@@ -1,0 +1,97 @@
+"""The editing job on a real Ray cluster (loopback) and through the `portrait edit` command and its
+Prefect flow: a video that kills its worker ends as a recorded failure while the others complete,
+and a rerun resumes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import shutil
+from fractions import Fraction
+
+import pytest
+from edit_fixtures import edit_clips, tiny_checkpoint  # noqa: F401  (session fixtures)
+
+from flows.cli import main
+from pipelines import errors
+from pipelines.edit import job, results, runner
+from pipelines.edit.crops import crop_chunk
+from pipelines.edit.settings import settings_from_options
+from pipelines.media import stream
+from pipelines.storage import OutputStore
+
+
+def instants(path) -> list[Fraction]:
+    pts, base = stream.video_timestamps(path)
+    return [Fraction(int(p)) * base for p in pts]
+
+
+@pytest.mark.slow
+def test_a_video_that_kills_its_worker_is_recorded_and_the_archive_completes(edit_clips, tiny_checkpoint, tmp_path,
+                                                                             ray_cluster):
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for name in ("a.mp4", "poison.mp4"):
+        shutil.copy(edit_clips["short.mp4"], archive / name)
+    shutil.copy(edit_clips["one_frame.mp4"], archive / "b.mp4")
+    settings = settings_from_options(output=str(tmp_path / "out"), checkpoint=str(tiny_checkpoint), detector="dlib",
+                                     preset="ultrafast", chunk_frames=16, model_cpus=0.5,
+                                     workdir=str(tmp_path / "work"))
+    edit_plan, weights = job.plan(job.EditInputs(sources=str(archive), driving=str(edit_clips["driving.mp4"])),
+                                  settings)
+
+    def crop_or_die(chunk, settings):
+        """The crop stage, except that any chunk of poison.mp4 kills the worker process outright."""
+        if chunk.job.source.endswith("poison.mp4"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return crop_chunk(chunk, settings)
+
+    rows: list[results.ResultRow] = []
+    runner.run_ray(edit_plan.works(), weights, settings, edit_plan.model, rows.append, crop=crop_or_die)
+    by_output = {row.job_id: row for row in rows}
+    assert sorted(by_output) == ["a.mp4", "b.mp4", "poison.mp4"]
+    poisoned = by_output["poison.mp4"]
+    assert poisoned.status == results.FAILED and poisoned.failure_class == errors.WORKER_FAILED
+    assert "died 2 times in the crop stage" in poisoned.message
+    assert errors.retried_on_rerun(poisoned.failure_class), "a crash is the machine's failure: reruns retry it"
+    for name, source in (("a.mp4", "short.mp4"), ("b.mp4", "one_frame.mp4")):
+        assert by_output[name].status == results.OK, by_output[name].message
+        assert instants(tmp_path / "out" / name) == instants(edit_clips[source])
+    assert len({w for row in rows if row.status == results.OK for w in row.worker.split(",")}) >= 2, \
+        "stages ran in separate worker processes"
+
+
+@pytest.mark.slow
+def test_portrait_edit_runs_the_flow_on_ray_writes_previews_and_resumes(edit_clips, tiny_checkpoint, tmp_path,
+                                                                       ray_cluster, prefect_harness, capsys):
+    output = tmp_path / "out" / "talk_smile.mp4"
+    argv = ["edit", "--source", str(edit_clips["short.mp4"]), "--driving", str(edit_clips["driving.mp4"]),
+            "--checkpoint", str(tiny_checkpoint.parent), "-o", str(output), "--previews", "--preset", "ultrafast",
+            "--chunk-frames", "16", "--detector", "dlib", "--model-cpus", "0.5", "--workdir", str(tmp_path / "work")]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "edited videos:" in printed and "45 of 45 frames edited" in printed
+    assert instants(output) == instants(edit_clips["short.mp4"])
+    assert stream.audio_packets(output) == stream.audio_packets(edit_clips["short.mp4"])
+    row = results.read_results(OutputStore(tmp_path / "out"))["talk_smile.mp4"]
+    assert row.status == results.OK and row.preview_video.endswith(".mp4") and os.path.isfile(row.preview_sheet)
+    written = output.stat().st_mtime_ns
+    assert main(argv) == 0
+    assert re.search(r"skipped \(done before\)\s+1\n", capsys.readouterr().out)
+    assert output.stat().st_mtime_ns == written
+
+
+def test_a_wrong_checkpoint_stops_the_command_before_any_work(edit_clips, tmp_path, capsys):
+    bad = tmp_path / "dpe.pt"
+    import torch
+
+    torch.save({"gen": {"enc.net_app.convs.0.0.weight": torch.zeros(3)}}, bad)
+    argv = ["edit", "--source", str(edit_clips["short.mp4"]), "--driving", str(edit_clips["driving.mp4"]),
+            "--checkpoint", str(bad), "-o", str(tmp_path / "out" / "x.mp4")]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "does not match the model" in error and "missing keys" in error
+    assert not (tmp_path / "out").exists()
+    assert main(["edit", "--checkpoint", str(bad), "-o", str(tmp_path / "out")]) == 2
+    assert "exactly one of --source, --jobs, --sources" in capsys.readouterr().err
