@@ -160,3 +160,11 @@ def test_fixed_pairs_spread_over_clips_and_stay_the_same(dataset):
     assert [(p.key, p.a, p.b) for p in first] == [(p.key, p.a, p.b) for p in second]
     assert {p.key for p in first} == {"kt1"} and len(first) == 3
     assert json.loads((dataset / SHARD_INDEX_PATH).read_text())["test"] == list(catalogue.shards)
+
+
+def test_portrait_train_refuses_a_missing_dataset_before_starting_anything(tmp_path, capsys):
+    from flows.cli import main
+
+    assert main(["train", "--data", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "runs")]) == 2
+    assert "does not exist; give --data the output folder of `portrait prepare`" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

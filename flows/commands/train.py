@@ -90,12 +90,14 @@ def flow_options(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     if args.export:
         return _export(*args.export)
+    from pipelines.runtime import RayUnavailable, ensure_ray
     from pipelines.train.job import prepare_run
 
     options = flow_options(args)
     try:
         prepare_run(TrainSettings(**options))
-    except (ValueError, FileNotFoundError) as error:
+        ensure_ray(args.ray_address)
+    except (ValueError, FileNotFoundError, RayUnavailable) as error:
         print(f"portrait train: {error}", file=sys.stderr)
         return 2
 
