@@ -17,7 +17,14 @@ from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipelines.prepare import job, report
-from pipelines.prepare.settings import DEFAULT_URL_TEMPLATE, DownloadOptions, PrepareSettings, settings_from_options
+from pipelines.media.tracking import TrackingConfig
+from pipelines.prepare.settings import (
+    DEFAULT_URL_TEMPLATE,
+    DownloadOptions,
+    PrepareSettings,
+    SampleFormat,
+    settings_from_options,
+)
 from pipelines.prepare.sources import SourceInputs
 from pipelines.runtime import ensure_ray
 
@@ -63,7 +70,12 @@ def prepare_dataset(
     workdir: str | None = None,
     url_template: str = DEFAULT_URL_TEMPLATE,
     detector: str = PrepareSettings.detector,
-    detect_every: int | None = None,
+    detect_every: int = TrackingConfig.detect_stride,
+    min_face_px: float = TrackingConfig.min_face_px,
+    min_track_fraction: float = TrackingConfig.min_track_fraction,
+    max_outside_fraction: float = TrackingConfig.max_outside_fraction,
+    face: str = TrackingConfig.face_policy,
+    min_clip_frames: int = SampleFormat.min_clip_frames,
     shard_size_mb: float = PrepareSettings.shard_bytes / 2**20,
     videos_per_batch: int = PrepareSettings.videos_per_batch,
     test_fraction: float = PrepareSettings.test_fraction,
@@ -87,6 +99,8 @@ def prepare_dataset(
     inputs = SourceInputs(tuple(vox1_txt or ()), tuple(vox2_txt or ()), tuple(clips or ()), tuple(urls or ()))
     settings = settings_from_options(
         output=output, workdir=workdir, url_template=url_template, detector=detector, detect_every=detect_every,
+        min_face_px=min_face_px, min_track_fraction=min_track_fraction, max_outside_fraction=max_outside_fraction,
+        face=face, min_clip_frames=min_clip_frames,
         shard_size_mb=shard_size_mb, videos_per_batch=videos_per_batch, test_fraction=test_fraction,
         retry_failed=retry_failed, allow_file_urls=allow_file_urls, rate_limit=rate_limit, sleep=sleep,
         cookies=cookies, proxy=proxy, retries=retries, ray_address=ray_address)

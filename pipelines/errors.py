@@ -80,6 +80,7 @@ MULTIPLE_FACES = _define("multiple_faces", "several comparable faces and no box 
 TRACK_TOO_SHORT = _define("track_too_short", "the face is tracked over too little of the clip")
 FACE_TOO_SMALL = _define("face_too_small", "the face is smaller than the minimum size")
 FACE_LEAVES_FRAME = _define("face_leaves_frame", "too much of the crop lies outside the frame")
+CLIP_TOO_SHORT = _define("clip_too_short", "fewer frames than the minimum clip length (--min-clip-frames)")
 
 # --- the machine -------------------------------------------------------------------------------
 WORKER_FAILED = _define("worker_failed", "the worker process died (out of memory, killed, lost node)",

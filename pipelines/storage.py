@@ -26,10 +26,42 @@ import uuid
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Iterator
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
 _TEMPORARY = re.compile(r"\..+\.[0-9a-f]{12}\.part")
+_SECRET_PARAMETERS = {"access_key": "AWS_ACCESS_KEY_ID", "secret_key": "AWS_SECRET_ACCESS_KEY",
+                      "session_token": "AWS_SESSION_TOKEN"}
+
+
+def split_credentials(uri: str) -> tuple[str, dict[str, str]]:
+    """Take credentials out of an object-store URI: (the URI without them, the AWS_* environment
+    variables that carry them instead). pyarrow accepts ``s3://KEY:SECRET@bucket/...`` and
+    ``?access_key=..&secret_key=..``; a URI is printed, logged and stored as a Prefect parameter, a
+    variable of this process is not. Other query parameters (endpoint_override, region, scheme) stay."""
+    if "://" not in uri:
+        return uri, {}
+    parts = urlsplit(uri)
+    env: dict[str, str] = {}
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, netloc = netloc.rsplit("@", 1)
+        key, _, secret = userinfo.partition(":")
+        env.update({"AWS_ACCESS_KEY_ID": unquote(key), "AWS_SECRET_ACCESS_KEY": unquote(secret)})
+    kept = []
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name in _SECRET_PARAMETERS:
+            env[_SECRET_PARAMETERS[name]] = value
+        else:
+            kept.append((name, value))
+    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(kept), parts.fragment)), env
+
+
+def redact(uri: str) -> str:
+    """The URI without the credentials it holds, marked as redacted (for messages, logs and records)."""
+    clean, secrets = split_credentials(uri)
+    return clean if not secrets else f"{clean} (credentials redacted)"
 
 
 def temporary_name(name: str) -> str:
@@ -163,7 +195,8 @@ class OutputStore:
             self.base = self.base.rstrip("/")
         else:
             self.filesystem, self.base = pafs.LocalFileSystem(), os.path.abspath(text)
-        self.uri = text
+        self.uri = redact(text)
+        """The location for people: credentials in the URI never appear here."""
         self.is_local = _is_local(self.filesystem)
 
     def __repr__(self) -> str:

@@ -56,7 +56,7 @@ def _leftovers(directory: Path) -> list[Path]:
 def test_two_clips_of_one_video_come_in_one_call_as_two_exact_sections(server, sample_media, tmp_path):
     cache = DownloadCache(tmp_path)
     options = DownloadOptions(margin_s=0.5, join_gap_s=1.0)
-    sections = download_video("talk", server.url("talk.mp4"), [(1.0, 3.0), (7.0, 9.0)], cache, options)
+    sections = download_video("talk", server.url("talk.mp4"), [(1.0, 3.0), (7.0, 9.0)], cache, options).sections
 
     assert [(s.start_s, s.end_s) for s in sections] == [(0.5, 3.5), (6.5, 9.5)]
     whole_size = sample_media["talk.mp4"].stat().st_size
@@ -76,9 +76,9 @@ def test_two_clips_of_one_video_come_in_one_call_as_two_exact_sections(server, s
 
 def test_rerun_with_the_same_spans_is_served_from_the_cache(server, tmp_path):
     cache = DownloadCache(tmp_path)
-    first = download_video("talk", server.url("talk.mp4"), [(2.0, 4.0)], cache, FAST)
+    first = download_video("talk", server.url("talk.mp4"), [(2.0, 4.0)], cache, FAST).sections
     requests_after_first = len(server.requests)
-    again = download_video("talk", server.url("talk.mp4"), [(2.0, 4.0)], DownloadCache(tmp_path), FAST)
+    again = download_video("talk", server.url("talk.mp4"), [(2.0, 4.0)], DownloadCache(tmp_path), FAST).sections
     assert again == first and len(server.requests) == requests_after_first
 
     download_video("talk", server.url("talk.mp4"), [(5.0, 6.0)], cache, FAST)  # other spans: a new download
@@ -86,13 +86,13 @@ def test_rerun_with_the_same_spans_is_served_from_the_cache(server, tmp_path):
 
 
 def test_near_spans_merge_into_one_section(server, tmp_path):
-    sections = download_video("talk", server.url("talk.mp4"), [(1.0, 2.0), (2.5, 3.5)], DownloadCache(tmp_path), FAST)
+    sections = download_video("talk", server.url("talk.mp4"), [(1.0, 2.0), (2.5, 3.5)], DownloadCache(tmp_path), FAST).sections
     assert [(s.start_s, s.end_s) for s in sections] == [(0.5, 4.0)]
     assert find_section(sections, 2.5, 3.5) == (sections[0], 2.0)
 
 
 def test_whole_video_when_a_span_is_open(server, sample_media, tmp_path):
-    sections = download_video("talk", server.url("talk.mp4"), [(1.0, 2.0), None], DownloadCache(tmp_path), FAST)
+    sections = download_video("talk", server.url("talk.mp4"), [(1.0, 2.0), None], DownloadCache(tmp_path), FAST).sections
     assert len(sections) == 1 and (sections[0].start_s, sections[0].end_s) == (0.0, None)
     assert sections[0].path.read_bytes() == sample_media["talk.mp4"].read_bytes()
     assert find_section(sections, 4.0, 5.0) == (sections[0], 4.0)
@@ -102,7 +102,7 @@ def test_clip_requests_of_one_video_make_one_download(server, tmp_path):
     template = server.base_url + "/{id}.mp4"
     clips = [ClipRequest(f"talk/{n}", "talk", "talk", "id0", start_s=start, end_s=start + 1.5)
              for n, start in enumerate((0.5, 8.0))]
-    sections = download_for_clips(clips, DownloadCache(tmp_path), DownloadOptions(url_template=template))
+    sections = download_for_clips(clips, DownloadCache(tmp_path), DownloadOptions(url_template=template)).sections
     assert len(sections) == 2
     assert len([r for r in _requests_to(server, "/talk.mp4") if r.range is None]) == 1
     with pytest.raises(ValueError, match="one video"):
@@ -145,7 +145,7 @@ def test_permanent_http_failures_are_not_retried_and_are_recorded(server, tmp_pa
 
 def test_transient_503_is_retried_until_it_succeeds(server, tmp_path):
     route = "flaky/2/talk.mp4"
-    sections = download_video("talk", server.url(route), [(1.0, 2.0)], DownloadCache(tmp_path), FAST)
+    sections = download_video("talk", server.url(route), [(1.0, 2.0)], DownloadCache(tmp_path), FAST).sections
     assert len(sections) == 1 and describe_media(sections[0].path)["frames"] > 50
     statuses = [r.status for r in _requests_to(server, "/" + route)]
     assert statuses[:2] == [503, 503] and set(statuses[2:]) <= {200, 206}
@@ -171,13 +171,31 @@ def test_a_stalled_connection_times_out_within_seconds(server, tmp_path):
     assert _leftovers(tmp_path) == []
 
 
-def test_span_past_the_end_fails_without_blocking_other_spans(server, tmp_path):
+def test_a_span_past_the_end_gives_no_section_but_the_videos_length(server, sample_media, tmp_path):
     cache = DownloadCache(tmp_path)
-    with pytest.raises(DownloadError) as caught:
-        download_video("talk", server.url("talk.mp4"), [(30.0, 31.0)], cache, FAST)
-    assert (caught.value.failure_class, caught.value.permanent) == ("no_video_in_span", True)
-    assert download_video("talk", server.url("talk.mp4"), [(1.0, 2.0)], cache, FAST)
+    past = download_video("talk", server.url("talk.mp4"), [(30.0, 31.0)], cache, FAST)
+    assert past.sections == () and past.duration_s == pytest.approx(describe_media(sample_media["talk.mp4"])
+                                                                        ["duration_s"], abs=0.1)
+    both = download_video("talk", server.url("talk.mp4"), [(1.0, 2.0), (30.0, 31.0)], cache, FAST)
+    assert [s.start_s for s in both.sections] == [0.5] and both.duration_s == past.duration_s
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("name, content, failure_class", [
+    ("empty.mp4", b"", "not_a_video"),
+    ("notes.mp4", b"this is a text file, not a video\n" * 20, "not_a_video"),
+])
+def test_a_whole_download_that_is_no_video_fails_with_what_it_is(server, sample_media, tmp_path, name, content,
+                                                                 failure_class):
+    served = sample_media["talk.mp4"].parent / name
+    served.write_bytes(content)
+    try:
+        with pytest.raises(DownloadError) as caught:
+            download_video(name, server.url(name), [None], DownloadCache(tmp_path), FAST)
+    finally:
+        served.unlink()
+    assert (caught.value.failure_class, caught.value.permanent) == (failure_class, True)
+    assert server.url(name) in caught.value.message and str(tmp_path) not in caught.value.message
 
 
 def test_local_files_are_refused_unless_allowed(sample_media, tmp_path):
@@ -190,7 +208,7 @@ def test_local_files_are_refused_unless_allowed(sample_media, tmp_path):
         assert "allow_file_urls" in caught.value.message
     assert not (tmp_path / "failures").exists(), "refusals are decisions about URLs, not about videos"
 
-    sections = download_video("talk", str(path), [(1.0, 2.0)], cache, DownloadOptions(allow_file_urls=True))
+    sections = download_video("talk", str(path), [(1.0, 2.0)], cache, DownloadOptions(allow_file_urls=True)).sections
     assert sections[0].end_s is None and sections[0].path.read_bytes() == path.read_bytes()
 
 
@@ -212,7 +230,7 @@ def test_ids_starting_with_dash_or_underscore_are_ids_not_options(server, sample
         for video_id in ("-dash", "_under"):
             url = resolve_url(video_id, template)
             assert url == f"{own.base_url}/{video_id}.mp4"
-            sections = download_video(video_id, url, [None], DownloadCache(tmp_path / "cache"), FAST)
+            sections = download_video(video_id, url, [None], DownloadCache(tmp_path / "cache"), FAST).sections
             assert sections[0].path.stat().st_size == (served / f"{video_id}.mp4").stat().st_size
 
 
@@ -318,7 +336,7 @@ def test_download_error_survives_pickling():
 
 def test_a_damaged_entry_can_be_evicted_so_the_next_run_downloads_again(server, tmp_path):
     cache = DownloadCache(tmp_path)
-    sections = download_video("talk", server.url("talk.mp4"), [(2.0, 4.0)], cache, FAST)
+    sections = download_video("talk", server.url("talk.mp4"), [(2.0, 4.0)], cache, FAST).sections
     cache.evict(sections[0])
     assert cache.lookup("talk", merge_spans([(2.0, 4.0)], FAST.margin_s, FAST.join_gap_s)) is None
     with pytest.raises(ValueError, match="not inside the download cache"):

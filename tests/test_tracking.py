@@ -167,15 +167,41 @@ def test_two_comparable_faces_without_metadata_are_ambiguous():
 
 def test_a_small_background_face_does_not_make_the_clip_ambiguous():
     main, background = make_track(50, 50, 60, 50), make_track(150, 50, 15, 50)
-    assert select_track([background, main], 50, [], TrackingConfig()) is main
+    assert select_track([background, main], 50, [], TrackingConfig()).track is main
 
 
 def test_metadata_box_picks_its_face_and_rejects_when_nothing_is_there():
     left, right = make_track(50, 50, 40, 50), make_track(150, 50, 40, 50)
-    assert select_track([left, right], 50, [(10, (125.0, 25.0, 175.0, 75.0))], TrackingConfig()) is right
+    chosen = select_track([left, right], 50, [(10, (125.0, 25.0, 175.0, 75.0))], TrackingConfig())
+    assert chosen.track is right and chosen.choice == "the face at the metadata box"
     with pytest.raises(ClipRejected) as caught:
         select_track([left, right], 50, [(10, (300.0, 300.0, 350.0, 350.0))], TrackingConfig())
     assert caught.value.failure_class == NO_FACE
+
+
+def _detections(tracks, calls):
+    """What the detector saw at each call: the box of every track alive at that frame."""
+    return [[tuple(t.landmark_boxes()[frame - t.start]) for t in tracks if t.start <= frame < t.end]
+            for frame in calls]
+
+
+def test_a_second_face_whose_track_broke_into_pieces_still_makes_the_clip_ambiguous():
+    main = make_track(50, 50, 40, 50)
+    pieces = [make_track(150, 50, 38, 8, start=start) for start in range(0, 50, 10)]  # each short and weak
+    calls = list(range(0, 50, 5))
+    with pytest.raises(ClipRejected) as caught:
+        select_track([main, *pieces], 50, [], TrackingConfig(), _detections([main, *pieces], calls))
+    assert caught.value.failure_class == MULTIPLE_FACES and "--face" in caught.value.message
+    assert select_track([main, *pieces], 50, [], TrackingConfig(), _detections([main], calls)).track is main
+
+
+@pytest.mark.parametrize("policy, expected", [("largest", 1), ("center", 0)])
+def test_a_face_policy_picks_one_of_several_faces_and_says_which(policy, expected):
+    tracks = [make_track(100, 60, 40, 50), make_track(170, 60, 44, 50)]  # frame 200 wide: the first is central
+    chosen = select_track(tracks, 50, [], TrackingConfig(face_policy=policy), _detections(tracks, range(0, 50, 5)),
+                          (200, 120))
+    assert chosen.track is tracks[expected]
+    assert chosen.faces_seen == 2 and f"--face {policy}" in chosen.choice
 
 
 def test_a_track_covering_too_little_of_the_clip_is_too_short():

@@ -63,8 +63,24 @@ def test_probe_sees_an_audio_track(media):
 def test_probe_rejects_a_file_that_is_not_a_video(media):
     with pytest.raises(VideoError) as caught:
         probe(media["garbage"])
-    assert caught.value.failure_class == CORRUPT_VIDEO
+    assert caught.value.failure_class == "not_a_video"
     assert str(media["garbage"]) in caught.value.message
+
+
+def test_probe_tells_empty_audio_only_and_cut_off_files_apart(media, tmp_path):
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    sound = tmp_path / "sound.m4a"
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "sine=d=1", "-c:a", "aac", str(sound)],
+                   check=True)
+    cut = tmp_path / "cut.mp4"  # moov at the end, and the end is gone
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(media["audio"]), "-c", "copy", str(cut)], check=True)
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    expected = {empty: ("not_a_video", "empty"), sound: ("no_video_stream", "audio"), cut: (CORRUPT_VIDEO, "moov")}
+    for path, (failure_class, words) in expected.items():
+        with pytest.raises(VideoError) as caught:
+            probe(path)
+        assert caught.value.failure_class == failure_class and words in caught.value.message
 
 
 def test_probe_names_a_missing_file(tmp_path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 from flows.commands import (
@@ -14,8 +16,17 @@ from flows.commands import (
     positive_int,
 )
 from pipelines.media.faces import DETECTOR_NAMES
-from pipelines.prepare.settings import DEFAULT_URL_TEMPLATE, DownloadOptions, PrepareSettings, settings_from_options
+from pipelines.media.tracking import FACE_POLICIES, TrackingConfig
+from pipelines.prepare.settings import (
+    DEFAULT_URL_TEMPLATE,
+    DownloadOptions,
+    PrepareSettings,
+    SampleFormat,
+    parse_rate,
+    settings_from_options,
+)
 
+LOG = logging.getLogger(__name__)
 NAME = "prepare"
 INPUT_KINDS = ("vox1_txt", "vox2_txt", "clips", "urls")
 
@@ -53,8 +64,21 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--detector", choices=DETECTOR_NAMES, default=PrepareSettings.detector,
                    help="face detector: 'auto' takes face-alignment when its weights are in "
                         "$TORCH_HOME/hub/checkpoints, else the embedded dlib models (logged)")
-    p.add_argument("--detect-every", type=positive_int, default=None, metavar="N",
-                   help="run the detector every N frames and track landmarks in between (default: 25)")
+    faces = p.add_argument_group("face policies (recorded in the dataset's marker: a dataset keeps one set)")
+    faces.add_argument("--detect-every", type=positive_int, default=TrackingConfig.detect_stride, metavar="N",
+                       help="run the detector every N frames and track landmarks in between")
+    faces.add_argument("--min-face-px", type=positive_float, default=TrackingConfig.min_face_px, metavar="PX",
+                       help="smallest face kept: median landmark extent in source pixels")
+    faces.add_argument("--min-track-fraction", type=fraction, default=TrackingConfig.min_track_fraction,
+                       metavar="F", help="the face must be tracked in at least this fraction of the clip")
+    faces.add_argument("--max-outside-fraction", type=fraction, default=TrackingConfig.max_outside_fraction,
+                       metavar="F", help="largest part of a crop allowed outside the frame (filled from the edge)")
+    faces.add_argument("--face", choices=FACE_POLICIES, default=TrackingConfig.face_policy,
+                       help="with several faces and no metadata box: reject the clip ('only'), or keep the "
+                            "largest or the most central face; the choice is recorded in each sample")
+    faces.add_argument("--min-clip-frames", type=positive_int, default=SampleFormat.min_clip_frames, metavar="N",
+                       help="shortest clip kept, in frames at 25 fps; a span running past the end of the video "
+                            "keeps the frames that exist when at least N remain")
     p.add_argument("--shard-size-mb", type=positive_float, default=PrepareSettings.shard_bytes / 2**20,
                    help="target size of one tar shard")
     p.add_argument("--videos-per-batch", type=positive_int, default=PrepareSettings.videos_per_batch,
@@ -65,7 +89,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="retry every clip that failed in an earlier run, permanent failures (404, no face) included")
     p.add_argument("--allow-file-urls", action="store_true",
                    help="accept file:// URLs and local paths as video sources (refused by default)")
-    p.add_argument("--rate-limit", default=None, metavar="RATE",
+    p.add_argument("--rate-limit", type=_rate, default=None, metavar="RATE",
                    help="download rate limit in bytes/s with an optional K, M or G, e.g. 2M")
     p.add_argument("--sleep", type=non_negative_float, default=DownloadOptions.sleep_between_s, metavar="S",
                    help="seconds to sleep before each download")
@@ -80,21 +104,37 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def _rate(text: str) -> str:
+    try:
+        parse_rate(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def flow_options(args: argparse.Namespace) -> dict:
     """The `prepare_dataset` flow's parameters from parsed options (the same names)."""
-    names = ("output", *INPUT_KINDS, "sample", "workdir", "url_template", "detector", "detect_every",
+    names = ("output", *INPUT_KINDS, "sample", "workdir", "url_template", "detector", "detect_every", "min_face_px",
+             "min_track_fraction", "max_outside_fraction", "face", "min_clip_frames",
              "shard_size_mb", "videos_per_batch", "test_fraction", "retry_failed", "allow_file_urls", "rate_limit",
              "sleep", "cookies", "proxy", "retries", "ray_address")
     return {name: getattr(args, name) for name in names}
 
 
 def run(args: argparse.Namespace) -> int:
+    from flows.services import ServiceUnavailable, job_services
     from pipelines.dataset.layout import OutputRefused, claim_output
     from pipelines.media.faces import make_detector
     from pipelines.prepare.sources import InputError, SourceInputs
-    from pipelines.storage import OutputStore
+    from pipelines.runtime import RayUnavailable
+    from pipelines.storage import OutputStore, split_credentials
 
     options = flow_options(args)
+    options["output"], credentials = split_credentials(options["output"])
+    if credentials:  # kept out of logs, summaries and Prefect's parameter records
+        os.environ.update(credentials)
+        LOG.warning("credentials in --output moved to %s for this run; pass them that way next time",
+                    ", ".join(sorted(credentials)))
     inputs = SourceInputs(*(tuple(options[kind]) for kind in INPUT_KINDS))
     if not inputs and not args.sample:
         raise SystemExit("portrait prepare: give at least one input (--vox1-txt, --vox2-txt, --clips, --urls) "
@@ -108,9 +148,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"portrait prepare: {error}", file=sys.stderr)
         return 2
 
-    from flows.prepare_flow import prepare_dataset
+    try:
+        with job_services(settings.ray_address):
+            from flows.prepare_flow import prepare_dataset
 
-    summary = prepare_dataset(**options)
+            summary = prepare_dataset(**options)
+    except (RayUnavailable, ServiceUnavailable) as error:
+        print(f"portrait prepare: {error}", file=sys.stderr)
+        return 2
     if args.contact_sheet and summary.get("ok"):
         from pipelines.dataset.inspect import write_contact_sheet
 

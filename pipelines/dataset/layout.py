@@ -128,6 +128,19 @@ def claim_output(store: OutputStore, sample_settings: Mapping[str, Any]) -> Data
     records other sample-shaping settings than `sample_settings` (samples would be mixed).
     """
     settings = json.loads(json.dumps(dict(sample_settings)))  # the form it takes in the marker
+    try:
+        return _claim(store, settings)
+    except OSError as error:  # a missing bucket, no permission, a read-only disk, a file in the way
+        raise OutputRefused(f"{store.uri} cannot be used as the dataset folder: {error}. Check that it (or its "
+                            "bucket) exists and is writable, and that credentials and endpoint are set "
+                            "(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY for S3-compatible "
+                            "storage)") from error
+
+
+def _claim(store: OutputStore, settings: dict[str, Any]) -> DatasetMarker:
+    if store.filesystem.get_file_info(store.base).type == pafs.FileType.File:
+        raise OutputRefused(f"{store.uri} is a file, not a folder; give --output a folder (new or empty) or a "
+                            "bucket prefix")
     outer = _enclosing_dataset(store)
     if outer is not None:
         raise OutputRefused(f"{store.uri} lies inside the dataset {outer}; prepare into that dataset's own "

@@ -34,7 +34,12 @@ def _now() -> datetime:
 
 @dataclass(frozen=True)
 class ManifestRow:
-    """The outcome of one attempt at one clip (or one unparsable input, keyed by its origin)."""
+    """The outcome of one attempt at one clip (or one unparsable input, keyed by its origin).
+
+    `start_s`/`end_s` is the span requested (seconds of the source video, None for the whole video);
+    `delivered_start_s`/`delivered_end_s` the span the prepared frames cover (the face track can be
+    shorter, and a span past the end of the video is shortened: the message then says so).
+    """
 
     clip_id: str
     key: str
@@ -50,6 +55,8 @@ class ManifestRow:
     shard: str | None = None
     frames: int | None = None
     seconds: float | None = None
+    delivered_start_s: float | None = None
+    delivered_end_s: float | None = None
     download_s: float | None = None
     analyse_s: float | None = None
     encode_s: float | None = None
@@ -83,6 +90,8 @@ SCHEMA = pa.schema(
         ("shard", pa.string()),
         ("frames", pa.int64()),
         ("seconds", pa.float64()),
+        ("delivered_start_s", pa.float64()),
+        ("delivered_end_s", pa.float64()),
         ("download_s", pa.float64()),
         ("analyse_s", pa.float64()),
         ("encode_s", pa.float64()),

@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 import numpy as np
@@ -106,6 +106,10 @@ class SampleMeta:
     source_size: tuple[int, int]
     detector: str
     track_box: dict[str, list[float]] = field(default_factory=dict)
+    faces_seen: int = 1
+    """Most comparable faces seen together in one frame of the span."""
+    face_choice: str = "the only face"
+    """Why this face was kept (the only one, the metadata box, or the --face policy)."""
 
     @property
     def seconds(self) -> float:
@@ -124,7 +128,8 @@ class SampleMeta:
         """Parse the ``json`` entry; a missing or unknown field is an error naming it."""
         record = dict(json.loads(data) if isinstance(data, (bytes, str)) else data)
         names = {f.name for f in fields(cls)}
-        missing = sorted(names - set(record) - {"track_box"})
+        optional = {f.name for f in fields(cls) if f.default is not MISSING or f.default_factory is not MISSING}
+        missing = sorted(names - set(record) - optional)
         unknown = sorted(set(record) - names)
         if missing or unknown:
             raise ValueError(f"sample json does not match the schema: missing {missing}, unknown {unknown}")

@@ -60,7 +60,14 @@ class TrackingConfig:
     max_outside_fraction: float = 0.2
     """Largest fraction of a crop box that may lie outside the frame (padded) in any frame."""
     comparable_faces_ratio: float = 0.6
-    """Without a metadata box, a second track this prominent (coverage x size) makes the clip ambiguous."""
+    """Without a metadata box, a second face this prominent (coverage x size for tracks, size for single
+    detections) makes the clip ambiguous."""
+    crowded_fraction: float = 0.25
+    """Several comparable faces detected together in at least this fraction of the detector calls
+    make the clip ambiguous, however their tracks break up."""
+    face_policy: str = "only"
+    """Which face to keep when several are present and no metadata box picks one: "only" (reject the
+    clip as multiple_faces), "largest", or "center" (nearest the frame centre)."""
     meta_match_distance: float = 0.5
     """A track matches a metadata box when their centres are closer than this fraction of the box size."""
 
@@ -132,6 +139,8 @@ class FaceTracker:
         self._frame = 0
         self._detect_next = True
         self.detector_calls = 0
+        self.detections: list[list[Box]] = []
+        """The face boxes of every detector call, so a choice can consider every face ever seen."""
 
     def update(self, frame: np.ndarray) -> None:
         """Follow every active face into this frame, detecting when due or when tracking got unsure."""
@@ -156,6 +165,7 @@ class FaceTracker:
         self.detector_calls += 1
         faces = self.detector.detect(frame)
         detections = [face.box for face in faces]
+        self.detections.append(detections)
         matches = associate([boxes[id(t)] for t in self._active], detections, self.config.match_iou)
         matched = {ti: di for ti, di in matches}
         result: dict[int, Box] = {}
@@ -205,34 +215,87 @@ def rigid_frame(points: np.ndarray) -> tuple[np.ndarray, float]:
     return centre, np.maximum(spread, 1e-6)
 
 
+FACE_POLICIES = ("only", "largest", "center")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The track to crop, how many comparable faces were seen together, and why this one."""
+
+    track: FaceTrack
+    faces_seen: int
+    choice: str
+
+
+def comparable_faces(detections: list[list[Box]], ratio: float) -> list[int]:
+    """Per detector call, how many faces are at least `ratio` times the size of its largest face."""
+    counts = []
+    for boxes in detections:
+        sides = [max(b[2] - b[0], b[3] - b[1]) for b in boxes]
+        counts.append(sum(side >= ratio * max(sides) for side in sides) if sides else 0)
+    return counts
+
+
 def select_track(tracks: list[FaceTrack], frame_count: int, meta_boxes: list[tuple[int, Box]],
-                 config: TrackingConfig) -> FaceTrack:
+                 config: TrackingConfig, detections: list[list[Box]] | None = None,
+                 frame_size: tuple[int, int] | None = None) -> Selection:
     """The one track to crop: nearest the metadata boxes (frame index, pixel box) if given, else the
-    dominant face. Raises `ClipRejected` (no_face, multiple_faces, track_too_short)."""
+    only face, else the one `config.face_policy` picks. Every face seen counts, including those
+    whose tracks broke into pieces (`detections`, every detector call's boxes).
+    Raises `ClipRejected` (no_face, multiple_faces, track_too_short)."""
     tracks = [t for t in tracks if t.landmarks]
     if not tracks:
         raise ClipRejected(NO_FACE, f"no face detected in {frame_count} frames")
+    counts = comparable_faces(detections or [], config.comparable_faces_ratio)
+    faces_seen = max(counts, default=1)
+    crowded = sum(count >= 2 for count in counts)
+    prominence = sorted(((len(t.landmarks) / frame_count * t.face_size(), i) for i, t in enumerate(tracks)),
+                        reverse=True)
     if meta_boxes:
         distances = [(_meta_distance(t, meta_boxes), i) for i, t in enumerate(tracks)]
         distance, best = min(distances)
         if distance > config.meta_match_distance:
             raise ClipRejected(NO_FACE, f"none of {len(tracks)} face tracks lies at the metadata box "
                                         f"(nearest centre {distance:.2f} box sizes away)")
-        chosen = tracks[best]
+        chosen, choice = tracks[best], "the face at the metadata box"
     else:
-        prominence = sorted(((len(t.landmarks) / frame_count * t.face_size(), i) for i, t in enumerate(tracks)),
-                            reverse=True)
         chosen = tracks[prominence[0][1]]
         rivals = [p for p, i in prominence[1:] if p >= config.comparable_faces_ratio * prominence[0][0]
                   and _overlap_in_time(tracks[i], chosen)]
-        if rivals:
-            raise ClipRejected(MULTIPLE_FACES, f"{len(rivals) + 1} comparable faces and no metadata box to "
-                                               f"pick one; give the clip's face box")
+        several = bool(rivals) or (bool(counts) and crowded >= max(1.0, config.crowded_fraction * len(counts)))
+        if not several:
+            choice = "the only face"
+        elif config.face_policy == "only":
+            raise ClipRejected(MULTIPLE_FACES, f"{max(faces_seen, len(rivals) + 1)} comparable faces (seen together in "
+                                               f"{crowded} of {len(counts)} detections) and no metadata box to pick "
+                                               "one; give the clip's face box, or --face largest|center")
+        else:
+            chosen = _by_policy(tracks, config, frame_count, frame_size)
+            choice = f"the {config.face_policy} of {max(faces_seen, 2)} faces (--face {config.face_policy})"
     coverage = len(chosen.landmarks) / frame_count
     if coverage < config.min_track_fraction:
         raise ClipRejected(TRACK_TOO_SHORT, f"the face is tracked in {len(chosen.landmarks)} of {frame_count} "
                                             f"frames ({coverage:.0%} < {config.min_track_fraction:.0%})")
-    return chosen
+    return Selection(chosen, faces_seen, choice)
+
+
+def _by_policy(tracks: list[FaceTrack], config: TrackingConfig, frame_count: int,
+               frame_size: tuple[int, int] | None) -> FaceTrack:
+    """The track `config.face_policy` picks among those long enough to keep (all of them if none is)."""
+    if config.face_policy not in FACE_POLICIES[1:]:
+        raise ValueError(f"face_policy must be one of {FACE_POLICIES}, got {config.face_policy!r}")
+    long_enough = [t for t in tracks if len(t.landmarks) / frame_count >= config.min_track_fraction] or tracks
+    if config.face_policy == "largest":
+        return max(long_enough, key=lambda t: t.face_size())
+    if frame_size is None:
+        raise ValueError("face_policy 'center' needs the frame size")
+    centre = np.array(frame_size, dtype=np.float64) / 2
+
+    def distance(track: FaceTrack) -> float:
+        boxes = track.landmark_boxes()
+        return float(np.linalg.norm(((boxes[:, :2] + boxes[:, 2:]) / 2).mean(axis=0) - centre))
+
+    return min(long_enough, key=distance)
 
 
 def _overlap_in_time(a: FaceTrack, b: FaceTrack) -> bool:

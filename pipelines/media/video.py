@@ -22,7 +22,15 @@ from typing import IO, Iterable, Iterator
 
 import numpy as np
 
-from pipelines.errors import CORRUPT_VIDEO, ENCODE_FAILED, MISSING_VIDEO, SPAN_OUTSIDE_VIDEO, VideoError
+from pipelines.errors import (
+    CORRUPT_VIDEO,
+    ENCODE_FAILED,
+    MISSING_VIDEO,
+    NO_VIDEO_STREAM,
+    NOT_A_VIDEO,
+    SPAN_OUTSIDE_VIDEO,
+    VideoError,
+)
 from pipelines.storage import atomic_local_path
 
 SPAN_TOLERANCE_S = 0.05
@@ -34,7 +42,7 @@ _SIZE = re.compile(r",\s*(\d+)x(\d+)(?=[\s,\[]|$)")
 _FPS = re.compile(r"([\d.]+)(k?) (?:fps|tbr)")
 _ROTATION = re.compile(r"rotation of (-?[\d.]+) degrees")
 _DECODED_TIME = re.compile(r"time=(\d+):(\d+):(\d+(?:\.\d+)?)")
-_CORRUPT_MARKERS = ("Invalid data found", "moov atom not found", "Error opening input", "could not find codec")
+_CORRUPT_MARKERS = ("Invalid data found", "Error opening input", "could not find codec")
 
 
 @dataclass(frozen=True)
@@ -61,23 +69,39 @@ def ffmpeg_exe() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
-def probe(path: str | os.PathLike) -> VideoInfo:
-    """Read size, frame rate, duration and audio presence of a video file.
+def probe(path: str | os.PathLike, timeout_s: float = 60.0) -> VideoInfo:
+    """Read size, frame rate, duration and audio presence of a video file (or an http(s) URL).
 
-    Raises `VideoError` with class `missing_video` when there is no such file and `corrupt_video`
-    when ffmpeg cannot open it or finds no video stream.
+    Raises `VideoError`: `missing_video` (no such file), `not_a_video` (empty, or not media ffmpeg
+    can open), `no_video_stream` (audio only), `corrupt_video` (an mp4 cut off before its index, a
+    stream without size, rate or duration).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise VideoError(MISSING_VIDEO, f"{path}: no such file")
-    result = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)],
-                            capture_output=True, text=True, errors="replace")
+    remote = str(path).startswith(("http://", "https://"))
+    if not remote:
+        path = Path(path)
+        if not path.is_file():
+            raise VideoError(MISSING_VIDEO, f"{path}: no such file")
+        if path.stat().st_size == 0:
+            raise VideoError(NOT_A_VIDEO, f"{path}: the file is empty (0 bytes)")
+    timeout = ["-rw_timeout", str(int(timeout_s * 1e6))] if remote else []
+    try:
+        result = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", *timeout, "-i", str(path)],
+                                capture_output=True, text=True, errors="replace", timeout=timeout_s + 5)
+    except subprocess.TimeoutExpired:
+        raise VideoError(CORRUPT_VIDEO, f"{path}: ffmpeg could not read its header within {timeout_s:.0f} s") from None
     report = result.stderr
+    if "moov atom not found" in report:
+        if not remote and not _looks_like_mp4(path):
+            raise VideoError(NOT_A_VIDEO, f"{path}: not a video (named like an mp4, but holds no mp4 structure)")
+        raise VideoError(CORRUPT_VIDEO, f"{path}: an mp4 without its index (moov): cut off, or a damaged "
+                                        f"transfer ({_tail(report)})")
     if any(marker in report for marker in _CORRUPT_MARKERS):
-        raise VideoError(CORRUPT_VIDEO, f"{path}: ffmpeg cannot open it: {_tail(report)}")
+        raise VideoError(NOT_A_VIDEO, f"{path}: not a video ffmpeg can open ({_tail(report)})")
     stream = _VIDEO_STREAM.search(report)
     if stream is None:
-        raise VideoError(CORRUPT_VIDEO, f"{path}: no video stream found: {_tail(report)}")
+        if re.search(r"Stream #\d+:\d+.*?: Audio:", report):
+            raise VideoError(NO_VIDEO_STREAM, f"{path}: holds audio but no video stream")
+        raise VideoError(NOT_A_VIDEO, f"{path}: no video stream found ({_tail(report)})")
     size = _SIZE.search(stream.group(1))
     if size is None:
         raise VideoError(CORRUPT_VIDEO, f"{path}: cannot read the frame size from {stream.group(0)!r}")
@@ -88,12 +112,21 @@ def probe(path: str | os.PathLike) -> VideoInfo:
     fps_match = _FPS.search(stream.group(1))
     fps = float(fps_match.group(1)) * (1000.0 if fps_match and fps_match.group(2) else 1.0) if fps_match else 0.0
     duration = _parse_duration(report)
-    if duration is None:
+    if duration is None and not remote:
         duration = _decoded_duration(path)
     if not fps or not duration:
         raise VideoError(CORRUPT_VIDEO, f"{path}: no usable frame rate or duration in {stream.group(0)!r}")
     has_audio = re.search(r"Stream #\d+:\d+.*?: Audio:", report) is not None
     return VideoInfo(width=width, height=height, fps=fps, duration_s=duration, has_audio=has_audio)
+
+
+_MP4_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot")
+
+
+def _looks_like_mp4(path: Path) -> bool:
+    """Whether the file starts with an ISO media box (an mp4/mov, perhaps cut short)."""
+    with open(path, "rb") as handle:
+        return handle.read(8)[4:8] in _MP4_BOXES
 
 
 def check_span(info: VideoInfo, start_s: float, end_s: float, path: str | os.PathLike = "video") -> None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from dpe.landmarks import split_pose_expression
 from pipelines.dataset.schema import ClipSample, Provenance, SampleMeta, safe_key
-from pipelines.errors import CORRUPT_VIDEO, ClipRejected, RecordedFailure
+from pipelines.errors import CLIP_TOO_SHORT, CORRUPT_VIDEO, ClipRejected, RecordedFailure
 from pipelines.media.crop import crop_frame, landmarks_to_crop
 from pipelines.media.faces import Box, FaceDetector
 from pipelines.media.tracking import FaceTracker, crop_boxes, select_track
@@ -40,17 +40,20 @@ class ProcessedClip:
 
 def process_clip(video_path: str | os.PathLike, start_s: float | None, end_s: float | None,
                  meta_boxes: Sequence[MetaBox], detector: FaceDetector, provenance: Provenance,
-                 sample_format: SampleFormat | None = None, *, info: VideoInfo | None = None) -> ProcessedClip:
-    """Prepare the span [start_s, end_s) of a video (None: from the start / to the end).
+                 sample_format: SampleFormat | None = None, *, info: VideoInfo | None = None,
+                 offset_s: float = 0.0, label: str | None = None) -> ProcessedClip:
+    """Prepare the span [start_s, end_s) of a video file (None: from the start / to the end).
 
-    `meta_boxes` are the metadata face boxes (times in seconds of this video file) that pick the
-    face when several are present; `provenance` says where the clip comes from (it goes into the
-    sample's json). `info` skips probing when several clips share one file.
-    Raises `ClipRejected` with a failure class naming the cause.
+    `meta_boxes` are the metadata face boxes (times in seconds of this file) that pick the face
+    when several are present; `provenance` says where the clip comes from (it goes into the
+    sample's json); `offset_s` is where this file starts in the source video (a downloaded
+    section), so the sample records its span in the source's own time. `info` skips probing when
+    several clips share one file. Raises `ClipRejected` with a failure class and a message that
+    starts with `label` (default: the file and span).
     """
     sample_format = sample_format or SampleFormat()
     config, fps, size = sample_format.tracking, sample_format.fps, sample_format.crop_size
-    label = f"{video_path} [{_fmt(start_s)}-{_fmt(end_s)} s]"
+    label = label or f"{video_path} [{_fmt(start_s)}-{_fmt(end_s)} s]"
     timings: dict[str, float] = {}
     try:
         with _timed(timings, "probe_s"):
@@ -65,7 +68,12 @@ def process_clip(video_path: str | os.PathLike, start_s: float | None, end_s: fl
                 frame_count += 1
         with _timed(timings, "select_s"):
             wanted = _meta_frames(meta_boxes, start, end, info, fps)
-            track = select_track(tracker.tracks, frame_count, wanted, config)
+            selection = select_track(tracker.tracks, frame_count, wanted, config, tracker.detections,
+                                     (info.width, info.height))
+            track = selection.track
+            if len(track.landmarks) < sample_format.min_clip_frames:
+                raise ClipRejected(CLIP_TOO_SHORT, f"{len(track.landmarks)} frames with the face, fewer than the "
+                                                   f"minimum of {sample_format.min_clip_frames} (--min-clip-frames)")
             boxes = crop_boxes(track, (info.width, info.height), config)
             landmarks = np.stack([landmarks_to_crop(points, box, size) for points, box in zip(track.landmarks, boxes)])
         with _timed(timings, "encode_s"):
@@ -77,11 +85,13 @@ def process_clip(video_path: str | os.PathLike, start_s: float | None, end_s: fl
         raise ClipRejected(error.failure_class, f"{label}: {error.message}") from error
     timings["total_s"] = sum(timings.values())
     float_boxes = boxes.astype(np.float64)
+    first = offset_s + start
     meta = SampleMeta.build(
-        provenance, span=(start + track.start / fps, start + track.end / fps), fps=fps, frames=len(boxes),
+        provenance, span=(first + track.start / fps, first + track.end / fps), fps=fps, frames=len(boxes),
         crop_size=size, source_size=(info.width, info.height), detector=detector.name,
         track_box={"mean": float_boxes.mean(axis=0).tolist(), "min": float_boxes.min(axis=0).tolist(),
-                   "max": float_boxes.max(axis=0).tolist()})
+                   "max": float_boxes.max(axis=0).tolist()},
+        faces_seen=selection.faces_seen, face_choice=selection.choice)
     sample = ClipSample(key=safe_key(provenance.clip_id), mp4=mp4, boxes=boxes.astype(np.float32),
                         landmarks=landmarks.astype(np.float32), pose=np.asarray(pose, dtype=np.float32),
                         expression=np.asarray(expression, dtype=np.float32), meta=meta)

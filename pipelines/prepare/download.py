@@ -37,7 +37,7 @@ from yt_dlp.utils import GeoRestrictedError, UnsupportedError, download_range_fu
 
 from pipelines import errors
 from pipelines.dataset.schema import safe_key
-from pipelines.errors import RecordedFailure, VideoError, is_transient
+from pipelines.errors import RecordedFailure, VideoError, is_transient, retried_on_rerun
 from pipelines.media.video import ffmpeg_exe, probe
 from pipelines.prepare.requests import ClipRequest, resolve_url
 from pipelines.prepare.settings import DownloadOptions
@@ -68,6 +68,15 @@ class DownloadedSection:
         if self.end_s is None:
             return True
         return end_s is not None and end_s <= self.end_s + 1e-6
+
+
+@dataclass(frozen=True)
+class Download:
+    """What one video's download gave: the sections that hold video (possibly none, when every
+    requested span lies past the end or in lost data) and the video's duration when it is known."""
+
+    sections: tuple[DownloadedSection, ...]
+    duration_s: float | None = None
 
 
 class DownloadError(RecordedFailure):
@@ -161,6 +170,7 @@ _MESSAGE_CLASSES = [  # first match wins; lower-case text of yt-dlp's message
     (re.compile(r"cannot be partially downloaded|requested format is not available"), errors.UNSUPPORTED_FORMAT),
     (re.compile(r"video unavailable|not available|has been removed|been terminated|no longer available"
                 r"|does not exist"), errors.UNAVAILABLE),
+    (re.compile(r"did not get any data blocks|downloaded file is empty"), errors.NOT_A_VIDEO),
     (re.compile(r"connection (reset|refused|aborted)|remote end closed|incomplete ?read|broken pipe"
                 r"|temporary failure in name resolution|name or service not known|network is unreachable"),
      errors.NETWORK),
@@ -221,16 +231,18 @@ class DownloadCache:
     def entry_dir(self, video_id: str, spans: list[Span] | None) -> Path:
         return self.directory / safe_key(video_id) / _spans_digest(spans)
 
-    def lookup(self, video_id: str, spans: list[Span] | None) -> list[DownloadedSection] | None:
-        """The cached sections for exactly these spans, or None when they were never completed."""
+    def lookup(self, video_id: str, spans: list[Span] | None) -> Download | None:
+        """The cached download for exactly these spans, or None when it was never completed."""
         entry = self.entry_dir(video_id, spans)
         try:
             record = json.loads((entry / self.MARKER).read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return None
-        sections = [DownloadedSection(entry / item["file"], item["start_s"], item["end_s"])
-                    for item in record["sections"]]
-        return sections if all(section.path.is_file() for section in sections) else None
+        sections = tuple(DownloadedSection(entry / item["file"], item["start_s"], item["end_s"])
+                         for item in record["sections"])
+        if not all(section.path.is_file() for section in sections):
+            return None
+        return Download(sections, record.get("duration_s"))
 
     def evict(self, section: DownloadedSection) -> None:
         """Forget the entry holding `section` (found damaged after download), so a rerun fetches it anew."""
@@ -250,13 +262,14 @@ class DownloadCache:
             shutil.rmtree(folder, ignore_errors=True)
 
     def commit(self, video_id: str, url: str, spans: list[Span] | None, staging: Path,
-               downloaded: list[DownloadedSection]) -> list[DownloadedSection]:
+               downloaded: Download) -> Download:
         """Move downloaded files out of `staging` into the entry for (video_id, spans), atomically."""
         entry = self.entry_dir(video_id, spans)
         build = staging / "entry"
         build.mkdir()
-        record = {"video_id": video_id, "url": url, "spans": spans, "sections": []}
-        for index, section in enumerate(sorted(downloaded, key=lambda s: s.start_s)):
+        record = {"video_id": video_id, "url": url, "spans": spans, "duration_s": downloaded.duration_s,
+                  "sections": []}
+        for index, section in enumerate(sorted(downloaded.sections, key=lambda s: s.start_s)):
             name = f"section-{index:03d}{section.path.suffix}"
             os.replace(section.path, build / name)
             record["sections"].append({"file": name, "start_s": section.start_s, "end_s": section.end_s})
@@ -385,9 +398,14 @@ def _ytdlp_params(options: DownloadOptions, spans: list[Span] | None, folder: Pa
     return params
 
 
-def _fetch(video_id: str, url: str, spans: list[Span] | None, folder: Path,
-           options: DownloadOptions) -> list[DownloadedSection]:
-    """One yt-dlp call for all spans of a video; files land in `folder`."""
+def _fetch(video_id: str, url: str, spans: list[Span] | None, folder: Path, options: DownloadOptions) -> Download:
+    """One yt-dlp call for all spans of a video; files land in `folder`.
+
+    A whole-video download that is not a playable video fails with the class of what it is
+    (`not_a_video`, `no_video_stream`, `corrupt_video`). Sections without video (ffmpeg writes an
+    empty file for a span past the end, or for data the host lost) are dropped; the video's
+    duration is looked up then, so each clip can be told which of the two it met.
+    """
     params = _ytdlp_params(options, spans, folder, file_url=url.startswith("file:"))
     try:
         with yt_dlp.YoutubeDL(params) as ydl:
@@ -402,28 +420,40 @@ def _fetch(video_id: str, url: str, spans: list[Span] | None, folder: Path,
         raise DownloadError(errors.BAD_URL, f"video {video_id} ({url}): yt-dlp found {kind}, expected one video")
     sections = [DownloadedSection(Path(item["filepath"]), float(item.get("section_start") or 0.0),
                                   item.get("section_end")) for item in downloads]
-    usable = [section for section in sections if _has_video_stream(section.path)]
+    usable, problems = [], []
+    for section in sections:
+        try:
+            probe(section.path)
+            usable.append(section)
+        except VideoError as problem:
+            problems.append(problem)
+    if spans is None and not usable:
+        problem = problems[0]
+        reason = problem.message.split(": ", 1)[-1]  # the downloaded file's cache path means nothing to a user
+        raise DownloadError(problem.failure_class, f"video {video_id} ({url}): {reason}")
+    duration = info.get("duration")
+    if problems and duration is None:
+        duration = _remote_duration(info.get("url") or url, options)
     for section in sections:
         if section not in usable:
-            log.warning("video %s (%s): section %.1f-%s s holds no video (past the end, or damaged data); "
-                        "its clips will be missing", video_id, url, section.start_s, section.end_s)
-    if not usable:
-        raise DownloadError(errors.NO_VIDEO_IN_SPAN, f"video {video_id} ({url}): no video in the requested spans "
-                            f"{spans or 'whole video'}: past the end of the video, or damaged data")
-    return usable
+            log.warning("video %s (%s): no video in %.1f-%s s (the video %s): its clips are recorded as missing",
+                        video_id, url, section.start_s, section.end_s,
+                        f"ends at {duration:.1f} s" if duration else "length is unknown")
+    return Download(tuple(usable), None if duration is None else float(duration))
 
 
-def _has_video_stream(path: Path) -> bool:
-    """Whether `path` holds readable video (ffmpeg writes an empty mp4 for a span past the end)."""
+def _remote_duration(url: str, options: DownloadOptions) -> float | None:
+    """The duration in the media's header when it can be read over http(s), else None."""
+    if not url.startswith(("http://", "https://")):
+        return None
     try:
-        probe(path)
+        return probe(url, timeout_s=options.socket_timeout_s).duration_s
     except VideoError:
-        return False
-    return True
+        return None
 
 
 def download_video(video_id: str, url: str, spans: Iterable[Span | None], cache: DownloadCache,
-                   options: DownloadOptions = DownloadOptions()) -> list[DownloadedSection]:
+                   options: DownloadOptions = DownloadOptions()) -> Download:
     """Download the sections of one video that cover `spans` (None: the whole video), or reuse the cache.
 
     Transient failures are retried `options.retries` times with exponential backoff and jitter;
@@ -443,13 +473,12 @@ def download_video(video_id: str, url: str, spans: Iterable[Span | None], cache:
     for attempt in range(options.retries + 1):
         try:
             with cache.staging() as folder:
-                downloaded = _fetch(video_id, url, merged, folder, options)
-                sections = cache.commit(video_id, url, merged, folder, downloaded)
+                downloaded = cache.commit(video_id, url, merged, folder, _fetch(video_id, url, merged, folder, options))
             cache.forget_failure(video_id)
-            return sections
+            return downloaded
         except DownloadError as error:
             if error.permanent:
-                if error.failure_class != errors.NO_VIDEO_IN_SPAN:  # the video may be fine; other spans may work
+                if not retried_on_rerun(error.failure_class):  # a damaged transfer may come right next time
                     cache.record_failure(video_id, url, error)
                 raise
             if attempt == options.retries:
@@ -461,10 +490,10 @@ def download_video(video_id: str, url: str, spans: Iterable[Span | None], cache:
 
 
 def download_for_clips(requests: Sequence[ClipRequest], cache: DownloadCache,
-                       options: DownloadOptions = DownloadOptions()) -> list[DownloadedSection]:
+                       options: DownloadOptions = DownloadOptions()) -> Download:
     """Download what the clips of ONE video need, in one yt-dlp call (see `find_section` to cut them)."""
     if not requests:
-        return []
+        return Download(())
     videos = {(request.video_id, request.url) for request in requests}
     if len(videos) != 1:
         raise ValueError(f"download_for_clips takes clips of one video, got {sorted(videos)}")
@@ -474,6 +503,6 @@ def download_for_clips(requests: Sequence[ClipRequest], cache: DownloadCache,
     return download_video(video_id, resolve_url(url or video_id, options.url_template), spans, cache, options)
 
 
-__all__ = ["DownloadCache", "DownloadError", "DownloadOptions", "DownloadedSection",
+__all__ = ["Download", "DownloadCache", "DownloadError", "DownloadOptions", "DownloadedSection",
            "Span", "check_url", "classify_failure", "download_for_clips", "download_video",
            "ensure_ffmpeg_on_path", "find_section", "merge_spans"]

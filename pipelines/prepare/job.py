@@ -152,7 +152,8 @@ def _reconcile(store: OutputStore, rows: list[manifest.ManifestRow], run_id: str
         row = latest[clip_id]
         lost[clip_id] = dataclasses.replace(
             row, status=manifest.FAILED, failure_class=errors.SHARD_LOST, message=f"clip {clip_id}: {reason}",
-            shard=None, frames=None, seconds=None, attempt=row.attempt + 1, updated_at=datetime.now(timezone.utc),
+            shard=None, frames=None, seconds=None, delivered_start_s=None, delivered_end_s=None,
+            attempt=row.attempt + 1, updated_at=datetime.now(timezone.utc),
             **manifest.timing_columns(None, required=False))
     manifest.write_part(store, f"{run_id}-{part}", list(lost.values()))
     return lost
@@ -194,8 +195,10 @@ class _BatchWriter:
             writer = self.writers[request.split] = ShardWriter(self.store, request.split, self.shard_bytes,
                                                                self.batch.name)
         shard = writer.write(outcome.sample)
+        start, end = outcome.sample.meta.span
         self.rows.append(manifest_row(request, status=manifest.OK, attempt=attempt, timings=outcome.timings,
-                                      shard=shard, frames=outcome.sample.frames, seconds=outcome.sample.seconds))
+                                      shard=shard, frames=outcome.sample.frames, seconds=outcome.sample.seconds,
+                                      delivered_start_s=start, delivered_end_s=end, message=outcome.message))
 
     def commit(self) -> None:
         """Commit the open shards, then the manifest part that makes them count."""
@@ -248,7 +251,7 @@ def finalize(plan_: Plan, settings: PrepareSettings) -> dict:
                                                           indent=1).encode())
     counts = manifest.summary(state.values())
     result = {
-        "output": settings.output,
+        "output": store.uri,
         "requested": counts.total,
         "ok": counts.by_status.get(manifest.OK, 0),
         "failed": counts.by_status.get(manifest.FAILED, 0),

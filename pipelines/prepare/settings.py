@@ -10,11 +10,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.media.tracking import TrackingConfig
+from pipelines.media.tracking import FACE_POLICIES, TrackingConfig
 
 DEFAULT_URL_TEMPLATE = "https://www.youtube.com/watch?v={id}"
 
@@ -67,6 +67,10 @@ class SampleFormat:
     """x264 quality of the stored crops (lower is better)."""
     preset: str = "medium"
     """x264 speed preset of the stored crops."""
+    min_clip_frames: int = 25
+    """Clips with fewer frames are rejected (`clip_too_short`): training needs two frames of a clip
+    far enough apart to differ. A span running past the end of the video keeps the frames that exist
+    when at least this many remain."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def record(self, detector: str) -> dict[str, Any]:
@@ -124,7 +128,12 @@ def settings_from_options(
     workdir: str | None = None,
     url_template: str = DEFAULT_URL_TEMPLATE,
     detector: str = PrepareSettings.detector,
-    detect_every: int | None = None,
+    detect_every: int = TrackingConfig.detect_stride,
+    min_face_px: float = TrackingConfig.min_face_px,
+    min_track_fraction: float = TrackingConfig.min_track_fraction,
+    max_outside_fraction: float = TrackingConfig.max_outside_fraction,
+    face: str = TrackingConfig.face_policy,
+    min_clip_frames: int = SampleFormat.min_clip_frames,
     shard_size_mb: float = PrepareSettings.shard_bytes / 2**20,
     videos_per_batch: int = PrepareSettings.videos_per_batch,
     test_fraction: float = PrepareSettings.test_fraction,
@@ -144,21 +153,26 @@ def settings_from_options(
     _check(0.0 <= test_fraction <= 1.0, "test_fraction", test_fraction, "must lie in [0, 1]")
     _check(sleep >= 0, "sleep", sleep, "must not be negative")
     _check(retries >= 0, "retries", retries, "must not be negative")
-    _check(detect_every is None or detect_every >= 1, "detect_every", detect_every, "must be at least 1")
+    _check(detect_every >= 1, "detect_every", detect_every, "must be at least 1")
+    _check(min_face_px > 0, "min_face_px", min_face_px, "must be positive")
+    _check(0.0 < min_track_fraction <= 1.0, "min_track_fraction", min_track_fraction, "must lie in (0, 1]")
+    _check(0.0 <= max_outside_fraction < 1.0, "max_outside_fraction", max_outside_fraction, "must lie in [0, 1)")
+    _check(face in FACE_POLICIES, "face", face, f"must be one of {', '.join(FACE_POLICIES)}")
+    _check(min_clip_frames >= 2, "min_clip_frames", min_clip_frames, "must be at least 2 (training needs pairs)")
     _check("{id}" in url_template, "url_template", url_template, "needs an {id} placeholder")
     try:
         rate = parse_rate(rate_limit)
     except ValueError as error:
         raise ValueError(f"rate_limit: {error}") from None
-    tracking = TrackingConfig()
-    if detect_every:
-        tracking = replace(tracking, detect_stride=detect_every)
+    tracking = TrackingConfig(detect_stride=detect_every, min_face_px=min_face_px, min_track_fraction=min_track_fraction,
+                              max_outside_fraction=max_outside_fraction, face_policy=face)
     download = DownloadOptions(
         rate_limit_bytes_per_s=rate, sleep_between_s=sleep,
         cookies_file=Path(cookies).expanduser().resolve() if cookies else None, proxy=proxy, retries=retries,
         allow_file_urls=allow_file_urls, url_template=url_template, retry_recorded_failures=retry_failed)
     return PrepareSettings(output=output, workdir=workdir, detector=detector,
-                           sample_format=SampleFormat(tracking=tracking), shard_bytes=int(shard_size_mb * 2**20),
+                           sample_format=SampleFormat(tracking=tracking, min_clip_frames=min_clip_frames),
+                           shard_bytes=int(shard_size_mb * 2**20),
                            videos_per_batch=videos_per_batch, test_fraction=test_fraction, retry_failed=retry_failed,
                            download=download, ray_address=ray_address)
 
