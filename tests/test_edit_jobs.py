@@ -199,3 +199,20 @@ def test_settings_refuse_bad_values_by_name():
     assert settings_from_options(detect_every=4).tracking.detect_stride == 4
     assert EditSettings().tracking.detect_stride == 10
     assert not math.isnan(EditSettings().defaults.strength)
+
+
+def test_inspecting_a_results_folder_lists_failures_and_missing_outputs(tmp_path, capsys):
+    store = OutputStore(tmp_path)
+    ok = results.base_row(single_job("a.mp4", "d.mp4", None, DEFAULTS), f"{tmp_path}/a.mp4", status=results.OK,
+                          frames=3, frames_edited=3, output_duration_s=0.1)
+    failed = results.base_row(single_job("b.mp4", "d.mp4", None, DEFAULTS), "", status=results.FAILED,
+                              failure_class=errors.NO_FACE, message="b.mp4: no face to edit")
+    results.write_results(store, {ok.job_id: ok, failed.job_id: failed})
+    store.write_bytes_atomic("a.mp4", b"video")
+    assert results.inspect_results(str(tmp_path)) == 0
+    printed = capsys.readouterr().out
+    assert "FAILED b.mp4: no_face: b.mp4: no face to edit" in printed and "MISSING" not in printed
+    store.delete("a.mp4")
+    assert results.inspect_results(str(tmp_path)) == 1
+    assert "MISSING output of a.mp4" in capsys.readouterr().out
+    assert results.inspect_results(str(tmp_path / "elsewhere")) == 1

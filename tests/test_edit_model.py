@@ -96,3 +96,17 @@ def test_relative_motion_from_the_driver_itself_leaves_the_source_as_strength_ze
 def test_crops_of_another_size_are_refused(editor):
     with pytest.raises(ValueError, match="32 px"):
         editor.edit(_crops(1, 0)[:, :16, :16], _crops(1, 1), np.zeros(1, int), "expression", 1.0, "absolute")
+
+
+def test_a_shared_driver_is_encoded_once_across_chunks_and_videos(editor):
+    source, driver = _crops(5, 4), _crops(3, 5)
+    frames = np.array([10, 11, 12])
+    first = editor.edit(source, driver, np.array([0, 1, 2, 2, 1]), "expression", 1.0, "absolute",
+                        driving_key="smile.mp4", driving_frames=frames)
+    # The same frames of the same driver come from the cache: what is passed as their crops is not looked at.
+    again = editor.edit(source, np.zeros_like(driver), np.array([0, 1, 2, 2, 1]), "expression", 1.0, "absolute",
+                        driving_key="smile.mp4", driving_frames=frames)
+    assert np.abs(first.astype(int) - again.astype(int)).max() <= 1
+    other = editor.edit(source, np.zeros_like(driver), np.array([0, 1, 2, 2, 1]), "expression", 1.0, "absolute",
+                        driving_key="other.mp4", driving_frames=frames)
+    assert np.abs(first.astype(int) - other.astype(int)).max() > 1, "another driver is encoded afresh"

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import ctypes.util
 import hashlib
 import logging
 import posixpath
 import shutil
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,6 +142,25 @@ def load_weights(uri: str, workdir: str | None = None) -> ModelWeights:
     return ModelWeights(config=config.to_dict(), state=state, kind=kind, source=uri)
 
 
+def keep_large_blocks_on_heap() -> bool:
+    """Let glibc serve large blocks from the heap and keep freed memory (CPU inference in this process).
+
+    By default glibc maps every block over 32 MiB afresh and unmaps it when freed, so each large
+    activation pays page faults and zeroing in the kernel; `benchmarks/bench_inference.py` measured
+    batched CPU inference twice as fast without that. The process then keeps its peak memory, which
+    a model worker does anyway. Returns False where the C library is not glibc.
+    """
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_max = -1, -4
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):
+        return False
+
+
 def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
@@ -162,6 +184,9 @@ def to_crops(images: torch.Tensor) -> np.ndarray:
     return scaled.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+DRIVER_CACHE_FRAMES = 8192
+"""Driving codes a model worker remembers (two vectors each: 32 MB at the official size)."""
+
 TRANSFERS = {"expression": editing.expression_transfer, "pose": editing.pose_transfer,
              "both": editing.transfer_both}
 
@@ -173,26 +198,34 @@ class CropEditor:
                  device: torch.device | str | None = None, threads: int | None = None) -> None:
         """`threads`: torch CPU threads (on a CPU device); None leaves torch's default."""
         self.device = torch.device(device) if device is not None else pick_device()
-        if threads is not None and self.device.type == "cpu":
-            torch.set_num_threads(threads)
+        if self.device.type == "cpu":
+            keep_large_blocks_on_heap()
+            if threads is not None:
+                torch.set_num_threads(threads)
         self.model = weights.build(self.device)
         self.size = weights.size
         self.batch = batch
         self.amp = amp_dtype(precision, self.device)
+        self._driver_codes: OrderedDict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     @torch.no_grad()
     def edit(self, source: np.ndarray, driving: np.ndarray, driving_index: np.ndarray, mode: str,
-             strength: float, motion: str, reference: np.ndarray | None = None) -> np.ndarray:
+             strength: float, motion: str, reference: np.ndarray | None = None, driving_key: str | None = None,
+             driving_frames: np.ndarray | None = None) -> np.ndarray:
         """Edited crops (N, S, S, 3) uint8 for source crops (N, S, S, 3).
 
         `driving` holds the distinct driving crops (K, S, S, 3); `driving_index[i]` says which one
         drives source crop i. `reference` (1, S, S, 3) is what relative motion is measured from.
+        With `driving_key` (the driver's name) and `driving_frames` (K frame numbers), driving codes
+        are remembered across calls, so a driver shared by many chunks and videos is encoded once.
         """
         if len(source) == 0:
             return np.zeros((0, self.size, self.size, 3), np.uint8)
         if source.shape[1:3] != (self.size, self.size) or driving.shape[1:3] != (self.size, self.size):
             raise ValueError(f"crops are {source.shape[1:3]} / {driving.shape[1:3]}, the model takes {self.size} px")
-        codes = self._encode_driving(driving)
+        keys = [None] * len(driving) if driving_key is None or driving_frames is None else \
+            [(driving_key, int(frame)) for frame in driving_frames]
+        codes = self._encode_driving(driving, keys)
         reference_code = None
         if motion == "relative":
             if reference is None:
@@ -210,14 +243,28 @@ class CropEditor:
             results.append(to_crops(out))
         return np.concatenate(results)
 
-    def _encode_driving(self, driving: np.ndarray) -> editing.FrameCode:
-        latents, motions = [], []
-        for start in range(0, len(driving), self.batch):
+    def _encode_driving(self, driving: np.ndarray, keys: list[tuple[str, int] | None]) -> editing.FrameCode:
+        """Latent and motion of every driving crop: remembered ones from the cache, the others encoded."""
+        missing = [i for i, key in enumerate(keys) if key is None or key not in self._driver_codes]
+        fresh: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for start in range(0, len(missing), self.batch):
+            group = missing[start:start + self.batch]
             with _autocast(self.device, self.amp):
-                code = editing.encode_driving(self.model, to_tensor(driving[start:start + self.batch], self.device))
-            latents.append(code.latent.float())
-            motions.append(code.motion.float())
-        return editing.FrameCode(torch.cat(latents), torch.cat(motions), None)
+                code = editing.encode_driving(self.model, to_tensor(driving[group], self.device))
+            for row, i in enumerate(group):
+                fresh[i] = (code.latent[row].float(), code.motion[row].float())
+                if keys[i] is not None:
+                    self._driver_codes[keys[i]] = fresh[i]
+        pairs = []
+        for i, key in enumerate(keys):
+            if i in fresh:
+                pairs.append(fresh[i])
+            else:
+                self._driver_codes.move_to_end(key)
+                pairs.append(self._driver_codes[key])
+        while len(self._driver_codes) > DRIVER_CACHE_FRAMES:
+            self._driver_codes.popitem(last=False)
+        return editing.FrameCode(torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]), None)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -232,6 +279,7 @@ def edit_chunk(chunk: ChunkWork, editor: CropEditor) -> ChunkWork:
     with timed(chunk.timings, "model_s"):
         chunk.edited = editor.edit(chunk.source_crops, chunk.driving_crops,
                                    chunk.driving_index[chunk.driving_index >= 0], chunk.job.mode,
-                                   chunk.job.strength, chunk.motion, chunk.reference_crop)
+                                   chunk.job.strength, chunk.motion, chunk.reference_crop,
+                                   driving_key=chunk.job.driving, driving_frames=chunk.driver.frames)
     chunk.source_crops = chunk.driving_crops = chunk.reference_crop = None
     return chunk

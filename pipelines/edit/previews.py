@@ -24,10 +24,11 @@ LABELS = ("source", "driving", "result")
 SHEET_HEIGHT = 160
 
 
-def _fit(image: np.ndarray, height: int) -> np.ndarray:
-    """Scale to `height` keeping the aspect ratio, with an even width."""
+def _fit(image: np.ndarray, height: int, pixel_aspect: float = 1.0) -> np.ndarray:
+    """Scale to `height` keeping the displayed aspect ratio (pixels `pixel_aspect` times wider than high),
+    with an even width."""
     h, w = image.shape[:2]
-    width = max(2, int(round(w * height / h / 2)) * 2)
+    width = max(2, int(round(w * pixel_aspect * height / h / 2)) * 2)
     interpolation = cv2.INTER_AREA if h > height else cv2.INTER_CUBIC
     return cv2.resize(image, (width, height), interpolation=interpolation)
 
@@ -57,6 +58,12 @@ def driving_frames(path: Path, is_image: bool, policy: str) -> Iterator[np.ndarr
             continue
         while True:
             yield last if policy == "hold" else None
+
+
+def _pixel_aspect(info: StreamInfo) -> float:
+    """Width of a pixel relative to its height as shown (sample aspect ratio; swapped when rotated)."""
+    ratio = float(info.sample_aspect_ratio or 1)
+    return 1.0 / ratio if info.rotation % 180 else ratio
 
 
 class _AudioTrack:
@@ -102,6 +109,8 @@ def write_previews(job: EditJob, info: StreamInfo, driving_path: Path, result_pa
     limit = start_time + settings.preview_seconds
     result_info = open_info(result_path)
     drivers = driving_frames(driving_path, job.driving_is_image, job.driving_policy)
+    aspect = _pixel_aspect(info)
+    driving_aspect = 1.0 if job.driving_is_image else _pixel_aspect(open_info(driving_path))
     wanted = set(sheet_frames)
     thumbs: list[list[np.ndarray]] = []
     container = av.open(str(video_target), "w", format="mp4", options={"movflags": "+faststart"})
@@ -114,9 +123,9 @@ def write_previews(job: EditJob, info: StreamInfo, driving_path: Path, result_pa
             if float(source.pts * info.time_base) > limit and written:
                 break
             driving = next(drivers)
-            panels = [_fit(source.image, height), None, _fit(result.image, height)]
+            panels = [_fit(source.image, height, aspect), None, _fit(result.image, height, aspect)]
             if driving is not None:
-                panels[1] = _fit(driving, height)
+                panels[1] = _fit(driving, height, driving_aspect)
                 blank = np.zeros_like(panels[1])
             panels[1] = panels[1] if panels[1] is not None else blank
             if source.index in wanted:

@@ -246,3 +246,21 @@ def summary_markdown(result: dict, rows: list[ResultRow]) -> str:
     return (f"## Video editing\n\nOutput `{result['output']}`: {result['seconds_of_video']:.1f} s of video, "
             f"{result['frames_edited']} of {result['frames']} frames edited.\n\n" + "\n".join(table)
             + ("\n\n### Failures\n\n" + "\n".join(failures) if failures else ""))
+
+
+def inspect_results(output: str) -> int:
+    """Print what an editing output folder holds: the summary of every job in its results table, each
+    failure with its message, and ok jobs whose output file is missing (exit status 1 if any)."""
+    store = OutputStore(output)
+    rows = list(read_results(store).values())
+    if not rows:
+        print(f"{output}: no {RESULTS_PATH}; not an editing output folder")
+        return 1
+    print(summary_text(summary(rows, output=output)))
+    for row in sorted((r for r in rows if r.status == FAILED), key=lambda r: (r.failure_class or "", r.job_id)):
+        print(f"  FAILED {row.job_id}: {row.failure_class}: {row.message}")
+    prefix = output.rstrip("/") + "/"
+    missing = [r.job_id for r in rows if r.status == OK and not store.exists(r.output.removeprefix(prefix))]
+    for job_id in missing:
+        print(f"  MISSING output of {job_id} (recorded as ok; a rerun makes it again)")
+    return 1 if missing else 0

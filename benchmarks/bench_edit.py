@@ -1,0 +1,303 @@
+"""End-to-end video editing throughput (output frames/s) and time per stage, against the official demo's procedure.
+
+Ours: the `portrait edit` job on the sample talking-face video (stages in-process, `executor='local'`,
+so every stage's time is its own): streamed decode, face tracking, official framing, crops, the
+model in batches (the source encoded once per frame, each distinct driving frame once, a still
+driver once per chunk), paste-back with a soft mask, encode with the source's timing and audio.
+
+Baseline, measured in the same run with the same weights and inputs: what the official demo does.
+All frames of both videos are decoded into memory first, one face box (found on the first frame)
+crops every frame, then the model runs one frame per forward pass with the source frame and the
+driving frame both encoded in every call, and the results are pasted back and encoded.
+
+Cases: a driving video (frame i drives frame i) and a still driving image. The printed ratios are
+ours / baseline in output frames per second. `--memory` also runs the job on the sample and on the
+sample looped `--loops` times, each in a fresh process with a tiny model, and prints peak resident
+memory: it must not grow with the video's length.
+
+Weights are random (official 256x256 architecture, or `--size`) unless `--checkpoint` names an official
+dpe.pt; the speed does not depend on the values. Where CUDA is present, the script also measures the
+model stage alone under bfloat16 (output frames/s per GPU and the share of the GPU's bfloat16 peak at
+the measured GFLOP per output frame) and the whole job on Ray Data with the model on the GPU.
+
+    python benchmarks/bench_edit.py                      # 48 frames at 256 px + memory: about 8 min on 2 cores
+    python benchmarks/bench_edit.py --frames 24 --no-memory
+    python benchmarks/bench_edit.py --size 64 --frames 120
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dpe.checkpoint import load_official_generator, save_checkpoint
+from dpe.config import ModelConfig
+from dpe.editing import expression_transfer
+from dpe.model import DPEGenerator
+from pipelines.edit import job
+from pipelines.edit.analyse import read_image
+from pipelines.edit.model import CropEditor, keep_large_blocks_on_heap, load_weights, to_crops, to_tensor
+from pipelines.edit.settings import settings_from_options
+from pipelines.media.crop import crop_frame, landmarks_to_crop
+from pipelines.media.faces import make_detector
+from pipelines.media.framing import framed_boxes
+from pipelines.media.paste import face_mask, paste_back
+from pipelines.media.stream import decode, open_info
+from pipelines.media.video import encode_mp4, ffmpeg_exe
+from pipelines.sample.media import make_sample_media
+
+STAGES = ("decode_s", "track_s", "crop_s", "model_s", "paste_s", "encode_s")
+GPU_BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 756.0,
+                        "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.0}
+"""Dense bfloat16 tensor-core peaks from the vendors' data sheets (longest matching name wins)."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--frames", type=int, default=48, help="frames of the sample to edit (from its start)")
+    p.add_argument("--size", type=int, default=256, help="model size (official channel widths); 256 = official")
+    p.add_argument("--checkpoint", default=None, help="official dpe.pt to use instead of random weights")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for both runs (CPU)")
+    p.add_argument("--batch", type=int, default=8, help="crops per forward pass in our job")
+    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure peak memory at 1x and --loops x the sample's length")
+    p.add_argument("--loops", type=int, default=10)
+    p.add_argument("--workdir", default=None, help="where the sample and outputs go (default: a temp folder)")
+    p.add_argument("--gpu-peak-tflops", type=float, default=None, help="bfloat16 peak of the GPU if not in the table")
+    return p.parse_args(argv)
+
+
+def ffmpeg(*args: str) -> None:
+    subprocess.run([ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *args], check=True)
+
+
+def make_inputs(work: Path, frames: int) -> dict[str, Path]:
+    """The sample's first `frames` frames (with its audio), a driving video from later in it, a still driver."""
+    sample = make_sample_media(work / "sample")
+    talk = sample["talk.mp4"]
+    paths = {"talk": talk, "source": work / "source.mp4", "driving": work / "driving.mp4", "still": work / "still.png"}
+    seconds = f"{frames * 1001 / 30000:.4f}"
+    ffmpeg("-i", str(talk), "-frames:v", str(frames), "-c:v", "libx264", "-preset", "veryfast", "-crf", "18",
+           "-c:a", "copy", "-t", seconds, str(paths["source"]))
+    ffmpeg("-ss", "4.5", "-i", str(talk), "-frames:v", str(frames), "-c:v", "libx264", "-preset", "veryfast",
+           "-crf", "18", "-an", str(paths["driving"]))
+    ffmpeg("-ss", "1", "-i", str(talk), "-frames:v", "1", str(paths["still"]))
+    return paths
+
+
+def model_and_checkpoint(args: argparse.Namespace, work: Path) -> tuple[DPEGenerator, Path]:
+    """One set of weights for both runs: the model object for the baseline, a checkpoint file for the job."""
+    config = ModelConfig() if args.checkpoint else ModelConfig(size=args.size)
+    torch.manual_seed(0)
+    model = DPEGenerator(config)
+    if args.checkpoint:
+        load_official_generator(args.checkpoint, model)
+    path = save_checkpoint(work / "model.pt", models={"generator": model}, config=config)
+    return model.eval(), path
+
+
+def official_procedure(model: DPEGenerator, source: Path, driving: Path, still: bool, output: Path,
+                       device: torch.device) -> dict[str, float]:
+    """The official demo's way: preload everything, one box, one frame per call, both frames encoded each call."""
+    timings = {name: 0.0 for name in STAGES}
+    size = model.cfg.size
+    started = time.perf_counter()
+    info = open_info(source)
+    frames = [f.image for f in decode(info)]
+    drivers = [read_image(driving)] if still else [f.image for f in decode(open_info(driving))]
+    timings["decode_s"] = time.perf_counter() - started
+    mark = time.perf_counter()
+    detector = make_detector("dlib")
+    face = max(detector.detect(frames[0]), key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+    points = detector.landmarks(frames[0], face.box)
+    box = framed_boxes(points[None])[0]
+    driver_face = max(detector.detect(drivers[0]), key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+    driver_box = framed_boxes(detector.landmarks(drivers[0], driver_face.box)[None])[0]
+    timings["track_s"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    sources = [crop_frame(frame, box, size) for frame in frames]
+    targets = [crop_frame(frame, driver_box, size) for frame in drivers]
+    timings["crop_s"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    edited = []
+    for index, crop in enumerate(sources):
+        target = targets[0 if still else min(index, len(targets) - 1)]
+        out = expression_transfer(model, to_tensor(crop[None], device), to_tensor(target[None], device))
+        edited.append(to_crops(out)[0])
+    _sync(device)
+    timings["model_s"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    mask = face_mask([landmarks_to_crop(points, box, size)], size)
+    pasted = [paste_back(frame, crop, mask, box) for frame, crop in zip(frames, edited, strict=True)]
+    timings["paste_s"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    encode_mp4(pasted, output, fps=25.0)
+    timings["encode_s"] = time.perf_counter() - mark
+    timings["wall_s"] = time.perf_counter() - started
+    timings["frames"] = len(pasted)
+    return timings
+
+
+def our_job(checkpoint: Path, source: Path, driving: Path, output: Path, args: argparse.Namespace,
+            executor: str = "local", **options) -> dict[str, float]:
+    settings = settings_from_options(output=str(output), checkpoint=str(checkpoint), detector="dlib",
+                                     executor=executor, model_batch=args.batch, model_cpus=args.threads,
+                                     workdir=str(output / "work"), **options)
+    edit_plan, weights = job.plan(job.EditInputs(source=str(source), driving=str(driving)), settings)
+    started = time.perf_counter()  # the checkpoint is loaded (the baseline's model is built before timing too)
+    rows = job.run(edit_plan, weights, settings)
+    wall = time.perf_counter() - started
+    if not rows or any(row.status != "ok" for row in rows):
+        raise RuntimeError(f"the job failed: {[(r.job_id, r.failure_class, r.message) for r in rows]}")
+    timings = {name: sum(getattr(r, name) or 0.0 for r in rows) for name in STAGES}
+    timings.update(wall_s=wall, frames=sum(r.frames for r in rows))
+    return timings
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def print_case(name: str, ours: dict[str, float], base: dict[str, float]) -> float:
+    ours_fps, base_fps = ours["frames"] / ours["wall_s"], base["frames"] / base["wall_s"]
+    print(f"\n{name}: {int(ours['frames'])} frames")
+    print(f"  {'':10s} {'ours':>10s} {'official':>10s}   (seconds per stage)")
+    for stage in STAGES:
+        print(f"  {stage[:-2]:10s} {ours[stage]:10.2f} {base[stage]:10.2f}")
+    print(f"  {'total':10s} {ours['wall_s']:10.2f} {base['wall_s']:10.2f}")
+    print(f"  model stage alone: ours {ours['frames'] / ours['model_s']:.3f} frames/s, "
+          f"official loop {base['frames'] / base['model_s']:.3f} frames/s "
+          f"({base['model_s'] / ours['model_s']:.2f}x)")
+    print(f"  end to end: ours {ours_fps:.3f} frames/s, official procedure {base_fps:.3f} frames/s "
+          f"-> {ours_fps / base_fps:.2f}x")
+    return ours_fps / base_fps
+
+
+MEMORY_RUN = textwrap.dedent("""
+    import json, sys
+    from pipelines.edit import job
+    from pipelines.edit.settings import settings_from_options
+    source, output, checkpoint = sys.argv[1:4]
+    settings = settings_from_options(output=output, checkpoint=checkpoint, detector="dlib", preset="veryfast",
+                                     executor="local")
+    edit_plan, weights = job.plan(job.EditInputs(source=source, driving=source), settings)
+    row, = job.run(edit_plan, weights, settings)
+    assert row.status == "ok", row.message
+    # VmHWM: this process's own peak (ru_maxrss would also count the parent's pages seen at fork time)
+    peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(json.dumps({"frames": row.frames, "peak_mb": peak_kb / 1024}))
+""")
+
+
+def memory(work: Path, talk: Path, loops: int) -> None:
+    """Peak resident memory of the whole job (tiny model, every stage in one process) at 1x and `loops` x length."""
+    config = ModelConfig.tiny()
+    checkpoint = save_checkpoint(work / "tiny.pt", models={"generator": DPEGenerator(config)}, config=config)
+    looped = work / f"talk_x{loops}.mp4"
+    ffmpeg("-stream_loop", str(loops - 1), "-i", str(talk), "-c", "copy", str(looped))
+    script = work / "memory_run.py"
+    script.write_text(MEMORY_RUN)
+    print(f"\npeak resident memory of the job (tiny model, stages in one process, chunks of "
+          f"{settings_from_options().chunk_frames} frames):")
+    for name, clip in (("1x", talk), (f"{loops}x", looped)):
+        done = subprocess.run([sys.executable, str(script), str(clip), str(work / f"memory-{name}"), str(checkpoint)],
+                              capture_output=True, text=True, check=True)
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"  {name:>4s}: {result['frames']:6d} frames  peak {result['peak_mb']:7.1f} MB")
+
+
+def gpu(args: argparse.Namespace, model: DPEGenerator, checkpoint: Path, inputs: dict[str, Path], work: Path) -> None:
+    """Model stage alone (bf16) and the Ray Data job end to end with the model on the GPU."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = torch.device("cuda")
+    name = torch.cuda.get_device_name(device)
+    peak = args.gpu_peak_tflops or next((tflops for key, tflops in sorted(GPU_BF16_PEAK_TFLOPS.items(),
+                                                                          key=lambda item: -len(item[0]))
+                                         if key in name), None)
+    size = model.cfg.size
+    crops = np.random.default_rng(0).integers(0, 256, (256, size, size, 3), dtype=np.uint8)
+    with FlopCounterMode(display=False) as counter:
+        expression_transfer(model.to(device), to_tensor(crops[:1], device), to_tensor(crops[1:2], device))
+    gflop = counter.get_total_flops() / 1e9
+    print(f"\nGPU {name}: {gflop:.1f} GFLOP per output frame (video-to-video expression transfer, measured)")
+    weights = load_weights(str(checkpoint))
+    for batch in (8, 32, 64):
+        editor = CropEditor(weights, precision="bfloat16", batch=batch, device=device)
+        index = np.arange(len(crops))
+        editor.edit(crops[:batch], crops[:batch], index[:batch], "expression", 1.0, "absolute")  # warm up
+        _sync(device)
+        started = time.perf_counter()
+        editor.edit(crops, crops, index, "expression", 1.0, "absolute")
+        _sync(device)
+        fps = len(crops) / (time.perf_counter() - started)
+        share = f", {fps * gflop / 1e3 / peak:.1%} of the {peak:.0f} TFLOP/s bf16 peak" if peak else ""
+        print(f"  model stage alone, bf16, batch {batch:3d}: {fps:8.1f} output frames/s{share}")
+    looped = work / "talk_x3.mp4"
+    ffmpeg("-stream_loop", "2", "-i", str(inputs["talk"]), "-c", "copy", str(looped))
+    table = work / "gpu_jobs.csv"
+    copies = max(2, (os.cpu_count() or 2) // 2)
+    table.write_text("source,driving,output\n" + "".join(f"{looped},{inputs['driving']},copy{n}.mp4\n"
+                                                         for n in range(copies)))
+    settings = settings_from_options(output=str(work / "gpu-out"), checkpoint=str(checkpoint), detector="dlib",
+                                     executor="ray", model_batch=32, model_gpus=1, workdir=str(work / "gpu-work"))
+    started = time.perf_counter()
+    edit_plan, loaded = job.plan(job.EditInputs(jobs=str(table)), settings)
+    rows = job.run(edit_plan, loaded, settings)
+    wall = time.perf_counter() - started
+    frames = sum(r.frames or 0 for r in rows)
+    busy = {stage: sum(getattr(r, stage) or 0.0 for r in rows) for stage in STAGES}
+    cpus = os.cpu_count() or 1
+    cpu_limit = frames / (sum(v for k, v in busy.items() if k != "model_s") / max(1, cpus - 1))
+    model_limit = frames / busy["model_s"]
+    bound = "model (GPU)" if model_limit < cpu_limit else f"CPU stages ({cpus - 1} cores)"
+    print(f"  end to end on Ray Data, {copies} videos of {frames // copies} frames: {frames / wall:.1f} output frames/s")
+    print("  busy seconds per 1000 frames: " + ", ".join(f"{k[:-2]} {1000 * v / frames:.1f}" for k, v in busy.items()))
+    print(f"  limits: model stage {model_limit:.1f} frames/s, CPU stages {cpu_limit:.1f} frames/s -> bound by {bound}; "
+          f"end to end reaches {frames / wall / min(model_limit, cpu_limit):.0%} of that bound")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    keep_large_blocks_on_heap()  # both runs in this process get the same allocator
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-edit-"))
+    work.mkdir(parents=True, exist_ok=True)
+    inputs = make_inputs(work, args.frames)
+    model, checkpoint = model_and_checkpoint(args, work)
+    device = torch.device("cpu")
+    print(f"CPU: {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
+          f"model {model.cfg.size} px ({sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"{'dpe.pt' if args.checkpoint else 'random weights'}), float32, our batch {args.batch}; "
+          f"source: the sample's first {args.frames} frames (352x288, 30000/1001 fps, with audio)")
+    ratios = {}
+    for case, driving, still in (("driving video", inputs["driving"], False), ("still image", inputs["still"], True)):
+        with torch.inference_mode():
+            base = official_procedure(model, inputs["source"], driving, still, work / f"official-{still}.mp4", device)
+        ours = our_job(checkpoint, inputs["source"], driving, work / f"ours-{still}", args)
+        ratios[case] = print_case(case, ours, base)
+    print("\nsummary: " + ", ".join(f"{case} {ratio:.2f}x" for case, ratio in ratios.items())
+          + " (ours / official procedure, output frames/s)")
+    if args.memory:
+        memory(work, inputs["talk"], args.loops)
+    if torch.cuda.is_available():
+        gpu(args, model, checkpoint, inputs, work)
+    else:
+        print("\nno CUDA device: the GPU measurements (model stage bf16, Ray Data end to end) were skipped")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
