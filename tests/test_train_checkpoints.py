@@ -81,6 +81,8 @@ def test_a_file_of_another_model_is_refused_with_both_reasons(tmp_path):
     torch.save({"gen": {ours_to_official(k): v for k, v in other.state_dict().items()}}, path)
     with pytest.raises(ValueError, match="neither an official DPE checkpoint nor LIA's vox.pt.*size 32"):
         detect_init(str(path), ModelConfig(**model_shape(32, "small")))
+    with pytest.raises(FileNotFoundError, match="missing.pt does not exist"):
+        detect_init(str(tmp_path / "missing.pt"), ModelConfig(**model_shape(32, "small")))
 
 
 def _write_run_checkpoint(state, run_dir, name: str, step: int):
@@ -117,3 +119,36 @@ def test_export_writes_the_official_format_that_the_loader_reads_back(state, tmp
     loaded = load_official_generator(output, DPEGenerator(config))
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.generator.state_dict().items())
     assert main(["train", "--export", str(tmp_path / "nothing"), str(output)]) == 2
+
+
+def test_an_object_store_run_gets_atomic_checkpoints_outputs_and_export(state, s3_server, tmp_path):
+    from ray.train import Checkpoint
+
+    from pipelines.storage import OutputStore
+    from pipelines.train.outputs import RunOutputs
+
+    runs = f"{s3_server.bucket('train-runs')}/runs"
+    local = tmp_path / "local"
+    save_checkpoint(local / checkpoints.CHECKPOINT_FILE, models=state.modules(), optimizers=state.optimizers(),
+                    step=5, config=state.model_config)
+    persisted = checkpoints.upload_checkpoint(runs, "demo")(Checkpoint.from_directory(str(local)), "checkpoint_00000005")
+    assert persisted.path.endswith("runs/demo/checkpoint_00000005")
+    assert checkpoints.latest_checkpoint(runs, "demo") == (5, "demo/checkpoint_00000005/model.pt")
+
+    outputs = RunOutputs(runs, "demo", steps=5, start_step=0, world_size=1)
+    outputs.log(5, {"g_total": 1.5, "pairs_per_s": 3.0}, eta_s=0.0)
+    outputs.skip({"kx": ("bad_sample", "sample kx: cut short")})
+    outputs.evaluation(5, {"train_self_l1": 0.3})
+    final = outputs.finish(5)
+    store = OutputStore(runs)
+    files = store.list("demo")
+    assert {"demo/metrics.csv", "demo/metrics.json", "demo/loss_curve.png", "demo/skipped.json", "demo/starts.json",
+            "demo/evaluations.json", "demo/progress.json"} <= set(files)
+    assert any(path.startswith("demo/tensorboard/events.out.tfevents.") for path in files)
+    assert final["skipped"] == {"bad_sample": 1} and final["last_evaluation"]["train_self_l1"] == 0.3
+
+    output = tmp_path / "exported.pt"
+    assert checkpoints.export_official(f"{runs}/demo/latest", str(output)) == (
+        f"{runs}/demo/checkpoint_00000005/model.pt", 5)
+    loaded = load_official_generator(output, DPEGenerator(state.model_config))
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.generator.state_dict().items())

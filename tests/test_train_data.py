@@ -168,3 +168,17 @@ def test_portrait_train_refuses_a_missing_dataset_before_starting_anything(tmp_p
     assert main(["train", "--data", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "runs")]) == 2
     assert "does not exist; give --data the output folder of `portrait prepare`" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_object_store_dataset_gives_the_same_pairs_through_ranged_reads(dataset, s3_server):
+    import pyarrow.fs as pafs
+
+    bucket = s3_server.bucket("train-data")
+    pafs.copy_files(str(dataset), f"{bucket.removeprefix('s3://')}/ds", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=pafs.FileSystem.from_uri(bucket)[0])
+    remote = load_catalogue(f"{bucket}/ds", "train")
+    local = load_catalogue(str(dataset), "train")
+    assert [(c.key, c.identity, c.frames) for c in remote.clips] == [(c.key, c.identity, c.frames) for c in local.clips]
+    batches = [PairSampler(catalogue, ClipReader(catalogue.data, SIZE), seed=1, rank=0).batch(4, 3)
+               for catalogue in (remote, local)]
+    assert all(np.array_equal(batches[0][key], batches[1][key]) for key in batches[1])

@@ -28,7 +28,7 @@ from pipelines.runtime import ensure_ray
 from pipelines.storage import OutputStore
 from pipelines.train import checkpoints, outputs
 from pipelines.train.clips import Catalogue, TrainingDataError, load_catalogue
-from pipelines.train.model import ModelPlan, plan_model
+from pipelines.train.model import ModelPlan, plan_model, read_init
 from pipelines.train.settings import MODEL_SHAPING, TrainSettings, check_settings
 
 LOG = logging.getLogger(__name__)
@@ -115,8 +115,7 @@ def run_training(settings: TrainSettings) -> dict[str, Any]:
     ensure_ray(settings.ray_address)
     init_content = None
     if plan.init_kind is not None and start == 0:
-        folder, file = settings.init.rsplit("/", 1) if "/" in settings.init else (".", settings.init)
-        init_content = ray.put(OutputStore(folder).read_bytes(file))
+        init_content = ray.put(read_init(settings.init))
     resources = {"CPU": settings.cpus_per_worker}
     if settings.gpus_per_worker:
         resources["GPU"] = settings.gpus_per_worker

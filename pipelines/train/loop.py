@@ -141,7 +141,9 @@ def _restore_probe_statistics(probes, saved: list[dict[str, list]], rank: int) -
 
 
 class _Interval:
-    """Losses and timings of the steps since the last log."""
+    """Losses and timings of the steps since the last log: `step_s` sums the steps themselves (pairs
+    drawn + `train_step`), the wall time since `began` also holds logging, grids, evaluations and
+    checkpoints."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
@@ -178,8 +180,9 @@ def _log(outputs, state, settings: TrainSettings, step: int, interval: _Interval
     names = sorted({name for part in gathered for name in part["losses"]})
     losses = {name: float(np.mean([p["losses"][name] for p in gathered if name in p["losses"]])) for name in names}
     wall = time.perf_counter() - interval.began
-    pairs_per_s = settings.batch * interval.steps / wall if wall > 0 else 0.0
-    values = {**losses, "pairs_per_s": pairs_per_s, "data_fraction": interval.data_s / max(interval.step_s, 1e-9),
+    pairs = settings.batch * interval.steps
+    values = {**losses, "pairs_per_s": pairs / max(interval.step_s, 1e-9), "pairs_per_s_wall": pairs / max(wall, 1e-9),
+              "data_fraction": interval.data_s / max(interval.step_s, 1e-9),
               **{f"lr_{name}": optimizer.param_groups[0]["lr"] for name, optimizer in state.optimizers().items()}}
     eta_s = (settings.steps - step) * wall / interval.steps if interval.steps else None
     outputs.log(step, values, eta_s)
@@ -187,7 +190,7 @@ def _log(outputs, state, settings: TrainSettings, step: int, interval: _Interval
         outputs.skip(part["skipped"])
     LOG.info("step %d/%d (%.0f%%) g_total %.4f d_gan %.4f | %.2f pairs/s | ETA %s", step, settings.steps,
              100 * step / settings.steps, losses.get("g_total", float("nan")), losses.get("d_gan", float("nan")),
-             pairs_per_s, _duration(eta_s))
+             values["pairs_per_s"], _duration(eta_s))
 
 
 def _duration(seconds: float | None) -> str:

@@ -14,6 +14,7 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pipelines.storage import OutputStore
 from pipelines.train.settings import TrainSettings, model_shape
 
 LOG = logging.getLogger(__name__)
@@ -55,6 +56,15 @@ def plan_model(settings: TrainSettings) -> ModelPlan:
     return ModelPlan(model.to_dict(), asdict(train), init_kind)
 
 
+def read_init(path: str) -> bytes:
+    """The content of an initialisation file, local or on an object store (FileNotFoundError naming it)."""
+    folder, _, name = path.rpartition("/")
+    try:
+        return OutputStore(folder or ".").read_bytes(name)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"init: {path} does not exist; give --init an official dpe.pt or LIA's vox.pt") from None
+
+
 def detect_init(path: str, model_config) -> str:
     """Whether `path` is an official DPE checkpoint or LIA's vox.pt for this model (tried in that order).
 
@@ -64,14 +74,15 @@ def detect_init(path: str, model_config) -> str:
     from dpe.discriminator import Discriminator
     from dpe.model import DPEGenerator
 
+    content = read_init(path)
     generator, discriminator = DPEGenerator(model_config), Discriminator(model_config)
     try:
-        loaded = initialise_from_official(path, generator, discriminator)
+        loaded = initialise_from_official(io.BytesIO(content), generator, discriminator)
         LOG.info("--init %s: an official DPE checkpoint (%s)", path, " and ".join(loaded))
         return INIT_OFFICIAL
     except ValueError as official_error:
         try:
-            load_lia_initialisation(path, generator)
+            load_lia_initialisation(io.BytesIO(content), generator)
         except ValueError as lia_error:
             raise ValueError(f"init: {path} is neither an official DPE checkpoint nor LIA's vox.pt for this model "
                              f"(size {model_config.size}). As an official file: {official_error} As a LIA file: "

@@ -2,7 +2,8 @@
 
 ```
 <run_dir>/<name>/run.json            settings, model, objective, data (written by the driver)
-                 metrics.csv         one row per log interval: step, pairs/s, learning rates, every loss term
+                 metrics.csv         one row per log interval: step, pairs/s (training steps alone, and over
+                                     the wall clock), data share of step time, learning rates, every loss term
                  tensorboard/        the same scalars, evaluations and grids as TensorBoard event files
                  progress.json       the latest step, pairs/s and ETA (the driver's progress bar reads it)
                  grids/grid_<step>.png   source, driving, expression / pose / both transfers on fixed pairs
@@ -185,7 +186,7 @@ class RunOutputs:
 def _scalar_tag(name: str) -> str:
     if name.startswith("lr_"):
         return f"lr/{name[3:]}"
-    if name in ("pairs_per_s", "data_fraction"):
+    if name in ("pairs_per_s", "pairs_per_s_wall", "data_fraction"):
         return f"throughput/{name}"
     return f"loss/{name}"
 
