@@ -131,7 +131,8 @@ def test_an_object_store_run_gets_atomic_checkpoints_outputs_and_export(state, s
     local = tmp_path / "local"
     save_checkpoint(local / checkpoints.CHECKPOINT_FILE, models=state.modules(), optimizers=state.optimizers(),
                     step=5, config=state.model_config)
-    persisted = checkpoints.upload_checkpoint(runs, "demo")(Checkpoint.from_directory(str(local)), "checkpoint_00000005")
+    upload = checkpoints.upload_checkpoint(runs, "demo")
+    persisted = upload(Checkpoint.from_directory(str(local)), "checkpoint_00000005")
     assert persisted.path.endswith("runs/demo/checkpoint_00000005")
     assert checkpoints.latest_checkpoint(runs, "demo") == (5, "demo/checkpoint_00000005/model.pt")
 

@@ -165,7 +165,8 @@ def test_the_flow_records_a_summary_artifact(straight):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["train-model-summary"])))
+        summaries = ArtifactFilter(key=ArtifactFilterKey(any_=["train-model-summary"]))
+        artifacts = client.read_artifacts(artifact_filter=summaries)
     text = artifacts[-1].data
     assert str(straight) in text and "samples/s" in text and f"steps: {STEPS} of {STEPS}" in text
     assert "Last evaluation (step 12)" in text

@@ -232,7 +232,8 @@ def decode_frames(mp4: bytes, size: int, *, limit: int | None = None, label: str
                 if limit is not None and len(frames) >= limit:
                     break
     except (av.FFmpegError, ValueError, IndexError) as error:
-        raise RecordedFailure(BAD_SAMPLE, f"{label}: the mp4 cannot be decoded ({type(error).__name__}: {error})") from None
+        raise RecordedFailure(BAD_SAMPLE,
+                              f"{label}: the mp4 cannot be decoded ({type(error).__name__}: {error})") from None
     if not frames:
         raise RecordedFailure(BAD_SAMPLE, f"{label}: the mp4 holds no video frames")
     return np.stack(frames)

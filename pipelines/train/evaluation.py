@@ -99,8 +99,9 @@ class Evaluator:
         self._detector = None
         self._detector_failed = False
 
-    def evaluate(self, generator) -> dict[str, float]:
-        """Metrics by name (lower is better except PSNR and SSIM)."""
+    def evaluate(self, generator, images: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+        """Metrics by name (lower is better except PSNR and SSIM); `images`: `transfers` of the pairs
+        when already made for a grid."""
         import torch
 
         from dpe.metrics import l1_error, psnr, ssim
@@ -108,7 +109,7 @@ class Evaluator:
         metrics: dict[str, float] = {"train_self_l1": self_reconstruction_l1(generator, self.train_pairs)}
         if not self.pairs:
             return metrics
-        images = transfers(generator, self.pairs)
+        images = images if images is not None else transfers(generator, self.pairs)
         both = torch.from_numpy(images["both"]).permute(0, 3, 1, 2).float() / 127.5 - 1
         target = torch.from_numpy(images["driving"]).permute(0, 3, 1, 2).float() / 127.5 - 1
         metrics.update(l1=float(l1_error(both, target).mean()), psnr=float(psnr(both, target).mean()))

@@ -204,10 +204,11 @@ def _duration(seconds: float | None) -> str:
 def _visualise(outputs, evaluator, generator, step: int, *, grid: bool, evaluate: bool) -> None:
     from pipelines.train.evaluation import grid_png, transfers
 
-    if grid and evaluator.pairs:
-        outputs.grid(step, grid_png(transfers(generator, evaluator.pairs)))
+    images = transfers(generator, evaluator.pairs) if (grid or evaluate) and evaluator.pairs else None
+    if grid and images is not None:
+        outputs.grid(step, grid_png(images))
     if evaluate:
-        outputs.evaluation(step, evaluator.evaluate(generator))
+        outputs.evaluation(step, evaluator.evaluate(generator, images))
 
 
 def _checkpoint(state, settings: TrainSettings, plan: ModelPlan, step: int, rank: int, world_size: int,

@@ -62,7 +62,8 @@ def read_init(path: str) -> bytes:
     try:
         return OutputStore(folder or ".").read_bytes(name)
     except FileNotFoundError:
-        raise FileNotFoundError(f"init: {path} does not exist; give --init an official dpe.pt or LIA's vox.pt") from None
+        raise FileNotFoundError(f"init: {path} does not exist; give --init an official dpe.pt or LIA's vox.pt") \
+            from None
 
 
 def detect_init(path: str, model_config) -> str:

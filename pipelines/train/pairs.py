@@ -87,10 +87,6 @@ class PairSampler:
             raise TrainingDataError(f"no usable clip left in {self.catalogue.describe()}: every sample was skipped "
                                     f"({_skip_summary(self.reader.skipped)})")
 
-    def state(self, step: int) -> dict[str, int]:
-        """What determines the pairs from `step` on (for a checkpoint): the seed, this rank and the step."""
-        return {"seed": self.seed, "rank": self.rank, "next_step": step}
-
 
 def fixed_pairs(catalogue: Catalogue, reader: ClipReader, count: int, seed: int) -> list[Pair]:
     """`count` pairs that stay the same for the whole run (grids and evaluation), spread over the clips:

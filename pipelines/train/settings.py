@@ -100,7 +100,8 @@ MODEL_SHAPING = ("size", "model_width", "objective")
 def check_settings(settings: TrainSettings) -> TrainSettings:
     """Return `settings` if every value is usable, else raise ValueError naming the option and the fix."""
     s = settings
-    _check(bool(_NAME.fullmatch(s.name)), "name", s.name, "must be letters, digits, '.', '_' and '-' (it names a folder)")
+    _check(bool(_NAME.fullmatch(s.name)), "name", s.name,
+           "must be letters, digits, '.', '_' and '-' (it names a folder)")
     _check(s.steps >= 1, "steps", s.steps, "must be at least 1")
     _check(s.size >= 16 and s.size & (s.size - 1) == 0, "size", s.size, "must be a power of two, at least 16")
     _check(s.model_width in MODEL_WIDTHS, "model_width", s.model_width, f"must be one of {MODEL_WIDTHS}")
