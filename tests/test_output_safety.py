@@ -167,3 +167,38 @@ def test_prepare_into_an_object_store_resumes_and_redoes_a_lost_shard(s3_server,
                for key in json.loads(store.read_bytes(path))["keys"]]
     assert sorted(on_disk) == ok_keys, "every prepared clip in exactly one shard"
     assert main(["inspect", output, "--sheet", str(tmp_path / "sheet.png")]) == 0
+
+
+@pytest.mark.slow
+def test_credentials_in_an_output_uri_are_used_but_never_printed_or_stored(s3_server, sample_server, ray_cluster,
+                                                                          prefect_harness, tmp_path, monkeypatch,
+                                                                          capsys, caplog):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    secret = "SeCrEt-4c1d"
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # only the URI can give them
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
+    bucket = s3_server.bucket("private")
+    urls = tmp_path / "urls.txt"
+    urls.write_text(sample_server.url("talk.mp4") + "\n")
+    output = f"{bucket}/ds?access_key=testing&secret_key={secret}"
+    assert main(["prepare", "--urls", str(urls), "--output", output, "--detector", "dlib", "--retries", "0",
+                 "--workdir", str(tmp_path / "work")]) == 0
+    store = OutputStore(f"{bucket}/ds")
+    assert json.loads(store.read_bytes("summary.json"))["ok"] == 1
+    stored = b"".join(store.read_bytes(path) for path in store.list() if not path.endswith(".tar"))
+    printed = capsys.readouterr()
+    logged = caplog.text
+
+    async def parameters() -> str:
+        async with get_client() as client:
+            return json.dumps([run.parameters for run in await client.read_flow_runs()])
+
+    recorded = asyncio.run(parameters())
+    for where, text in (("files", stored.decode("utf-8", "replace")), ("stdout", printed.out),
+                        ("stderr", printed.err), ("logs", logged), ("Prefect parameters", recorded)):
+        assert secret not in text, f"the secret leaked into {where}"
+    assert f"{bucket}/ds" in recorded

@@ -81,8 +81,8 @@ def process_clip(video_path: str | os.PathLike, start_s: float | None, end_s: fl
             mp4 = encode_mp4_bytes(crops, fps=fps, crf=sample_format.crf, preset=sample_format.preset)
         with _timed(timings, "annotate_s"):
             pose, expression = split_pose_expression(landmarks)
-    except RecordedFailure as error:
-        raise ClipRejected(error.failure_class, f"{label}: {error.message}") from error
+    except RecordedFailure as error:  # the file's own (cache) path means nothing to a user: the label names the clip
+        raise ClipRejected(error.failure_class, f"{label}: {error.message.removeprefix(f'{video_path}: ')}") from error
     timings["total_s"] = sum(timings.values())
     float_boxes = boxes.astype(np.float64)
     first = offset_s + start

@@ -413,6 +413,8 @@ def _fetch(video_id: str, url: str, spans: list[Span] | None, folder: Path, opti
     except yt_dlp.utils.YoutubeDLError as error:
         failure_class = classify_failure(error)
         reason = re.sub(r"^ERROR:\s*", "", str(error))
+        if failure_class == errors.NOT_A_VIDEO:
+            reason = f"the host sent an empty file ({reason})"
         raise DownloadError(failure_class, f"video {video_id} ({url}): {reason}") from error
     downloads = (info or {}).get("requested_downloads") or []
     if not downloads:
