@@ -216,3 +216,21 @@ def test_inspecting_a_results_folder_lists_failures_and_missing_outputs(tmp_path
     assert results.inspect_results(str(tmp_path)) == 1
     assert "MISSING output of a.mp4" in capsys.readouterr().out
     assert results.inspect_results(str(tmp_path / "elsewhere")) == 1
+
+
+def test_the_local_cache_of_object_store_inputs_evicts_the_least_recently_used_first(tmp_path):
+    import os
+    import time
+
+    from pipelines.edit.fetch import evict_least_recently_used
+
+    now = time.time()
+    for number, age in enumerate((7200, 5400, 60)):  # two old copies, one in use
+        copy = tmp_path / f"digest{number}" / "video.mp4"
+        copy.parent.mkdir()
+        copy.write_bytes(b"x" * 1000)
+        os.utime(copy, (now - age, now - age))
+    deleted = evict_least_recently_used(tmp_path, limit_bytes=1500)
+    assert [path.parent.name for path in deleted] == ["digest0", "digest1"]
+    assert (tmp_path / "digest2" / "video.mp4").exists() and not (tmp_path / "digest0").exists()
+    assert evict_least_recently_used(tmp_path, limit_bytes=0) == [], "a copy in use is never deleted"

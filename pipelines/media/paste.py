@@ -7,9 +7,9 @@ Three steps, all in the crop's pixel space (so the cost does not depend on the v
    and faded to zero before the crop's edge, so no box edge can show. Several landmark sets give
    the union of their regions: a pose edit moves the head, so the mask covers both where the
    face was and where the edit put it.
-2. `match_colour`: the edited crop's colour is shifted to the source's, measured in the mask's
-   transition band (where a colour step would show as a seam), not inside the face, whose
-   content the edit changes on purpose.
+2. `match_colour`: the edited crop's colour is shifted (by whole levels per channel) to the
+   source's, measured in the mask's transition band (where a colour step would show as a seam),
+   not inside the face, whose content the edit changes on purpose.
 3. `paste_back`: the crop and mask are resized to the crop box in the frame (area averaging when
    shrinking, bicubic when enlarging) and blended; pixels where the mask is zero keep the
    source's values exactly.
@@ -100,15 +100,22 @@ def match_colour(edited: np.ndarray, source: np.ndarray, mask: np.ndarray) -> np
     """Shift `edited`'s colour per channel by its mean difference to `source` in the mask's transition band.
 
     The band weight 4 m (1 - m) peaks where the mask is one half, which is where a colour step
-    between edit and source would show. Returns uint8; unchanged when the mask has no band.
+    between edit and source would show. The mean is a global statistic of smooth images, so it is
+    measured on 64 px versions. Returns uint8; unchanged when the mask has no band.
     """
+    side = mask.shape[0]
+    if side > 64:
+        shrink = (lambda image: cv2.resize(image, (64, 64), interpolation=cv2.INTER_AREA))
+        mask, small_source, small_edited = shrink(mask), shrink(source), shrink(edited)
+    else:
+        small_source, small_edited = source, edited
     weight = 4.0 * mask * (1.0 - mask)
     total = float(weight.sum())
     if total < 1e-6:
         return edited
-    difference = source.astype(np.float32) - edited.astype(np.float32)
-    offset = (difference * weight[..., None]).sum(axis=(0, 1)) / total
-    return np.clip(edited.astype(np.float32) + offset, 0, 255).round().astype(np.uint8)
+    difference = small_source.astype(np.float32) - small_edited.astype(np.float32)
+    offset = np.einsum("ijc,ij->c", difference, weight) / total
+    return cv2.add(edited, tuple(float(v) for v in np.round(offset)) + (0.0,))
 
 
 def paste_back(frame: np.ndarray, crop: np.ndarray, mask: np.ndarray,
@@ -128,8 +135,8 @@ def paste_back(frame: np.ndarray, crop: np.ndarray, mask: np.ndarray,
     big_mask = cv2.resize(mask, (side, side), interpolation=cv2.INTER_LINEAR)
     window = (slice(top - y0, bottom - y0), slice(left - x0, right - x0))
     weight = big_mask[window]
-    weight = np.where(weight < MIN_WEIGHT, 0.0, np.clip(weight, 0.0, 1.0))[..., None]
-    original = frame[top:bottom, left:right].astype(np.float32)
-    blended = original + (big_crop[window].astype(np.float32) - original) * weight
-    result[top:bottom, left:right] = np.clip(blended, 0, 255).round().astype(np.uint8)
+    weight = np.where(weight < MIN_WEIGHT, np.float32(0), np.clip(weight, 0, 1)).astype(np.float32)
+    original = np.ascontiguousarray(frame[top:bottom, left:right])
+    result[top:bottom, left:right] = cv2.blendLinear(np.ascontiguousarray(big_crop[window]), original,
+                                                     weight, 1.0 - weight)
     return result
