@@ -234,3 +234,19 @@ def test_the_local_cache_of_object_store_inputs_evicts_the_least_recently_used_f
     assert [path.parent.name for path in deleted] == ["digest0", "digest1"]
     assert (tmp_path / "digest2" / "video.mp4").exists() and not (tmp_path / "digest0").exists()
     assert evict_least_recently_used(tmp_path, limit_bytes=0) == [], "a copy in use is never deleted"
+
+
+def test_an_output_that_would_overwrite_its_source_is_refused_and_outputs_are_never_sources(tmp_path):
+    from pipelines.edit.job import EditInputs, collect_jobs
+
+    archive = tmp_path / "archive"
+    (archive / "edited").mkdir(parents=True)
+    for name in ("a.mp4", "edited/a.mp4"):
+        (archive / name).write_bytes(b"x")
+    settings = EditSettings(output=str(archive / "edited"))
+    jobs, rejected = collect_jobs(EditInputs(sources=str(archive), driving="d.png"), settings)
+    assert [job.source for job in jobs] == [str(archive / "a.mp4")] and rejected == []
+    same = EditSettings(output=str(archive))
+    jobs, rejected = collect_jobs(EditInputs(source=str(archive / "a.mp4"), driving="d.png", output_name="a.mp4"),
+                                  same)
+    assert jobs == [] and rejected[0].failure_class == errors.BAD_JOB and "overwrite" in rejected[0].message

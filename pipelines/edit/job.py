@@ -11,13 +11,16 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
+from pipelines import errors
 from pipelines.edit import results
 from pipelines.edit.jobs import (
     EditJob,
     InputError,
     RejectedJob,
     drop_duplicate_outputs,
+    is_uri,
     jobs_from_sources,
     jobs_from_table,
     single_job,
@@ -59,8 +62,31 @@ def collect_jobs(inputs: EditInputs, settings: EditSettings) -> tuple[list[EditJ
         jobs, rejected = jobs_from_table(inputs.jobs, settings.defaults, inputs.driving)
     else:
         jobs, rejected = jobs_from_sources(inputs.sources, inputs.driving, settings.defaults)
+        ours = [job for job in jobs if _inside(job.source, settings.output)]
+        if ours:  # an output folder inside the archive: its edited videos are not sources
+            LOG.info("--sources: %d file(s) inside the output folder %s left out", len(ours), settings.output)
+            jobs = [job for job in jobs if job not in ours]
+    overwriting = [job for job in jobs if _same_file(job.source, _output_path(settings.output, job.output))]
+    rejected += [RejectedJob(job, errors.BAD_JOB, f"{job.origin}: output {job.output} is the source itself; "
+                                                  "editing would overwrite it: choose another output")
+                 for job in overwriting]
+    jobs = [job for job in jobs if job not in overwriting]
     jobs, duplicates = drop_duplicate_outputs(jobs)
     return jobs, rejected + duplicates
+
+
+def _output_path(folder: str, relpath: str) -> str:
+    return f"{folder.rstrip('/')}/{relpath}" if is_uri(folder) else str(Path(folder).expanduser().resolve() / relpath)
+
+
+def _same_file(source: str, output: str) -> bool:
+    return source == output if is_uri(source) else Path(source).resolve() == Path(output).resolve()
+
+
+def _inside(path: str, folder: str) -> bool:
+    if is_uri(path) or is_uri(folder):
+        return path.startswith(folder.rstrip("/") + "/")
+    return Path(path).resolve().is_relative_to(Path(folder).expanduser().resolve())
 
 
 def spec_context(settings: EditSettings, model: str) -> dict:
