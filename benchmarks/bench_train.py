@@ -144,16 +144,19 @@ def main() -> None:
                              steps=args.steps + log_every, log_every=log_every, checkpoint_every=args.steps + log_every,
                              grid_every=10**6, eval_every=10**6, eval_pairs=1, perceptual="off")
         # The plain loop runs before and after the Ray runs, so a change in machine load shows.
-        plain = plain_loop(base, args.steps + log_every)
+        before = plain_loop(base, args.steps + log_every)
         one, one_wall_rates, one_wall = ray_run(replace(base, name="workers1", workers=1))
         two, two_wall_rates, two_wall = ray_run(replace(base, name="workers2", workers=2, batch=2 * args.batch))
-        plain += plain_loop(base, args.steps + log_every)
+        after = plain_loop(base, args.steps + log_every)
+        plain = before + after
         cold, warm = data_rate(base, args.steps * 4)
 
         print(f"{args.size} px small model, {args.batch} pairs per worker per step, intervals of {log_every} steps, "
               "one torch thread per worker; samples/s per interval: median and best")
         print(f"{'configuration':<40}{'median':>10}{'best':>10}{'intervals':>11}{'run wall s':>12}")
-        for label, rates, wall in (("plain loop (1 process)", plain, None),
+        for label, rates, wall in (("plain loop, before the Ray runs", before, None),
+                                   ("plain loop, after them", after, None),
+                                   ("plain loop, both", plain, None),
                                    ("ray train, 1 worker: steps", one, one_wall),
                                    ("ray train, 1 worker: wall clock", one_wall_rates, None),
                                    ("ray train, 2 workers: steps", two, two_wall),

@@ -65,7 +65,7 @@ class TrainSettings:
     keep_checkpoints: int = 3
     log_every: int = 10
     grid_every: int = 100
-    eval_every: int = 200
+    eval_every: int = 100
     eval_pairs: int = 8
     max_failures: int = 3
     """Worker-group restarts from the latest checkpoint before the run is given up."""
