@@ -17,6 +17,7 @@ from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipelines.prepare import job, report
+from pipelines.media.framing import Framing
 from pipelines.media.tracking import TrackingConfig
 from pipelines.prepare.settings import (
     DEFAULT_URL_TEMPLATE,
@@ -76,6 +77,9 @@ def prepare_dataset(
     max_outside_fraction: float = TrackingConfig.max_outside_fraction,
     face: str = TrackingConfig.face_policy,
     min_clip_frames: int = SampleFormat.min_clip_frames,
+    face_fraction: float = Framing.face_fraction,
+    face_centre_x: float = Framing.centre_x,
+    face_centre_y: float = Framing.centre_y,
     shard_size_mb: float = PrepareSettings.shard_bytes / 2**20,
     videos_per_batch: int = PrepareSettings.videos_per_batch,
     test_fraction: float = PrepareSettings.test_fraction,
@@ -100,7 +104,8 @@ def prepare_dataset(
     settings = settings_from_options(
         output=output, workdir=workdir, url_template=url_template, detector=detector, detect_every=detect_every,
         min_face_px=min_face_px, min_track_fraction=min_track_fraction, max_outside_fraction=max_outside_fraction,
-        face=face, min_clip_frames=min_clip_frames,
+        face=face, min_clip_frames=min_clip_frames, face_fraction=face_fraction, face_centre_x=face_centre_x,
+        face_centre_y=face_centre_y,
         shard_size_mb=shard_size_mb, videos_per_batch=videos_per_batch, test_fraction=test_fraction,
         retry_failed=retry_failed, allow_file_urls=allow_file_urls, rate_limit=rate_limit, sleep=sleep,
         cookies=cookies, proxy=proxy, retries=retries, ray_address=ray_address)

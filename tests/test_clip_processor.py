@@ -103,6 +103,14 @@ def test_clip_has_crops_and_annotations_of_every_frame(clip, processed, tmp_path
     assert len(list(read_frames(path, 0.0, info.duration_s))) == 100
 
 
+def test_crops_frame_the_face_like_the_data_the_official_model_was_trained_on(clip):
+    """Landmark box about 0.52 of the crop side, its centre at about (0.49, 0.62) of width and height."""
+    extent = clip.landmarks.max(axis=1) - clip.landmarks.min(axis=1)
+    centre = (clip.landmarks.max(axis=1) + clip.landmarks.min(axis=1)) / 2
+    assert np.median(extent.max(axis=1)) / CROP_SIZE == pytest.approx(0.52, abs=0.02)
+    assert np.median(centre, axis=0) / CROP_SIZE == pytest.approx((0.49, 0.62), abs=0.02)
+
+
 def test_landmarks_stay_inside_the_crop_in_every_frame(clip):
     margin = 0.05 * CROP_SIZE
     assert (clip.landmarks >= margin).all() and (clip.landmarks <= CROP_SIZE - margin).all()

@@ -16,15 +16,14 @@ from pipelines.errors import (
     ClipRejected,
 )
 from pipelines.media.faces import Face, FaceDetector
+from pipelines.media.framing import Framing, checked_boxes, framing_of, outside_fraction
 from pipelines.media.tracking import (
     FaceTrack,
     FaceTracker,
     TrackingConfig,
     associate,
-    crop_boxes,
     iou,
     jitter,
-    outside_fraction,
     select_track,
     smooth,
 )
@@ -210,21 +209,28 @@ def test_a_track_covering_too_little_of_the_clip_is_too_short():
     assert caught.value.failure_class == TRACK_TOO_SHORT
 
 
-def test_crop_boxes_are_square_enlarged_and_centred():
-    track = make_track(100, 100, 50, 10)
-    boxes = crop_boxes(track, (400, 400), TrackingConfig(enlarge=1.8, center_shift=0.0, min_face_px=10))
+def _boxes(track, frame_size=(400, 400), min_face_px=10.0, framing=Framing(face_fraction=0.5, centre_x=0.5,
+                                                                           centre_y=0.5)):
+    return checked_boxes(np.stack(track.landmarks), frame_size, framing, min_face_px, 0.2, track.start)
+
+
+def test_crop_boxes_are_square_and_frame_the_face_as_asked():
+    boxes = _boxes(make_track(100, 100, 50, 10))
     assert boxes.shape == (10, 4) and boxes.dtype == np.float32
-    np.testing.assert_allclose(boxes[:, 2] - boxes[:, 0], 90.0, rtol=1e-5)
-    np.testing.assert_allclose(boxes[:, 3] - boxes[:, 1], 90.0, rtol=1e-5)
-    np.testing.assert_allclose((boxes[:, 0] + boxes[:, 2]) / 2, 100.0, rtol=1e-5)
+    extent = np.ptp(face_points(100, 100, 50), axis=0).max()
+    np.testing.assert_allclose(boxes[:, 2] - boxes[:, 0], extent / 0.5, rtol=1e-5)
+    np.testing.assert_allclose(boxes[:, 3] - boxes[:, 1], extent / 0.5, rtol=1e-5)
+    official = _boxes(make_track(100, 100, 50, 10), framing=Framing())
+    landmarks = np.stack(make_track(100, 100, 50, 10).landmarks)
+    assert framing_of(landmarks, official) == pytest.approx((0.52, 0.49, 0.62), abs=1e-3)
 
 
 def test_small_faces_and_faces_at_the_border_are_rejected():
     with pytest.raises(ClipRejected) as caught:
-        crop_boxes(make_track(100, 100, 20, 10), (400, 400), TrackingConfig(min_face_px=32))
-    assert caught.value.failure_class == FACE_TOO_SMALL
+        _boxes(make_track(100, 100, 20, 10), min_face_px=32)
+    assert caught.value.failure_class == FACE_TOO_SMALL and "--min-face-px" in caught.value.message
     with pytest.raises(ClipRejected) as caught:
-        crop_boxes(make_track(10, 100, 50, 10), (400, 400), TrackingConfig(min_face_px=32))
+        _boxes(make_track(10, 100, 50, 10), min_face_px=32)
     assert caught.value.failure_class == FACE_LEAVES_FRAME
 
 

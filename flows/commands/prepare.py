@@ -16,6 +16,7 @@ from flows.commands import (
     positive_int,
 )
 from pipelines.media.faces import DETECTOR_NAMES
+from pipelines.media.framing import Framing
 from pipelines.media.tracking import FACE_POLICIES, TrackingConfig
 from pipelines.prepare.settings import (
     DEFAULT_URL_TEMPLATE,
@@ -76,6 +77,13 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     faces.add_argument("--face", choices=FACE_POLICIES, default=TrackingConfig.face_policy,
                        help="with several faces and no metadata box: reject the clip ('only'), or keep the "
                             "largest or the most central face; the choice is recorded in each sample")
+    faces.add_argument("--face-fraction", type=fraction, default=Framing.face_fraction, metavar="F",
+                       help="side of the face's landmark box as a fraction of the crop side (0.52: as in the data "
+                            "the official DPE model was trained on)")
+    faces.add_argument("--face-centre-x", type=fraction, default=Framing.centre_x, metavar="X",
+                       help="where the landmark box centre sits across the crop (0..1)")
+    faces.add_argument("--face-centre-y", type=fraction, default=Framing.centre_y, metavar="Y",
+                       help="where the landmark box centre sits down the crop (0..1; 0.62 leaves room for hair)")
     faces.add_argument("--min-clip-frames", type=positive_int, default=SampleFormat.min_clip_frames, metavar="N",
                        help="shortest clip kept, in frames at 25 fps; a span running past the end of the video "
                             "keeps the frames that exist when at least N remain")
@@ -115,7 +123,8 @@ def _rate(text: str) -> str:
 def flow_options(args: argparse.Namespace) -> dict:
     """The `prepare_dataset` flow's parameters from parsed options (the same names)."""
     names = ("output", *INPUT_KINDS, "sample", "workdir", "url_template", "detector", "detect_every", "min_face_px",
-             "min_track_fraction", "max_outside_fraction", "face", "min_clip_frames",
+             "min_track_fraction", "max_outside_fraction", "face", "min_clip_frames", "face_fraction",
+             "face_centre_x", "face_centre_y",
              "shard_size_mb", "videos_per_batch", "test_fraction", "retry_failed", "allow_file_urls", "rate_limit",
              "sleep", "cookies", "proxy", "retries", "ray_address")
     return {name: getattr(args, name) for name in names}

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipelines.errors import FACE_LEAVES_FRAME, FACE_TOO_SMALL, ClipRejected
 from pipelines.media.tracking import rigid_frame, smooth
 
 
@@ -81,3 +82,30 @@ def framing_of(landmarks: np.ndarray, boxes: np.ndarray) -> tuple[float, float, 
     centre_x = ((extents[:, 0] + extents[:, 2]) / 2 - boxes[:, 0]) / sides
     centre_y = ((extents[:, 1] + extents[:, 3]) / 2 - boxes[:, 1]) / sides
     return float(np.median(fraction)), float(np.median(centre_x)), float(np.median(centre_y))
+
+
+def outside_fraction(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Per box, the fraction of its area outside a width x height frame."""
+    inside_w = np.clip(np.minimum(boxes[:, 2], width) - np.maximum(boxes[:, 0], 0), 0, None)
+    inside_h = np.clip(np.minimum(boxes[:, 3], height) - np.maximum(boxes[:, 1], 0), 0, None)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return 1.0 - inside_w * inside_h / np.maximum(area, 1e-9)
+
+
+def checked_boxes(landmarks: np.ndarray, frame_size: tuple[int, int], framing: Framing, min_face_px: float,
+                  max_outside_fraction: float, first_frame: int = 0) -> np.ndarray:
+    """`framed_boxes` for a face that must be big enough and stay in the frame, else `ClipRejected`:
+    `face_too_small` (median landmark extent below `min_face_px` source pixels) or `face_leaves_frame`
+    (more than `max_outside_fraction` of some box outside the frame; frame numbers from `first_frame`)."""
+    extents = landmark_boxes(landmarks)
+    face = float(np.median(np.maximum(extents[:, 2] - extents[:, 0], extents[:, 3] - extents[:, 1])))
+    if face < min_face_px:
+        raise ClipRejected(FACE_TOO_SMALL, f"the face spans {face:.0f} px (< {min_face_px:.0f} px; --min-face-px)")
+    boxes = framed_boxes(landmarks, framing)
+    outside = outside_fraction(boxes, *frame_size)
+    worst = int(np.argmax(outside))
+    if outside[worst] > max_outside_fraction:
+        raise ClipRejected(FACE_LEAVES_FRAME, f"{outside[worst]:.0%} of the crop lies outside the frame at frame "
+                                              f"{first_frame + worst} (> {max_outside_fraction:.0%}; "
+                                              "--max-outside-fraction)")
+    return boxes

@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipelines.errors import (
-    FACE_LEAVES_FRAME,
-    FACE_TOO_SMALL,
     MULTIPLE_FACES,
     NO_FACE,
     TRACK_TOO_SHORT,
@@ -34,7 +32,8 @@ from pipelines.media.faces import Box, FaceDetector
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    """Knobs of detection, tracking, track choice and crop boxes (all in frames of the output rate)."""
+    """Knobs of detection, tracking, track choice and the faces kept (frames of the output rate); how
+    the crop frames the face is `pipelines.media.framing.Framing`."""
 
     detect_stride: int = 25
     """Run the detector every this many frames (1 = every frame). On the sample, landmarks tracked
@@ -45,14 +44,6 @@ class TrackingConfig:
     """A detection continues a track when it overlaps the track's current box at least this much."""
     max_missed_detections: int = 1
     """A track survives this many consecutive detector misses (followed by landmarks meanwhile)."""
-    smoothing_window: int = 9
-    """Centred moving-average window for the crop centre (frames, odd)."""
-    size_smoothing_window: int = 25
-    """Centred moving-average window for the crop size (frames, odd): size changes slowly."""
-    enlarge: float = 1.8
-    """Crop side as a multiple of the landmark extent (brows to chin), VoxCeleb-like head framing."""
-    center_shift: float = -0.1
-    """Vertical shift of the crop centre, in face sizes (negative = up, to include the forehead)."""
     min_track_fraction: float = 0.8
     """The chosen track must cover at least this fraction of the clip's frames."""
     min_face_px: float = 64.0
@@ -328,43 +319,6 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
     reach = np.minimum(np.minimum(index, count - 1 - index), half)
     total = cumulative[index + reach + 1] - cumulative[index - reach]
     return total / (2 * reach + 1).reshape((-1,) + (1,) * (values.ndim - 1))
-
-
-def crop_boxes(track: FaceTrack, frame_size: tuple[int, int], config: TrackingConfig) -> np.ndarray:
-    """(T, 4) float32 square crop boxes (x0, y0, x1, y1) in source pixels for every frame of the track.
-
-    Raises `face_too_small` and `face_leaves_frame` (more than `max_outside_fraction` of a box outside).
-    """
-    width, height = frame_size
-    extents = track.landmark_boxes()
-    extent_sizes = np.maximum(extents[:, 2] - extents[:, 0], extents[:, 3] - extents[:, 1])
-    extent_centres = np.stack([(extents[:, 0] + extents[:, 2]) / 2, (extents[:, 1] + extents[:, 3]) / 2], axis=1)
-    rigid_centres, spreads = rigid_frame(np.stack(track.landmarks))
-    # Frame the face like its median landmark extent, but move and scale with the rigid points only.
-    sizes = spreads * float(np.median(extent_sizes / spreads))
-    centres = rigid_centres + np.median((extent_centres - rigid_centres) / spreads[:, None], axis=0) * spreads[:, None]
-    face = float(np.median(sizes))
-    if face < config.min_face_px:
-        raise ClipRejected(FACE_TOO_SMALL, f"the face spans {face:.0f} px (< {config.min_face_px:.0f} px)")
-    centres[:, 1] += config.center_shift * sizes
-    centres = smooth(centres, config.smoothing_window)
-    sides = smooth(sizes, config.size_smoothing_window) * config.enlarge
-    half = sides / 2
-    boxes = np.stack([centres[:, 0] - half, centres[:, 1] - half, centres[:, 0] + half, centres[:, 1] + half], axis=1)
-    outside = outside_fraction(boxes, width, height)
-    worst = int(np.argmax(outside))
-    if outside[worst] > config.max_outside_fraction:
-        raise ClipRejected(FACE_LEAVES_FRAME, f"{outside[worst]:.0%} of the crop lies outside the frame at "
-                                              f"frame {track.start + worst} (> {config.max_outside_fraction:.0%})")
-    return boxes.astype(np.float32)
-
-
-def outside_fraction(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Per box, the fraction of its area outside a width x height frame."""
-    inside_w = np.clip(np.minimum(boxes[:, 2], width) - np.maximum(boxes[:, 0], 0), 0, None)
-    inside_h = np.clip(np.minimum(boxes[:, 3], height) - np.maximum(boxes[:, 1], 0), 0, None)
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    return 1.0 - inside_w * inside_h / np.maximum(area, 1e-9)
 
 
 def jitter(boxes: np.ndarray) -> float:

@@ -21,7 +21,8 @@ from pipelines.dataset.schema import ClipSample, Provenance, SampleMeta, safe_ke
 from pipelines.errors import CLIP_TOO_SHORT, CORRUPT_VIDEO, ClipRejected, RecordedFailure
 from pipelines.media.crop import crop_frame, landmarks_to_crop
 from pipelines.media.faces import Box, FaceDetector
-from pipelines.media.tracking import FaceTracker, crop_boxes, select_track
+from pipelines.media.framing import checked_boxes
+from pipelines.media.tracking import FaceTracker, select_track
 from pipelines.media.video import VideoInfo, encode_mp4_bytes, probe, read_frames
 from pipelines.prepare.requests import MetaBox
 from pipelines.prepare.settings import SampleFormat
@@ -74,7 +75,8 @@ def process_clip(video_path: str | os.PathLike, start_s: float | None, end_s: fl
             if len(track.landmarks) < sample_format.min_clip_frames:
                 raise ClipRejected(CLIP_TOO_SHORT, f"{len(track.landmarks)} frames with the face, fewer than the "
                                                    f"minimum of {sample_format.min_clip_frames} (--min-clip-frames)")
-            boxes = crop_boxes(track, (info.width, info.height), config)
+            boxes = checked_boxes(np.stack(track.landmarks), (info.width, info.height), sample_format.framing,
+                                  config.min_face_px, config.max_outside_fraction, track.start)
             landmarks = np.stack([landmarks_to_crop(points, box, size) for points, box in zip(track.landmarks, boxes)])
         with _timed(timings, "encode_s"):
             crops = _crops(read_frames(video_path, start, end, fps=fps, info=info), track.start, boxes, size)

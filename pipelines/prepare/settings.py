@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines.media.framing import Framing
 from pipelines.media.tracking import FACE_POLICIES, TrackingConfig
 
 DEFAULT_URL_TEMPLATE = "https://www.youtube.com/watch?v={id}"
@@ -72,6 +73,8 @@ class SampleFormat:
     far enough apart to differ. A span running past the end of the video keeps the frames that exist
     when at least this many remain."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    framing: Framing = field(default_factory=Framing)
+    """Where the face sits in the crop: by default as in the data the official model was trained on."""
 
     def record(self, detector: str) -> dict[str, Any]:
         """The marker's view: these settings plus the detector actually used (never "auto")."""
@@ -134,6 +137,9 @@ def settings_from_options(
     max_outside_fraction: float = TrackingConfig.max_outside_fraction,
     face: str = TrackingConfig.face_policy,
     min_clip_frames: int = SampleFormat.min_clip_frames,
+    face_fraction: float = Framing.face_fraction,
+    face_centre_x: float = Framing.centre_x,
+    face_centre_y: float = Framing.centre_y,
     shard_size_mb: float = PrepareSettings.shard_bytes / 2**20,
     videos_per_batch: int = PrepareSettings.videos_per_batch,
     test_fraction: float = PrepareSettings.test_fraction,
@@ -171,10 +177,18 @@ def settings_from_options(
         cookies_file=Path(cookies).expanduser().resolve() if cookies else None, proxy=proxy, retries=retries,
         allow_file_urls=allow_file_urls, url_template=url_template, retry_recorded_failures=retry_failed)
     return PrepareSettings(output=output, workdir=workdir, detector=detector,
-                           sample_format=SampleFormat(tracking=tracking, min_clip_frames=min_clip_frames),
+                           sample_format=SampleFormat(tracking=tracking, min_clip_frames=min_clip_frames,
+                                                      framing=_framing(face_fraction, face_centre_x, face_centre_y)),
                            shard_bytes=int(shard_size_mb * 2**20),
                            videos_per_batch=videos_per_batch, test_fraction=test_fraction, retry_failed=retry_failed,
                            download=download, ray_address=ray_address)
+
+
+def _framing(face_fraction: float, centre_x: float, centre_y: float) -> Framing:
+    try:
+        return Framing(face_fraction=face_fraction, centre_x=centre_x, centre_y=centre_y)
+    except ValueError as error:
+        raise ValueError(f"framing: {error}") from None
 
 
 def _check(condition: bool, name: str, value: object, rule: str) -> None:
