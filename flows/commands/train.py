@@ -90,20 +90,24 @@ def flow_options(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     if args.export:
         return _export(*args.export)
-    from pipelines.runtime import RayUnavailable, ensure_ray
+    from flows.services import ServiceUnavailable, job_services
+    from pipelines.runtime import RayUnavailable
     from pipelines.train.job import prepare_run
 
     options = flow_options(args)
     try:
         prepare_run(TrainSettings(**options))
-        ensure_ray(args.ray_address)
-    except (ValueError, FileNotFoundError, RayUnavailable) as error:
+    except (ValueError, FileNotFoundError) as error:
         print(f"portrait train: {error}", file=sys.stderr)
         return 2
+    try:
+        with job_services(args.ray_address):
+            from flows.train_flow import train_model
 
-    from flows.train_flow import train_model
-
-    summary = train_model(**options)
+            summary = train_model(**options)
+    except (RayUnavailable, ServiceUnavailable) as error:
+        print(f"portrait train: {error}", file=sys.stderr)
+        return 2
     return 0 if summary["step"] >= summary["steps"] else 1
 
 
