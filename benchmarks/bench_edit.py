@@ -77,7 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", default=None, help="where the sample and outputs go (default: a temp folder)")
     p.add_argument("--gpu-peak-tflops", type=float, default=None, help="bfloat16 peak of the GPU if not in the table")
     p.add_argument("--gpu-batches", type=int, nargs="+", default=[8, 32, 64], help="model-stage batch sizes on GPU")
-    p.add_argument("--gpu-loops", type=int, default=3, help="the Ray Data run edits copies of the sample looped this often")
+    p.add_argument("--gpu-loops", type=int, default=3,
+                   help="the Ray Data run edits copies of the sample looped this often")
     p.add_argument("--check-gpu-path-on-cpu", action="store_true",
                    help="run the GPU measurements on the CPU without CUDA (checks the script; figures meaningless)")
     return p.parse_args(argv)
@@ -284,7 +285,8 @@ def gpu(args: argparse.Namespace, model: DPEGenerator, checkpoint: Path, inputs:
     cpu_limit = frames / (sum(v for k, v in busy.items() if k != "model_s") / max(1, cpus - 1))
     model_limit = frames / busy["model_s"]
     bound = "model (GPU)" if model_limit < cpu_limit else f"CPU stages ({cpus - 1} cores)"
-    print(f"  end to end on Ray Data, {copies} videos of {frames // copies} frames: {frames / wall:.1f} output frames/s")
+    print(f"  end to end on Ray Data, {copies} videos of {frames // copies} frames: "
+          f"{frames / wall:.1f} output frames/s")
     print("  busy seconds per 1000 frames: " + ", ".join(f"{k[:-2]} {1000 * v / frames:.1f}" for k, v in busy.items()))
     print(f"  limits: model stage {model_limit:.1f} frames/s, CPU stages {cpu_limit:.1f} frames/s -> bound by {bound}; "
           f"end to end reaches {frames / wall / min(model_limit, cpu_limit):.0%} of that bound")

@@ -90,7 +90,8 @@ def crop_chunk(chunk: ChunkWork, settings: EditSettings) -> ChunkWork:
     return chunk
 
 
-def _reference_crop(chunk: ChunkWork, info: StreamInfo, driver_path: Path, timings: dict[str, float], size: int) -> np.ndarray | None:
+def _reference_crop(chunk: ChunkWork, info: StreamInfo, driver_path: Path, timings: dict[str, float],
+                    size: int) -> np.ndarray | None:
     if chunk.reference is None:
         return None
     kind, index, pts, box = chunk.reference

@@ -206,7 +206,8 @@ def read_table_rows(path: str) -> list[dict[str, Any]]:
                                                          for i in range(table.num_columns)))]
 
 
-def jobs_from_table(path: str, defaults: JobDefaults, driving: str | None = None) -> tuple[list[EditJob], list[RejectedJob]]:
+def jobs_from_table(path: str, defaults: JobDefaults,
+                    driving: str | None = None) -> tuple[list[EditJob], list[RejectedJob]]:
     """Jobs of a job table; rows with bad values become `bad_job` rejections (the rest still run)."""
     base = None if is_uri(path) else Path(path).expanduser().resolve().parent
     jobs, rejected = [], []
@@ -304,7 +305,8 @@ def drop_duplicate_outputs(jobs: Iterable[EditJob]) -> tuple[list[EditJob], list
     for job in jobs:
         if job.output in kept:
             rejected.append(RejectedJob(job, errors.DUPLICATE_OUTPUT,
-                                        f"{job.origin}: output {job.output} is also written by {kept[job.output].origin}; "
+                                        f"{job.origin}: output {job.output} is also written by "
+                                        f"{kept[job.output].origin}; "
                                         "give each job its own output"))
         else:
             kept[job.output] = job

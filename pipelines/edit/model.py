@@ -116,7 +116,8 @@ def load_weights(uri: str, workdir: str | None = None) -> ModelWeights:
     try:
         payload = _peek(path)
     except Exception as error:  # unpicklable content, a truncated file, not a torch file at all
-        raise CheckpointError(f"checkpoint {path}: cannot be read with torch.load(weights_only=True): {error}") from None
+        raise CheckpointError(f"checkpoint {path}: cannot be read with torch.load(weights_only=True): "
+                              f"{error}") from None
     try:
         if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
             config = config_from_checkpoint(payload)

@@ -119,8 +119,9 @@ SCHEMA = _schema()
 
 def base_row(job: EditJob, output_uri: str, job_id: str | None = None, **values: object) -> ResultRow:
     """A row for `job` (under `job_id` when given) with its inputs and options filled in."""
-    return ResultRow(job_id=job_id or job.job_id, source=job.source, driving=job.driving, output=output_uri, mode=job.mode,
-                     strength=job.strength, motion=job.resolved_motion(), driving_policy=job.driving_policy, face=job.face,
+    return ResultRow(job_id=job_id or job.job_id, source=job.source, driving=job.driving, output=output_uri,
+                     mode=job.mode, strength=job.strength, motion=job.resolved_motion(),
+                     driving_policy=job.driving_policy, face=job.face,
                      origin=job.origin, **values)
 
 

@@ -295,4 +295,5 @@ def run_ray(works: list[JobWork], weights, settings: EditSettings, model: str, r
             collect(False, progress)
         collect(True, progress)
     if collector.groups:
-        raise RuntimeError(f"chunks of {len(collector.groups)} job(s) never all came back: {sorted(collector.groups)[:5]}")
+        raise RuntimeError(f"chunks of {len(collector.groups)} job(s) never all came back: "
+                           f"{sorted(collector.groups)[:5]}")

@@ -312,7 +312,8 @@ def _seconds(packet: av.Packet) -> float:
     return float(stamp * packet.time_base)
 
 
-def _segment_packets(segments: list[Path], output: av.video.stream.VideoStream) -> Iterator[tuple[float, int, av.Packet]]:
+def _segment_packets(segments: list[Path],
+                     output: av.video.stream.VideoStream) -> Iterator[tuple[float, int, av.Packet]]:
     for segment in segments:
         with av.open(str(segment), "r") as container:
             for packet in container.demux(container.streams.video[0]):
@@ -322,7 +323,8 @@ def _segment_packets(segments: list[Path], output: av.video.stream.VideoStream) 
                 yield _seconds(packet), 0, packet
 
 
-def _audio_packets(source: Path, outputs: dict[int, av.audio.stream.AudioStream]) -> Iterator[tuple[float, int, av.Packet]]:
+def _audio_packets(source: Path,
+                   outputs: dict[int, av.audio.stream.AudioStream]) -> Iterator[tuple[float, int, av.Packet]]:
     with av.open(str(source), "r") as container:
         streams = [container.streams[i] for i in outputs]
         for packet in container.demux(streams):
