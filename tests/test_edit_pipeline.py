@@ -193,11 +193,16 @@ def test_bad_inputs_are_recorded_with_their_reason_and_the_good_ones_complete(ed
 
 def test_a_driving_image_is_a_fixed_target_and_stop_passes_the_rest_through(edit_clips, tiny_checkpoint, tmp_path):
     table = tmp_path / "jobs.csv"
-    table.write_text("source,driving,output,driving_policy\n"
-                     f"{edit_clips['short.mp4']},{edit_clips['smile.png']},image.mp4,\n"
-                     f"{edit_clips['short.mp4']},{edit_clips['driving.mp4']},stop.mp4,stop\n")
+    table.write_text("source,driving,output,driving_policy,motion\n"
+                     f"{edit_clips['short.mp4']},{edit_clips['smile.png']},image.mp4,,\n"
+                     f"{edit_clips['short.mp4']},{edit_clips['smile.png']},image_relative.mp4,,relative\n"
+                     f"{edit_clips['short.mp4']},{edit_clips['driving.mp4']},stop.mp4,stop,\n")
     _, _, rows = run_edit(tmp_path / "out", tiny_checkpoint, job.EditInputs(jobs=str(table)))
     assert rows["image.mp4"].motion == "absolute" and rows["image.mp4"].frames_edited == 45
+    # relative to a still: measured from the source's first edited frame
+    assert rows["image_relative.mp4"].status == results.OK and rows["image_relative.mp4"].motion == "relative"
+    absolute, relative = (frames_of(tmp_path / "out" / n) for n in ("image.mp4", "image_relative.mp4"))
+    assert np.abs(absolute - relative).mean() > 0.5
     stop = rows["stop.mp4"]
     assert (stop.frames_edited, stop.frames_passed_through) == (20, 25)
     before, after = frames_of(edit_clips["short.mp4"]), frames_of(tmp_path / "out" / "stop.mp4")
