@@ -21,7 +21,7 @@ from flows.commands import add_common_options
 
 LOG = logging.getLogger("portrait")
 
-COMMANDS = ("prepare", "train", "edit", "inspect", "sample")
+COMMANDS = ("demo", "prepare", "train", "edit", "inspect", "sample")
 """Modules of `flows.commands`, in the order `portrait --help` lists them."""
 
 
