@@ -61,6 +61,7 @@ LAYERS = {
     "pipelines/prepare": {"pipelines.train", "pipelines.edit", "flows"},
     "pipelines/train": {"pipelines.prepare", "pipelines.edit", "flows"},
     "pipelines/edit": {"pipelines.prepare", "pipelines.train", "flows"},
+    "pipelines/report": {"pipelines.prepare", "flows"},
     "dpe": {"pipelines", "flows"},
 }
 
