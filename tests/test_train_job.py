@@ -1,6 +1,8 @@
 """The training job end to end on the prepared sample (4 train clips in 1 shard, 2 workers, a real Ray).
 
-Two runs of the same settings on the sample plus a damaged sample and an unreadable shard:
+Two runs of the same settings on the sample, damaged as archives get damaged: its one train shard
+(4 clips) holds a fifth sample whose video is cut short, and an unreadable second shard is listed,
+so two workers share one readable shard:
 
 * `straight`: 12 steps through `portrait train` (the Prefect flow), uninterrupted;
 * `interrupted`: 4 steps, then the same command again with 12 steps (a rerun resumes), during
@@ -32,6 +34,7 @@ from train_support import add_damage, copy_dataset, prepared_sample  # noqa: F40
 from dpe.checkpoint import config_from_checkpoint, load_checkpoint
 from flows.cli import main
 from pipelines.train import checkpoints
+from pipelines.train.clips import load_catalogue
 from pipelines.train.job import RunRefused, run_training
 from pipelines.train.settings import TrainSettings
 
@@ -128,6 +131,8 @@ def _rows(run: Path) -> list[dict[str, str]]:
 
 
 def test_two_workers_write_losses_checkpoints_grids_and_events(straight, train_data):
+    train = load_catalogue(str(train_data[0]), "train")
+    assert len(train.shards) == 2 and len({clip.shard for clip in train.clips if clip.key != "kbroken"}) == 1
     rows = _rows(straight)
     assert [int(row["step"]) for row in rows] == list(range(1, STEPS + 1))
     for row in rows:

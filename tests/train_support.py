@@ -22,7 +22,7 @@ import pytest
 
 from dpe.landmarks import project_template, split_pose_expression
 from pipelines.dataset import manifest
-from pipelines.dataset.layout import SHARD_INDEX_PATH
+from pipelines.dataset.layout import SHARD_INDEX_PATH, shard_batch
 from pipelines.dataset.schema import ClipSample, SampleMeta
 from pipelines.dataset.shards import ShardWriter, read_store_samples
 from pipelines.errors import BAD_SAMPLE, UNREADABLE_SHARD
@@ -96,20 +96,24 @@ def prepared_sample(tmp_path_factory, ray_cluster, prefect_harness) -> Path:
 
 
 def add_damage(dataset: Path, split: str = "train") -> dict[str, str]:
-    """Add to `dataset` a sample whose mp4 is cut to a third and a shard of garbage bytes, each recorded
-    as prepared (manifest part, shard index) with an identity of its own; returns key -> expected class."""
+    """Damage a dataset whose `split` has one shard, as archives get damaged: that shard is rewritten
+    with one more sample whose mp4 is cut to a third, and a second shard of garbage bytes is added.
+    Both are recorded as prepared (manifest part, shard index), each with an identity of its own, so
+    the split keeps one readable shard. Returns key -> the failure class a reader must record."""
     store = OutputStore(str(dataset))
     index = json.loads(store.read_bytes(SHARD_INDEX_PATH))
-    good = next(iter(read_store_samples(store, index[split][:1])))
-    damaged = replace(good, key="kdamaged", mp4=good.mp4[: len(good.mp4) // 3],
-                      meta=replace(good.meta, clip_id="damaged", identity="id-damaged"))
-    with ShardWriter(store, split, 1 << 30, "damaged") as writer:
-        damaged_shard = writer.write(damaged)
+    [shard] = index[split]
+    samples = list(read_store_samples(store, [shard]))
+    damaged = replace(samples[0], key="kdamaged", mp4=samples[0].mp4[: len(samples[0].mp4) // 3],
+                      meta=replace(samples[0].meta, clip_id="damaged", identity="id-damaged"))
+    with ShardWriter(store, split, 1 << 30, shard_batch(shard)) as writer:
+        for sample in [*samples, damaged]:
+            assert writer.write(sample) == shard
     broken_shard = f"{split}/broken-0000.tar"
     store.write_bytes_atomic(broken_shard, b"this is not a tar archive\n" * 64)
-    manifest.write_part(store, "damaged", [_row("kdamaged", "id-damaged", split, damaged_shard, good.frames),
-                                           _row("kbroken", "id-broken", split, broken_shard, good.frames)])
-    index[split] = sorted([*index[split], damaged_shard, broken_shard])
+    manifest.write_part(store, "damaged", [_row("kdamaged", "id-damaged", split, shard, damaged.frames),
+                                           _row("kbroken", "id-broken", split, broken_shard, damaged.frames)])
+    index[split] = sorted([shard, broken_shard])
     store.write_bytes_atomic(SHARD_INDEX_PATH, json.dumps(index).encode())
     return {"kdamaged": BAD_SAMPLE, "kbroken": UNREADABLE_SHARD}
 
