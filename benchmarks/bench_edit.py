@@ -254,9 +254,9 @@ def gpu(args: argparse.Namespace, model: DPEGenerator, checkpoint: Path, inputs:
     gflop = counter.get_total_flops() / 1e9
     print(f"\nGPU {name}: {gflop:.1f} GFLOP per output frame (video-to-video expression transfer, measured)")
     weights = load_weights(str(checkpoint))
+    precision = "bfloat16" if device.type == "cuda" else "float32"
     for batch in args.gpu_batches:
-        editor = CropEditor(weights, precision="bfloat16" if device.type == "cuda" else "float32", batch=batch,
-                            device=device)
+        editor = CropEditor(weights, precision=precision, batch=batch, device=device)
         index = np.arange(len(crops))
         editor.edit(crops[:batch], crops[:batch], index[:batch], "expression", 1.0, "absolute")  # warm up
         _sync(device)
@@ -265,7 +265,7 @@ def gpu(args: argparse.Namespace, model: DPEGenerator, checkpoint: Path, inputs:
         _sync(device)
         fps = len(crops) / (time.perf_counter() - started)
         share = f", {fps * gflop / 1e3 / peak:.1%} of the {peak:.0f} TFLOP/s bf16 peak" if peak else ""
-        print(f"  model stage alone, bf16, batch {batch:3d}: {fps:8.1f} output frames/s{share}")
+        print(f"  model stage alone, {precision}, batch {batch:3d}: {fps:8.1f} output frames/s{share}")
     looped = work / f"talk_x{args.gpu_loops}.mp4"
     ffmpeg("-stream_loop", str(args.gpu_loops - 1), "-i", str(inputs["talk"]), "-c", "copy", str(looped))
     table = work / "gpu_jobs.csv"
