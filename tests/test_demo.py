@@ -71,6 +71,8 @@ def test_a_rerun_of_the_demo_reuses_what_is_done(demo, capsys):
     assert sorted(p.name for p in (demo / "dataset" / "manifest" / "parts").iterdir()) == parts
     assert (demo / "edited" / "results.parquet").read_bytes() == results, "a finished edit was done again"
     assert "open the report" in capsys.readouterr().out
+    assert main(["inspect", str(demo / "edited")]) == 0
+    assert "jobs" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (.ci/run installs Debian's chromium)")

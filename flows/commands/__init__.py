@@ -11,12 +11,13 @@ from typing import Any
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Shows a default only where it says something (not for None, False or empty lists)."""
+    """Shows a default only where it says something (not for flags, None, empty values)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if "%(default)" in text or default in (None, False, [], (), argparse.SUPPRESS) or not action.option_strings:
+        if ("%(default)" in text or action.nargs == 0 or not action.option_strings
+                or default in (None, "", [], (), argparse.SUPPRESS)):
             return text
         return f"{text} (default: %(default)s)"
 

@@ -12,10 +12,11 @@ NAME = "inspect"
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = add_command(
-        sub, NAME, "summarise a prepared dataset, check its shards, and draw a contact sheet",
-        "Read the manifest and shards of a `prepare` output: counts by status and failure class, every "
-        "failure with its message, shards the manifest names but that are missing (exit status 1), and a "
-        "PNG contact sheet (frames of each clip with its landmarks). Nothing is changed or deleted.")
+        sub, NAME, "summarise a prepared dataset or an editing output",
+        "A `prepare` output: counts by status and failure class, every failure with its message, shards the "
+        "manifest names but that are missing (exit status 1), and a PNG contact sheet (frames of each clip "
+        "with its landmarks). An `edit` output (a folder with results.parquet): counts by status and failure "
+        "class and every failed job. Nothing is changed or deleted.")
     p.add_argument("output", metavar="PATH_OR_URI")
     p.add_argument("--sheet", type=Path, default=None, help="where to write the PNG (default: OUTPUT/contact_sheet.png)")
     return p
@@ -23,5 +24,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from pipelines.dataset.inspect import inspect_output
+    from pipelines.edit.results import RESULTS_PATH, inspect_results
+    from pipelines.storage import OutputStore
 
+    if OutputStore(args.output).exists(RESULTS_PATH):
+        return inspect_results(args.output)
     return inspect_output(args.output, args.sheet)
