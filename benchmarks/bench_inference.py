@@ -7,7 +7,7 @@ re-encodes the source for every frame (what the official demo does). The printed
 ``precomputed fps / baseline fps``.
 
 On CPU the script also repeats the measurement with glibc malloc serving large blocks from the
-heap (see ``use_heap_for_large_blocks``): with default settings every large activation is a
+heap (see ``pipelines.edit.model.keep_large_blocks_on_heap``): with default settings every large activation is a
 fresh mmap whose pages the kernel must fault in and zero, which costs more than the
 convolutions once a batch holds a few frames.
 
@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import ctypes.util
 import os
 import time
 
@@ -34,6 +32,7 @@ from dpe.checkpoint import load_official_generator
 from dpe.config import ModelConfig
 from dpe.editing import encode_source, expression_transfer
 from dpe.model import DPEGenerator
+from pipelines.edit.model import keep_large_blocks_on_heap
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,25 +51,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "instead of fresh mmaps ('heap', like MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1G), "
                         "or one after the other ('both')")
     return p.parse_args(argv)
-
-
-def use_heap_for_large_blocks() -> bool:
-    """Make glibc serve large blocks from the heap and keep freed memory.
-
-    By default glibc maps every block above 32 MiB afresh and unmaps it on free, so each large
-    activation (a batch of 64 x 256 x 256 float32 features is 16 MiB per frame) pays page
-    faults and zeroing in the kernel. Same effect as starting the process with
-    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824``. Returns False where not glibc.
-    """
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        m_trim_threshold, m_mmap_max = -1, -4
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
-    except (OSError, AttributeError):
-        return False
 
 
 def _sync(device: torch.device) -> None:
@@ -118,7 +98,7 @@ def main(argv=None) -> int:
           f"size={cfg.size} params={sum(p.numel() for p in model.parameters()):,}")
     print(f"{'run':14s} {'batch':>5s} {'precomputed fps':>16s} {'re-encode fps':>14s} {'ratio':>6s}")
     for name, amp, heap in runs:
-        if heap and not use_heap_for_large_blocks():
+        if heap and not keep_large_blocks_on_heap():
             print(f"{name}: skipped (mallopt not available)")
             continue
         amp_ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext

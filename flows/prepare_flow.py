@@ -16,9 +16,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pipelines.prepare import job, report
 from pipelines.media.framing import Framing
 from pipelines.media.tracking import TrackingConfig
+from pipelines.prepare import job, report
 from pipelines.prepare.settings import (
     DEFAULT_URL_TEMPLATE,
     DownloadOptions,
@@ -100,15 +100,9 @@ def prepare_dataset(
     output only does what is missing. The other parameters are those of `portrait prepare --help`.
     Returns the summary (counts by status and failure class, shards per split).
     """
-    inputs = SourceInputs(tuple(vox1_txt or ()), tuple(vox2_txt or ()), tuple(clips or ()), tuple(urls or ()))
-    settings = settings_from_options(
-        output=output, workdir=workdir, url_template=url_template, detector=detector, detect_every=detect_every,
-        min_face_px=min_face_px, min_track_fraction=min_track_fraction, max_outside_fraction=max_outside_fraction,
-        face=face, min_clip_frames=min_clip_frames, face_fraction=face_fraction, face_centre_x=face_centre_x,
-        face_centre_y=face_centre_y,
-        shard_size_mb=shard_size_mb, videos_per_batch=videos_per_batch, test_fraction=test_fraction,
-        retry_failed=retry_failed, allow_file_urls=allow_file_urls, rate_limit=rate_limit, sleep=sleep,
-        cookies=cookies, proxy=proxy, retries=retries, ray_address=ray_address)
+    options = dict(locals())
+    inputs = SourceInputs(*(tuple(options.pop(kind) or ()) for kind in ("vox1_txt", "vox2_txt", "clips", "urls")))
+    settings = settings_from_options(**{name: value for name, value in options.items() if name != "sample"})
     with contextlib.ExitStack() as stack:
         if sample:
             inputs, settings = stack.enter_context(_with_sample(inputs, settings))

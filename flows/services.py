@@ -19,9 +19,10 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 LOG = logging.getLogger(__name__)
+Result = TypeVar("Result")
 
 STARTUP_TIMEOUT_S = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90"))
 _PR_SET_PDEATHSIG = 1
@@ -32,13 +33,29 @@ class ServiceUnavailable(RuntimeError):
 
 
 @contextlib.contextmanager
-def job_services(ray_address: str | None) -> Iterator[None]:
-    """Ray connected and a Prefect API in place for the block; embedded ones end with the process."""
+def job_services(ray_address: str | None, use_ray: bool = True) -> Iterator[None]:
+    """Ray connected (unless the job runs without it) and a Prefect API in place for the block;
+    embedded ones end with the process."""
     from pipelines.runtime import ensure_ray
 
-    ensure_ray(ray_address)
+    if use_ray:
+        ensure_ray(ray_address)
     with prefect_api():
         yield
+
+
+def run_with_services(command: str, ray_address: str | None, start: Callable[[], Result],
+                      use_ray: bool = True) -> Result:
+    """`start()` (a flow) with the job's services up; a service that cannot be reached or started is one
+    line naming it and exit status 2, not a traceback."""
+    from pipelines.runtime import RayUnavailable
+
+    try:
+        with job_services(ray_address, use_ray):
+            return start()
+    except (RayUnavailable, ServiceUnavailable) as error:
+        print(f"portrait {command}: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ VOX2_TEXT = ("Identity  : \tid00012\nReference : \t21Uxsk56VDQ\nOffset    : \t1\
 @pytest.fixture
 def no_services(monkeypatch):
     @contextlib.contextmanager
-    def trap(ray_address):
+    def trap(*args, **kwargs):
         raise AssertionError("services were started before the mistake was found")
         yield
 

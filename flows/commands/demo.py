@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from flows.commands import add_command, positive_int
 
@@ -33,17 +32,14 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flows.services import ServiceUnavailable, job_services
-    from pipelines.runtime import RayUnavailable
+    from flows.services import run_with_services
 
-    try:
-        with job_services(None):
-            from flows.demo_flow import portrait_demo
+    def demo() -> dict:
+        from flows.demo_flow import portrait_demo
 
-            result = portrait_demo(output=args.output, checkpoint=args.checkpoint, steps=args.steps, size=args.size,
-                                   workers=args.workers, batch=args.batch, jobs=args.jobs)
-    except (RayUnavailable, ServiceUnavailable) as error:
-        print(f"portrait demo: {error}", file=sys.stderr)
-        return 2
+        return portrait_demo(output=args.output, checkpoint=args.checkpoint, steps=args.steps, size=args.size,
+                             workers=args.workers, batch=args.batch, jobs=args.jobs)
+
+    result = run_with_services(NAME, None, demo)
     print(f"open the report: {result['report']}")
     return 0

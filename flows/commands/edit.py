@@ -161,9 +161,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"portrait edit: {error}", file=sys.stderr)
         return 2
 
-    from flows.edit_flow import edit_videos
+    from flows.services import run_with_services
     from pipelines.edit.results import summary_text
 
-    summary = edit_videos(**options)
+    summary = run_with_services(NAME, settings.ray_address, lambda: _flow()(**options),
+                                use_ray=settings.executor == "ray")
     print(summary_text(summary))
     return 0 if summary.get("failed", 0) == 0 else 1
+
+
+def _flow():
+    from flows.edit_flow import edit_videos
+
+    return edit_videos

@@ -112,6 +112,12 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def _flow():
+    from flows.prepare_flow import prepare_dataset
+
+    return prepare_dataset
+
+
 def _rate(text: str) -> str:
     try:
         parse_rate(text)
@@ -131,11 +137,10 @@ def flow_options(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flows.services import ServiceUnavailable, job_services
+    from flows.services import run_with_services
     from pipelines.dataset.layout import OutputRefused, claim_output
     from pipelines.media.faces import make_detector
     from pipelines.prepare.sources import InputError, SourceInputs
-    from pipelines.runtime import RayUnavailable
     from pipelines.storage import OutputStore, split_credentials
 
     options = flow_options(args)
@@ -157,14 +162,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"portrait prepare: {error}", file=sys.stderr)
         return 2
 
-    try:
-        with job_services(settings.ray_address):
-            from flows.prepare_flow import prepare_dataset
-
-            summary = prepare_dataset(**options)
-    except (RayUnavailable, ServiceUnavailable) as error:
-        print(f"portrait prepare: {error}", file=sys.stderr)
-        return 2
+    summary = run_with_services(NAME, settings.ray_address, lambda: _flow()(**options))
     if args.contact_sheet and summary.get("ok"):
         from pipelines.dataset.inspect import write_contact_sheet
 

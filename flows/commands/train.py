@@ -90,8 +90,7 @@ def flow_options(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     if args.export:
         return _export(*args.export)
-    from flows.services import ServiceUnavailable, job_services
-    from pipelines.runtime import RayUnavailable
+    from flows.services import run_with_services
     from pipelines.train.job import prepare_run
 
     options = flow_options(args)
@@ -100,15 +99,14 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"portrait train: {error}", file=sys.stderr)
         return 2
-    try:
-        with job_services(args.ray_address):
-            from flows.train_flow import train_model
-
-            summary = train_model(**options)
-    except (RayUnavailable, ServiceUnavailable) as error:
-        print(f"portrait train: {error}", file=sys.stderr)
-        return 2
+    summary = run_with_services(NAME, args.ray_address, lambda: _flow()(**options))
     return 0 if summary["step"] >= summary["steps"] else 1
+
+
+def _flow():
+    from flows.train_flow import train_model
+
+    return train_model
 
 
 def _export(checkpoint: str, output: str) -> int:
