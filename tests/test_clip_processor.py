@@ -195,15 +195,40 @@ def test_a_truncated_video_is_rejected_as_corrupt(media, detector):
     assert caught.value.failure_class == CORRUPT_VIDEO
 
 
-def test_frames_are_streamed_not_held(detector):
-    """Peak Python/numpy memory stays well below the decoded clip: frames pass through one at a time."""
+def _peak_bytes(function):
     import tracemalloc
 
     tracemalloc.start()
     try:
-        clip = _process(SAMPLE, 0.0, 4.0)
+        result = function()
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    decoded_clip_bytes = clip.frames * 176 * 144 * 3
-    assert peak < 0.5 * decoded_clip_bytes
+    return result, peak
+
+
+def test_one_decode_gives_the_same_clip_as_two(detector):
+    """The crops cut from the kept face parts are the crops of a second decode, byte for byte."""
+    once = process_clip(SAMPLE, 0.0, 4.0, [], detector, ORIGIN, FORMAT)
+    twice = process_clip(SAMPLE, 0.0, 4.0, [], detector, ORIGIN, FORMAT, region_budget_bytes=0)
+    assert (once.decodes, twice.decodes) == (1, 2)
+    assert once.sample.mp4 == twice.sample.mp4
+    np.testing.assert_array_equal(once.sample.boxes, twice.sample.boxes)
+
+
+def test_frames_are_streamed_and_only_face_parts_kept(detector, tmp_path):
+    """In a wide frame, memory holds the parts around the face, never the decoded clip."""
+    wide = tmp_path / "wide.mp4"  # the face at twice its size (about 90 px, found without rescaling) in 1920x480
+    _ffmpeg("-i", str(SAMPLE), "-t", "4", "-vf", "scale=352:288,pad=1920:480:784:96", "-c:v", "libx264",
+            "-preset", "ultrafast", "-crf", "12", str(wide))
+    processed, peak = _peak_bytes(lambda: process_clip(wide, 0.0, 4.0, [], detector, ORIGIN, FORMAT))
+    assert processed.decodes == 1
+    assert peak < 0.25 * processed.sample.frames * 1920 * 480 * 3
+
+
+def test_face_parts_past_the_memory_budget_are_dropped_for_a_second_decode(detector):
+    budget = 200_000  # a few frames' parts
+    processed, peak = _peak_bytes(lambda: process_clip(SAMPLE, 0.0, 4.0, [], detector, ORIGIN, FORMAT,
+                                                       region_budget_bytes=budget))
+    assert processed.decodes == 2
+    assert peak < 0.5 * processed.sample.frames * 176 * 144 * 3

@@ -24,13 +24,18 @@ def pixel_box(box: np.ndarray | tuple[float, float, float, float]) -> tuple[int,
 def crop_frame(frame: np.ndarray, box: np.ndarray | tuple[float, float, float, float],
                size: int) -> np.ndarray:
     """The box's content as a (size, size, 3) image (INTER_AREA when shrinking, INTER_CUBIC when enlarging)."""
-    x0, y0, side = pixel_box(box)
+    return crop_pixels(frame, *pixel_box(box), size)
+
+
+def crop_pixels(frame: np.ndarray, x0: int, y0: int, side: int, size: int) -> np.ndarray:
+    """`crop_frame` of an already snapped box: the same pixels cropped from a part of the frame give the
+    same image when the box is shifted by whole pixels (the clip preparation's single decode relies on it)."""
     height, width = frame.shape[:2]
     pad_left, pad_top = max(0, -x0), max(0, -y0)
     pad_right, pad_bottom = max(0, x0 + side - width), max(0, y0 + side - height)
     region = frame[max(0, y0):min(height, y0 + side), max(0, x0):min(width, x0 + side)]
     if region.size == 0:
-        raise ValueError(f"crop box {tuple(box)} lies entirely outside the {width}x{height} frame")
+        raise ValueError(f"crop box ({x0}, {y0}) side {side} lies entirely outside the {width}x{height} frame")
     if pad_left or pad_top or pad_right or pad_bottom:
         region = cv2.copyMakeBorder(region, pad_top, pad_bottom, pad_left, pad_right, cv2.BORDER_REPLICATE)
     interpolation = cv2.INTER_AREA if side > size else cv2.INTER_CUBIC

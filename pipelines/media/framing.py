@@ -43,6 +43,11 @@ class Framing:
         if not (0.0 < self.centre_x < 1.0 and 0.0 < self.centre_y < 1.0):
             raise ValueError(f"face centre ({self.centre_x}, {self.centre_y}) must lie inside the crop (0..1)")
 
+    @property
+    def reach(self) -> float:
+        """How far the crop's farthest edge lies from the landmark box centre, in landmark box sides."""
+        return max(self.centre_x, 1.0 - self.centre_x, self.centre_y, 1.0 - self.centre_y) / self.face_fraction
+
 
 def landmark_boxes(landmarks: np.ndarray) -> np.ndarray:
     """(T, 4) bounding boxes (x0, y0, x1, y1) of (T, 68, 2) landmarks."""

@@ -152,6 +152,10 @@ class FaceTracker:
             track.landmarks.append(points)
         self._frame += 1
 
+    def current_landmarks(self) -> list[np.ndarray]:
+        """The landmarks of every face followed into the last frame given to `update`."""
+        return [track.landmarks[-1] for track in self._active]
+
     def _detect(self, frame: np.ndarray, index: int, boxes: dict[int, Box]) -> dict[int, Box]:
         self.detector_calls += 1
         faces = self.detector.detect(frame)

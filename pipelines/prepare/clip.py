@@ -1,10 +1,11 @@
 """One clip from video file to training sample: face track, stable 256x256 crops, per-frame annotations.
 
-Two streaming passes over the clip's span, so memory holds one frame (plus 68 points per frame),
-never the video: the analysis pass detects and tracks faces and keeps landmarks; once the track
-is chosen and its crop boxes smoothed (which needs the whole track), the crop pass decodes the
-span again, crops each frame and pipes it straight into the encoder. Decoding twice costs less
-than keeping frames: decode runs at thousands of small frames per second.
+The span is decoded as a stream, so memory never holds the video: the analysis pass detects and
+tracks faces, keeps landmarks and, around every face it tracks, the part of the frame a crop box
+can reach (`FaceRegions`). Once the track is chosen and its crop boxes smoothed (which needs the
+whole track), the crops are cut from those parts and piped straight into the encoder. A clip whose
+face parts outgrow the memory budget, or whose smoothed box reaches past them, decodes its span a
+second time instead: the same crops either way, one decode when it fits.
 """
 
 from __future__ import annotations
@@ -19,37 +20,106 @@ import numpy as np
 from dpe.landmarks import split_pose_expression
 from pipelines.dataset.schema import ClipSample, Provenance, SampleMeta, safe_key
 from pipelines.errors import CLIP_TOO_SHORT, CORRUPT_VIDEO, ClipRejected, RecordedFailure
-from pipelines.media.crop import crop_frame, landmarks_to_crop
+from pipelines.media.crop import crop_frame, crop_pixels, landmarks_to_crop, pixel_box
 from pipelines.media.faces import Box, FaceDetector
-from pipelines.media.framing import checked_boxes
+from pipelines.media.framing import checked_boxes, landmark_boxes
 from pipelines.media.tracking import FaceTracker, select_track
 from pipelines.media.video import VideoInfo, encode_mp4_bytes, probe, read_frames
 from pipelines.prepare.requests import MetaBox
 from pipelines.prepare.settings import SampleFormat
+
+FACE_REGION_BUDGET_BYTES = 256 * 2**20
+"""Memory one clip may hold of the frames' face parts to skip its second decode (a 10 s 1080p clip with a
+300 px face needs about 400 MB and decodes twice; a 4 s clip at 360p needs about 25 MB)."""
+
+REGION_SLACK = 1.3
+"""Face parts reach this much farther than the framing's crop edge: the smoothed, median-calibrated box
+of a frame differs from that frame's own landmark box by a few percent."""
 
 
 @dataclass
 class ProcessedClip:
     """A prepared clip (`ClipSample`, the dataset's one description of a clip) and what making it
     cost: seconds per stage (`timings`: probe_s, analyse_s for decode, detection and landmarks,
-    select_s, encode_s for the crop pass and encoding, annotate_s, total_s) and detector calls."""
+    select_s, encode_s for the crops and encoding, annotate_s, total_s), detector calls, and how
+    many times the span was decoded (1, or 2 when the face parts did not fit)."""
 
     sample: ClipSample
     timings: dict[str, float] = field(default_factory=dict)
     detector_calls: int = 0
+    decodes: int = 1
+
+
+class FaceRegions:
+    """The part of each analysed frame that a crop box can reach, so the crop pass needs no second decode.
+
+    Per frame, the rectangle (clipped to the frame) around every tracked face that reaches `reach`
+    landmark box sides from its centre. Crops cut from it equal crops of the whole frame whenever the
+    box's part inside the frame lies inside the rectangle (`crop_pixels`); `crops` checks that.
+    Past `budget_bytes` the parts are dropped and `crops` gives None: the caller decodes again.
+    """
+
+    def __init__(self, reach: float, budget_bytes: int) -> None:
+        self.reach, self.budget_bytes = reach, budget_bytes
+        self.parts: list[tuple[int, int, np.ndarray] | None] = []
+        self.nbytes = 0
+        self.overflowed = False
+
+    def keep(self, frame: np.ndarray, faces: Sequence[np.ndarray]) -> None:
+        """Keep the face parts of the next frame; `faces` are the (68, 2) landmarks tracked in it."""
+        if self.overflowed:
+            return
+        if not faces:
+            self.parts.append(None)
+            return
+        extents = landmark_boxes(np.stack(faces))
+        centres = (extents[:, :2] + extents[:, 2:]) / 2
+        reach = self.reach * np.maximum(extents[:, 2] - extents[:, 0], extents[:, 3] - extents[:, 1]) + 2.0
+        height, width = frame.shape[:2]
+        x0 = max(0, int(np.floor((centres[:, 0] - reach).min())))
+        y0 = max(0, int(np.floor((centres[:, 1] - reach).min())))
+        x1 = min(width, int(np.ceil((centres[:, 0] + reach).max())))
+        y1 = min(height, int(np.ceil((centres[:, 1] + reach).max())))
+        part = frame[y0:max(y0, y1), x0:max(x0, x1)].copy()
+        self.nbytes += part.nbytes
+        if self.nbytes > self.budget_bytes:
+            self.overflowed, self.parts, self.nbytes = True, [], 0
+            return
+        self.parts.append((x0, y0, part))
+
+    def crops(self, first: int, boxes: np.ndarray, size: int,
+              frame_size: tuple[int, int]) -> Iterator[np.ndarray] | None:
+        """Crops of frames first, first+1, ... cut from the kept parts; None when some box reaches past them."""
+        if self.overflowed or first + len(boxes) > len(self.parts):
+            return None
+        width, height = frame_size
+        placed = []
+        for part, box in zip(self.parts[first:first + len(boxes)], boxes):
+            if part is None:
+                return None
+            x0, y0, side = pixel_box(box)
+            px, py, pixels = part
+            inside_x, inside_y = (max(0, x0), min(width, x0 + side)), (max(0, y0), min(height, y0 + side))
+            if not (px <= inside_x[0] < inside_x[1] <= px + pixels.shape[1]
+                    and py <= inside_y[0] < inside_y[1] <= py + pixels.shape[0]):
+                return None
+            placed.append((pixels, x0 - px, y0 - py, side))
+        return (crop_pixels(pixels, x, y, side, size) for pixels, x, y, side in placed)
 
 
 def process_clip(video_path: str | os.PathLike, start_s: float | None, end_s: float | None,
                  meta_boxes: Sequence[MetaBox], detector: FaceDetector, provenance: Provenance,
                  sample_format: SampleFormat | None = None, *, info: VideoInfo | None = None,
-                 offset_s: float = 0.0, label: str | None = None) -> ProcessedClip:
+                 offset_s: float = 0.0, label: str | None = None,
+                 region_budget_bytes: int = FACE_REGION_BUDGET_BYTES) -> ProcessedClip:
     """Prepare the span [start_s, end_s) of a video file (None: from the start / to the end).
 
     `meta_boxes` are the metadata face boxes (times in seconds of this file) that pick the face
     when several are present; `provenance` says where the clip comes from (it goes into the
     sample's json); `offset_s` is where this file starts in the source video (a downloaded
     section), so the sample records its span in the source's own time. `info` skips probing when
-    several clips share one file. Raises `ClipRejected` with a failure class and a message that
+    several clips share one file; `region_budget_bytes` bounds the frame parts kept to skip a second
+    decode (0: always decode twice). Raises `ClipRejected` with a failure class and a message that
     starts with `label` (default: the file and span).
     """
     sample_format = sample_format or SampleFormat()
@@ -63,9 +133,11 @@ def process_clip(video_path: str | os.PathLike, start_s: float | None, end_s: fl
         end = info.duration_s if end_s is None else float(end_s)
         with _timed(timings, "analyse_s"):
             tracker = FaceTracker(detector, config)
+            regions = FaceRegions(REGION_SLACK * sample_format.framing.reach, region_budget_bytes)
             frame_count = 0
             for frame in read_frames(video_path, start, end, fps=fps, info=info):
                 tracker.update(frame)
+                regions.keep(frame, tracker.current_landmarks())
                 frame_count += 1
         with _timed(timings, "select_s"):
             wanted = _meta_frames(meta_boxes, start, end, info, fps)
@@ -79,7 +151,11 @@ def process_clip(video_path: str | os.PathLike, start_s: float | None, end_s: fl
                                   config.min_face_px, config.max_outside_fraction, track.start)
             landmarks = np.stack([landmarks_to_crop(points, box, size) for points, box in zip(track.landmarks, boxes)])
         with _timed(timings, "encode_s"):
-            crops = _crops(read_frames(video_path, start, end, fps=fps, info=info), track.start, boxes, size)
+            crops = regions.crops(track.start, boxes, size, (info.width, info.height))
+            decodes = 1 if crops is not None else 2
+            if crops is None:
+                regions = None  # free the kept parts before decoding again
+                crops = _crops(read_frames(video_path, start, end, fps=fps, info=info), track.start, boxes, size)
             mp4 = encode_mp4_bytes(crops, fps=fps, crf=sample_format.crf, preset=sample_format.preset)
         with _timed(timings, "annotate_s"):
             pose, expression = split_pose_expression(landmarks)
@@ -97,7 +173,7 @@ def process_clip(video_path: str | os.PathLike, start_s: float | None, end_s: fl
     sample = ClipSample(key=safe_key(provenance.clip_id), mp4=mp4, boxes=boxes.astype(np.float32),
                         landmarks=landmarks.astype(np.float32), pose=np.asarray(pose, dtype=np.float32),
                         expression=np.asarray(expression, dtype=np.float32), meta=meta)
-    return ProcessedClip(sample.validate(), timings, tracker.detector_calls)
+    return ProcessedClip(sample.validate(), timings, tracker.detector_calls, decodes)
 
 
 def _crops(frames: Iterator[np.ndarray], first: int, boxes: np.ndarray, size: int) -> Iterator[np.ndarray]:
