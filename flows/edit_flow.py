@@ -90,17 +90,11 @@ def edit_videos(
     previews; a rerun only does what is missing or failed. The other parameters are those of
     `portrait edit --help`. Returns the summary (counts by status and failure class).
     """
-    folder, name = split_output(output, bool(source))
-    inputs = job.EditInputs(source=source, driving=driving, jobs=jobs, sources=sources, output_name=name)
-    settings = settings_from_options(
-        output=folder, checkpoint=checkpoint, mode=mode, strength=strength, motion=motion,
-        driving_policy=driving_policy, face=face, detector=detector, detect_every=detect_every,
-        face_fraction=face_fraction, face_centre_x=face_centre_x, face_centre_y=face_centre_y,
-        mask_dilate=mask_dilate, mask_feather=mask_feather, mask_forehead=mask_forehead, colour_match=colour_match,
-        chunk_frames=chunk_frames, model_batch=model_batch, crf=crf, preset=preset, previews=previews,
-        preview_seconds=preview_seconds, preview_height=preview_height, retry_failed=retry_failed,
-        max_chunk_attempts=max_chunk_attempts, model_actors=model_actors, model_gpus=model_gpus,
-        model_cpus=model_cpus, precision=precision, executor=executor, workdir=workdir, ray_address=ray_address)
+    options = dict(locals())
+    folder, name = split_output(options.pop("output"), bool(source))
+    inputs = job.EditInputs(**{kind: options.pop(kind) for kind in ("source", "driving", "jobs", "sources")},
+                            output_name=name)
+    settings = settings_from_options(output=folder, **options)
     inputs.check()
     if settings.executor == "ray":
         from pipelines.runtime import ensure_ray

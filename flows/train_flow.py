@@ -62,7 +62,7 @@ def train_model(
     those of `portrait train --help`. Returns the summary (run, step, pairs/s, last evaluation,
     skipped samples, newest checkpoint).
     """
-    settings = TrainSettings(**{key: value for key, value in locals().items()})
+    settings = TrainSettings(**locals())
     ensure_ray(settings.ray_address)  # on the flow's main thread, not inside the task's thread
     summary = train_task(settings)
     create_markdown_artifact(key="train-model-summary", markdown=summary_markdown(summary),

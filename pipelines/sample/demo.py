@@ -10,11 +10,9 @@ source's expression kept, and the still's expression held for the whole video.
 from __future__ import annotations
 
 import csv
-import subprocess
 from pathlib import Path
 
-from pipelines.media.video import ffmpeg_exe
-from pipelines.sample.media import make_sample_media
+from pipelines.sample.media import make_sample_media, run_ffmpeg
 from pipelines.storage import atomic_local_path
 
 SOURCE_SPAN_S = (0.0, 4.0)
@@ -30,12 +28,12 @@ def make_demo_media(directory: str | Path) -> dict[str, Path]:
     for name, (start, end) in (("source.mp4", SOURCE_SPAN_S), ("driver.mp4", DRIVER_SPAN_S)):
         if not paths[name].exists():
             with atomic_local_path(paths[name]) as temporary:
-                _ffmpeg("-ss", f"{start}", "-i", str(talk), "-t", f"{end - start}", "-c:v", "libx264", "-preset",
+                run_ffmpeg("-ss", f"{start}", "-i", str(talk), "-t", f"{end - start}", "-c:v", "libx264", "-preset",
                         "veryfast", "-crf", "20", "-pix_fmt", "yuv420p", "-c:a", "aac", "-movflags", "+faststart",
                         "-f", "mp4", str(temporary))
     if not paths["driver.png"].exists():
         with atomic_local_path(paths["driver.png"]) as temporary:
-            _ffmpeg("-ss", f"{STILL_AT_S}", "-i", str(talk), "-frames:v", "1", "-f", "image2", "-c:v", "png",
+            run_ffmpeg("-ss", f"{STILL_AT_S}", "-i", str(talk), "-frames:v", "1", "-f", "image2", "-c:v", "png",
                     str(temporary))
     if not paths["jobs.csv"].exists():
         with atomic_local_path(paths["jobs.csv"]) as temporary, open(temporary, "w", newline="") as handle:
@@ -45,10 +43,3 @@ def make_demo_media(directory: str | Path) -> dict[str, Path]:
             writer.writerow([paths["source.mp4"], paths["driver.mp4"], "pose.mp4", "pose"])
             writer.writerow([paths["source.mp4"], paths["driver.png"], "still-expression.mp4", "expression"])
     return paths
-
-
-def _ffmpeg(*args: str) -> None:
-    done = subprocess.run([ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *args],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"ffmpeg failed making the demo media: {done.stderr.strip()[-2000:]}")

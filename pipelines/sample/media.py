@@ -75,14 +75,15 @@ def make_sample_media(directory: str | os.PathLike) -> dict[str, Path]:
     for name, args in recipes.items():
         if not paths[name].exists():
             with atomic_local_path(paths[name]) as temporary:
-                _ffmpeg([*args, *_ENCODE, str(temporary)])
+                run_ffmpeg(*args, *_ENCODE, str(temporary))
     if not paths["corrupt.mp4"].exists():
         with atomic_local_path(paths["corrupt.mp4"]) as temporary:
             _truncated_copy(paths["talk.mp4"], temporary, 0.4)
     return paths
 
 
-def _ffmpeg(args: list[str]) -> None:
+def run_ffmpeg(*args: str) -> None:
+    """Run ffmpeg (an argument list, never a shell) to make sample or demo media; its error text on failure."""
     cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *args]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:

@@ -21,6 +21,7 @@ out (logged once); the image metrics remain.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -47,23 +48,29 @@ def _images(pairs: list[Pair], device) -> tuple[Any, Any]:
 
 def transfers(generator, pairs: list[Pair]) -> dict[str, np.ndarray]:
     """Source, driving and the three edits of each pair as uint8 RGB (N, S, S, 3) arrays."""
-    import torch
-
     from dpe.editing import expression_transfer, pose_transfer, transfer_both
 
-    device = next(generator.parameters()).device
+    with _inference(generator) as device:
+        source, driving = _images(pairs, device)
+        images = {"source": source, "driving": driving,
+                  "expression": expression_transfer(generator, source, driving),
+                  "pose": pose_transfer(generator, source, driving),
+                  "both": transfer_both(generator, source, driving)}
+    return {name: _to_uint8(image) for name, image in images.items()}
+
+
+@contextlib.contextmanager
+def _inference(generator):
+    """Eval mode without gradients for the block (yields the generator's device), training mode restored."""
+    import torch
+
     was_training = generator.training
     generator.eval()
     try:
         with torch.no_grad():
-            source, driving = _images(pairs, device)
-            images = {"source": source, "driving": driving,
-                      "expression": expression_transfer(generator, source, driving),
-                      "pose": pose_transfer(generator, source, driving),
-                      "both": transfer_both(generator, source, driving)}
+            yield next(generator.parameters()).device
     finally:
         generator.train(was_training)
-    return {name: _to_uint8(image) for name, image in images.items()}
 
 
 def _to_uint8(images) -> np.ndarray:
@@ -76,17 +83,11 @@ def self_reconstruction_l1(generator, pairs: list[Pair]) -> float:
 
     from dpe.metrics import l1_error
 
-    device = next(generator.parameters()).device
-    was_training = generator.training
-    generator.eval()
-    try:
-        with torch.no_grad():
-            frames, _ = _images(pairs, device)
-            code = generator.encode(frames)
-            outputs = [generator.reconstruct_expression(code), generator.reconstruct_pose(code)]
-            return float(torch.stack([l1_error(out.float(), frames) for out in outputs]).mean())
-    finally:
-        generator.train(was_training)
+    with _inference(generator) as device:
+        frames, _ = _images(pairs, device)
+        code = generator.encode(frames)
+        outputs = [generator.reconstruct_expression(code), generator.reconstruct_pose(code)]
+        return float(torch.stack([l1_error(out.float(), frames) for out in outputs]).mean())
 
 
 class Evaluator:
