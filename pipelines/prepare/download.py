@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 from urllib.parse import urlsplit
@@ -38,7 +38,7 @@ from yt_dlp.utils import GeoRestrictedError, UnsupportedError, download_range_fu
 from pipelines import errors
 from pipelines.dataset.schema import safe_key
 from pipelines.errors import RecordedFailure, VideoError, is_transient, retried_on_rerun
-from pipelines.media.video import ffmpeg_exe, probe
+from pipelines.media.video import VideoInfo, ffmpeg_exe, probe
 from pipelines.prepare.requests import ClipRequest, resolve_url
 from pipelines.prepare.settings import DownloadOptions
 from pipelines.storage import atomic_local_path
@@ -59,6 +59,8 @@ class DownloadedSection:
     path: Path
     start_s: float
     end_s: float | None
+    info: VideoInfo | None = field(default=None, compare=False)
+    """The file's probe when the download already made it (a cached section is probed when used)."""
 
     def contains(self, start_s: float | None, end_s: float | None) -> bool:
         """Whether the span (None ends: the whole video) lies inside this section."""
@@ -425,8 +427,7 @@ def _fetch(video_id: str, url: str, spans: list[Span] | None, folder: Path, opti
     usable, problems = [], []
     for section in sections:
         try:
-            probe(section.path)
-            usable.append(section)
+            usable.append(replace(section, info=probe(section.path)))
         except VideoError as problem:
             problems.append(problem)
     if spans is None and not usable:

@@ -119,7 +119,7 @@ def _prepare_clip(request: ClipRequest, download: Download, detector: FaceDetect
         return _missing_span(request, download, label)
     try:
         if section.path not in infos:
-            infos[section.path] = probe(section.path)
+            infos[section.path] = section.info or probe(section.path)
         info = infos[section.path]
         start, end, note = _span_in_section(request, section, info, settings.sample_format)
         processed = process_clip(section.path, start, end, _shift_boxes(request.boxes, section.start_s), detector,
