@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="portrait",
         allow_abbrev=False,
         description="Video portrait editing at scale with DPE: dataset preparation, training, bulk editing. "
-                    "`portrait COMMAND --help` explains each command.",
+                    "`portrait COMMAND --help` explains each command. Local paths (flags and config files) are "
+                    "relative to the folder the command runs in; s3:// and gs:// locations work everywhere.",
     )
     add_common_options(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -17,6 +17,7 @@ from prefect.logging import get_run_logger
 from flows.edit_flow import edit_videos
 from flows.prepare_flow import prepare_dataset
 from flows.train_flow import train_model
+from pipelines.storage import absolute_location
 
 TOY_MODEL_NOTE = ("The model in this report was trained for minutes on one short clip: it shows that the "
                   "pipeline works end to end (data, training, editing, timing, sound, paste-back), not what DPE "
@@ -34,6 +35,7 @@ def portrait_demo(output: str = "out/demo", checkpoint: str | None = None, steps
 
     log = get_run_logger()
     root = Path(output).expanduser().resolve()
+    checkpoint = absolute_location(checkpoint)
     dataset, runs, edited = root / "dataset", root / "runs", root / "edited"
     log.info("[1/4] preparing the sample dataset into %s", dataset)
     prepared = prepare_dataset(output=str(dataset), sample=True, workdir=str(root / "work"))

@@ -20,6 +20,10 @@ from pipelines.edit.jobs import split_output
 from pipelines.edit.settings import EditSettings, JobDefaults, settings_from_options
 from pipelines.media.framing import Framing
 from pipelines.media.paste import MaskConfig
+from pipelines.storage import absolute_location
+
+_PATHS = ("source", "driving", "jobs", "sources", "output", "checkpoint", "workdir")
+"""Parameters that name local paths (or URIs): made absolute here, before any worker sees them."""
 
 
 @task(name="plan", cache_policy=NO_CACHE)
@@ -90,7 +94,7 @@ def edit_videos(
     previews; a rerun only does what is missing or failed. The other parameters are those of
     `portrait edit --help`. Returns the summary (counts by status and failure class).
     """
-    options = dict(locals())
+    options = {name: absolute_location(value) if name in _PATHS else value for name, value in locals().items()}
     folder, name = split_output(options.pop("output"), bool(source))
     inputs = job.EditInputs(**{kind: options.pop(kind) for kind in ("source", "driving", "jobs", "sources")},
                             output_name=name)

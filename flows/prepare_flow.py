@@ -28,6 +28,7 @@ from pipelines.prepare.settings import (
 )
 from pipelines.prepare.sources import SourceInputs
 from pipelines.runtime import ensure_ray
+from pipelines.storage import absolute_location
 
 LOG = logging.getLogger(__name__)
 
@@ -101,7 +102,10 @@ def prepare_dataset(
     Returns the summary (counts by status and failure class, shards per split).
     """
     options = dict(locals())
-    inputs = SourceInputs(*(tuple(options.pop(kind) or ()) for kind in ("vox1_txt", "vox2_txt", "clips", "urls")))
+    for name in ("output", "workdir", "cookies"):
+        options[name] = absolute_location(options[name])
+    inputs = SourceInputs(*(tuple(absolute_location(path) for path in options.pop(kind) or ())
+                            for kind in ("vox1_txt", "vox2_txt", "clips", "urls")))
     settings = settings_from_options(**{name: value for name, value in options.items() if name != "sample"})
     with contextlib.ExitStack() as stack:
         if sample:

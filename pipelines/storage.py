@@ -58,6 +58,43 @@ def split_credentials(uri: str) -> tuple[str, dict[str, str]]:
     return urlunsplit((parts.scheme, netloc, parts.path, urlencode(kept), parts.fragment)), env
 
 
+def absolute_location(location: str | None) -> str | None:
+    """A local path made absolute against this process's working folder (``~`` expanded); URIs
+    (s3://, gs://, file://, http://) and empty values unchanged.
+
+    Done once on the driver before any worker starts: workers run in other folders (Ray Train
+    moves each into its run folder) and on other machines, where a relative path means something else.
+    """
+    if not location or "://" in location:
+        return location
+    return os.path.abspath(os.path.expanduser(location))
+
+
+class LocationNotVisible(RuntimeError):
+    """A location the driver could read cannot be seen from this worker (another machine, no shared disk)."""
+
+
+def require_visible(location: str, relpath: str, option: str) -> None:
+    """Raise `LocationNotVisible` unless `relpath` of `location` can be seen from this process.
+
+    For workers: the driver checked the same location before starting them, so a miss here means
+    this machine does not see what the driver sees (or a relative path was resolved elsewhere).
+    """
+    try:
+        visible = OutputStore(location).exists(relpath)
+    except OSError as error:
+        visible, why = False, f" ({error})"
+    else:
+        why = ""
+    if not visible:
+        import socket
+
+        raise LocationNotVisible(
+            f"{option} {location}: this worker (on {socket.gethostname()}) cannot see {relpath} there{why}, "
+            f"although the driver could: a local path must be on a file system that every node mounts at the "
+            f"same place; otherwise use object storage (s3://, gs://)")
+
+
 def redact(uri: str) -> str:
     """The URI without the credentials it holds, marked as redacted (for messages, logs and records)."""
     clean, secrets = split_credentials(uri)

@@ -25,8 +25,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from pipelines.dataset.inspect import inspect_output
     from pipelines.edit.results import RESULTS_PATH, inspect_results
-    from pipelines.storage import OutputStore
+    from pipelines.storage import OutputStore, absolute_location
 
-    if OutputStore(args.output).exists(RESULTS_PATH):
-        return inspect_results(args.output)
-    return inspect_output(args.output, args.sheet)
+    output = absolute_location(args.output)
+    if OutputStore(output).exists(RESULTS_PATH):
+        return inspect_results(output)
+    return inspect_output(output, args.sheet)

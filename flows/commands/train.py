@@ -99,7 +99,14 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"portrait train: {error}", file=sys.stderr)
         return 2
-    summary = run_with_services(NAME, args.ray_address, lambda: _flow()(**options))
+    from pipelines.storage import LocationNotVisible
+    from pipelines.train.clips import TrainingDataError
+
+    try:
+        summary = run_with_services(NAME, args.ray_address, lambda: _flow()(**options))
+    except (TrainingDataError, LocationNotVisible) as error:  # found by a worker: the data, not a crash
+        print(f"portrait train: {error}", file=sys.stderr)
+        return 1
     return 0 if summary["step"] >= summary["steps"] else 1
 
 

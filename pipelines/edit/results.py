@@ -260,8 +260,7 @@ def inspect_results(output: str) -> int:
     print(summary_text(summary(rows, output=output)))
     for row in sorted((r for r in rows if r.status == FAILED), key=lambda r: (r.failure_class or "", r.job_id)):
         print(f"  FAILED {row.job_id}: {row.failure_class}: {row.message}")
-    prefix = output.rstrip("/") + "/"
-    missing = [r.job_id for r in rows if r.status == OK and not store.exists(r.output.removeprefix(prefix))]
+    missing = [r.job_id for r in rows if r.status == OK and not store.exists(r.job_id)]  # an ok job's id: its relpath
     for job_id in missing:
         print(f"  MISSING output of {job_id} (recorded as ok; a rerun makes it again)")
     return 1 if missing else 0

@@ -20,12 +20,12 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import Any
 
 from pipelines.runtime import ensure_ray
-from pipelines.storage import OutputStore
+from pipelines.storage import LocationNotVisible, OutputStore
 from pipelines.train import checkpoints, outputs
 from pipelines.train.clips import Catalogue, TrainingDataError, load_catalogue
 from pipelines.train.model import ModelPlan, plan_model, read_init
@@ -47,10 +47,8 @@ def run_location(settings: TrainSettings) -> str:
 def prepare_run(settings: TrainSettings) -> tuple[TrainSettings, ModelPlan, Catalogue, Catalogue, int]:
     """All checks that need no Ray: returns the settings (run_dir made absolute when local), the
     model plan, the train and evaluation catalogues and the step to resume from."""
-    check_settings(settings)
+    settings = check_settings(settings).with_absolute_paths()
     store = OutputStore(settings.run_dir)
-    if store.is_local:
-        settings = replace(settings, run_dir=str(store.local_path()))
     train = load_catalogue(settings.data, settings.train_split)
     try:
         evaluation = load_catalogue(settings.data, settings.eval_split)
@@ -132,8 +130,22 @@ def run_training(settings: TrainSettings) -> dict[str, Any]:
                              checkpoint_config=CheckpointConfig(num_to_keep=settings.keep_checkpoints)),
     )
     with _ProgressBar(store, settings, start):
-        trainer.fit()
+        try:
+            trainer.fit()
+        except ray.train.WorkerGroupError as error:
+            raise _input_problem(error) or error
     return summarise(settings)
+
+
+def _input_problem(error: Exception) -> Exception | None:
+    """A worker's error that is about the run's inputs (data it cannot see or use), to report as
+    itself rather than as a crash of the worker group."""
+    for failure in getattr(error, "worker_failures", {}).values():
+        while failure is not None:
+            if isinstance(failure, (TrainingDataError, LocationNotVisible)):
+                return failure
+            failure = failure.__cause__
+    return None
 
 
 def summarise(settings: TrainSettings) -> dict[str, Any]:

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.dataset.layout import SHARD_INDEX_PATH
+from pipelines.storage import require_visible
 from pipelines.train import checkpoints
 from pipelines.train.clips import Catalogue, ClipReader
 from pipelines.train.model import ModelPlan, apply_init, build_state
@@ -50,6 +52,7 @@ def train_worker(config: dict[str, Any]) -> None:
     from dpe.train_step import train_step
 
     settings = TrainSettings.from_dict(config["settings"])
+    require_visible(settings.data, SHARD_INDEX_PATH, "--data")
     plan = ModelPlan(**config["plan"])
     train_catalogue: Catalogue = config["train_catalogue"]
     eval_catalogue: Catalogue = config["eval_catalogue"]

@@ -8,7 +8,7 @@ here (no torch), so `portrait --help` stays fast.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 OBJECTIVES = ("ours", "official")
@@ -83,6 +83,13 @@ class TrainSettings:
         if self.frame_window is not None:
             return self.frame_window
         return OFFICIAL_FRAME_WINDOW if self.objective == "official" else None
+
+    def with_absolute_paths(self) -> TrainSettings:
+        """Local paths made absolute here, on the driver: workers run in their run folder, elsewhere."""
+        from pipelines.storage import absolute_location
+
+        return replace(self, **{name: absolute_location(getattr(self, name))
+                                for name in ("data", "run_dir", "init", "vgg_weights")})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
