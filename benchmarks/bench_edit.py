@@ -48,7 +48,7 @@ from dpe.model import DPEGenerator
 from pipelines.edit import job
 from pipelines.edit.analyse import read_image
 from pipelines.edit.model import CropEditor, keep_large_blocks_on_heap, load_weights, to_crops, to_tensor
-from pipelines.edit.settings import settings_from_options
+from pipelines.edit.settings import EditSettings
 from pipelines.media.crop import crop_frame, landmarks_to_crop
 from pipelines.media.faces import make_detector
 from pipelines.media.framing import framed_boxes
@@ -159,9 +159,9 @@ def official_procedure(model: DPEGenerator, source: Path, driving: Path, still: 
 
 def our_job(checkpoint: Path, source: Path, driving: Path, output: Path, args: argparse.Namespace,
             executor: str = "local", **options) -> dict[str, float]:
-    settings = settings_from_options(output=str(output), checkpoint=str(checkpoint), detector="dlib",
-                                     executor=executor, model_batch=args.batch, model_cpus=args.threads,
-                                     workdir=str(output / "work"), **options)
+    settings = EditSettings(output=str(output), checkpoint=str(checkpoint), detector="dlib",
+                            executor=executor, model_batch=args.batch, model_cpus=args.threads,
+                            workdir=str(output / "work"), **options)
     edit_plan, weights = job.plan(job.EditInputs(source=str(source), driving=str(driving)), settings)
     cpu = cpu_seconds()
     started = time.perf_counter()  # the checkpoint is loaded (the baseline's model is built before timing too)
@@ -207,10 +207,10 @@ def print_case(name: str, ours: dict[str, float], base: dict[str, float]) -> flo
 MEMORY_RUN = textwrap.dedent("""
     import json, sys
     from pipelines.edit import job
-    from pipelines.edit.settings import settings_from_options
+    from pipelines.edit.settings import EditSettings
     source, output, checkpoint = sys.argv[1:4]
-    settings = settings_from_options(output=output, checkpoint=checkpoint, detector="dlib", preset="veryfast",
-                                     executor="local")
+    settings = EditSettings(output=output, checkpoint=checkpoint, detector="dlib", preset="veryfast",
+                            executor="local")
     edit_plan, weights = job.plan(job.EditInputs(source=source, driving=source), settings)
     row, = job.run(edit_plan, weights, settings)
     assert row.status == "ok", row.message
@@ -229,7 +229,7 @@ def memory(work: Path, talk: Path, loops: int) -> None:
     script = work / "memory_run.py"
     script.write_text(MEMORY_RUN)
     print(f"\npeak resident memory of the job (tiny model, stages in one process, chunks of "
-          f"{settings_from_options().chunk_frames} frames):")
+          f"{EditSettings().chunk_frames} frames):")
     for name, clip in (("1x", talk), (f"{loops}x", looped)):
         done = subprocess.run([sys.executable, str(script), str(clip), str(work / f"memory-{name}"), str(checkpoint)],
                               capture_output=True, text=True, check=True)
@@ -272,9 +272,9 @@ def gpu(args: argparse.Namespace, model: DPEGenerator, checkpoint: Path, inputs:
     copies = max(2, (os.cpu_count() or 2) // 2)
     table.write_text("source,driving,output\n" + "".join(f"{looped},{inputs['driving']},copy{n}.mp4\n"
                                                          for n in range(copies)))
-    settings = settings_from_options(output=str(work / "gpu-out"), checkpoint=str(checkpoint), detector="dlib",
-                                     executor="ray", model_batch=max(args.gpu_batches),
-                                     model_gpus=1 if device.type == "cuda" else 0, workdir=str(work / "gpu-work"))
+    settings = EditSettings(output=str(work / "gpu-out"), checkpoint=str(checkpoint), detector="dlib",
+                            executor="ray", model_batch=max(args.gpu_batches),
+                            model_gpus=1 if device.type == "cuda" else 0, workdir=str(work / "gpu-work"))
     started = time.perf_counter()
     edit_plan, loaded = job.plan(job.EditInputs(jobs=str(table)), settings)
     rows = job.run(edit_plan, loaded, settings)

@@ -2,7 +2,9 @@
 
 Every option of a subcommand can also come from a YAML file (`--config FILE`, before or after the
 subcommand), whose keys are the long option names (dashes or underscores); flags given on the
-command line win over the file. Option defaults come from each job's settings dataclasses.
+command line win over the file, and the file over the defaults of the job's settings dataclasses.
+Values from both are converted and checked by the options' own declarations
+(`pipelines.options`), so a typo in the file fails as it would on the command line.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Any, Sequence
 
 import yaml
 
-from flows.commands import add_common_options
+from flows.commands import add_command, add_common_options
+from pipelines.options import OptionError, convert, options_of
 
 LOG = logging.getLogger("portrait")
 
@@ -45,69 +48,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_common_options(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module in command_modules().items():
-        module.register(sub).set_defaults(handler=module.run)
+    for module in command_modules().values():
+        add_command(sub, module)
     return parser
 
 
-def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return action.choices[command]
-
-
 def _apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
-    """Parse the command line, then fill every option it did not give from the --config file.
-
-    File values go through the option's own type and choices, so a typo in the file fails as it
-    would on the command line; a single value is accepted where an option may repeat.
-    """
+    """Parse the command line, fill every option it did not give from the --config file, then from
+    the defaults; every value converted and checked (a bad one is a usage error, exit status 2)."""
     args = parser.parse_args(argv)
-    if args.config is None:
-        return args
-    try:
-        with open(args.config, encoding="utf-8") as handle:
-            values = yaml.safe_load(handle) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        parser.error(f"cannot read config file {args.config}: {exc}")
-    if not isinstance(values, dict):
-        parser.error(f"config file {args.config} must hold a mapping of option names to values")
-    subparser = _subparser(parser, args.command)
-    actions = {a.dest: a for a in subparser._actions if a.option_strings and a.dest not in ("help", "config")}
-    normalised = {str(k).replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(normalised) - set(actions))
-    if unknown:
-        valid = ", ".join(sorted(name.replace("_", "-") for name in actions))
-        parser.error(f"config file {args.config}: unknown option(s) for '{args.command}': {', '.join(unknown)}; "
-                     f"valid options: {valid}")
-    given = {dest for dest, action in actions.items()
-             if any(token == option or token.startswith(option + "=")
-                    for token in argv for option in action.option_strings)}
-    for dest, value in normalised.items():
-        if dest not in given:
-            setattr(args, dest, _config_value(parser, actions[dest], value, args.config))
+    options = options_of(*args.option_classes)
+    from_file = _config_values(parser, args.config, args.command, options) if args.config else {}
+    for name, field in options.items():
+        if hasattr(args, name):
+            try:
+                value = convert(field, getattr(args, name))
+            except OptionError as error:
+                parser.error(str(error))
+        else:
+            value = from_file.get(name, field.default)
+        setattr(args, name, value)
     return args
 
 
-def _config_value(parser: argparse.ArgumentParser, action: argparse.Action, value: Any, source: str) -> Any:
-    repeatable = isinstance(action, argparse._AppendAction)
-    if isinstance(value, list) and not repeatable:
-        parser.error(f"config file {source}: '{action.dest}' takes one value, got a list")
-    if action.nargs == 0:  # a flag such as --sample
-        if not isinstance(value, bool):
-            parser.error(f"config file {source}: '{action.dest}' must be true or false, got {value!r}")
-        return value
-    converted = []
-    for item in value if isinstance(value, list) else [value]:
-        if action.type is not None and item is not None:
-            try:
-                item = action.type(str(item))
-            except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
-                parser.error(f"config file {source}: bad value {item!r} for '{action.dest}': {exc}")
-        if action.choices is not None and item not in action.choices:
-            parser.error(f"config file {source}: '{action.dest}' must be one of "
-                         f"{', '.join(map(str, action.choices))}, got {item!r}")
-        converted.append(item)
-    return converted if repeatable else converted[0]
+def _config_values(parser: argparse.ArgumentParser, path: str, command: str, options: dict) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle) or {}
+    except (OSError, yaml.YAMLError) as error:
+        parser.error(f"cannot read config file {path}: {error}")
+    if not isinstance(values, dict):
+        parser.error(f"config file {path} must hold a mapping of option names to values")
+    normalised = {str(key).replace("-", "_"): (key, value) for key, value in values.items()}
+    unknown = sorted(name for name in normalised if name not in options)
+    if unknown:
+        valid = ", ".join(sorted(name.replace("_", "-") for name in options))
+        parser.error(f"config file {path}: unknown option(s) for '{command}': {', '.join(unknown)}; "
+                     f"valid options: {valid}")
+    converted = {}
+    for name, (key, value) in normalised.items():
+        try:
+            converted[name] = convert(options[name], value)
+        except OptionError as error:
+            parser.error(f"config file {path}, key {key}: {error}")
+    return converted
 
 
 def main(argv: Sequence[str] | None = None) -> int:

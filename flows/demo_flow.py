@@ -14,10 +14,13 @@ from pathlib import Path
 from prefect import flow
 from prefect.logging import get_run_logger
 
+from flows.commands.demo import DemoSettings
 from flows.edit_flow import edit_videos
 from flows.prepare_flow import prepare_dataset
 from flows.train_flow import train_model
-from pipelines.storage import absolute_location
+from pipelines.options import build
+
+_DEFAULTS = DemoSettings()
 
 TOY_MODEL_NOTE = ("The model in this report was trained for minutes on one short clip: it shows that the "
                   "pipeline works end to end (data, training, editing, timing, sound, paste-back), not what DPE "
@@ -25,17 +28,18 @@ TOY_MODEL_NOTE = ("The model in this report was trained for minutes on one short
 
 
 @flow(name="portrait_demo", log_prints=True)
-def portrait_demo(output: str = "out/demo", checkpoint: str | None = None, steps: int = 150, size: int = 64,
-                  workers: int = 2, batch: int = 4, jobs: int | None = None) -> dict:
+def portrait_demo(output: str = _DEFAULTS.output, checkpoint: str | None = _DEFAULTS.checkpoint,
+                  steps: int = _DEFAULTS.steps, size: int = _DEFAULTS.size, workers: int = _DEFAULTS.workers,
+                  batch: int = _DEFAULTS.batch, jobs: int | None = _DEFAULTS.jobs) -> dict:
     """Prepare the sample, train a small model (unless `checkpoint` is given), edit the demo videos
     with it (the first `jobs` of them; all when None), and write `<output>/report/index.html`."""
+    settings = build(DemoSettings, locals())
     from pipelines.dataset.inspect import write_contact_sheet
     from pipelines.report.page import ReportInputs, write_report
     from pipelines.sample.demo import make_demo_media
 
     log = get_run_logger()
-    root = Path(output).expanduser().resolve()
-    checkpoint = absolute_location(checkpoint)
+    root, checkpoint = Path(settings.output), settings.checkpoint
     dataset, runs, edited = root / "dataset", root / "runs", root / "edited"
     log.info("[1/4] preparing the sample dataset into %s", dataset)
     prepared = prepare_dataset(output=str(dataset), sample=True, workdir=str(root / "work"))

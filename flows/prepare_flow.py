@@ -10,25 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import replace
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pipelines.media.framing import Framing
-from pipelines.media.tracking import TrackingConfig
+from pipelines.options import build
 from pipelines.prepare import job, report
-from pipelines.prepare.settings import (
-    DEFAULT_URL_TEMPLATE,
-    DownloadOptions,
-    PrepareSettings,
-    SampleFormat,
-    settings_from_options,
-)
-from pipelines.prepare.sources import SourceInputs
+from pipelines.prepare.settings import PrepareSettings, SourceInputs
 from pipelines.runtime import ensure_ray
-from pipelines.storage import absolute_location
+
+_DEFAULTS = PrepareSettings()
 
 LOG = logging.getLogger(__name__)
 
@@ -63,35 +57,36 @@ def finalize_task(plan: job.Plan, settings: PrepareSettings) -> dict:
 
 @flow(name="prepare_dataset", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=BATCHES_AT_ONCE))
 def prepare_dataset(
-    output: str = PrepareSettings.output,
     vox1_txt: list[str] | None = None,
     vox2_txt: list[str] | None = None,
     clips: list[str] | None = None,
     urls: list[str] | None = None,
     sample: bool = False,
-    workdir: str | None = None,
-    url_template: str = DEFAULT_URL_TEMPLATE,
-    detector: str = PrepareSettings.detector,
-    detect_every: int = TrackingConfig.detect_stride,
-    min_face_px: float = TrackingConfig.min_face_px,
-    min_track_fraction: float = TrackingConfig.min_track_fraction,
-    max_outside_fraction: float = TrackingConfig.max_outside_fraction,
-    face: str = TrackingConfig.face_policy,
-    min_clip_frames: int = SampleFormat.min_clip_frames,
-    face_fraction: float = Framing.face_fraction,
-    face_centre_x: float = Framing.centre_x,
-    face_centre_y: float = Framing.centre_y,
-    shard_size_mb: float = PrepareSettings.shard_bytes / 2**20,
-    videos_per_batch: int = PrepareSettings.videos_per_batch,
-    test_fraction: float = PrepareSettings.test_fraction,
-    retry_failed: bool = False,
-    allow_file_urls: bool = False,
-    rate_limit: str | None = None,
-    sleep: float = DownloadOptions.sleep_between_s,
-    cookies: str | None = None,
-    proxy: str | None = None,
-    retries: int = DownloadOptions.retries,
-    ray_address: str | None = None,
+    face_fraction: float = _DEFAULTS.face_fraction,
+    face_centre_x: float = _DEFAULTS.face_centre_x,
+    face_centre_y: float = _DEFAULTS.face_centre_y,
+    output: str = _DEFAULTS.output,
+    workdir: str | None = _DEFAULTS.workdir,
+    url_template: str = _DEFAULTS.url_template,
+    detector: str = _DEFAULTS.detector,
+    detect_every: int = _DEFAULTS.detect_every,
+    min_face_px: float = _DEFAULTS.min_face_px,
+    min_track_fraction: float = _DEFAULTS.min_track_fraction,
+    max_outside_fraction: float = _DEFAULTS.max_outside_fraction,
+    face: str = _DEFAULTS.face,
+    min_clip_frames: int = _DEFAULTS.min_clip_frames,
+    shard_size_mb: float = _DEFAULTS.shard_size_mb,
+    videos_per_batch: int = _DEFAULTS.videos_per_batch,
+    test_fraction: float = _DEFAULTS.test_fraction,
+    retry_failed: bool = _DEFAULTS.retry_failed,
+    contact_sheet: bool = _DEFAULTS.contact_sheet,
+    allow_file_urls: bool = _DEFAULTS.allow_file_urls,
+    rate_limit: str | None = _DEFAULTS.rate_limit,
+    sleep: float = _DEFAULTS.sleep,
+    cookies: str | None = _DEFAULTS.cookies,
+    proxy: str | None = _DEFAULTS.proxy,
+    retries: int = _DEFAULTS.retries,
+    ray_address: str | None = _DEFAULTS.ray_address,
 ) -> dict:
     """Prepare VoxCeleb-style clips into WebDataset shards plus a Parquet manifest.
 
@@ -101,30 +96,29 @@ def prepare_dataset(
     output only does what is missing. The other parameters are those of `portrait prepare --help`.
     Returns the summary (counts by status and failure class, shards per split).
     """
-    options = dict(locals())
-    for name in ("output", "workdir", "cookies"):
-        options[name] = absolute_location(options[name])
-    inputs = SourceInputs(*(tuple(absolute_location(path) for path in options.pop(kind) or ())
-                            for kind in ("vox1_txt", "vox2_txt", "clips", "urls")))
-    settings = settings_from_options(**{name: value for name, value in options.items() if name != "sample"})
+    values = locals()
+    inputs, settings = build(SourceInputs, values), build(PrepareSettings, values)
     with contextlib.ExitStack() as stack:
-        if sample:
+        if inputs.sample:
             inputs, settings = stack.enter_context(_with_sample(inputs, settings))
         inputs.check()
-        return _run(inputs, settings)
+        summary = _run(inputs, settings)
+    if settings.contact_sheet and summary.get("ok"):
+        from pipelines.dataset.inspect import write_contact_sheet
+
+        print(f"contact sheet: {write_contact_sheet(settings.output)}")
+    return summary
 
 
 @contextlib.contextmanager
 def _with_sample(inputs: SourceInputs, settings: PrepareSettings):
     """The bundled sample added to the inputs, its loopback server running while the block runs."""
-    from dataclasses import replace
-
     from pipelines.sample.metadata import serve_sample_inputs
 
     with serve_sample_inputs(settings.work_path / "sample") as (sample, template):
-        merged = SourceInputs(*(tuple(getattr(sample, kind)) + tuple(getattr(inputs, kind))
-                                for kind in ("vox1_txt", "vox2_txt", "clips", "urls")))
-        yield merged, replace(settings, download=replace(settings.download, url_template=template))
+        merged = replace(inputs, sample=False, **{kind: getattr(sample, kind) + getattr(inputs, kind)
+                                                  for kind in ("vox1_txt", "vox2_txt", "clips", "urls")})
+        yield merged, replace(settings, url_template=template)
 
 
 def _run(inputs: SourceInputs, settings: PrepareSettings) -> dict:

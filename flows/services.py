@@ -19,13 +19,28 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Callable, Iterator, TypeVar
+from typing import Any, Callable, Hashable, Iterator, TypeVar
 
 LOG = logging.getLogger(__name__)
 Result = TypeVar("Result")
 
 STARTUP_TIMEOUT_S = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90"))
 _PR_SET_PDEATHSIG = 1
+
+
+_CHECKED: dict[Hashable, Any] = {}
+
+
+def hand_over(settings: Hashable, checked: Any) -> None:
+    """Keep what a command checked before starting its services (a loaded checkpoint, the training
+    catalogues) for its flow, which runs in this process: each expensive check is done once."""
+    _CHECKED[settings] = checked
+
+
+def take_over(settings: Hashable) -> Any | None:
+    """What `hand_over` kept for exactly these settings (once), else None: a flow started any other
+    way (a deployment, a test) does its own checks."""
+    return _CHECKED.pop(settings, None)
 
 
 class ServiceUnavailable(RuntimeError):

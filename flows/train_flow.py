@@ -1,9 +1,10 @@
 """The `train_model` Prefect flow: orchestration only, the work lives in `pipelines.train.job`.
 
-Its parameters are the options of `portrait train` (plain values, shown as a form in Prefect's
-UI, so a deployment can start or resume a run). The training itself runs on Ray Train, which
-restarts failed workers from the newest checkpoint; the Prefect task is therefore not retried.
-Its summary artifact records the run's location, steps, samples/s and last evaluation.
+Its parameters are the options of `portrait train` (`TrainSettings`, one field each; plain values
+shown as a form in Prefect's UI, so a deployment can start or resume a run). The training itself
+runs on Ray Train, which restarts failed workers from the newest checkpoint; the Prefect task is
+therefore not retried. Its summary artifact records the run's location, steps, samples/s and last
+evaluation.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
+from flows.services import take_over
+from pipelines.options import build
 from pipelines.runtime import ensure_ray
 from pipelines.train.job import run_training, summary_markdown, summary_text
 from pipelines.train.settings import TrainSettings
@@ -21,7 +24,7 @@ _DEFAULTS = TrainSettings()
 @task(name="train")
 def train_task(settings: TrainSettings) -> dict:
     """Start or resume the Ray Train run; returns its summary."""
-    return run_training(settings)
+    return run_training(settings, take_over(settings))
 
 
 @flow(name="train_model", log_prints=True)
@@ -29,12 +32,13 @@ def train_model(
     data: str = _DEFAULTS.data,
     run_dir: str = _DEFAULTS.run_dir,
     name: str = _DEFAULTS.name,
+    train_split: str = _DEFAULTS.train_split,
+    eval_split: str = _DEFAULTS.eval_split,
+    frame_window: int | None = _DEFAULTS.frame_window,
+    clip_cache_mb: int = _DEFAULTS.clip_cache_mb,
     steps: int = _DEFAULTS.steps,
     size: int = _DEFAULTS.size,
     model_width: str = _DEFAULTS.model_width,
-    workers: int = _DEFAULTS.workers,
-    cpus_per_worker: float = _DEFAULTS.cpus_per_worker,
-    gpus_per_worker: float = _DEFAULTS.gpus_per_worker,
     batch: int = _DEFAULTS.batch,
     micro_batches: int = _DEFAULTS.micro_batches,
     bf16: bool = _DEFAULTS.bf16,
@@ -42,19 +46,18 @@ def train_model(
     init: str | None = _DEFAULTS.init,
     perceptual: str = _DEFAULTS.perceptual,
     vgg_weights: str | None = _DEFAULTS.vgg_weights,
-    frame_window: int | None = _DEFAULTS.frame_window,
-    train_split: str = _DEFAULTS.train_split,
-    eval_split: str = _DEFAULTS.eval_split,
+    seed: int = _DEFAULTS.seed,
+    workers: int = _DEFAULTS.workers,
+    cpus_per_worker: float = _DEFAULTS.cpus_per_worker,
+    gpus_per_worker: float = _DEFAULTS.gpus_per_worker,
+    max_failures: int = _DEFAULTS.max_failures,
+    ray_address: str | None = _DEFAULTS.ray_address,
     checkpoint_every: int = _DEFAULTS.checkpoint_every,
     keep_checkpoints: int = _DEFAULTS.keep_checkpoints,
     log_every: int = _DEFAULTS.log_every,
     grid_every: int = _DEFAULTS.grid_every,
     eval_every: int = _DEFAULTS.eval_every,
     eval_pairs: int = _DEFAULTS.eval_pairs,
-    max_failures: int = _DEFAULTS.max_failures,
-    seed: int = _DEFAULTS.seed,
-    clip_cache_mb: int = _DEFAULTS.clip_cache_mb,
-    ray_address: str | None = _DEFAULTS.ray_address,
 ) -> dict:
     """Train DPE on a dataset prepared by `portrait prepare` (resumes when the run exists).
 
@@ -62,7 +65,7 @@ def train_model(
     those of `portrait train --help`. Returns the summary (run, step, pairs/s, last evaluation,
     skipped samples, newest checkpoint).
     """
-    settings = TrainSettings(**locals())
+    settings = build(TrainSettings, locals())
     ensure_ray(settings.ray_address)  # on the flow's main thread, not inside the task's thread
     summary = train_task(settings)
     create_markdown_artifact(key="train-model-summary", markdown=summary_markdown(summary),

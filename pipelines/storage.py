@@ -58,18 +58,6 @@ def split_credentials(uri: str) -> tuple[str, dict[str, str]]:
     return urlunsplit((parts.scheme, netloc, parts.path, urlencode(kept), parts.fragment)), env
 
 
-def absolute_location(location: str | None) -> str | None:
-    """A local path made absolute against this process's working folder (``~`` expanded); URIs
-    (s3://, gs://, file://, http://) and empty values unchanged.
-
-    Done once on the driver before any worker starts: workers run in other folders (Ray Train
-    moves each into its run folder) and on other machines, where a relative path means something else.
-    """
-    if not location or "://" in location:
-        return location
-    return os.path.abspath(os.path.expanduser(location))
-
-
 class LocationNotVisible(RuntimeError):
     """A location the driver could read cannot be seen from this worker (another machine, no shared disk)."""
 

@@ -21,9 +21,8 @@ from pipelines.edit.jobs import (
     jobs_from_sources,
     jobs_from_table,
     single_job,
-    split_output,
 )
-from pipelines.edit.settings import EditSettings, JobDefaults, settings_from_options
+from pipelines.edit.settings import EditSettings, JobDefaults, split_output
 from pipelines.storage import OutputStore
 
 DEFAULTS = JobDefaults()
@@ -191,12 +190,12 @@ def test_summary_counts_frames_and_failures():
 
 
 def test_settings_refuse_bad_values_by_name():
-    for options, name in [({"mode": "smile"}, "mode"), ({"strength": -1}, "strength"), ({"chunk_frames": 0},
-                          "chunk_frames"), ({"face": "left"}, "face"), ({"preview_height": 255}, "preview_height"),
-                          ({"face_fraction": 0.0}, "face_fraction"), ({"executor": "spark"}, "executor")]:
+    for options, name in [({"mode": "smile"}, "--mode"), ({"strength": -1}, "--strength"), ({"chunk_frames": 0},
+                          "--chunk-frames"), ({"face": "left"}, "--face"), ({"preview_height": 255}, "--preview-height"),
+                          ({"face_fraction": 0.0}, "--face-fraction"), ({"executor": "spark"}, "--executor")]:
         with pytest.raises(ValueError, match=name):
-            settings_from_options(**options)
-    assert settings_from_options(detect_every=4).tracking.detect_stride == 4
+            EditSettings(**options)
+    assert EditSettings(detect_every=4).tracking.detect_stride == 4
     assert EditSettings().tracking.detect_stride == 10
     assert not math.isnan(EditSettings().defaults.strength)
 

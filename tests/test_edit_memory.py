@@ -15,10 +15,10 @@ from pipelines.media import stream
 RUN = textwrap.dedent("""
     import sys
     from pipelines.edit import job
-    from pipelines.edit.settings import settings_from_options
+    from pipelines.edit.settings import EditSettings
     source, output, checkpoint = sys.argv[1:4]
-    settings = settings_from_options(output=output, checkpoint=checkpoint, detector="dlib", preset="ultrafast",
-                                     chunk_frames=30, executor="local")
+    settings = EditSettings(output=output, checkpoint=checkpoint, detector="dlib", preset="ultrafast",
+                            chunk_frames=30, executor="local")
     edit_plan, weights = job.plan(job.EditInputs(source=source, driving=source), settings)
     row, = job.run(edit_plan, weights, settings)
     assert row.status == "ok", row.message

@@ -21,7 +21,7 @@ from pipelines import errors
 from pipelines.edit import job, results, runner
 from pipelines.edit.analyse import analyse_source
 from pipelines.edit.model import CropEditor
-from pipelines.edit.settings import settings_from_options
+from pipelines.edit.settings import EditSettings
 from pipelines.errors import RecordedFailure
 from pipelines.media import stream
 from pipelines.media.crop import pixel_box
@@ -30,9 +30,9 @@ from pipelines.storage import OutputStore
 
 
 def run_edit(output, checkpoint, inputs: job.EditInputs, **options):
-    settings = settings_from_options(output=str(output), checkpoint=str(checkpoint), detector="dlib",
-                                     preset="ultrafast", chunk_frames=16, executor="local",
-                                     workdir=str(Path(output).parent / "work"), **options)
+    settings = EditSettings(output=str(output), checkpoint=str(checkpoint), detector="dlib",
+                            preset="ultrafast", chunk_frames=16, executor="local",
+                            workdir=str(Path(output).parent / "work"), **options)
     edit_plan, weights = job.plan(inputs, settings)
     rows = job.run(edit_plan, weights, settings)
     return settings, edit_plan, {row.job_id: row for row in rows}
@@ -261,9 +261,9 @@ def test_sources_checkpoint_and_output_in_an_object_store(edit_clips, tiny_check
     store.write_bytes_atomic("archive/b.mp4", edit_clips["one_frame.mp4"].read_bytes())
     store.write_bytes_atomic("archive/notes.txt", b"not a video")
     store.write_bytes_atomic("checkpoints/run1/model.pt", tiny_checkpoint.read_bytes())
-    settings = settings_from_options(output=f"{bucket}/edited", checkpoint=f"{bucket}/checkpoints/run1",
-                                     detector="dlib", preset="ultrafast", chunk_frames=16, executor="local",
-                                     workdir=str(tmp_path / "work"))
+    settings = EditSettings(output=f"{bucket}/edited", checkpoint=f"{bucket}/checkpoints/run1",
+                            detector="dlib", preset="ultrafast", chunk_frames=16, executor="local",
+                            workdir=str(tmp_path / "work"))
     edit_plan, weights = job.plan(job.EditInputs(sources=f"{bucket}/archive/*.mp4",
                                                  driving=str(edit_clips["smile.png"])), settings)
     rows = {row.job_id: row for row in job.run(edit_plan, weights, settings)}

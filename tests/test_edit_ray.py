@@ -17,7 +17,7 @@ from flows.cli import main
 from pipelines import errors
 from pipelines.edit import job, results, runner
 from pipelines.edit.crops import crop_chunk
-from pipelines.edit.settings import settings_from_options
+from pipelines.edit.settings import EditSettings
 from pipelines.media import stream
 from pipelines.storage import OutputStore
 
@@ -35,9 +35,9 @@ def test_a_video_that_kills_its_worker_is_recorded_and_the_archive_completes(edi
     for name in ("a.mp4", "poison.mp4"):
         shutil.copy(edit_clips["short.mp4"], archive / name)
     shutil.copy(edit_clips["one_frame.mp4"], archive / "b.mp4")
-    settings = settings_from_options(output=str(tmp_path / "out"), checkpoint=str(tiny_checkpoint), detector="dlib",
-                                     preset="ultrafast", chunk_frames=16, model_cpus=0.5,
-                                     workdir=str(tmp_path / "work"))
+    settings = EditSettings(output=str(tmp_path / "out"), checkpoint=str(tiny_checkpoint), detector="dlib",
+                            preset="ultrafast", chunk_frames=16, model_cpus=0.5,
+                            workdir=str(tmp_path / "work"))
     edit_plan, weights = job.plan(job.EditInputs(sources=str(archive), driving=str(edit_clips["driving.mp4"])),
                                   settings)
 

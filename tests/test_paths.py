@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from pipelines.storage import LocationNotVisible, absolute_location, require_visible
+from pipelines.options import absolute_location, build
+from pipelines.storage import LocationNotVisible, require_visible
 from pipelines.train.settings import TrainSettings
 
 
@@ -22,7 +23,7 @@ def test_local_paths_become_absolute_against_the_working_folder_and_uris_stay(tm
 
 def test_training_paths_are_resolved_before_workers_start(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    settings = TrainSettings(data="out/sample", run_dir="runs", init="s3://models/dpe.pt").with_absolute_paths()
+    settings = build(TrainSettings, {"data": "out/sample", "run_dir": "runs", "init": "s3://models/dpe.pt"})
     assert settings.data == str(tmp_path / "out" / "sample") and settings.run_dir == str(tmp_path / "runs")
     assert settings.init == "s3://models/dpe.pt" and settings.vgg_weights is None
 

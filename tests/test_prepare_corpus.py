@@ -18,7 +18,7 @@ from pipelines import errors
 from pipelines.dataset import manifest
 from pipelines.media.video import ffmpeg_exe
 from pipelines.prepare import job
-from pipelines.prepare.settings import settings_from_options
+from pipelines.prepare.settings import PrepareSettings
 from pipelines.prepare.sources import SourceInputs
 from pipelines.sample.server import serve_directory
 from pipelines.storage import OutputStore
@@ -97,8 +97,8 @@ def test_every_file_of_the_corpus_gets_its_true_class_and_a_rerun_retries_only_w
                 assert server.url(name) in row.message and str(tmp_path / "work") not in row.message, row.message
                 assert "[?-? s]" not in row.message and "whole video" in row.message
 
-        settings = settings_from_options(output=str(output), detector="dlib", retries=0,
-                                         workdir=str(tmp_path / "work"))
+        settings = PrepareSettings(output=str(output), detector="dlib", retries=0,
+                                   workdir=str(tmp_path / "work"))
         plan = job.plan(SourceInputs(urls=(str(urls),)), settings)
         retried = {r.url.rsplit("/", 1)[1] for batch in plan.batches for group in batch.groups for r in group}
         assert retried == {name for name, outcome in EXPECTED.items()

@@ -18,7 +18,7 @@ from pipelines.dataset.shards import read_samples, read_stats
 from pipelines.prepare import job as prepare
 from pipelines.prepare.requests import ClipRequest
 from pipelines.prepare.runner import map_videos
-from pipelines.prepare.settings import DownloadOptions, PrepareSettings, SampleFormat
+from pipelines.prepare.settings import PrepareSettings, SampleFormat
 from pipelines.prepare.sources import SourceInputs
 from pipelines.prepare.worker import ClipOutcome, WorkerSettings
 from pipelines.sample.metadata import serve_sample_inputs
@@ -38,9 +38,8 @@ EXPECTED_FAILURES = {
 
 
 def _settings(tmp: Path, **overrides) -> PrepareSettings:
-    download = DownloadOptions(retries=1, backoff_base_s=0.1, socket_timeout_s=3.0)
-    base = PrepareSettings(output=str(tmp / "out"), workdir=str(tmp / "work"), detector="dlib",
-                           shard_bytes=2 * 2**20, videos_per_batch=3, download=download)
+    base = PrepareSettings(output=str(tmp / "out"), workdir=str(tmp / "work"), detector="dlib", shard_size_mb=2.0,
+                           videos_per_batch=3, retries=1, backoff_base_s=0.1, socket_timeout_s=3.0)
     return replace(base, **overrides)
 
 
@@ -154,7 +153,7 @@ def test_shards_lost_behind_the_manifests_back_are_reported_and_redone(sample_ru
 def test_crash_between_shard_and_manifest_commit_leaves_no_duplicate(ray_cluster, tmp_path, monkeypatch):
     settings = _settings(tmp_path)
     with serve_sample_inputs(tmp_path / "work" / "sample") as (inputs, template):
-        settings = replace(settings, download=replace(settings.download, url_template=template))
+        settings = replace(settings, url_template=template)
         stalled = tmp_path / "stalled.txt"
         stalled.write_text(Path(inputs.urls[0]).read_text().replace("/talk.mp4", "/stall/talk.mp4"))
         _crash_then_resume(SourceInputs(vox1_txt=inputs.vox1_txt), SourceInputs(vox1_txt=inputs.vox1_txt,

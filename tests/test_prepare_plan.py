@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.dataset import manifest
-from pipelines.dataset.layout import PARTS_PREFIX, claim_output
+from pipelines.dataset.layout import claim_output
 from pipelines.prepare import job as prepare
 from pipelines.prepare.requests import manifest_row
 from pipelines.prepare.settings import PrepareSettings
@@ -48,7 +48,7 @@ def test_a_rerun_retries_machine_failures_but_not_what_the_video_itself_caused(t
 
 
 def test_a_detector_that_cannot_be_built_stops_the_run_before_any_work(tmp_path):
-    settings = PrepareSettings(output=str(tmp_path / "out"), workdir=str(tmp_path / "work"), detector="nope")
-    with pytest.raises(ValueError, match="unknown face detector 'nope'"):
-        prepare.plan(_inputs(tmp_path), settings)
+    with pytest.raises(ValueError, match="--detector: 'nope': must be one of auto, dlib, face-alignment"):
+        prepare.plan(_inputs(tmp_path), PrepareSettings(output=str(tmp_path / "out"), workdir=str(tmp_path / "work"),
+                                                        detector="nope"))
     assert not (tmp_path / "out").exists()

@@ -11,7 +11,7 @@ from dpe.model import DPEGenerator
 from flows.cli import main
 from pipelines.train import checkpoints
 from pipelines.train.model import INIT_LIA, INIT_OFFICIAL, apply_init, build_state, detect_init, plan_model
-from pipelines.train.settings import TrainSettings, check_settings, model_shape
+from pipelines.train.settings import TrainSettings, model_shape
 
 SETTINGS = TrainSettings(size=32, perceptual="off")
 LIA_NAMES = {"encoder.": "enc.net_app.", "motion.mlp.": "enc.fc.", "motion.directions.": "dec.direction."}
@@ -29,15 +29,15 @@ def state():
 
 
 def test_settings_are_checked_with_the_option_and_the_fix():
-    check_settings(TrainSettings(workers=2, batch=4, micro_batches=2))
-    with pytest.raises(ValueError, match="batch: 5 must be a multiple of --workers"):
-        check_settings(TrainSettings(workers=2, batch=5))
-    with pytest.raises(ValueError, match="micro-batches: 3 must divide the per-worker batch"):
-        check_settings(TrainSettings(workers=2, batch=4, micro_batches=3))
-    with pytest.raises(ValueError, match="name: '../x'"):
-        check_settings(TrainSettings(name="../x"))
-    with pytest.raises(ValueError, match="size: 48 must be a power of two"):
-        check_settings(TrainSettings(size=48))
+    TrainSettings(workers=2, batch=4, micro_batches=2)
+    with pytest.raises(ValueError, match="--batch: 5: must be a multiple of --workers"):
+        TrainSettings(workers=2, batch=5)
+    with pytest.raises(ValueError, match="--micro-batches: 3: must divide the per-worker batch"):
+        TrainSettings(workers=2, batch=4, micro_batches=3)
+    with pytest.raises(ValueError, match="--name: '../x'"):
+        TrainSettings(name="../x")
+    with pytest.raises(ValueError, match="--size: 48: must be a power of two"):
+        TrainSettings(size=48)
 
 
 def test_model_presets():

@@ -1,4 +1,9 @@
-"""The subcommands of `portrait`, one module per job: each `register`s its options and `run`s.
+"""The subcommands of `portrait`, one module per job: NAME, SUMMARY, DESCRIPTION, OPTIONS and `run`.
+
+A command's options are the option fields of its settings dataclasses (`pipelines.options`): its
+module names those classes in `OPTIONS`, and `add_options` derives the flags, groups and help.
+Flags are collected as given (text, no defaults); `flows.cli` merges them over a `--config` file
+and the dataclass defaults, converting and checking every value in one place.
 
 Modules here import only what their options need (settings dataclasses, argparse); the job
 itself (torch, Ray, Prefect, yt-dlp, detectors) is imported inside `run`, so `--help` is fast.
@@ -7,27 +12,55 @@ itself (torch, Ray, Prefect, yt-dlp, detectors) is imported inside `run`, so `--
 from __future__ import annotations
 
 import argparse
+from types import ModuleType
 from typing import Any
 
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Shows a default only where it says something (not for flags, None, empty values)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        default = action.default
-        if ("%(default)" in text or action.nargs == 0 or not action.option_strings
-                or default in (None, "", [], (), argparse.SUPPRESS)):
-            return text
-        return f"{text} (default: %(default)s)"
+from pipelines.options import OptionField, options_of
 
 
-def add_command(sub: argparse._SubParsersAction, name: str, summary: str, description: str) -> argparse.ArgumentParser:
-    """A subcommand parser with the project's help style and the common options."""
-    parser = sub.add_parser(name, help=summary, description=description, formatter_class=HelpFormatter,
-                            allow_abbrev=False)
+def add_command(subcommands: Any, module: ModuleType) -> argparse.ArgumentParser:
+    """The parser of one command module: its NAME, SUMMARY and DESCRIPTION, the common options, the
+    options its settings classes declare (OPTIONS), and arguments of its own (`add_arguments`)."""
+    parser = subcommands.add_parser(module.NAME, help=module.SUMMARY, description=module.DESCRIPTION,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add_common_options(parser, suppress_defaults=True)
+    add_options(parser, *module.OPTIONS)
+    if hasattr(module, "add_arguments"):
+        module.add_arguments(parser)
+    parser.set_defaults(handler=module.run, option_classes=module.OPTIONS)
     return parser
+
+
+def add_options(parser: argparse.ArgumentParser, *option_classes: type) -> None:
+    """One argument per option field, in declaration order, under its group's heading."""
+    groups: dict[str, Any] = {"": parser}
+    for field in options_of(*option_classes).values():
+        group = field.spec.group
+        if group not in groups:
+            groups[group] = parser.add_argument_group(group)
+        _add_argument(groups[group], field)
+
+
+def _add_argument(target: Any, field: OptionField) -> None:
+    spec = field.spec
+    text = spec.help + _default_note(field)
+    if spec.positional:
+        target.add_argument(field.name, metavar=spec.metavar or field.name.upper(), help=text)
+        return
+    flags = [spec.short, field.flag] if spec.short else [field.flag]
+    common = {"dest": field.name, "default": argparse.SUPPRESS, "help": text}
+    if field.kind == "switch":
+        target.add_argument(*flags, action="store_false" if field.default else "store_true", **common)
+        return
+    metavar = spec.metavar or ("{" + ",".join(map(str, spec.choices)) + "}" if spec.choices else None)
+    target.add_argument(*flags, action="append" if field.kind == "list" else "store", metavar=metavar, **common)
+
+
+def _default_note(field: OptionField) -> str:
+    """The default where it says something (not for switches, None or empty values)."""
+    if field.kind == "switch" or field.default in (None, "", ()):
+        return ""
+    return f" (default: {field.default:g})" if isinstance(field.default, float) else f" (default: {field.default})"
 
 
 def add_common_options(parser: argparse.ArgumentParser, *, suppress_defaults: bool = False) -> None:
@@ -38,38 +71,3 @@ def add_common_options(parser: argparse.ArgumentParser, *, suppress_defaults: bo
     parser.add_argument("--config", default=config_default, metavar="YAML",
                         help="YAML file of option values (keys = long option names); flags override it")
     parser.add_argument("-v", "--verbose", action="store_true", default=verbose_default, help="debug logging")
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
-    return value
-
-
-def fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value}")
-    return value

@@ -3,31 +3,42 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+from dataclasses import dataclass
 
-from flows.commands import add_command
+from pipelines.options import build, check, option
 
 NAME = "inspect"
 
 
-def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = add_command(
-        sub, NAME, "summarise a prepared dataset or an editing output",
-        "A `prepare` output: counts by status and failure class, every failure with its message, shards the "
-        "manifest names but that are missing (exit status 1), and a PNG contact sheet (frames of each clip "
-        "with its landmarks). An `edit` output (a folder with results.parquet): counts by status and failure "
-        "class and every failed job. Nothing is changed or deleted.")
-    p.add_argument("output", metavar="PATH_OR_URI")
-    p.add_argument("--sheet", type=Path, default=None, help="where to write the PNG (default: OUTPUT/contact_sheet.png)")
-    return p
+@dataclass(frozen=True)
+class InspectOptions:
+    output: str = option("", "a `portrait prepare` or `portrait edit` output folder or URI", positional=True,
+                         metavar="PATH_OR_URI", path=True)
+    sheet: str | None = option(None, "where to write the PNG (default: OUTPUT/contact_sheet.png)", path=True)
+
+    def __post_init__(self) -> None:
+        check(self)
+
+
+OPTIONS = (InspectOptions,)
+
+
+SUMMARY = "summarise a prepared dataset or an editing output"
+DESCRIPTION = (
+    "A `prepare` output: counts by status and failure class, every failure with its message, shards the "
+    "manifest names but that are missing (exit status 1), and a PNG contact sheet (frames of each clip "
+    "with its landmarks). An `edit` output (a folder with results.parquet): counts by status and failure "
+    "class and every failed job. Nothing is changed or deleted.")
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from pipelines.dataset.inspect import inspect_output
     from pipelines.edit.results import RESULTS_PATH, inspect_results
-    from pipelines.storage import OutputStore, absolute_location
+    from pipelines.storage import OutputStore
 
-    output = absolute_location(args.output)
-    if OutputStore(output).exists(RESULTS_PATH):
-        return inspect_results(output)
-    return inspect_output(output, args.sheet)
+    options = build(InspectOptions, vars(args))
+    if OutputStore(options.output).exists(RESULTS_PATH):
+        return inspect_results(options.output)
+    return inspect_output(options.output, Path(options.sheet) if options.sheet else None)

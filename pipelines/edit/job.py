@@ -17,7 +17,6 @@ from pipelines import errors
 from pipelines.edit import results
 from pipelines.edit.jobs import (
     EditJob,
-    InputError,
     RejectedJob,
     drop_duplicate_outputs,
     is_uri,
@@ -25,35 +24,17 @@ from pipelines.edit.jobs import (
     jobs_from_table,
     single_job,
 )
-from pipelines.edit.settings import EditSettings
+from pipelines.edit.settings import EditInputs, EditSettings
 from pipelines.edit.work import JobWork
 from pipelines.storage import OutputStore
 
 LOG = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class EditInputs:
-    """What to edit: one `source` (with `output_name` inside the output folder), a `jobs` table, or a
-    `sources` glob / prefix; `driving` is the driver for one source or a glob, and the default driver
-    of table rows without one."""
-
-    source: str | None = None
-    driving: str | None = None
-    jobs: str | None = None
-    sources: str | None = None
-    output_name: str | None = None
-
-    def check(self) -> None:
-        given = [name for name in ("source", "jobs", "sources") if getattr(self, name)]
-        if len(given) != 1:
-            raise InputError("give exactly one of --source, --jobs, --sources "
-                             f"(got {', '.join('--' + g for g in given) or 'none'})")
-        if (self.source or self.sources) and not self.driving:
-            raise InputError("--driving is needed with --source and --sources (a video or an image)")
+Collected = tuple[list[EditJob], list[RejectedJob]]
 
 
-def collect_jobs(inputs: EditInputs, settings: EditSettings) -> tuple[list[EditJob], list[RejectedJob]]:
+def collect_jobs(inputs: EditInputs, settings: EditSettings) -> Collected:
     """The run's jobs and the rows that cannot become jobs (bad values, duplicate outputs)."""
     inputs.check()
     if inputs.source:
@@ -91,10 +72,11 @@ def _inside(path: str, folder: str) -> bool:
 
 def spec_context(settings: EditSettings, model: str) -> dict:
     """The settings that decide what an output looks like (a change redoes finished jobs)."""
-    keys = ("detector", "tracking", "framing", "mask", "colour_match", "min_face_px", "min_track_frames",
-            "fade_frames", "chunk_frames", "crf", "preset", "precision")
-    everything = asdict(settings)
-    return {"model": model, "checkpoint": settings.checkpoint, **{key: everything[key] for key in keys}}
+    keys = ("detector", "colour_match", "min_face_px", "min_track_frames", "fade_frames", "chunk_frames", "crf",
+            "preset", "precision")
+    return {"model": model, "checkpoint": settings.checkpoint, "tracking": asdict(settings.tracking),
+            "framing": asdict(settings.framing), "mask": asdict(settings.mask),
+            **{key: getattr(settings, key) for key in keys}}
 
 
 @dataclass
@@ -119,15 +101,17 @@ class EditPlan:
         return [JobWork(job, spec, attempt, self.model_size) for job, spec, attempt in self.pending.todo]
 
 
-def plan(inputs: EditInputs, settings: EditSettings, weights=None) -> tuple[EditPlan, object]:
+def plan(inputs: EditInputs, settings: EditSettings, collected: Collected | None = None,
+         weights=None) -> tuple[EditPlan, object]:
     """Collect the jobs, check the checkpoint, and subtract what earlier runs settled.
 
-    Returns the plan and the loaded `ModelWeights` (pass `weights` to skip loading them again).
+    Returns the plan and the loaded `ModelWeights`; pass what `collect_jobs` and `load_weights`
+    returned for these inputs and settings to skip doing either again.
     Raises `InputError` or `CheckpointError` before any video work.
     """
     from pipelines.edit.model import load_weights
 
-    jobs, rejected = collect_jobs(inputs, settings)
+    jobs, rejected = collected or collect_jobs(inputs, settings)
     weights = weights or load_weights(settings.checkpoint, settings.workdir)
     model = weights.describe()
     context = spec_context(settings, f"{weights.kind} {weights.size}px")
@@ -162,9 +146,6 @@ def run(edit_plan: EditPlan, weights, settings: EditSettings) -> list[results.Re
         if works and settings.executor == "local":
             runner.run_local(works, weights, settings, edit_plan.model, record)
         elif works:
-            from pipelines.runtime import ensure_ray
-
-            ensure_ray(settings.ray_address)
             runner.run_ray(works, weights, settings, edit_plan.model, record)
     finally:
         table.flush()

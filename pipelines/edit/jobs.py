@@ -25,12 +25,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
 from pipelines import errors
-from pipelines.edit.settings import DRIVING_POLICIES, MODES, MOTIONS, JobDefaults, parse_face
+from pipelines.edit.settings import DRIVING_POLICIES, MODES, MOTIONS, OUTPUT_EXTENSIONS, JobDefaults, parse_face
 from pipelines.storage import clean_relpath
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".wmv")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-OUTPUT_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv")
 TABLE_COLUMNS = ("source", "driving", "output", "mode", "strength", "motion", "driving_policy", "face")
 OPTION_COLUMNS = ("mode", "strength", "motion", "driving_policy", "face")
 
@@ -123,7 +122,10 @@ def check_job(job: EditJob) -> EditJob:
         raise ValueError(f"driving_policy: {job.driving_policy!r} must be one of {', '.join(DRIVING_POLICIES)}")
     if not (job.strength >= 0 and job.strength < float("inf")):
         raise ValueError(f"strength: {job.strength!r} must be a number >= 0 (1 = the driver's full motion)")
-    parse_face(job.face)
+    try:
+        parse_face(job.face)
+    except ValueError as error:
+        raise ValueError(f"face: {job.face!r}: {error}") from None
     output = clean_relpath(job.output)
     if PurePosixPath(output).suffix.lower() not in OUTPUT_EXTENSIONS:
         raise ValueError(f"output: {job.output!r} must end in one of {', '.join(OUTPUT_EXTENSIONS)}")
@@ -311,12 +313,3 @@ def drop_duplicate_outputs(jobs: Iterable[EditJob]) -> tuple[list[EditJob], list
         else:
             kept[job.output] = job
     return list(kept.values()), rejected
-
-
-def split_output(output: str, single_source: bool) -> tuple[str, str | None]:
-    """`-o out/x.mp4` with one source names a file: (folder 'out', name 'x.mp4'); anything else is the
-    output folder (name None: outputs are named after their sources)."""
-    if single_source and PurePosixPath(output).suffix.lower() in OUTPUT_EXTENSIONS:
-        folder, name = posixpath.split(output) if is_uri(output) else os.path.split(output)
-        return folder or ".", name
-    return output, None

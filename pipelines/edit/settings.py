@@ -1,17 +1,24 @@
-"""The settings of an editing run and their defaults: the one place those defaults are stated.
+"""The settings of an editing run: each option of `portrait edit` declared once, as a field.
 
-`portrait edit`, its YAML config files and the `edit_videos` Prefect flow read their defaults from
-these dataclasses; workers receive them as plain data. Only the standard library and other
-settings dataclasses are imported here (no torch, Ray or PyAV), so `portrait --help` stays fast.
+`EditInputs` (what to edit) and `EditSettings` (how) are the command's options; its flags, its
+YAML config keys and the `edit_videos` flow's parameters are derived from them
+(`pipelines.options`); workers receive the settings pickled. Only light modules are imported here
+(no torch, Ray or PyAV), so `portrait --help` stays fast.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import os
+import posixpath
+from dataclasses import dataclass, replace
+from pathlib import PurePosixPath
+from typing import Any, Mapping
 
-from pipelines.media.framing import Framing
+from pipelines.media.faces import DETECTOR_NAMES
+from pipelines.media.framing import FramingOptions
 from pipelines.media.paste import MaskConfig
 from pipelines.media.tracking import TrackingConfig
+from pipelines.options import NOT_NEGATIVE, POSITIVE, Rule, at_least, at_most, build, check, option
 
 MODES = ("expression", "pose", "both")
 """expression: the driver's expression, the source's head pose kept (official `exp`); pose: the
@@ -34,6 +41,14 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 """auto: bfloat16 autocast on GPU, float32 on CPU (where bfloat16 measured slower)."""
 
 
+OUTPUT_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv")
+_INPUTS = "inputs (exactly one of --source, --jobs, --sources)"
+_EDIT = "the edit (defaults for every job; a job table may set them per row)"
+_LOOK = "tracking and paste-back"
+_OUTPUT = "encoding and previews"
+_RUN = "running"
+
+
 @dataclass(frozen=True)
 class JobDefaults:
     """Per-job options: the job table may set each of them per row; these are the defaults."""
@@ -48,78 +63,127 @@ class JobDefaults:
 
 
 @dataclass(frozen=True)
-class EditSettings:
-    """Everything an editing run needs besides its job list (plain data: workers get it pickled)."""
+class EditInputs:
+    """What to edit: one `source` (with `output_name` inside the output folder), a `jobs` table, or a
+    `sources` glob / prefix; `driving` is the driver for one source or a glob, and the default driver
+    of table rows without one."""
 
-    output: str = "out/edited"
-    """A local folder or an object-store URI; the results table and previews go here too."""
-    checkpoint: str = ""
-    """An official dpe.pt, a `portrait train` checkpoint file (model.pt) or its folder; local or object store."""
-    defaults: JobDefaults = field(default_factory=JobDefaults)
-    detector: str = "auto"
-    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(detect_stride=10))
-    """Detection runs every 10 frames while editing (25 in dataset preparation): a lost face or a
-    scene cut is found again within a third of a second."""
-    framing: Framing = field(default_factory=Framing)
-    mask: MaskConfig = field(default_factory=MaskConfig)
-    colour_match: bool = True
+    source: str | None = option(None, "one video to edit (local or s3:// / gs://)", group=_INPUTS, metavar="VIDEO",
+                                path=True)
+    jobs: str | None = option(None, "job table, CSV or Parquet: source, driving, output, and optionally mode, "
+                                    "strength, motion, driving_policy, face per row", group=_INPUTS, metavar="TABLE",
+                              path=True)
+    sources: str | None = option(None, "a glob ('dir/*.mp4', 's3://bucket/archive/*.mp4') or folder / prefix of "
+                                       "videos, all edited with --driving", group=_INPUTS, metavar="GLOB", path=True)
+    driving: str | None = option(None, "the driver: a video (frame i drives source frame i) or an image (one target "
+                                       "expression for the whole video); the default for table rows without one",
+                                 group=_INPUTS, metavar="VIDEO_OR_IMAGE", path=True)
+    output_name: str | None = None
+    """With `source`: the output's file name inside the output folder (from `-o out/x.mp4`)."""
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    def check(self) -> None:
+        """Raise `InputError` unless exactly one kind of input is given, with a driver where one is needed."""
+        from pipelines.edit.jobs import InputError
+
+        given = [name for name in ("source", "jobs", "sources") if getattr(self, name)]
+        if len(given) != 1:
+            raise InputError("give exactly one of --source, --jobs, --sources "
+                             f"(got {', '.join('--' + g for g in given) or 'none'})")
+        if (self.source or self.sources) and not self.driving:
+            raise InputError("--driving is needed with --source and --sources (a video or an image)")
+
+
+@dataclass(frozen=True)
+class EditSettings(FramingOptions):
+    """Everything an editing run needs besides its job list: the options of `portrait edit` and the
+    `edit_videos` flow (one field each; workers get it pickled)."""
+
+    output: str = option("out/edited", "output folder or URI; with --source it may name the file itself "
+                                       "(out/x.mp4); the results table and previews go here too", short="-o",
+                         metavar="PATH_OR_URI", path=True)
+    checkpoint: str = option("", "official dpe.pt, or a `portrait train` checkpoint (model.pt or its folder); the "
+                                 "crop size follows its model", metavar="PATH_OR_URI", path=True)
+    mode: str = option(JobDefaults.mode, "expression: the driver's expression, the source's head pose kept; pose: "
+                       "the driver's head pose, the source's expression kept; both", group=_EDIT, choices=MODES)
+    strength: float = option(JobDefaults.strength, "how much of the driver's motion (0 = the source as the model "
+                             "reconstructs it, 1 = all, above 1 exaggerates)", group=_EDIT, rules=(NOT_NEGATIVE,))
+    motion: str = option(JobDefaults.motion, "relative: the driver's motion since its first frame, added to the "
+                         "source's own (the source keeps its head scale); absolute: the official behaviour; auto: "
+                         "relative for a driving video, absolute for a driving image", group=_EDIT, choices=MOTIONS)
+    driving_policy: str = option(JobDefaults.driving_policy, "a driving video shorter than the source: hold its last "
+                                 "frame, loop it, or stop editing and pass the rest through (the output always has "
+                                 "the source's length)", group=_EDIT, choices=DRIVING_POLICIES)
+    face: str = option(JobDefaults.face, "which face to edit when there are several: the most prominent, or the one "
+                       "nearest the point X,Y (fractions of the frame, e.g. 0.25,0.5 for the left half's centre)",
+                       group=_EDIT, metavar="largest|X,Y", parse=lambda text: parse_face(text))
+    detector: str = option("auto", "face detector ('auto': face-alignment when its weights are present, else dlib)",
+                           group=_LOOK, choices=DETECTOR_NAMES)
+    detect_every: int = option(10, "detector every N frames, landmarks tracked between: a lost face or a scene cut "
+                                   "is found again within a third of a second", group=_LOOK, metavar="N",
+                               rules=(at_least(1),))
+    mask_dilate: float = option(MaskConfig.dilate, "grow the face mask by this fraction of the face size",
+                                group=_LOOK, rules=(NOT_NEGATIVE,))
+    mask_feather: float = option(MaskConfig.feather, "soft edge of the mask (Gaussian sigma, fraction of the face "
+                                 "size)", group=_LOOK, rules=(NOT_NEGATIVE,))
+    mask_forehead: float = option(MaskConfig.forehead, "how far above the brows the mask reaches (fraction of "
+                                  "chin-to-nose-bridge)", group=_LOOK, rules=(NOT_NEGATIVE,))
+    colour_match: bool = option(True, "paste the edited face without matching its colour to the source around it "
+                                      "(the switch turns matching off)", group=_LOOK, flag="no-colour-match")
+    crf: int = option(18, "x264 quality of the edited video (lower is better)", group=_OUTPUT,
+                      rules=(at_least(0), at_most(51)))
+    preset: str = option("medium", "x264 preset", group=_OUTPUT)
+    previews: bool = option(False, "also write previews/<job>.mp4 (source | driving | result, plays in browsers) and "
+                                   "previews/<job>.png (contact sheet)", group=_OUTPUT)
+    preview_seconds: float = option(60.0, "previews cover at most this much of the start of each video",
+                                    group=_OUTPUT, rules=(POSITIVE,))
+    preview_height: int = option(256, "height of each preview panel (even)", group=_OUTPUT,
+                                 rules=(Rule("must be an even number of pixels, at least 16",
+                                             lambda height: height >= 16 and height % 2 == 0),))
+    retry_failed: bool = option(False, "also retry jobs that failed for reasons of their input (no face, unreadable "
+                                       "file)", group=_RUN)
+    chunk_frames: int = option(240, "frames per chunk: chunks are edited in parallel and retried alone; the largest "
+                                    "buffers hold one chunk's crops", group=_RUN, rules=(at_least(1),))
+    model_batch: int = option(8, "crops per forward pass", group=_RUN, rules=(at_least(1),))
+    model_actors: int = option(1, "model replicas (actors), each with one GPU when the cluster has them", group=_RUN,
+                               rules=(at_least(1),))
+    model_gpus: float = option(-1.0, "GPUs per model actor (-1: one if the cluster has GPUs)", group=_RUN)
+    model_cpus: float = option(1.0, "CPUs per model actor (its torch threads without a GPU)", group=_RUN,
+                               rules=(POSITIVE,))
+    precision: str = option("auto", "auto: bfloat16 on GPU, float32 on CPU", group=_RUN, choices=PRECISIONS)
+    max_chunk_attempts: int = option(2, "a chunk whose worker dies this many times is recorded as worker_failed",
+                                     group=_RUN, rules=(at_least(1),))
+    executor: str = option("ray", "ray: a Ray Data job; local: every stage in this process, one chunk at a time",
+                           group=_RUN, choices=EXECUTORS)
+    workdir: str | None = option(None, "local scratch for copies of object-store inputs (default: the system temp "
+                                       "folder)", group=_RUN, metavar="DIR", path=True)
+    ray_address: str | None = option(None, "Ray cluster address (default: $RAY_ADDRESS, else a local Ray)",
+                                     group=_RUN, metavar="ADDR")
     min_face_px: float = 32.0
     """Faces whose landmark extent is smaller than this (source pixels) are not edited (passed through)."""
     min_track_frames: int = 5
     """Face tracks shorter than this are ignored (detector false positives); shorter videos: their length."""
     fade_frames: int = 4
     """Where a face appears or is lost mid-video, the edit fades in or out over this many frames."""
-    chunk_frames: int = 240
-    """Frames per chunk: chunks of one video are edited and encoded independently (in parallel on a
-    cluster) and retried alone; the largest buffers hold one chunk's crops."""
-    model_batch: int = 8
-    """Crops per forward pass of the model."""
-    crf: int = 18
-    """x264 quality of the edited video (lower is better)."""
-    preset: str = "medium"
-    previews: bool = False
-    """Also write previews/<job>.mp4 (source | driving | result, browser-playable) and previews/<job>.png."""
-    preview_height: int = 256
-    preview_seconds: float = 60.0
-    """Previews cover at most this much of the start of each video."""
     sheet_frames: int = 6
-    retry_failed: bool = False
-    """Retry jobs that failed for reasons of their input in an earlier run (others are always retried)."""
-    max_chunk_attempts: int = 2
-    """A chunk whose worker process dies this many times is recorded as worker_failed (never an endless loop)."""
-    model_actors: int = 1
-    """Model actors in the pool (each holds one GPU when GPUs are used)."""
-    model_gpus: float = -1.0
-    """GPUs per model actor; -1: one if the Ray cluster has GPUs, else none."""
-    model_cpus: float = 1.0
-    """CPUs reserved per model actor (its torch threads on a CPU-only machine)."""
-    precision: str = "auto"
-    executor: str = "ray"
-    workdir: str | None = None
-    """Local scratch for copies of object-store inputs; None: a folder under the system temp dir."""
-    ray_address: str | None = None
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.defaults.mode in MODES, "mode", self.defaults.mode, f"must be one of {', '.join(MODES)}"),
-            (self.defaults.motion in MOTIONS, "motion", self.defaults.motion, f"must be one of {', '.join(MOTIONS)}"),
-            (self.defaults.driving_policy in DRIVING_POLICIES, "driving_policy", self.defaults.driving_policy,
-             f"must be one of {', '.join(DRIVING_POLICIES)}"),
-            (self.defaults.strength >= 0, "strength", self.defaults.strength, "must not be negative"),
-            (self.executor in EXECUTORS, "executor", self.executor, f"must be one of {', '.join(EXECUTORS)}"),
-            (self.precision in PRECISIONS, "precision", self.precision, f"must be one of {', '.join(PRECISIONS)}"),
-            (self.chunk_frames >= 1, "chunk_frames", self.chunk_frames, "must be at least 1"),
-            (self.model_batch >= 1, "model_batch", self.model_batch, "must be at least 1"),
-            (self.model_actors >= 1, "model_actors", self.model_actors, "must be at least 1"),
-            (self.max_chunk_attempts >= 1, "max_chunk_attempts", self.max_chunk_attempts, "must be at least 1"),
-            (self.preview_height >= 16 and self.preview_height % 2 == 0, "preview_height", self.preview_height,
-             "must be an even number of pixels, at least 16"),
-            (0 <= self.crf <= 51, "crf", self.crf, "must lie in 0..51"),
-        ]
-        for ok, name, value, rule in checks:
-            if not ok:
-                raise ValueError(f"{name}: {value!r} {rule}")
-        parse_face(self.defaults.face)
+        check(self)
+
+    @property
+    def defaults(self) -> JobDefaults:
+        return JobDefaults(mode=self.mode, strength=self.strength, motion=self.motion,
+                           driving_policy=self.driving_policy, face=self.face)
+
+    @property
+    def tracking(self) -> TrackingConfig:
+        return TrackingConfig(detect_stride=self.detect_every)
+
+    @property
+    def mask(self) -> MaskConfig:
+        return MaskConfig(forehead=self.mask_forehead, dilate=self.mask_dilate, feather=self.mask_feather)
 
 
 def parse_face(text: str) -> tuple[float, float] | None:
@@ -129,64 +193,24 @@ def parse_face(text: str) -> tuple[float, float] | None:
     try:
         x, y = (float(part) for part in str(text).split(","))
     except ValueError:
-        raise ValueError(f"face: {text!r} must be 'largest' or 'X,Y' with X, Y in 0..1 (e.g. 0.3,0.5)") from None
+        raise ValueError("must be 'largest' or 'X,Y' with X, Y in 0..1 (e.g. 0.3,0.5)") from None
     if not (0.0 <= x <= 1.0 and 0.0 <= y <= 1.0):
-        raise ValueError(f"face: {text!r}: X and Y must lie in 0..1 (fractions of the frame width and height)")
+        raise ValueError("X and Y must lie in 0..1 (fractions of the frame width and height)")
     return x, y
 
 
-def settings_from_options(
-    *,
-    output: str = EditSettings.output,
-    checkpoint: str = EditSettings.checkpoint,
-    mode: str = JobDefaults.mode,
-    strength: float = JobDefaults.strength,
-    motion: str = JobDefaults.motion,
-    driving_policy: str = JobDefaults.driving_policy,
-    face: str = JobDefaults.face,
-    detector: str = EditSettings.detector,
-    detect_every: int | None = None,
-    face_fraction: float = Framing.face_fraction,
-    face_centre_x: float = Framing.centre_x,
-    face_centre_y: float = Framing.centre_y,
-    mask_dilate: float = MaskConfig.dilate,
-    mask_feather: float = MaskConfig.feather,
-    mask_forehead: float = MaskConfig.forehead,
-    colour_match: bool = EditSettings.colour_match,
-    chunk_frames: int = EditSettings.chunk_frames,
-    model_batch: int = EditSettings.model_batch,
-    crf: int = EditSettings.crf,
-    preset: str = EditSettings.preset,
-    previews: bool = EditSettings.previews,
-    preview_seconds: float = EditSettings.preview_seconds,
-    preview_height: int = EditSettings.preview_height,
-    retry_failed: bool = EditSettings.retry_failed,
-    max_chunk_attempts: int = EditSettings.max_chunk_attempts,
-    model_actors: int = EditSettings.model_actors,
-    model_gpus: float = EditSettings.model_gpus,
-    model_cpus: float = EditSettings.model_cpus,
-    precision: str = EditSettings.precision,
-    executor: str = EditSettings.executor,
-    workdir: str | None = None,
-    ray_address: str | None = None,
-) -> EditSettings:
-    """`EditSettings` from the plain options of `portrait edit` and the `edit_videos` flow (the same
-    names); a bad value raises ValueError naming the option."""
-    base = EditSettings()
-    tracking = base.tracking if detect_every is None else replace(base.tracking, detect_stride=int(detect_every))
-    if tracking.detect_stride < 1:
-        raise ValueError(f"detect_every: {detect_every!r} must be at least 1")
-    try:
-        framing = Framing(face_fraction=face_fraction, centre_x=face_centre_x, centre_y=face_centre_y)
-        mask = MaskConfig(forehead=mask_forehead, dilate=mask_dilate, feather=mask_feather)
-    except ValueError as error:
-        raise ValueError(f"framing / mask: {error}") from None
-    return EditSettings(
-        output=output, checkpoint=checkpoint,
-        defaults=JobDefaults(mode=mode, strength=float(strength), motion=motion, driving_policy=driving_policy,
-                             face=face),
-        detector=detector, tracking=tracking, framing=framing, mask=mask, colour_match=colour_match,
-        chunk_frames=chunk_frames, model_batch=model_batch, crf=crf, preset=preset, previews=previews,
-        preview_seconds=preview_seconds, preview_height=preview_height, retry_failed=retry_failed,
-        max_chunk_attempts=max_chunk_attempts, model_actors=model_actors, model_gpus=model_gpus,
-        model_cpus=model_cpus, precision=precision, executor=executor, workdir=workdir, ray_address=ray_address)
+def split_output(output: str, single_source: bool) -> tuple[str, str | None]:
+    """`-o out/x.mp4` with one source names a file: (folder 'out', name 'x.mp4'); anything else is the
+    output folder (name None: outputs are named after their sources)."""
+    if single_source and PurePosixPath(output).suffix.lower() in OUTPUT_EXTENSIONS:
+        folder, name = posixpath.split(output) if "://" in output else os.path.split(output)
+        return folder or ".", name
+    return output, None
+
+
+def inputs_and_settings(values: Mapping[str, Any]) -> tuple[EditInputs, EditSettings]:
+    """The run's inputs and settings from option values (`portrait edit`, its config file, or the flow's
+    parameters): `output` may name the file of a single source; local paths become absolute here."""
+    inputs = build(EditInputs, values)
+    folder, name = split_output(str(values.get("output", EditSettings.output)), bool(inputs.source))
+    return replace(inputs, output_name=name), build(EditSettings, {**values, "output": folder})

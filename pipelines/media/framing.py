@@ -20,6 +20,7 @@ import numpy as np
 
 from pipelines.errors import FACE_LEAVES_FRAME, FACE_TOO_SMALL, ClipRejected
 from pipelines.media.tracking import rigid_frame, smooth
+from pipelines.options import Rule, option
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,28 @@ class Framing:
     def reach(self) -> float:
         """How far the crop's farthest edge lies from the landmark box centre, in landmark box sides."""
         return max(self.centre_x, 1.0 - self.centre_x, self.centre_y, 1.0 - self.centre_y) / self.face_fraction
+
+
+FRAMING_GROUP = "framing (where the face sits in the crop)"
+_INSIDE_CROP = Rule("must lie inside the crop (0 < value < 1)", lambda value: 0.0 < value < 1.0)
+
+
+@dataclass(frozen=True)
+class FramingOptions:
+    """The framing options a job shares (`portrait prepare` and `portrait edit`): a settings mixin."""
+
+    face_fraction: float = option(Framing.face_fraction, "side of the face's landmark box as a fraction of the crop "
+                                  "side (0.52: as in the data the official DPE model was trained on)",
+                                  group=FRAMING_GROUP, metavar="F",
+                                  rules=(Rule("must lie in [0.05, 1]", lambda value: 0.05 <= value <= 1.0),))
+    face_centre_x: float = option(Framing.centre_x, "where the landmark box centre sits across the crop (0..1)",
+                                  group=FRAMING_GROUP, metavar="X", rules=(_INSIDE_CROP,))
+    face_centre_y: float = option(Framing.centre_y, "where the landmark box centre sits down the crop (0..1; 0.62 "
+                                  "leaves room for hair)", group=FRAMING_GROUP, metavar="Y", rules=(_INSIDE_CROP,))
+
+    @property
+    def framing(self) -> Framing:
+        return Framing(face_fraction=self.face_fraction, centre_x=self.face_centre_x, centre_y=self.face_centre_y)
 
 
 def landmark_boxes(landmarks: np.ndarray) -> np.ndarray:

@@ -34,7 +34,6 @@ from pipelines.prepare.runner import map_videos
 from pipelines.prepare.settings import PrepareSettings
 from pipelines.prepare.sources import ParseFailure, SourceInputs, SplitPolicy, parse_sources
 from pipelines.prepare.worker import ClipOutcome, WorkerSettings
-from pipelines.runtime import ensure_ray
 from pipelines.storage import OutputStore
 
 LOG = logging.getLogger(__name__)
@@ -214,8 +213,7 @@ class _BatchWriter:
 def run_batch(batch: Batch, plan_: Plan, settings: PrepareSettings) -> dict[str, int]:
     """Prepare one batch on Ray, write its shards, then commit its manifest part (the commit point).
 
-    A retry of the same batch rewrites its shards under the same names."""
-    ensure_ray(settings.ray_address)
+    A retry of the same batch rewrites its shards under the same names. Ray is connected by the flow."""
     output = _BatchWriter(batch, OutputStore(settings.output), settings.shard_bytes)
     with tqdm(total=batch.clips, desc=f"batch {batch.name}", unit="clip") as progress:
         def record(outcomes: list[ClipOutcome]) -> None:

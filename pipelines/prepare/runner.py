@@ -1,7 +1,7 @@
 """The distributor: runs `prepare_video` for many videos on Ray, local or cluster alike.
 
-`pipelines.runtime.ensure_ray` connects to a cluster or starts a local Ray; nothing here changes
-between the two. At most `max_in_flight` videos are pending at
+The job's flow connects to a cluster or starts a local Ray (`pipelines.runtime.ensure_ray`);
+nothing here changes between the two. At most `max_in_flight` videos are pending at
 once, so results (encoded clips) stream back instead of piling up in the object store.
 """
 

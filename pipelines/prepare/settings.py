@@ -1,8 +1,10 @@
-"""The settings of a preparation run and their defaults: the one place those defaults are stated.
+"""The settings of a preparation run: each option of `portrait prepare` declared once, as a field.
 
-The command line, its YAML config files and the Prefect flow all read their defaults from these
-dataclasses; workers receive them as plain data. Only the standard library is imported here, so
-`portrait --help` stays fast.
+`SourceInputs` (what to read) and `PrepareSettings` (how) are the command's options; its flags, its
+YAML config keys and the `prepare_dataset` flow's parameters are derived from them
+(`pipelines.options`). `DownloadOptions` and `SampleFormat` are the views the download and the
+clip processing take (built from the settings); `SampleFormat` is also what a dataset's marker
+records. Only light modules are imported here, so `portrait --help` stays fast.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.media.framing import Framing
+from pipelines.media.faces import DETECTOR_NAMES
+from pipelines.media.framing import Framing, FramingOptions
 from pipelines.media.tracking import FACE_POLICIES, TrackingConfig
+from pipelines.options import FRACTION, NOT_NEGATIVE, POSITIVE, Rule, at_least, check, option
 
 DEFAULT_URL_TEMPLATE = "https://www.youtube.com/watch?v={id}"
 
@@ -81,26 +85,122 @@ class SampleFormat:
         return {**asdict(self), "detector": detector}
 
 
-@dataclass(frozen=True)
-class PrepareSettings:
-    """Everything a preparation run needs besides its inputs (plain data: workers get it pickled)."""
+_INPUTS = "inputs (at least one, or --sample; each flag takes only its own kind)"
+_FACES = "face policies (recorded in the dataset's marker: a dataset keeps one set)"
+_DOWNLOAD = "downloading"
 
-    output: str = "out/dataset"
-    """A local folder or an object-store URI (s3://, gs://)."""
-    workdir: str | None = None
-    """Scratch and download cache kept across runs; None: `default_workdir(output)`."""
-    detector: str = "auto"
-    sample_format: SampleFormat = field(default_factory=SampleFormat)
-    shard_bytes: int = 256 * 2**20
-    videos_per_batch: int = 8
-    test_fraction: float = 0.0
-    retry_failed: bool = False
-    download: DownloadOptions = field(default_factory=DownloadOptions)
-    ray_address: str | None = None
+
+@dataclass(frozen=True)
+class SourceInputs:
+    """The inputs of a run by kind: each list holds only inputs of that kind, never sniffed."""
+
+    vox1_txt: tuple[str, ...] = option((), "VoxCeleb1 metadata folder txt/<identity>/<video>/<utterance>.txt (boxes "
+                                           "in 360p pixels)", group=_INPUTS, metavar="DIR", path=True)
+    vox2_txt: tuple[str, ...] = option((), "VoxCeleb2 metadata folder (boxes normalised 0..1)", group=_INPUTS,
+                                       metavar="DIR", path=True)
+    clips: tuple[str, ...] = option((), "clip table, CSV/TSV or Parquet, in the style of vox-metadata.csv",
+                                    group=_INPUTS, metavar="TABLE", path=True)
+    urls: tuple[str, ...] = option((), "text file of video URLs (or local files with --allow-file-urls), one per "
+                                       "line: whole videos, faces found automatically", group=_INPUTS, metavar="FILE",
+                                   path=True)
+    sample: bool = option(False, "add the bundled sample: a real talking-face clip served from a loopback HTTP "
+                                 "server and described by generated VoxCeleb-format metadata (offline)", group=_INPUTS)
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    def __bool__(self) -> bool:
+        return bool(self.vox1_txt or self.vox2_txt or self.clips or self.urls or self.sample)
+
+    def check(self) -> None:
+        """Raise `InputError` naming the first input that is missing or not of its kind."""
+        from pipelines.prepare.sources import check_inputs
+
+        check_inputs(self)
+
+
+@dataclass(frozen=True)
+class PrepareSettings(FramingOptions):
+    """Everything a preparation run needs besides its inputs: the options of `portrait prepare` and the
+    `prepare_dataset` flow (one field each; workers get it pickled)."""
+
+    output: str = option("out/dataset", "dataset folder or object-store URI (s3://bucket/prefix, gs://...)",
+                         metavar="PATH_OR_URI", path=True)
+    workdir: str | None = option(None, "local scratch and download cache, kept for reruns (default: a folder per "
+                                       "output under ~/.cache/dpe-portrait/work)", metavar="DIR", path=True)
+    url_template: str = option(DEFAULT_URL_TEMPLATE, "maps video ids to URLs ({id} is replaced); use it for mirrors "
+                                                     "and local servers",
+                               rules=(Rule("needs an {id} placeholder", lambda text: "{id}" in text),))
+    detector: str = option("auto", "face detector: 'auto' takes face-alignment when its weights are in "
+                                   "$TORCH_HOME/hub/checkpoints, else the embedded dlib models (logged)",
+                           choices=DETECTOR_NAMES)
+    detect_every: int = option(TrackingConfig.detect_stride, "run the detector every N frames and track landmarks "
+                               "in between", group=_FACES, metavar="N", rules=(at_least(1),))
+    min_face_px: float = option(TrackingConfig.min_face_px, "smallest face kept: median landmark extent in source "
+                                "pixels", group=_FACES, metavar="PX", rules=(POSITIVE,))
+    min_track_fraction: float = option(TrackingConfig.min_track_fraction, "the face must be tracked in at least this "
+                                       "fraction of the clip", group=_FACES, metavar="F",
+                                       rules=(Rule("must lie in (0, 1]", lambda value: 0.0 < value <= 1.0),))
+    max_outside_fraction: float = option(TrackingConfig.max_outside_fraction, "largest part of a crop allowed "
+                                         "outside the frame (filled from the edge)", group=_FACES, metavar="F",
+                                         rules=(Rule("must lie in [0, 1)", lambda value: 0.0 <= value < 1.0),))
+    face: str = option(TrackingConfig.face_policy, "with several faces and no metadata box: reject the clip "
+                       "('only'), or keep the largest or the most central face; the choice is recorded in each "
+                       "sample", group=_FACES, choices=FACE_POLICIES)
+    min_clip_frames: int = option(SampleFormat.min_clip_frames, "shortest clip kept, in frames at 25 fps; a span "
+                                  "running past the end of the video keeps the frames that exist when at least N "
+                                  "remain", group=_FACES, metavar="N",
+                                  rules=(Rule("must be at least 2 (training needs pairs)", lambda n: n >= 2),))
+    shard_size_mb: float = option(256.0, "target size of one tar shard", rules=(POSITIVE,))
+    videos_per_batch: int = option(8, "videos per Prefect task (one manifest part); each video is one Ray task",
+                                   rules=(at_least(1),))
+    test_fraction: float = option(0.0, "fraction of identities put in the test split when an input names no split",
+                                  rules=(FRACTION,))
+    retry_failed: bool = option(False, "retry every clip that failed in an earlier run, permanent failures (404, no "
+                                       "face) included")
+    contact_sheet: bool = option(False, "also write contact_sheet.png: frames of each prepared clip with their "
+                                        "landmarks")
+    allow_file_urls: bool = option(False, "accept file:// URLs and local paths as video sources (refused by default)",
+                                   group=_DOWNLOAD)
+    rate_limit: str | None = option(None, "download rate limit in bytes/s with an optional K, M or G, e.g. 2M",
+                                    group=_DOWNLOAD, metavar="RATE", parse=lambda text: parse_rate(text))
+    sleep: float = option(DownloadOptions.sleep_between_s, "seconds to sleep before each download", group=_DOWNLOAD,
+                          metavar="S", rules=(NOT_NEGATIVE,))
+    cookies: str | None = option(None, "cookies.txt for yt-dlp", group=_DOWNLOAD, metavar="FILE", path=True)
+    proxy: str | None = option(None, "proxy for yt-dlp", group=_DOWNLOAD, metavar="URL")
+    retries: int = option(DownloadOptions.retries, "retries of transient download errors (timeouts, 5xx, 429), with "
+                                                   "backoff", group=_DOWNLOAD, rules=(NOT_NEGATIVE,))
+    ray_address: str | None = option(None, "Ray cluster address (default: $RAY_ADDRESS, else a local Ray)",
+                                     metavar="ADDR")
+    backoff_base_s: float = DownloadOptions.backoff_base_s
+    socket_timeout_s: float = DownloadOptions.socket_timeout_s
+
+    def __post_init__(self) -> None:
+        check(self)
 
     @property
     def work_path(self) -> Path:
         return Path(self.workdir).expanduser().resolve() if self.workdir else default_workdir(self.output)
+
+    @property
+    def shard_bytes(self) -> int:
+        return int(self.shard_size_mb * 2**20)
+
+    @property
+    def sample_format(self) -> SampleFormat:
+        tracking = TrackingConfig(detect_stride=self.detect_every, min_face_px=self.min_face_px,
+                                  min_track_fraction=self.min_track_fraction,
+                                  max_outside_fraction=self.max_outside_fraction, face_policy=self.face)
+        return SampleFormat(tracking=tracking, min_clip_frames=self.min_clip_frames, framing=self.framing)
+
+    @property
+    def download(self) -> DownloadOptions:
+        return DownloadOptions(
+            rate_limit_bytes_per_s=parse_rate(self.rate_limit), sleep_between_s=self.sleep,
+            cookies_file=Path(self.cookies) if self.cookies else None, proxy=self.proxy, retries=self.retries,
+            allow_file_urls=self.allow_file_urls, url_template=self.url_template,
+            retry_recorded_failures=self.retry_failed, backoff_base_s=self.backoff_base_s,
+            socket_timeout_s=self.socket_timeout_s)
 
 
 def default_workdir(output: str) -> Path:
@@ -121,76 +221,5 @@ def parse_rate(text: str | None) -> int | None:
         return None
     match = _RATE.fullmatch(str(text).strip())
     if match is None:
-        raise ValueError(f"rate limit {text!r} is not a number of bytes/s with an optional K, M or G (e.g. 2M)")
+        raise ValueError("must be a number of bytes/s with an optional K, M or G (e.g. 2M)")
     return int(float(match.group(1)) * 1024 ** " KMG".index(match.group(2).upper() or " "))
-
-
-def settings_from_options(
-    *,
-    output: str = PrepareSettings.output,
-    workdir: str | None = None,
-    url_template: str = DEFAULT_URL_TEMPLATE,
-    detector: str = PrepareSettings.detector,
-    detect_every: int = TrackingConfig.detect_stride,
-    min_face_px: float = TrackingConfig.min_face_px,
-    min_track_fraction: float = TrackingConfig.min_track_fraction,
-    max_outside_fraction: float = TrackingConfig.max_outside_fraction,
-    face: str = TrackingConfig.face_policy,
-    min_clip_frames: int = SampleFormat.min_clip_frames,
-    face_fraction: float = Framing.face_fraction,
-    face_centre_x: float = Framing.centre_x,
-    face_centre_y: float = Framing.centre_y,
-    shard_size_mb: float = PrepareSettings.shard_bytes / 2**20,
-    videos_per_batch: int = PrepareSettings.videos_per_batch,
-    test_fraction: float = PrepareSettings.test_fraction,
-    retry_failed: bool = False,
-    allow_file_urls: bool = False,
-    rate_limit: str | None = None,
-    sleep: float = DownloadOptions.sleep_between_s,
-    cookies: str | None = None,
-    proxy: str | None = None,
-    retries: int = DownloadOptions.retries,
-    ray_address: str | None = None,
-) -> PrepareSettings:
-    """`PrepareSettings` from the plain options of `portrait prepare` and the `prepare_dataset` flow
-    (the same names); a bad value raises ValueError naming the option."""
-    _check(videos_per_batch >= 1, "videos_per_batch", videos_per_batch, "must be at least 1")
-    _check(shard_size_mb > 0, "shard_size_mb", shard_size_mb, "must be positive")
-    _check(0.0 <= test_fraction <= 1.0, "test_fraction", test_fraction, "must lie in [0, 1]")
-    _check(sleep >= 0, "sleep", sleep, "must not be negative")
-    _check(retries >= 0, "retries", retries, "must not be negative")
-    _check(detect_every >= 1, "detect_every", detect_every, "must be at least 1")
-    _check(min_face_px > 0, "min_face_px", min_face_px, "must be positive")
-    _check(0.0 < min_track_fraction <= 1.0, "min_track_fraction", min_track_fraction, "must lie in (0, 1]")
-    _check(0.0 <= max_outside_fraction < 1.0, "max_outside_fraction", max_outside_fraction, "must lie in [0, 1)")
-    _check(face in FACE_POLICIES, "face", face, f"must be one of {', '.join(FACE_POLICIES)}")
-    _check(min_clip_frames >= 2, "min_clip_frames", min_clip_frames, "must be at least 2 (training needs pairs)")
-    _check("{id}" in url_template, "url_template", url_template, "needs an {id} placeholder")
-    try:
-        rate = parse_rate(rate_limit)
-    except ValueError as error:
-        raise ValueError(f"rate_limit: {error}") from None
-    tracking = TrackingConfig(detect_stride=detect_every, min_face_px=min_face_px, min_track_fraction=min_track_fraction,
-                              max_outside_fraction=max_outside_fraction, face_policy=face)
-    download = DownloadOptions(
-        rate_limit_bytes_per_s=rate, sleep_between_s=sleep,
-        cookies_file=Path(cookies).expanduser().resolve() if cookies else None, proxy=proxy, retries=retries,
-        allow_file_urls=allow_file_urls, url_template=url_template, retry_recorded_failures=retry_failed)
-    return PrepareSettings(output=output, workdir=workdir, detector=detector,
-                           sample_format=SampleFormat(tracking=tracking, min_clip_frames=min_clip_frames,
-                                                      framing=_framing(face_fraction, face_centre_x, face_centre_y)),
-                           shard_bytes=int(shard_size_mb * 2**20),
-                           videos_per_batch=videos_per_batch, test_fraction=test_fraction, retry_failed=retry_failed,
-                           download=download, ray_address=ray_address)
-
-
-def _framing(face_fraction: float, centre_x: float, centre_y: float) -> Framing:
-    try:
-        return Framing(face_fraction=face_fraction, centre_x=centre_x, centre_y=centre_y)
-    except ValueError as error:
-        raise ValueError(f"framing: {error}") from None
-
-
-def _check(condition: bool, name: str, value: object, rule: str) -> None:
-    if not condition:
-        raise ValueError(f"{name}: {value!r} {rule}")

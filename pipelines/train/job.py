@@ -24,12 +24,11 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import Any
 
-from pipelines.runtime import ensure_ray
 from pipelines.storage import LocationNotVisible, OutputStore
 from pipelines.train import checkpoints, outputs
 from pipelines.train.clips import Catalogue, TrainingDataError, load_catalogue
 from pipelines.train.model import ModelPlan, plan_model, read_init
-from pipelines.train.settings import MODEL_SHAPING, TrainSettings, check_settings
+from pipelines.train.settings import MODEL_SHAPING, TrainSettings
 
 LOG = logging.getLogger(__name__)
 
@@ -44,10 +43,13 @@ def run_location(settings: TrainSettings) -> str:
     return f"{settings.run_dir.rstrip('/')}/{settings.name}"
 
 
-def prepare_run(settings: TrainSettings) -> tuple[TrainSettings, ModelPlan, Catalogue, Catalogue, int]:
-    """All checks that need no Ray: returns the settings (run_dir made absolute when local), the
-    model plan, the train and evaluation catalogues and the step to resume from."""
-    settings = check_settings(settings).with_absolute_paths()
+PreparedRun = tuple[TrainSettings, ModelPlan, Catalogue, Catalogue, int]
+
+
+def prepare_run(settings: TrainSettings) -> PreparedRun:
+    """All checks that need no Ray: returns the settings, the model plan, the train and evaluation
+    catalogues and the step to resume from. Settings come from `pipelines.options.build`, which made
+    local paths absolute on this driver."""
     store = OutputStore(settings.run_dir)
     train = load_catalogue(settings.data, settings.train_split)
     try:
@@ -84,7 +86,8 @@ def _write_run_record(settings: TrainSettings, plan: ModelPlan, train: Catalogue
     record = outputs.read_json(store, relpath, {})
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     record.setdefault("created_at", now)
-    record.update(settings=settings.to_dict(), model=plan.model, train_config=plan.train, init_kind=plan.init_kind,
+    record.update(settings=settings.to_dict(), model=plan.model.to_dict(), train_config=asdict(plan.train),
+                  init_kind=plan.init_kind,
                   data={"train": train.describe(), "evaluation": evaluation.describe(),
                         "train_shards": list(train.shards)})
     record.setdefault("launches", []).append({"at": now, "from_step": start, "to_step": settings.steps,
@@ -92,9 +95,10 @@ def _write_run_record(settings: TrainSettings, plan: ModelPlan, train: Catalogue
     store.write_bytes_atomic(relpath, json.dumps(record, indent=1, sort_keys=True).encode())
 
 
-def run_training(settings: TrainSettings) -> dict[str, Any]:
-    """Train (or resume) the run and return its summary; raises on refused input or a failed run."""
-    settings, plan, train, evaluation, start = prepare_run(settings)
+def run_training(settings: TrainSettings, prepared: PreparedRun | None = None) -> dict[str, Any]:
+    """Train (or resume) the run on the connected Ray and return its summary; raises on refused input
+    or a failed run. `prepared`: what `prepare_run` returned for these settings, if already done."""
+    settings, plan, train, evaluation, start = prepared or prepare_run(settings)
     location = run_location(settings)
     if start >= settings.steps:
         LOG.info("run %s is already at step %d (asked for %d): nothing to train; raise --steps to continue",
@@ -110,7 +114,6 @@ def run_training(settings: TrainSettings) -> dict[str, Any]:
 
     from pipelines.train.loop import train_worker
 
-    ensure_ray(settings.ray_address)
     init_content = None
     if plan.init_kind is not None and start == 0:
         init_content = ray.put(read_init(settings.init))
@@ -120,7 +123,7 @@ def run_training(settings: TrainSettings) -> dict[str, Any]:
     store = OutputStore(settings.run_dir)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"settings": settings.to_dict(), "plan": asdict(plan), "train_catalogue": train,
+        train_loop_config={"settings": settings, "plan": plan, "train_catalogue": train,
                            "eval_catalogue": evaluation, "init_content": init_content},
         scaling_config=ScalingConfig(num_workers=settings.workers, use_gpu=settings.gpus_per_worker > 0,
                                      resources_per_worker=resources),

@@ -51,9 +51,9 @@ def train_worker(config: dict[str, Any]) -> None:
 
     from dpe.train_step import train_step
 
-    settings = TrainSettings.from_dict(config["settings"])
+    settings: TrainSettings = config["settings"]
     require_visible(settings.data, SHARD_INDEX_PATH, "--data")
-    plan = ModelPlan(**config["plan"])
+    plan: ModelPlan = config["plan"]
     train_catalogue: Catalogue = config["train_catalogue"]
     eval_catalogue: Catalogue = config["eval_catalogue"]
     context = ray.train.get_context()

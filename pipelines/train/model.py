@@ -3,19 +3,23 @@
 Everything here is decided once, on the driver, before any worker starts (`plan_model`): the
 model's `ModelConfig`, the `TrainConfig` of the chosen objective, whether the VGG19 perceptual
 term can run, and what kind of file `--init` names (checked against the model, so a wrong file
-fails in seconds, not after the workers have started). Workers rebuild the same state from that
-plain-data plan (`build_state`) and apply the initialisation (`apply_init`).
+fails in seconds, not after the workers have started). Workers build the same state from that
+plan (`build_state`) and apply the initialisation (`apply_init`).
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pipelines.storage import OutputStore
 from pipelines.train.settings import TrainSettings, model_shape
+
+if TYPE_CHECKING:
+    from dpe.config import ModelConfig
+    from dpe.train_step import TrainConfig
 
 LOG = logging.getLogger(__name__)
 
@@ -25,10 +29,10 @@ INIT_LIA = "lia"
 
 @dataclass(frozen=True)
 class ModelPlan:
-    """Plain data every worker builds its `TrainState` from."""
+    """What every worker builds its `TrainState` from (pickled to the workers as it is)."""
 
-    model: dict[str, Any]
-    train: dict[str, Any]
+    model: ModelConfig
+    train: TrainConfig
     init_kind: str | None = None
 
 
@@ -53,7 +57,7 @@ def plan_model(settings: TrainSettings) -> ModelPlan:
                    bf16=settings.bf16)
     train = TrainConfig.official(**options) if settings.objective == "official" else TrainConfig(**options)
     init_kind = detect_init(settings.init, model) if settings.init else None
-    return ModelPlan(model.to_dict(), asdict(train), init_kind)
+    return ModelPlan(model, train, init_kind)
 
 
 def read_init(path: str) -> bytes:
@@ -94,13 +98,9 @@ def detect_init(path: str, model_config) -> str:
 
 def build_state(plan: ModelPlan, device):
     """A fresh `dpe.train_step.TrainState` from the plan (seed torch first for identical ranks)."""
-    from dpe.config import ModelConfig
-    from dpe.train_step import TrainConfig, make_train_state
+    from dpe.train_step import make_train_state
 
-    train = dict(plan.train)
-    for name in ("g_betas", "d_betas"):
-        train[name] = tuple(train[name])
-    return make_train_state(ModelConfig.from_dict(plan.model), TrainConfig(**train), device)
+    return make_train_state(plan.model, plan.train, device)
 
 
 def apply_init(state, kind: str, content: bytes) -> list[str]:

@@ -1,15 +1,16 @@
-"""The settings of a training run and their defaults: the one place those defaults are stated.
+"""The settings of a training run: each option of `portrait train` declared once, as a field.
 
-`portrait train`, its YAML config files and the `train_model` Prefect flow read their defaults
-from `TrainSettings`; workers receive it as plain data. Only the standard library is imported
-here (no torch), so `portrait --help` stays fast.
+`portrait train`, its YAML config files and the `train_model` Prefect flow are derived from
+`TrainSettings` (`pipelines.options`); workers receive it pickled. Only the standard library is
+imported here (no torch), so `portrait --help` stays fast.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from typing import Any
+
+from pipelines.options import NOT_NEGATIVE, POSITIVE, Rule, at_least, check, matches, option
 
 OBJECTIVES = ("ours", "official")
 """`ours`: dpe.train_step.TrainConfig() (landmark probes, exact area pyramid, ...); `official`:
@@ -25,54 +26,73 @@ PERCEPTUAL_MODES = ("auto", "on", "off")
 OFFICIAL_FRAME_WINDOW = 500
 """The official sampler draws both frames of a pair from the first 500 frames of a clip."""
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+RUN_NAME = matches(r"[A-Za-z0-9][A-Za-z0-9_.-]*", "must be letters, digits, '.', '_' and '-' (it names a folder)")
+POWER_OF_TWO = Rule("must be a power of two, at least 16", lambda size: size >= 16 and size & (size - 1) == 0)
+_DATA, _MODEL, _WORKERS, _OUTPUTS = "data and run", "model and objective", "workers", "outputs"
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Everything a training run needs (plain data: the flow's parameters, pickled to workers)."""
+    """Everything a training run needs: the options of `portrait train` and of the `train_model`
+    flow (one field each), pickled to workers as they are and saved in each checkpoint and run record."""
 
-    data: str = "out/dataset"
-    """A dataset written by `portrait prepare`: a local folder or an s3:// / gs:// URI."""
-    run_dir: str = "runs"
-    """Where runs live (local folder, NFS or object store); the run is `<run_dir>/<name>/`."""
-    name: str = "dpe"
-    """The run's name: running the same name and run_dir again resumes it."""
-    steps: int = 1000
-    """Total optimiser steps of the run (a rerun with more steps continues to the new total)."""
-    size: int = 256
-    """Model resolution in pixels (stored 256 px crops are resized to it)."""
-    model_width: str = "auto"
-    workers: int = 1
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    batch: int = 8
-    """Pairs per optimiser step over all workers (the official trainer: 64); a multiple of workers."""
-    micro_batches: int = 1
-    """Gradient accumulation: each worker's share of the batch runs in this many chunks."""
-    bf16: bool = False
-    objective: str = "ours"
-    init: str | None = None
-    """Start a new run from an official dpe.pt or from LIA's vox.pt (detected from its keys)."""
-    perceptual: str = "auto"
-    vgg_weights: str | None = None
-    """VGG19 weights file; default $TORCH_HOME/hub/checkpoints/vgg19-dcbb9e9d.pth."""
-    frame_window: int | None = None
-    """Draw pair frames from the first N frames of a clip; None: the whole clip (500 with the official objective)."""
-    train_split: str = "train"
-    eval_split: str = "test"
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 3
-    log_every: int = 10
-    grid_every: int = 100
-    eval_every: int = 100
-    eval_pairs: int = 8
-    max_failures: int = 3
-    """Worker-group restarts from the latest checkpoint before the run is given up."""
-    seed: int = 0
-    clip_cache_mb: int = 256
-    """Decoded clips kept per worker (LRU, at model size)."""
-    ray_address: str | None = None
+    data: str = option("out/dataset", "dataset folder (or s3:// / gs:// URI) written by `portrait prepare`",
+                       group=_DATA, metavar="PATH_OR_URI", path=True)
+    run_dir: str = option("runs", "folder (or s3:// / gs:// URI) that holds runs; the run is RUN_DIR/NAME",
+                          group=_DATA, metavar="PATH_OR_URI", path=True)
+    name: str = option("dpe", "run name; the same name and --run-dir resume the run", group=_DATA, rules=(RUN_NAME,))
+    train_split: str = option("train", "split to train on", group=_DATA)
+    eval_split: str = option("test", "split of the held-out pairs (training clips when the dataset has none)",
+                             group=_DATA)
+    frame_window: int | None = option(None, "draw pair frames from the first N frames of a clip (default: the whole "
+                                            "clip; 500 with --objective official)", group=_DATA, metavar="N",
+                                      rules=(at_least(1),))
+    clip_cache_mb: int = option(256, "decoded clips kept per worker (LRU, at model size)", group=_DATA,
+                                rules=(at_least(1),))
+    steps: int = option(1000, "total optimiser steps of the run (a rerun with more steps continues to the new total)",
+                        group=_MODEL, rules=(at_least(1),))
+    size: int = option(256, "model resolution in pixels (power of two; the stored 256 px crops are resized to it)",
+                       group=_MODEL, rules=(POWER_OF_TWO,))
+    model_width: str = option("auto", "channel widths: official, or small for CPU demos; auto = official at 256 px "
+                                      "and above", group=_MODEL, choices=MODEL_WIDTHS)
+    batch: int = option(8, "pairs per step over all workers (the official trainer: 64); a multiple of --workers",
+                        group=_MODEL, rules=(at_least(1),))
+    micro_batches: int = option(1, "gradient accumulation: chunks of each worker's share of the batch", group=_MODEL,
+                                rules=(at_least(1),))
+    bf16: bool = option(False, "bfloat16 autocast (GPUs)", group=_MODEL)
+    objective: str = option("ours", "ours (with the landmark constraint) or official (the official trainer exactly)",
+                            group=_MODEL, choices=OBJECTIVES)
+    init: str | None = option(None, "start a new run from an official dpe.pt or LIA's vox.pt (detected from its keys)",
+                              group=_MODEL, metavar="FILE", path=True)
+    perceptual: str = option("auto", "VGG19 perceptual term: auto uses it when the weights file is present (logged)",
+                             group=_MODEL, choices=PERCEPTUAL_MODES)
+    vgg_weights: str | None = option(None, "vgg19-dcbb9e9d.pth (default: $TORCH_HOME/hub/checkpoints)", group=_MODEL,
+                                     metavar="FILE", path=True)
+    seed: int = option(0, "seed of the weights and of every pair drawn", group=_MODEL)
+    workers: int = option(1, "Ray Train workers", group=_WORKERS, rules=(at_least(1),))
+    cpus_per_worker: float = option(1.0, "CPUs reserved per worker (its torch threads on CPU)", group=_WORKERS,
+                                    rules=(POSITIVE,))
+    gpus_per_worker: float = option(0.0, "GPUs per worker", group=_WORKERS, rules=(NOT_NEGATIVE,))
+    max_failures: int = option(3, "worker-group restarts from the newest checkpoint before giving up",
+                               group=_WORKERS, rules=(NOT_NEGATIVE,))
+    ray_address: str | None = option(None, "Ray cluster address (default: $RAY_ADDRESS, else a local Ray)",
+                                     group=_WORKERS, metavar="ADDR")
+    checkpoint_every: int = option(100, "steps between checkpoints", group=_OUTPUTS, metavar="N", rules=(at_least(1),))
+    keep_checkpoints: int = option(3, "newest checkpoints kept", group=_OUTPUTS, metavar="K", rules=(at_least(1),))
+    log_every: int = option(10, "steps per CSV / TensorBoard row and progress update", group=_OUTPUTS, metavar="N",
+                            rules=(at_least(1),))
+    grid_every: int = option(100, "steps between grids of transfers", group=_OUTPUTS, metavar="N", rules=(at_least(1),))
+    eval_every: int = option(100, "steps between evaluations", group=_OUTPUTS, metavar="N", rules=(at_least(1),))
+    eval_pairs: int = option(8, "fixed held-out pairs of the grids and evaluations", group=_OUTPUTS, metavar="N",
+                             rules=(at_least(1),))
+
+    def __post_init__(self) -> None:
+        check(self, [
+            ("batch", self.batch >= self.workers and self.batch % self.workers == 0,
+             f"must be a multiple of --workers ({self.workers}): each worker takes an equal share"),
+            ("micro_batches", self.per_worker_batch % self.micro_batches == 0,
+             f"must divide the per-worker batch ({self.per_worker_batch})"),
+        ])
 
     @property
     def per_worker_batch(self) -> int:
@@ -84,54 +104,13 @@ class TrainSettings:
             return self.frame_window
         return OFFICIAL_FRAME_WINDOW if self.objective == "official" else None
 
-    def with_absolute_paths(self) -> TrainSettings:
-        """Local paths made absolute here, on the driver: workers run in their run folder, elsewhere."""
-        from pipelines.storage import absolute_location
-
-        return replace(self, **{name: absolute_location(getattr(self, name))
-                                for name in ("data", "run_dir", "init", "vgg_weights")})
-
     def to_dict(self) -> dict[str, Any]:
+        """For JSON records (run.json, checkpoints): the settings as plain values."""
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, record: dict[str, Any]) -> TrainSettings:
-        known = {f.name for f in fields(cls)}
-        return cls(**{key: value for key, value in record.items() if key in known})
 
 
 MODEL_SHAPING = ("size", "model_width", "objective")
 """Settings a resumed run must keep: they decide the networks and the objective in the checkpoint."""
-
-
-def check_settings(settings: TrainSettings) -> TrainSettings:
-    """Return `settings` if every value is usable, else raise ValueError naming the option and the fix."""
-    s = settings
-    _check(bool(_NAME.fullmatch(s.name)), "name", s.name,
-           "must be letters, digits, '.', '_' and '-' (it names a folder)")
-    _check(s.steps >= 1, "steps", s.steps, "must be at least 1")
-    _check(s.size >= 16 and s.size & (s.size - 1) == 0, "size", s.size, "must be a power of two, at least 16")
-    _check(s.model_width in MODEL_WIDTHS, "model_width", s.model_width, f"must be one of {MODEL_WIDTHS}")
-    _check(s.objective in OBJECTIVES, "objective", s.objective, f"must be one of {OBJECTIVES}")
-    _check(s.perceptual in PERCEPTUAL_MODES, "perceptual", s.perceptual, f"must be one of {PERCEPTUAL_MODES}")
-    _check(s.workers >= 1, "workers", s.workers, "must be at least 1")
-    _check(s.cpus_per_worker > 0, "cpus_per_worker", s.cpus_per_worker, "must be positive")
-    _check(s.gpus_per_worker >= 0, "gpus_per_worker", s.gpus_per_worker, "must not be negative")
-    _check(s.batch >= s.workers and s.batch % s.workers == 0, "batch", s.batch,
-           f"must be a multiple of --workers ({s.workers}): each worker takes an equal share")
-    _check(s.micro_batches >= 1 and s.per_worker_batch % s.micro_batches == 0, "micro_batches", s.micro_batches,
-           f"must divide the per-worker batch ({s.per_worker_batch})")
-    _check(s.frame_window is None or s.frame_window >= 1, "frame_window", s.frame_window, "must be at least 1")
-    for name in ("checkpoint_every", "keep_checkpoints", "log_every", "grid_every", "eval_every", "eval_pairs",
-                 "clip_cache_mb"):
-        _check(getattr(s, name) >= 1, name, getattr(s, name), "must be at least 1")
-    _check(s.max_failures >= 0, "max_failures", s.max_failures, "must not be negative")
-    return settings
-
-
-def _check(condition: bool, name: str, value: object, rule: str) -> None:
-    if not condition:
-        raise ValueError(f"{name.replace('_', '-')}: {value!r} {rule}")
 
 
 def model_shape(size: int, model_width: str) -> dict[str, Any]:

@@ -7,15 +7,14 @@ What they share (failures, splits, video references, duplicates) is in `common`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.prepare.settings import DEFAULT_URL_TEMPLATE
+from pipelines.prepare.settings import DEFAULT_URL_TEMPLATE, SourceInputs
 from pipelines.prepare.sources.clip_table import parse_clip_table
 from pipelines.prepare.sources.common import ParseFailure, ParseResult, SplitPolicy, finish
 
-__all__ = ["InputError", "ParseFailure", "ParseResult", "SourceInputs", "SplitPolicy", "parse_clip_table",
-           "parse_sources", "parse_url_list", "parse_voxceleb_tree"]
+__all__ = ["InputError", "ParseFailure", "ParseResult", "SourceInputs", "SplitPolicy", "check_inputs",
+           "parse_clip_table", "parse_sources", "parse_url_list", "parse_voxceleb_tree"]
 from pipelines.prepare.requests import ClipRequest
 from pipelines.prepare.sources.url_list import parse_url_list
 from pipelines.prepare.sources.voxceleb import parse_voxceleb_tree, voxceleb_txt_root
@@ -28,35 +27,23 @@ class InputError(ValueError):
     the kind it was given as; found before any service starts."""
 
 
-@dataclass(frozen=True)
-class SourceInputs:
-    """The inputs of a run by kind: each list holds only inputs of that kind, never sniffed."""
-
-    vox1_txt: tuple[str, ...] = ()
-    vox2_txt: tuple[str, ...] = ()
-    clips: tuple[str, ...] = ()
-    urls: tuple[str, ...] = ()
-
-    def __bool__(self) -> bool:
-        return bool(self.vox1_txt or self.vox2_txt or self.clips or self.urls)
-
-    def check(self) -> None:
-        """Raise `InputError` naming the first input that is missing or not of its kind."""
-        for flag, paths in (("--vox1-txt", self.vox1_txt), ("--vox2-txt", self.vox2_txt)):
-            for text in paths:
-                path = Path(text)
-                if not path.is_dir():
-                    kind = "a file" if path.exists() else "missing"
-                    raise InputError(f"{flag} {text}: {kind}; expected the folder of a VoxCeleb metadata tree "
-                                     f"(txt/<identity>/<video>/<utterance>.txt)")
-                if voxceleb_txt_root(path) is None:
-                    raise InputError(f"{flag} {text}: holds no VoxCeleb utterance files "
-                                     f"(<identity>/<video>/<utterance>.txt, under a txt/ folder or directly)")
-        for flag, paths, check in (("--clips", self.clips, _is_table), ("--urls", self.urls, _is_list)):
-            for text in paths:
-                problem = check(Path(text))
-                if problem:
-                    raise InputError(f"{flag} {text}: {problem}")
+def check_inputs(inputs: SourceInputs) -> None:
+    """Raise `InputError` naming the first input that is missing or not of its kind."""
+    for flag, paths in (("--vox1-txt", inputs.vox1_txt), ("--vox2-txt", inputs.vox2_txt)):
+        for text in paths:
+            path = Path(text)
+            if not path.is_dir():
+                kind = "a file" if path.exists() else "missing"
+                raise InputError(f"{flag} {text}: {kind}; expected the folder of a VoxCeleb metadata tree "
+                                 f"(txt/<identity>/<video>/<utterance>.txt)")
+            if voxceleb_txt_root(path) is None:
+                raise InputError(f"{flag} {text}: holds no VoxCeleb utterance files "
+                                 f"(<identity>/<video>/<utterance>.txt, under a txt/ folder or directly)")
+    for flag, paths, check in (("--clips", inputs.clips, _is_table), ("--urls", inputs.urls, _is_list)):
+        for text in paths:
+            problem = check(Path(text))
+            if problem:
+                raise InputError(f"{flag} {text}: {problem}")
 
 
 def _is_table(path: Path) -> str | None:
