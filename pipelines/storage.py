@@ -280,6 +280,10 @@ class OutputStore:
         info = self.filesystem.get_file_info(self._full(clean_relpath(relpath)))
         return info.type == pafs.FileType.File
 
+    def is_folder(self, relpath: str = "") -> bool:
+        """Whether `relpath` (the store itself when empty) is a folder: on object stores, a prefix with objects."""
+        return self.filesystem.get_file_info(self._full(relpath)).type == pafs.FileType.Directory
+
     def delete(self, relpath: str, *, missing_ok: bool = False) -> None:
         full = self._full(clean_relpath(relpath))
         if missing_ok and self.filesystem.get_file_info(full).type == pafs.FileType.NotFound:
