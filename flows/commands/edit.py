@@ -61,8 +61,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=EditSettings.output, metavar="PATH_OR_URI",
                    help="output folder or URI; with --source it may name the file itself (out/x.mp4)")
     p.add_argument("--checkpoint", default=EditSettings.checkpoint, metavar="PATH_OR_URI",
-                   help="official dpe.pt, or a `portrait train` checkpoint (model.pt or its folder); the crop "
-                        "size follows its model")
+                   help="official dpe.pt, or a `portrait train` checkpoint: model.pt, a checkpoint folder, a run "
+                        "folder or RUN/latest (its newest checkpoint); the crop size follows its model")
     edit = p.add_argument_group("the edit (defaults for every job; a job table may set them per row)")
     edit.add_argument("--mode", choices=MODES, default=JobDefaults.mode,
                       help="expression: the driver's expression, the source's head pose kept; pose: the driver's "

@@ -54,7 +54,8 @@ class EditSettings:
     output: str = "out/edited"
     """A local folder or an object-store URI; the results table and previews go here too."""
     checkpoint: str = ""
-    """An official dpe.pt, a `portrait train` checkpoint file (model.pt) or its folder; local or object store."""
+    """An official dpe.pt or a `portrait train` checkpoint (model.pt, its folder, a run folder or RUN/latest);
+    local or object store (`runs.resolve_checkpoint`)."""
     defaults: JobDefaults = field(default_factory=JobDefaults)
     detector: str = "auto"
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(detect_stride=10))
