@@ -12,16 +12,24 @@ a reader (or a rerun after a crash) sees either the whole file or no file.
   uploaded only once complete. An object becomes visible only when its upload finishes (single
   PUT, or the final step of a multipart upload), so upload is atomic by nature; spooling makes
   sure a writer that fails half-way never starts the upload at all.
+
+Readers that need a real file (video decoding seeks, `torch.load` maps) get one from `local_copy`:
+a local location is used as it is; an object is copied once per machine into a cache folder (named
+by a digest of its URI, written atomically) that is bounded by `LOCAL_COPIES_BYTES`: before a new
+copy is made, the least recently used ones are deleted (never one used in the last `IN_USE_S`
+seconds, which a running reader may still hold).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import posixpath
 import re
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from types import TracebackType
@@ -33,6 +41,11 @@ import pyarrow.fs as pafs
 _TEMPORARY = re.compile(r"\..+\.[0-9a-f]{12}\.part")
 _SECRET_PARAMETERS = {"access_key": "AWS_ACCESS_KEY_ID", "secret_key": "AWS_SECRET_ACCESS_KEY",
                       "session_token": "AWS_SESSION_TOKEN"}
+
+LOCAL_COPIES_BYTES = 50 * 2**30
+"""Local copies of objects kept per cache folder (least recently used ones go first)."""
+IN_USE_S = 3600.0
+"""A copy used this recently may still be read, so eviction keeps it."""
 
 
 def split_credentials(uri: str) -> tuple[str, dict[str, str]]:
@@ -255,6 +268,10 @@ class OutputStore:
         info = self.filesystem.get_file_info(self._full(clean_relpath(relpath)))
         return info.type == pafs.FileType.File
 
+    def is_folder(self, relpath: str = "") -> bool:
+        """Whether `relpath` (the store itself when empty) is a folder: on object stores, a prefix with objects."""
+        return self.filesystem.get_file_info(self._full(relpath)).type == pafs.FileType.Directory
+
     def delete(self, relpath: str, *, missing_ok: bool = False) -> None:
         full = self._full(clean_relpath(relpath))
         if missing_ok and self.filesystem.get_file_info(full).type == pafs.FileType.NotFound:
@@ -312,3 +329,41 @@ class OutputStore:
         root = _local_root(self.filesystem, self.base)
         clean = clean_relpath(relpath, allow_empty=True)
         return Path(root) / clean if clean else Path(root)
+
+
+def local_copy(location: str, cache: str | os.PathLike[str], limit_bytes: int = LOCAL_COPIES_BYTES) -> Path:
+    """A local file with the content of `location`: the file itself when local, else a copy of the
+    object in `cache` (made once, reused while it lasts; FileNotFoundError when there is no such object)."""
+    if location.startswith("file://"):
+        return Path(location[len("file://"):])
+    if "://" not in location:
+        return Path(location)
+    folder, name = posixpath.split(location.rstrip("/"))
+    target = Path(cache) / hashlib.sha1(location.encode()).hexdigest()[:20] / name
+    if target.is_file():
+        os.utime(target)  # recently used: evicted last
+        return target
+    store = OutputStore(folder)
+    if not store.exists(name):
+        raise FileNotFoundError(f"{redact(location)}: no such object")
+    evict_least_recently_used(Path(cache), limit_bytes)
+    with atomic_local_path(target) as temporary, store.open_input(name) as stream, open(temporary, "wb") as out:
+        shutil.copyfileobj(stream, out, length=8 << 20)
+    return target
+
+
+def evict_least_recently_used(cache: Path, limit_bytes: int, in_use_s: float = IN_USE_S) -> list[Path]:
+    """Delete copies in `cache`, least recently used first, until it holds at most `limit_bytes`;
+    copies used within `in_use_s` seconds stay. Returns what was deleted."""
+    files = sorted((entry.stat().st_mtime, entry) for entry in cache.glob("*/*") if entry.is_file())
+    total = sum(entry.stat().st_size for _, entry in files)
+    deleted = []
+    for used, entry in files:
+        if total <= limit_bytes or time.time() - used < in_use_s:
+            break
+        total -= entry.stat().st_size
+        entry.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            entry.parent.rmdir()
+        deleted.append(entry)
+    return deleted

@@ -1,4 +1,4 @@
-"""The layout holds: dependencies point one way, reading a dataset stays light, --help stays light,
+"""The layout holds: dependencies point one way, reading a dataset or a run stays light, --help stays light,
 nothing in production imports the bundled sample, and the README lists the failure registry."""
 
 from __future__ import annotations
@@ -28,6 +28,11 @@ def test_reading_a_dataset_imports_no_ray_ytdlp_prefect_or_detector():
     loaded = _modules_after("import pipelines.dataset.schema, pipelines.dataset.layout, pipelines.dataset.manifest, "
                             "pipelines.dataset.integrity, pipelines.dataset.inspect")
     assert loaded.isdisjoint({"ray", "prefect", "yt_dlp", "dlib", "face_alignment"}), loaded
+
+
+def test_reading_a_run_imports_no_torch_or_ray():
+    loaded = _modules_after("import pipelines.runs")
+    assert loaded.isdisjoint(HEAVY), sorted(loaded & set(HEAVY))
 
 
 @pytest.mark.parametrize("command", ["", "prepare", "inspect", "sample", "train", "edit", "demo"])
@@ -62,6 +67,8 @@ LAYERS = {
     "pipelines/train": {"pipelines.prepare", "pipelines.edit", "flows"},
     "pipelines/edit": {"pipelines.prepare", "pipelines.train", "flows"},
     "pipelines/report": {"pipelines.prepare", "flows"},
+    "pipelines/runs.py": {"pipelines.media", "pipelines.dataset", "pipelines.prepare", "pipelines.train",
+                          "pipelines.edit", "pipelines.report", "flows"},
     "dpe": {"pipelines", "flows"},
 }
 
@@ -70,7 +77,8 @@ LAYERS = {
 def test_dependencies_point_one_way(folder):
     forbidden = LAYERS[folder] | ({"pipelines.sample"} if folder != "pipelines/sample" else set())
     offenders = []
-    for path in sorted((REPO / folder).rglob("*.py")):
+    paths = [REPO / folder] if folder.endswith(".py") else sorted((REPO / folder).rglob("*.py"))
+    for path in paths:
         for name in _imports(path):
             if any(name == bad or name.startswith(bad + ".") for bad in forbidden):
                 offenders.append(f"{path.relative_to(REPO)} imports {name}")

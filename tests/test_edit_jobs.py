@@ -221,7 +221,7 @@ def test_the_local_cache_of_object_store_inputs_evicts_the_least_recently_used_f
     import os
     import time
 
-    from pipelines.edit.fetch import evict_least_recently_used
+    from pipelines.storage import evict_least_recently_used
 
     now = time.time()
     for number, age in enumerate((7200, 5400, 60)):  # two old copies, one in use

@@ -9,6 +9,7 @@ from dpe.checkpoint import load_checkpoint, load_official_generator, ours_to_off
 from dpe.config import ModelConfig
 from dpe.model import DPEGenerator
 from flows.cli import main
+from pipelines.runs import CHECKPOINT_FILE, checkpoint_dir_name, latest_checkpoint, point_latest, resolve_checkpoint
 from pipelines.train import checkpoints
 from pipelines.train.model import INIT_LIA, INIT_OFFICIAL, apply_init, build_state, detect_init, plan_model
 from pipelines.train.settings import TrainSettings, model_shape
@@ -86,10 +87,10 @@ def test_a_file_of_another_model_is_refused_with_both_reasons(tmp_path):
 
 
 def _write_run_checkpoint(state, run_dir, name: str, step: int):
-    dir_name = checkpoints.checkpoint_dir_name(step)
-    save_checkpoint(run_dir / name / dir_name / checkpoints.CHECKPOINT_FILE, models=state.modules(),
+    dir_name = checkpoint_dir_name(step)
+    save_checkpoint(run_dir / name / dir_name / CHECKPOINT_FILE, models=state.modules(),
                     optimizers=state.optimizers(), step=step, config=state.model_config, extra={"settings": {}})
-    checkpoints.point_latest(str(run_dir), name, dir_name)
+    point_latest(str(run_dir), name, dir_name)
 
 
 def test_checkpoints_are_found_by_file_folder_run_or_latest(state, tmp_path):
@@ -97,14 +98,14 @@ def test_checkpoints_are_found_by_file_folder_run_or_latest(state, tmp_path):
         _write_run_checkpoint(state, tmp_path, "demo", step)
     (tmp_path / "demo" / "checkpoint_00000020").mkdir()  # an upload that never finished: no model.pt
     newest = f"{tmp_path}/demo/checkpoint_00000012/model.pt"
-    assert checkpoints.latest_checkpoint(str(tmp_path), "demo") == (12, "demo/checkpoint_00000012/model.pt")
-    assert checkpoints.resolve_checkpoint(f"{tmp_path}/demo") == newest
-    assert checkpoints.resolve_checkpoint(f"{tmp_path}/demo/latest") == newest
-    assert checkpoints.resolve_checkpoint(f"{tmp_path}/demo/checkpoint_00000003").endswith("00000003/model.pt")
-    assert checkpoints.resolve_checkpoint(newest) == newest
+    assert latest_checkpoint(str(tmp_path), "demo") == (12, "demo/checkpoint_00000012/model.pt")
+    assert resolve_checkpoint(f"{tmp_path}/demo") == newest
+    assert resolve_checkpoint(f"{tmp_path}/demo/latest") == newest
+    assert resolve_checkpoint(f"{tmp_path}/demo/checkpoint_00000003").endswith("00000003/model.pt")
+    assert resolve_checkpoint(newest) == newest
     assert (tmp_path / "demo" / "latest").resolve().name == "checkpoint_00000012"
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
-        checkpoints.resolve_checkpoint(f"{tmp_path}/demo/checkpoint_00000020")
+        resolve_checkpoint(f"{tmp_path}/demo/checkpoint_00000020")
 
 
 def test_export_writes_the_official_format_that_the_loader_reads_back(state, tmp_path, capsys):
@@ -129,12 +130,12 @@ def test_an_object_store_run_gets_atomic_checkpoints_outputs_and_export(state, s
 
     runs = f"{s3_server.bucket('train-runs')}/runs"
     local = tmp_path / "local"
-    save_checkpoint(local / checkpoints.CHECKPOINT_FILE, models=state.modules(), optimizers=state.optimizers(),
+    save_checkpoint(local / CHECKPOINT_FILE, models=state.modules(), optimizers=state.optimizers(),
                     step=5, config=state.model_config)
     upload = checkpoints.upload_checkpoint(runs, "demo")
     persisted = upload(Checkpoint.from_directory(str(local)), "checkpoint_00000005")
     assert persisted.path.endswith("runs/demo/checkpoint_00000005")
-    assert checkpoints.latest_checkpoint(runs, "demo") == (5, "demo/checkpoint_00000005/model.pt")
+    assert latest_checkpoint(runs, "demo") == (5, "demo/checkpoint_00000005/model.pt")
 
     outputs = RunOutputs(runs, "demo", steps=5, start_step=0, world_size=1)
     outputs.log(5, {"g_total": 1.5, "pairs_per_s": 3.0}, eta_s=0.0)

@@ -33,7 +33,7 @@ from train_support import add_damage, copy_dataset, prepared_sample  # noqa: F40
 
 from dpe.checkpoint import config_from_checkpoint, load_checkpoint
 from flows.cli import main
-from pipelines.train import checkpoints
+from pipelines.runs import checkpoint_steps
 from pipelines.train.clips import load_catalogue
 from pipelines.train.job import RunRefused, run_training
 from pipelines.train.settings import TrainSettings
@@ -138,7 +138,7 @@ def test_two_workers_write_losses_checkpoints_grids_and_events(straight, train_d
     for row in rows:
         assert all(math.isfinite(float(row[name])) for name in ("g_total", "d_gan", "l1_self_pose", "readout"))
         assert float(row["pairs_per_s"]) > 0
-    assert sorted(checkpoints.checkpoint_steps(str(straight.parent), "straight")) == [8, 10, 12]  # keep 3
+    assert sorted(checkpoint_steps(str(straight.parent), "straight")) == [8, 10, 12]  # keep 3
     assert os.readlink(straight / "latest") == "checkpoint_00000012"
     payload = load_checkpoint(straight / "latest" / "model.pt")
     assert config_from_checkpoint(payload).size == 32 and payload["step"] == STEPS

@@ -28,7 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipelines.edit.fetch import local_copy
+from pipelines.edit.fetch import local_input
 from pipelines.edit.jobs import is_image
 from pipelines.edit.settings import EditSettings, parse_face
 from pipelines.edit.work import ChunkWork, DriverSlice, JobWork, timed, timed_iter
@@ -165,7 +165,7 @@ _DRIVER_CACHE_SIZE = 8
 def analyse_driver(driving: str, detector: FaceDetector, settings: EditSettings,
                    timings: dict[str, float]) -> DriverPlan:
     """The driver's crop box per frame (cached per worker process); raises `no_driving_face`."""
-    path = local_copy(driving, settings.workdir)
+    path = local_input(driving, settings.workdir)
     if not path.is_file():
         raise VideoError(MISSING_VIDEO, f"driving {driving}: no such file")
     stat = path.stat()
@@ -266,7 +266,7 @@ def analyse_job(work: JobWork, settings: EditSettings, detector: FaceDetector, s
     job = work.job
     try:
         with timed(timings, "probe_s"):
-            info = open_info(local_copy(job.source, settings.workdir))
+            info = open_info(local_input(job.source, settings.workdir))
         driver = analyse_driver(job.driving, detector, settings, timings)
         faces = analyse_source(info, detector, job.face, settings, timings)
     except RecordedFailure as error:
@@ -313,4 +313,4 @@ def analyse_job(work: JobWork, settings: EditSettings, detector: FaceDetector, s
 
 def local_info(chunk: ChunkWork, settings: EditSettings) -> StreamInfo:
     """The chunk's stream description pointing at this machine's copy of the source."""
-    return replace(chunk.info, path=str(local_copy(chunk.job.source, settings.workdir)))
+    return replace(chunk.info, path=str(local_input(chunk.job.source, settings.workdir)))

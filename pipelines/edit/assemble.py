@@ -20,7 +20,7 @@ import numpy as np
 
 from pipelines import errors
 from pipelines.edit.analyse import local_info
-from pipelines.edit.fetch import local_copy, store_output
+from pipelines.edit.fetch import local_input, store_output
 from pipelines.edit.previews import write_previews
 from pipelines.edit.results import FAILED, OK, ResultRow, base_row
 from pipelines.edit.settings import EditSettings
@@ -135,7 +135,7 @@ def _previews(chunks: list[ChunkWork], source: StreamInfo, result: Path, setting
     job = chunks[0].job
     video, sheet = f"previews/{job.key}.mp4", f"previews/{job.key}.png"
     with store_output(store, video) as video_path, store_output(store, sheet) as sheet_path:
-        write_previews(job, source, local_copy(job.driving, settings.workdir), result, video_path, sheet_path,
+        write_previews(job, source, local_input(job.driving, settings.workdir), result, video_path, sheet_path,
                        settings, _sheet_frames(chunks, settings.sheet_frames))
     return output_uri(settings, video), output_uri(settings, sheet)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.edit.analyse import local_info, read_image
-from pipelines.edit.fetch import local_copy
+from pipelines.edit.fetch import local_input
 from pipelines.edit.settings import EditSettings
 from pipelines.edit.work import ChunkWork, timed, timed_iter
 from pipelines.errors import DAMAGED_VIDEO, RecordedFailure, VideoError
@@ -72,7 +72,7 @@ def crop_chunk(chunk: ChunkWork, settings: EditSettings) -> ChunkWork:
                 with timed(timings, "crop_s"):
                     crops[position[offset]] = crop_frame(frame.image, chunk.boxes[offset], size)
         driver = chunk.driver
-        driver_path = local_copy(chunk.job.driving, settings.workdir)
+        driver_path = local_input(chunk.job.driving, settings.workdir)
         if driver.is_image:
             with timed(timings, "decode_s"):
                 image = read_image(driver_path)

@@ -1,7 +1,8 @@
 """The model stage: checkpoint loading (checked before any video work) and batched editing of crops.
 
-`load_weights` accepts an official `dpe.pt` (generator under 'gen'), a project checkpoint
-("dpe-portrait/1", as `portrait train` writes `model.pt`) or a folder holding `model.pt`, local
+`load_weights` accepts an official `dpe.pt` (generator under 'gen') or a project checkpoint
+("dpe-portrait/1", as `portrait train` writes `model.pt`), given in any form `runs.resolve_checkpoint`
+takes (the file, its checkpoint folder, a run folder or `RUN/latest`: the newest checkpoint), local
 or in an object store. The crop size follows the checkpoint's model config. A file of the wrong
 architecture is refused with the dpe loaders' message, which names the mismatched keys.
 
@@ -16,10 +17,7 @@ import argparse
 import contextlib
 import ctypes
 import ctypes.util
-import hashlib
 import logging
-import posixpath
-import shutil
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,14 +31,11 @@ from dpe.checkpoint import CHECKPOINT_FORMAT, check_state_dict, config_from_chec
 from dpe.config import ModelConfig
 from dpe.model import DPEGenerator
 from pipelines.edit.fetch import scratch_dir
-from pipelines.edit.jobs import is_uri
 from pipelines.edit.work import ChunkWork, timed
-from pipelines.storage import OutputStore, atomic_local_path
+from pipelines.runs import resolve_checkpoint
+from pipelines.storage import local_copy, redact
 
 LOG = logging.getLogger(__name__)
-
-CHECKPOINT_FILE = "model.pt"
-"""The file `portrait train` writes in a checkpoint folder."""
 
 
 class CheckpointError(ValueError):
@@ -70,37 +65,6 @@ class ModelWeights:
         return model.to(device).eval()
 
 
-def resolve_checkpoint(uri: str, workdir: str | None = None) -> Path:
-    """A local checkpoint file for `uri`: the file itself, `model.pt` in a folder, or a copy of an object."""
-    if not uri:
-        raise CheckpointError("no checkpoint given: --checkpoint takes an official dpe.pt, a `portrait train` "
-                              "model.pt or its folder (local or s3:// / gs://)")
-    if is_uri(uri):
-        directory, name = posixpath.split(uri.rstrip("/"))
-        store = OutputStore(directory)
-        if not store.exists(name):
-            if store.exists(f"{name}/{CHECKPOINT_FILE}"):
-                directory, name = f"{directory}/{name}", CHECKPOINT_FILE
-                store = OutputStore(directory)
-            else:
-                raise CheckpointError(f"checkpoint {uri}: no such object (nor {uri.rstrip('/')}/{CHECKPOINT_FILE})")
-        target = scratch_dir(workdir) / "checkpoints" / hashlib.sha1(directory.encode()).hexdigest()[:20] / name
-        if not target.is_file():
-            with atomic_local_path(target) as temporary, store.open_input(name) as stream, \
-                    open(temporary, "wb") as out:
-                shutil.copyfileobj(stream, out, length=8 << 20)
-        return target
-    path = Path(uri[len("file://"):] if uri.startswith("file://") else uri).expanduser()
-    if path.is_dir():
-        if not (path / CHECKPOINT_FILE).is_file():
-            raise CheckpointError(f"checkpoint folder {path} holds no {CHECKPOINT_FILE} (what `portrait train` "
-                                  "writes); give the checkpoint file itself")
-        path = path / CHECKPOINT_FILE
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path}: no such file")
-    return path
-
-
 def _peek(path: Path) -> Any:
     """The checkpoint's top level without reading every tensor (memory-mapped where the format allows)."""
     with torch.serialization.safe_globals([argparse.Namespace]):  # official training snapshots pickle their args
@@ -111,8 +75,13 @@ def _peek(path: Path) -> Any:
 
 
 def load_weights(uri: str, workdir: str | None = None) -> ModelWeights:
-    """Read and check a checkpoint; raises `CheckpointError` naming the file and the mismatched keys."""
-    path = resolve_checkpoint(uri, workdir)
+    """Read and check a checkpoint (any form `runs.resolve_checkpoint` takes; an object is copied into the
+    scratch folder once); raises `CheckpointError` naming the file and the mismatched keys."""
+    try:
+        source = resolve_checkpoint(uri)
+        path = local_copy(source, scratch_dir(workdir) / "checkpoints")
+    except FileNotFoundError as error:  # nothing there (CheckpointNotFound), or an object deleted since
+        raise CheckpointError(str(error)) from None
     try:
         payload = _peek(path)
     except Exception as error:  # unpicklable content, a truncated file, not a torch file at all
@@ -138,7 +107,7 @@ def load_weights(uri: str, workdir: str | None = None) -> ModelWeights:
             kind = "official"
     except ValueError as error:
         raise CheckpointError(str(error)) from None
-    LOG.info("model: %s checkpoint %s, %d px crops", kind, path, config.size)
+    LOG.info("model: %s checkpoint %s, %d px crops", kind, redact(source), config.size)
     state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     return ModelWeights(config=config.to_dict(), state=state, kind=kind, source=uri)
 

@@ -104,7 +104,8 @@ class EditSettings(FramingOptions):
     output: str = option("out/edited", "output folder or URI; with --source it may name the file itself "
                                        "(out/x.mp4); the results table and previews go here too", short="-o",
                          metavar="PATH_OR_URI", path=True)
-    checkpoint: str = option("", "official dpe.pt, or a `portrait train` checkpoint (model.pt or its folder); the "
+    checkpoint: str = option("", "official dpe.pt, or a `portrait train` checkpoint: model.pt, a checkpoint folder, "
+                                 "a run folder or RUN/latest (its newest checkpoint); local or s3:// / gs://; the "
                                  "crop size follows its model", metavar="PATH_OR_URI", path=True)
     mode: str = option(JobDefaults.mode, "expression: the driver's expression, the source's head pose kept; pose: "
                        "the driver's head pose, the source's expression kept; both", group=_EDIT, choices=MODES)

@@ -14,11 +14,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines import runs
 from pipelines.dataset import manifest
 from pipelines.dataset.layout import SUMMARY_PATH
 from pipelines.edit.results import OK, read_results
 from pipelines.storage import OutputStore, atomic_local_path
-from pipelines.train import outputs as train_outputs
 
 ASSETS = "assets"
 
@@ -91,10 +91,10 @@ def _training_section(run: str | None, folder: Path) -> str:
         return ("<section id='training'><h2>2. Training</h2><p>Skipped: the edits use the given checkpoint."
                 "</p></section>")
     store = OutputStore(run)
-    final = train_outputs.read_json(store, train_outputs.FINAL_METRICS, {})
-    evaluations = train_outputs.read_json(store, train_outputs.EVALUATIONS, [])
-    curve = _asset(store, train_outputs.LOSS_CURVE, folder, "loss_curve.png")
-    grids = sorted(path for path in store.list(train_outputs.GRIDS) if path.endswith(".png"))
+    final = runs.read_json(store, runs.FINAL_METRICS, {})
+    evaluations = runs.read_json(store, runs.EVALUATIONS, [])
+    curve = _asset(store, runs.LOSS_CURVE, folder, "loss_curve.png")
+    grids = sorted(path for path in store.list(runs.GRIDS) if path.endswith(".png"))
     shown = [grids[0], grids[-1]] if len(grids) > 1 else grids
     grid_html = "".join(f"<figure><img src='{_asset(store, path, folder, Path(path).name)}' alt='training grid'>"
                         f"<figcaption>{html.escape(Path(path).stem)}</figcaption></figure>" for path in shown)

@@ -24,8 +24,8 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import Any
 
+from pipelines import runs
 from pipelines.storage import LocationNotVisible, OutputStore
-from pipelines.train import checkpoints, outputs
 from pipelines.train.clips import Catalogue, TrainingDataError, load_catalogue
 from pipelines.train.model import ModelPlan, plan_model, read_init
 from pipelines.train.settings import MODEL_SHAPING, TrainSettings
@@ -58,7 +58,7 @@ def prepare_run(settings: TrainSettings) -> PreparedRun:
         LOG.warning("evaluating on training clips: %s", error)
         evaluation = train
     LOG.info("training data: %s; evaluation: %s", train.describe(), evaluation.describe())
-    latest = checkpoints.latest_checkpoint(settings.run_dir, settings.name)
+    latest = runs.latest_checkpoint(settings.run_dir, settings.name)
     start = latest[0] if latest else 0
     if latest:
         _check_same_model(store, settings)
@@ -67,7 +67,7 @@ def prepare_run(settings: TrainSettings) -> PreparedRun:
 
 
 def _check_same_model(store: OutputStore, settings: TrainSettings) -> None:
-    recorded = outputs.read_json(store, f"{settings.name}/{outputs.RUN_RECORD}", {}).get("settings", {})
+    recorded = runs.read_json(store, f"{settings.name}/{runs.RUN_RECORD}", {}).get("settings", {})
     differences = [f"{name}: {recorded[name]!r} -> {getattr(settings, name)!r}"
                    for name in MODEL_SHAPING if name in recorded and recorded[name] != getattr(settings, name)]
     if differences:
@@ -82,8 +82,8 @@ def _check_same_model(store: OutputStore, settings: TrainSettings) -> None:
 def _write_run_record(settings: TrainSettings, plan: ModelPlan, train: Catalogue, evaluation: Catalogue,
                       start: int) -> None:
     store = OutputStore(settings.run_dir)
-    relpath = f"{settings.name}/{outputs.RUN_RECORD}"
-    record = outputs.read_json(store, relpath, {})
+    relpath = f"{settings.name}/{runs.RUN_RECORD}"
+    record = runs.read_json(store, relpath, {})
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     record.setdefault("created_at", now)
     record.update(settings=settings.to_dict(), model=plan.model.to_dict(), train_config=asdict(plan.train),
@@ -154,8 +154,8 @@ def _input_problem(error: Exception) -> Exception | None:
 def summarise(settings: TrainSettings) -> dict[str, Any]:
     """The run's location, step, throughput, last evaluation, skipped samples and newest checkpoint."""
     store = OutputStore(settings.run_dir)
-    final = outputs.read_json(store, f"{settings.name}/{outputs.FINAL_METRICS}", {})
-    latest = checkpoints.latest_checkpoint(settings.run_dir, settings.name)
+    final = runs.read_json(store, f"{settings.name}/{runs.FINAL_METRICS}", {})
+    latest = runs.latest_checkpoint(settings.run_dir, settings.name)
     return {"run": run_location(settings), "step": final.get("step", latest[0] if latest else 0),
             "steps": settings.steps, "pairs_per_s": final.get("pairs_per_s"),
             "last_evaluation": final.get("last_evaluation"), "losses": final.get("losses", {}),
@@ -211,12 +211,12 @@ class _ProgressBar:
     def _follow(self) -> None:
         from tqdm import tqdm
 
-        relpath = f"{self.settings.name}/{outputs.PROGRESS}"
+        relpath = f"{self.settings.name}/{runs.PROGRESS}"
         with tqdm(total=self.settings.steps, initial=self.start, desc=f"train {self.settings.name}",
                   unit="step") as bar:
             while True:
                 stopping = self._stop.wait(PROGRESS_POLL_S)
-                progress = outputs.read_json(self.store, relpath, {})
+                progress = runs.read_json(self.store, relpath, {})
                 if progress.get("step", 0) > bar.n:
                     values = progress.get("values", {})
                     bar.update(progress["step"] - bar.n)

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines import runs
 from pipelines.dataset.layout import SHARD_INDEX_PATH
 from pipelines.storage import require_visible
 from pipelines.train import checkpoints
@@ -115,7 +116,7 @@ def _restore_or_initialise(state, checkpoint, plan: ModelPlan, init_content: Any
 
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            payload = load_checkpoint(Path(folder) / checkpoints.CHECKPOINT_FILE, models=state.modules(),
+            payload = load_checkpoint(Path(folder) / runs.CHECKPOINT_FILE, models=state.modules(),
                                       optimizers=state.optimizers())
         _restore_probe_statistics(state.probes, payload["extra"].get("probe_statistics", []), rank)
         state.step = int(payload["step"])
@@ -223,7 +224,7 @@ def _checkpoint(state, settings: TrainSettings, plan: ModelPlan, step: int, rank
 
     statistics = [part["probes"] for part in _gather({"probes": _probe_statistics(state.probes)}, world_size)]
     metrics = {"step": step}
-    dir_name = checkpoints.checkpoint_dir_name(step)
+    dir_name = runs.checkpoint_dir_name(step)
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
@@ -233,10 +234,10 @@ def _checkpoint(state, settings: TrainSettings, plan: ModelPlan, step: int, rank
              "probe_statistics": statistics, "data": {"uri": settings.data, "split": settings.train_split},
              "init": {"file": settings.init, "kind": plan.init_kind}}
     with tempfile.TemporaryDirectory(prefix="checkpoint-") as folder:
-        save_checkpoint(Path(folder) / checkpoints.CHECKPOINT_FILE, models=state.modules(),
+        save_checkpoint(Path(folder) / runs.CHECKPOINT_FILE, models=state.modules(),
                         optimizers=state.optimizers(), step=step, config=state.model_config, extra=extra)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=dir_name,
                          checkpoint_upload_fn=upload, delete_local_checkpoint_after_upload=False)
-    checkpoints.point_latest(settings.run_dir, settings.name, dir_name)
+    runs.point_latest(settings.run_dir, settings.name, dir_name)
     outputs.checkpointed()
     LOG.info("checkpoint %s written", dir_name)

@@ -1,4 +1,5 @@
-"""The files of a run that a person reads, written by rank 0 only, each one atomically.
+"""The files of a run that a person reads, written by rank 0 only, each one atomically (their names
+are `pipelines/runs.py`'s).
 
 ```
 <run_dir>/<name>/run.json            settings, model, objective, data (written by the driver)
@@ -32,36 +33,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pipelines.runs import (EVALUATIONS, FINAL_METRICS, LOSS_CURVE, METRICS_CSV, PROGRESS, SKIPPED, STARTS,
+                           TENSORBOARD, grid_path, read_json)
 from pipelines.storage import OutputStore
 
 LOG = logging.getLogger(__name__)
 
-RUN_RECORD = "run.json"
-METRICS_CSV = "metrics.csv"
-PROGRESS = "progress.json"
-EVALUATIONS = "evaluations.json"
-SKIPPED = "skipped.json"
-STARTS = "starts.json"
-FINAL_METRICS = "metrics.json"
-LOSS_CURVE = "loss_curve.png"
-TENSORBOARD = "tensorboard"
-GRIDS = "grids"
-
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def read_json(store: OutputStore, relpath: str, default: Any) -> Any:
-    """A JSON file of the run, or `default` when it is absent."""
-    try:
-        return json.loads(store.read_bytes(relpath))
-    except FileNotFoundError:
-        return default
-
-
-def grid_path(step: int) -> str:
-    return f"{GRIDS}/grid_{step:08d}.png"
 
 
 class RunOutputs:
