@@ -44,9 +44,9 @@ class CheckpointError(ValueError):
 
 @dataclass
 class ModelWeights:
-    """A checked generator as plain data: its config, its state dict, and what it was read from."""
+    """A checked generator: its config, its state dict, and what it was read from (pickled to model actors)."""
 
-    config: dict[str, Any]
+    config: ModelConfig
     state: dict[str, torch.Tensor]
     kind: str
     """'official' (dpe.pt) or the project format name."""
@@ -54,13 +54,13 @@ class ModelWeights:
 
     @property
     def size(self) -> int:
-        return int(self.config["size"])
+        return self.config.size
 
     def describe(self) -> str:
         return f"{self.kind} {self.size}px from {self.source}"
 
     def build(self, device: torch.device | str = "cpu") -> DPEGenerator:
-        model = DPEGenerator(ModelConfig.from_dict(self.config))
+        model = DPEGenerator(self.config)
         model.load_state_dict(self.state)
         return model.to(device).eval()
 
@@ -109,7 +109,7 @@ def load_weights(uri: str, workdir: str | None = None) -> ModelWeights:
         raise CheckpointError(str(error)) from None
     LOG.info("model: %s checkpoint %s, %d px crops", kind, redact(source), config.size)
     state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-    return ModelWeights(config=config.to_dict(), state=state, kind=kind, source=uri)
+    return ModelWeights(config=config, state=state, kind=kind, source=uri)
 
 
 def keep_large_blocks_on_heap() -> bool:
