@@ -116,3 +116,77 @@ def s3_server():
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@dataclass
+class TwoNodeCluster:
+    """A real Ray cluster of two nodes on this machine: a head that runs no work and a worker node
+    started in its own mount namespace, where `private` is an empty tmpfs: a folder the driver and
+    the head see as it is on disk and the worker sees as its own empty disk (a node without the
+    shared file system)."""
+
+    address: str
+    private: Path
+    processes: list
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "disabled"}
+
+    def stop(self) -> None:
+        import signal
+
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=30)
+            except Exception:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+@pytest.fixture(scope="session")
+def two_node_cluster():
+    """Started once per session (about 10 s); only for tests that need several nodes (root, unshare)."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("a second Ray node in its own mount namespace needs root and unshare")
+    ray = str(Path(sys.executable).parent / "ray")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    work = Path(tempfile.mkdtemp(prefix="rn", dir="/tmp"))
+    private = work / "private"
+    private.mkdir()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    logs = open(work / "cluster.log", "w")
+    head = subprocess.Popen([ray, "start", "--head", "--block", f"--port={port}", "--num-cpus=0",
+                             f"--temp-dir={work / 'head'}", "--include-dashboard=false", "--disable-usage-stats"],
+                            env=env, stdout=logs, stderr=subprocess.STDOUT, start_new_session=True)
+    cluster = TwoNodeCluster(f"127.0.0.1:{port}", private, [head])
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run([ray, "status", f"--address=127.0.0.1:{port}"], env=env,
+                             capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline and head.poll() is None, (work / "cluster.log").read_text()[-3000:]
+            time.sleep(1)
+        worker = subprocess.Popen(
+            ["unshare", "-m", "--propagation", "private", "bash", "-c",
+             f'mount -t tmpfs tmpfs "$1" && exec "$2" start --address=127.0.0.1:{port} --num-cpus=2 --block',
+             "worker", str(private), ray], env=env, stdout=logs, stderr=subprocess.STDOUT, start_new_session=True)
+        cluster.processes.append(worker)
+        while subprocess.run([ray, "status", f"--address=127.0.0.1:{port}"], env=env, capture_output=True,
+                             text=True).stdout.count(" node_") < 2:
+            assert time.monotonic() < deadline and worker.poll() is None, (work / "cluster.log").read_text()[-3000:]
+            time.sleep(1)
+        yield cluster
+    finally:
+        cluster.stop()
+        logs.close()
