@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Callable, Hashable, Iterator, TypeVar
 
@@ -41,6 +42,35 @@ def take_over(settings: Hashable) -> Any | None:
     """What `hand_over` kept for exactly these settings (once), else None: a flow started any other
     way (a deployment, a test) does its own checks."""
     return _CHECKED.pop(settings, None)
+
+
+@contextlib.contextmanager
+def stop_on_signals(command: str) -> Iterator[None]:
+    """While the block runs, the first SIGINT or SIGTERM asks the job to stop feeding new work
+    (`pipelines.runtime.request_stop`: it finishes what is in flight, records it and exits non-zero
+    with a line saying how to resume); a second one stops at once (KeyboardInterrupt).
+
+    Installed inside a flow, on the main thread, over Prefect's own SIGTERM handler (which would
+    abort the flow run mid-work); elsewhere (a worker thread) it does nothing.
+    """
+    from pipelines.runtime import request_stop, stop_requested
+
+    def handle(signum: int, frame: Any) -> None:
+        if stop_requested():
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: stopping at once")
+        request_stop()
+        print(f"portrait {command}: {signal.Signals(signum).name}: finishing what is in flight, then stopping "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class ServiceUnavailable(RuntimeError):

@@ -37,6 +37,11 @@ def stop_requested() -> bool:
     return _STOP.is_set()
 
 
+def clear_stop() -> None:
+    """Forget a stop request (a new run in the same process starts fresh)."""
+    _STOP.clear()
+
+
 class RayUnavailable(RuntimeError):
     """The named Ray cluster cannot be used; the message says why and what to do."""
 
