@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import subprocess
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -142,7 +143,8 @@ def test_span_outside_the_video_is_rejected_before_decoding(span):
 @settings(max_examples=200, deadline=None)
 @given(start=st.floats(-5, 10, allow_nan=False), length=st.floats(-1, 10, allow_nan=False))
 def test_check_span_accepts_exactly_the_spans_inside(start, length):
-    info = VideoInfo(width=2, height=2, fps=25.0, duration_s=4.0, has_audio=False)
+    info = VideoInfo(path="video", width=2, height=2, duration_s=4.0, time_base=Fraction(1, 25),
+                     average_rate=Fraction(25))
     end = start + length
     inside = 0 <= start < end <= 4.0 + 0.05
     try:
