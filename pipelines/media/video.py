@@ -223,7 +223,7 @@ def probe(path: str | os.PathLike, *, damaged: str = CORRUPT_VIDEO, timeout_s: f
         context = stream.codec_context
         if not stream.width or not stream.height or stream.time_base is None:
             raise VideoError(damaged, f"{path}: the video stream has no frame size or time base")
-        rotation = _rotation(container, stream)
+        rotation = 0 if _is_remote(path) else _rotation(container, stream)  # remote: only the duration is used
         duration = _duration(path, container, stream)
         if not duration:
             raise VideoError(damaged, f"{path}: no duration in its header and no timestamps in its data")
@@ -518,7 +518,7 @@ class _AudioTrack:
 
 
 class VideoWriter:
-    """Encode (H, W, 3) uint8 RGB frames with given pts into a video file: the project's one encoder set-up.
+    """Encode (H, W, 3) uint8 RGB frames with given pts into an mp4 file: the project's one encoder set-up.
 
     Frames are converted to the output pixel format in the colour matrix and range the stream is
     tagged with (`colour`, FFmpeg's enum values as in `VideoInfo.colour`; untagged: BT.601, limited
@@ -531,15 +531,14 @@ class VideoWriter:
     def __init__(self, path: str | os.PathLike, width: int, height: int, *, time_base: Fraction,
                  rate: Fraction | None, crf: int = 18, preset: str = "medium", codec: str = "libx264",
                  threads: int = 1, b_frames: bool = True, colour: Mapping[str, int] | None = None,
-                 sample_aspect_ratio: Fraction | None = None, muxer: str = "mp4",
-                 muxer_options: Mapping[str, str] | None = None, audio_from: VideoInfo | None = None,
-                 audio_seconds: float = math.inf) -> None:
+                 sample_aspect_ratio: Fraction | None = None, muxer_options: Mapping[str, str] | None = None,
+                 audio_from: VideoInfo | None = None, audio_seconds: float = math.inf) -> None:
         self.path = Path(path)
         self.time_base = time_base
         self.frames = 0
         self._durations: dict[int, int] = {}
         self._audio: _AudioTrack | None = None
-        self._container = av.open(str(self.path), "w", format=muxer, options=dict(muxer_options or {}))
+        self._container = av.open(str(self.path), "w", format="mp4", options=dict(muxer_options or {}))
         try:
             stream = self._container.add_stream(codec, rate=rate)
             stream.width, stream.height = width, height
