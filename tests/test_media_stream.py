@@ -7,7 +7,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from edit_fixtures import edit_clips  # noqa: F401  (session fixture)
+from edit_fixtures import edit_clips, ffmpeg  # noqa: F401  (session fixture)
 
 from pipelines import errors
 from pipelines.errors import VideoError
@@ -158,3 +158,23 @@ def test_segments_of_other_settings_are_refused(edit_clips, tmp_path):
     with pytest.raises(VideoError) as caught:
         video.join_segments(paths, tmp_path / "out.mp4", info)
     assert caught.value.failure_class == errors.ENCODE_FAILED
+
+
+@pytest.mark.parametrize("scale, tags", [
+    ("out_color_matrix=bt709", ["-colorspace", "bt709"]),
+    ("out_range=full", ["-color_range", "pc"]),
+])
+def test_colours_come_back_in_the_matrix_and_range_the_source_is_tagged_with(tmp_path, scale, tags):
+    """Saturated colours through a segment: encoded in BT.601 limited range but tagged BT.709, they
+    would come back about 9 levels off on average (40 at the 99th percentile)."""
+    source = tmp_path / "tagged.mp4"
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25", "-frames:v", "5", "-vf", f"scale={scale}", *tags,
+           "-pix_fmt", "yuv420p", "-c:v", "libx264", "-crf", "10", str(source))
+    info = video.probe(source)
+    out = tmp_path / "out.mp4"
+    frames = _reencode(info, out, [0], tmp_path)
+    written = video.probe(out)
+    assert {k: written.colour[k] for k in ("colorspace", "color_range")} == \
+        {k: info.colour[k] for k in ("colorspace", "color_range")}
+    back = list(video.decode(written))
+    assert np.mean([np.abs(a.image.astype(int) - b.image.astype(int)).mean() for a, b in zip(frames, back)]) < 3
