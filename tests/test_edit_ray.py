@@ -18,12 +18,12 @@ from pipelines import errors
 from pipelines.edit import job, results, runner
 from pipelines.edit.crops import crop_chunk
 from pipelines.edit.settings import EditSettings
-from pipelines.media import stream
+from pipelines.media import video
 from pipelines.storage import OutputStore
 
 
 def instants(path) -> list[Fraction]:
-    pts, base = stream.video_timestamps(path)
+    pts, base = video.video_timestamps(path)
     return [Fraction(int(p)) * base for p in pts]
 
 
@@ -73,7 +73,7 @@ def test_portrait_edit_runs_the_flow_on_ray_writes_previews_and_resumes(edit_cli
     printed = capsys.readouterr().out
     assert "edited videos:" in printed and "45 of 45 frames edited" in printed
     assert instants(output) == instants(edit_clips["short.mp4"])
-    assert stream.audio_packets(output) == stream.audio_packets(edit_clips["short.mp4"])
+    assert video.audio_packets(output) == video.audio_packets(edit_clips["short.mp4"])
     row = results.read_results(OutputStore(tmp_path / "out"))["talk_smile.mp4"]
     assert row.status == results.OK and row.preview_video.endswith(".mp4") and os.path.isfile(row.preview_sheet)
     written = output.stat().st_mtime_ns

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import subprocess
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from pipelines.errors import CORRUPT_VIDEO, SPAN_OUTSIDE_VIDEO, VideoError
 from pipelines.media.video import (
     VideoInfo,
     check_span,
+    decode,
     encode_mp4,
     encode_mp4_bytes,
     ffmpeg_exe,
@@ -116,6 +118,19 @@ def test_moov_at_end_and_faststart_files_decode_to_the_same_frames(media):
     np.testing.assert_array_equal(original, faststart)
 
 
+def test_mpeg_ts_seeks_land_on_the_same_frames(tmp_path):
+    """MPEG-TS seeks find packets, not keyframes: decoding falls back to the start instead of losing frames."""
+    ts = tmp_path / "clip.ts"
+    _ffmpeg("-i", str(SAMPLE), "-c:v", "libx264", "-preset", "ultrafast", "-f", "mpegts", str(ts))
+    from_start, seeked = list(read_frames(ts, 0.0, 2.0)), list(read_frames(ts, 1.0, 2.0))
+    assert len(seeked) == 25 and all(np.array_equal(a, b) for a, b in zip(from_start[25:], seeked))
+    info = probe(ts)
+    frames = list(decode(info))
+    part = list(decode(info, start_index=60, start_pts=frames[60].pts, count=3))
+    assert [f.index for f in part] == [60, 61, 62]
+    assert all(np.array_equal(f.image, frames[f.index].image) for f in part)
+
+
 def test_closing_the_generator_early_stops_ffmpeg():
     frames = read_frames(SAMPLE, 0.0, 4.0)
     next(frames)
@@ -142,7 +157,8 @@ def test_span_outside_the_video_is_rejected_before_decoding(span):
 @settings(max_examples=200, deadline=None)
 @given(start=st.floats(-5, 10, allow_nan=False), length=st.floats(-1, 10, allow_nan=False))
 def test_check_span_accepts_exactly_the_spans_inside(start, length):
-    info = VideoInfo(width=2, height=2, fps=25.0, duration_s=4.0, has_audio=False)
+    info = VideoInfo(path="video", width=2, height=2, duration_s=4.0, time_base=Fraction(1, 25),
+                     average_rate=Fraction(25))
     end = start + length
     inside = 0 <= start < end <= 4.0 + 0.05
     try:

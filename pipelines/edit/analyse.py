@@ -1,7 +1,7 @@
 """The analysis stage: one streaming pass over a source video finds and tracks its face, then the
 video is split into chunks that carry everything the later stages need.
 
-Per video: probe (`stream.open_info`), decode every frame once with its pts while the face
+Per video: probe (`video.probe`), decode every frame once with its pts while the face
 tracker (`media.tracking`: sparse detection, landmark tracking, re-detection when the box jumps,
 as after a scene cut) follows every face, then choose which face to edit at each moment and frame
 it (`media.framing`, the official framing by default). Only per-frame numbers are kept (pts, 68
@@ -43,7 +43,7 @@ from pipelines.errors import (
 )
 from pipelines.media.faces import FaceDetector
 from pipelines.media.framing import framed_boxes
-from pipelines.media.stream import StreamInfo, decode, open_info
+from pipelines.media.video import VideoInfo, decode, probe
 from pipelines.media.tracking import FaceTrack, FaceTracker
 from pipelines.storage import OutputStore
 
@@ -81,7 +81,7 @@ class DriverPlan:
         return len(self.boxes)
 
 
-def track_video(info: StreamInfo, detector: FaceDetector, settings: EditSettings,
+def track_video(info: VideoInfo, detector: FaceDetector, settings: EditSettings,
                 timings: dict[str, float]) -> tuple[np.ndarray, list[FaceTrack]]:
     """Decode every frame once, tracking faces; return the frames' pts and every face track.
 
@@ -130,7 +130,7 @@ def choose_faces(tracks: list[FaceTrack], frame_count: int, frame_size: tuple[in
     return landmarks, sorted(spans)
 
 
-def analyse_source(info: StreamInfo, detector: FaceDetector, face: str, settings: EditSettings,
+def analyse_source(info: VideoInfo, detector: FaceDetector, face: str, settings: EditSettings,
                    timings: dict[str, float]) -> FaceFrames:
     """Track the video's faces and frame the chosen one; raises `no_face` when there is none to edit."""
     pts, tracks = track_video(info, detector, settings, timings)
@@ -185,7 +185,7 @@ def analyse_driver(driving: str, detector: FaceDetector, settings: EditSettings,
         plan = DriverPlan(str(path), True, boxes, np.zeros(1, np.int64))
     else:
         try:
-            info = open_info(path)
+            info = probe(path, damaged=NOT_A_VIDEO)
         except RecordedFailure as error:
             raise type(error)(error.failure_class, f"driving {error.message}") from None
         pts, tracks = track_video(info, detector, settings, timings)
@@ -266,7 +266,7 @@ def analyse_job(work: JobWork, settings: EditSettings, detector: FaceDetector, s
     job = work.job
     try:
         with timed(timings, "probe_s"):
-            info = open_info(local_input(job.source, settings.workdir))
+            info = probe(local_input(job.source, settings.workdir), damaged=NOT_A_VIDEO)
         driver = analyse_driver(job.driving, detector, settings, timings)
         faces = analyse_source(info, detector, job.face, settings, timings)
     except RecordedFailure as error:
@@ -311,6 +311,6 @@ def analyse_job(work: JobWork, settings: EditSettings, detector: FaceDetector, s
     return result
 
 
-def local_info(chunk: ChunkWork, settings: EditSettings) -> StreamInfo:
+def local_info(chunk: ChunkWork, settings: EditSettings) -> VideoInfo:
     """The chunk's stream description pointing at this machine's copy of the source."""
     return replace(chunk.info, path=str(local_input(chunk.job.source, settings.workdir)))

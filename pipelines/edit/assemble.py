@@ -25,8 +25,8 @@ from pipelines.edit.previews import write_previews
 from pipelines.edit.results import FAILED, OK, ResultRow, base_row
 from pipelines.edit.settings import EditSettings
 from pipelines.edit.work import STAGE_TIMINGS, ChunkWork, timed
-from pipelines.errors import RecordedFailure
-from pipelines.media.stream import StreamInfo, container_format, join_segments, open_info, video_timestamps
+from pipelines.errors import NOT_A_VIDEO, RecordedFailure
+from pipelines.media.video import VideoInfo, container_format, join_segments, probe, video_timestamps
 from pipelines.storage import OutputStore
 
 LOG = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def _same_instants(a: np.ndarray, a_base: Fraction, b: np.ndarray, b_base: Fract
     return bool(np.all(left == right))
 
 
-def verify_output(path: Path, chunks: list[ChunkWork], info: StreamInfo) -> StreamInfo:
+def verify_output(path: Path, chunks: list[ChunkWork], info: VideoInfo) -> VideoInfo:
     """Check the written video has exactly the source's frames at the source's instants; return its info."""
     expected = np.concatenate([c.pts for c in chunks])
     written, base = video_timestamps(path)
@@ -53,7 +53,7 @@ def verify_output(path: Path, chunks: list[ChunkWork], info: StreamInfo) -> Stre
         raise RecordedFailure(errors.INTERNAL_ERROR,
                               f"the output has {len(written)} frames at other instants than the source's "
                               f"{len(expected)}: a bug in segment joining; the output was not published")
-    return open_info(path)
+    return probe(path, damaged=NOT_A_VIDEO)
 
 
 def _segments_local(store: OutputStore, chunks: list[ChunkWork], scratch: Path) -> list[Path]:
@@ -130,7 +130,7 @@ def finish_job(chunks: list[ChunkWork], settings: EditSettings, store: OutputSto
                 **described, **common)
 
 
-def _previews(chunks: list[ChunkWork], source: StreamInfo, result: Path, settings: EditSettings,
+def _previews(chunks: list[ChunkWork], source: VideoInfo, result: Path, settings: EditSettings,
               store: OutputStore) -> tuple[str, str]:
     job = chunks[0].job
     video, sheet = f"previews/{job.key}.mp4", f"previews/{job.key}.png"

@@ -3,7 +3,7 @@
 Each frame with an edited face gets the edited crop blended into the full-resolution frame
 (`media.paste`: soft landmark mask, colour matched around the face; for pose edits the mask also
 covers the face where the edit moved it, found by the landmark model on the edited crop); every
-other frame is written as decoded. Frames keep their pts and durations (`media.stream`), and the
+other frame is written as decoded. Frames keep their pts and durations (`media.video`), and the
 segment appears in the output store only once complete.
 """
 
@@ -23,7 +23,7 @@ from pipelines.errors import RecordedFailure
 from pipelines.media.crop import crop_frame, landmarks_to_crop
 from pipelines.media.faces import FaceDetector, make_detector
 from pipelines.media.paste import MaskConfig, face_mask, match_colour, paste_back
-from pipelines.media.stream import SegmentWriter
+from pipelines.media.video import SegmentWriter
 from pipelines.storage import OutputStore
 
 LANDMARK_INPUT_SIZE = 256

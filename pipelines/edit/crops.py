@@ -16,12 +16,12 @@ from pipelines.edit.analyse import local_info, read_image
 from pipelines.edit.fetch import local_input
 from pipelines.edit.settings import EditSettings
 from pipelines.edit.work import ChunkWork, timed, timed_iter
-from pipelines.errors import DAMAGED_VIDEO, RecordedFailure, VideoError
+from pipelines.errors import DAMAGED_VIDEO, NOT_A_VIDEO, RecordedFailure, VideoError
 from pipelines.media.crop import crop_frame
-from pipelines.media.stream import DecodedFrame, StreamInfo, decode, open_info
+from pipelines.media.video import DecodedFrame, VideoInfo, decode, probe
 
 
-def chunk_frames(chunk: ChunkWork, info: StreamInfo, timings: dict[str, float]):
+def chunk_frames(chunk: ChunkWork, info: VideoInfo, timings: dict[str, float]):
     """The chunk's frames, decoded again, each checked against the pts the analysis pass saw."""
     expected = chunk.pts
     frames = decode(info, start_index=chunk.start, start_pts=int(expected[0]), count=len(expected))
@@ -41,7 +41,7 @@ def chunk_frames(chunk: ChunkWork, info: StreamInfo, timings: dict[str, float]):
 def _selected_frames(path: Path, frames: np.ndarray, pts: np.ndarray,
                      timings: dict[str, float]) -> dict[int, DecodedFrame]:
     """Decode the given (ascending) frame indices of a video, seeking to the first."""
-    info = open_info(path)
+    info = probe(path, damaged=NOT_A_VIDEO)
     wanted = set(int(i) for i in frames)
     first, last = int(frames[0]), int(frames[-1])
     found = {}
@@ -90,7 +90,7 @@ def crop_chunk(chunk: ChunkWork, settings: EditSettings) -> ChunkWork:
     return chunk
 
 
-def _reference_crop(chunk: ChunkWork, info: StreamInfo, driver_path: Path, timings: dict[str, float],
+def _reference_crop(chunk: ChunkWork, info: VideoInfo, driver_path: Path, timings: dict[str, float],
                     size: int) -> np.ndarray | None:
     if chunk.reference is None:
         return None

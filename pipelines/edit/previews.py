@@ -8,17 +8,18 @@ evenly spaced edited frames. Both stream through the three videos once, frame by
 
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
 
-import av
 import cv2
 import numpy as np
 
 from pipelines.edit.analyse import read_image
 from pipelines.edit.jobs import EditJob
 from pipelines.edit.settings import EditSettings
-from pipelines.media.stream import StreamInfo, decode, open_info
+from pipelines.errors import NOT_A_VIDEO
+from pipelines.media.video import VideoInfo, VideoWriter, decode, probe
 
 LABELS = ("source", "driving", "result")
 SHEET_HEIGHT = 160
@@ -48,7 +49,7 @@ def driving_frames(path: Path, is_image: bool, policy: str) -> Iterator[np.ndarr
         image = read_image(path)
         while True:
             yield image
-    info = open_info(path)
+    info = probe(path, damaged=NOT_A_VIDEO)
     last = None
     while True:
         for frame in decode(info):
@@ -60,45 +61,13 @@ def driving_frames(path: Path, is_image: bool, policy: str) -> Iterator[np.ndarr
             yield last if policy == "hold" else None
 
 
-def _pixel_aspect(info: StreamInfo) -> float:
+def _pixel_aspect(info: VideoInfo) -> float:
     """Width of a pixel relative to its height as shown (sample aspect ratio; swapped when rotated)."""
     ratio = float(info.sample_aspect_ratio or 1)
     return 1.0 / ratio if info.rotation % 180 else ratio
 
 
-class _AudioTrack:
-    """The source's first audio stream re-encoded to AAC, written in step with the video frames."""
-
-    def __init__(self, container: av.container.OutputContainer, info: StreamInfo, limit_s: float) -> None:
-        self._source = av.open(info.path, "r")
-        source = self._source.streams.audio[0]
-        rate = source.rate or 48000
-        layout = source.layout.name if source.layout.nb_channels <= 2 else "stereo"
-        self._container = container
-        self._stream = container.add_stream("aac", rate=rate, layout=layout)
-        self._resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
-        self._start = float(info.start_pts * info.time_base)
-        self._limit = limit_s
-        self._frames = self._source.decode(source)
-        self._next = next(self._frames, None)
-
-    def write_until(self, seconds: float) -> None:
-        """Encode source audio up to `seconds` after the video's start (and never past the limit)."""
-        while self._next is not None and (self._next.time or 0.0) - self._start <= min(seconds, self._limit):
-            frame, self._next = self._next, next(self._frames, None)
-            frame.pts = None
-            for resampled in self._resampler.resample(frame):
-                self._container.mux(self._stream.encode(resampled))
-
-    def finish(self) -> None:
-        self.write_until(self._limit)
-        for resampled in self._resampler.resample(None):
-            self._container.mux(self._stream.encode(resampled))
-        self._container.mux(self._stream.encode(None))
-        self._source.close()
-
-
-def write_previews(job: EditJob, info: StreamInfo, driving_path: Path, result_path: Path, video_target: Path,
+def write_previews(job: EditJob, info: VideoInfo, driving_path: Path, result_path: Path, video_target: Path,
                    sheet_target: Path, settings: EditSettings, sheet_frames: list[int]) -> int:
     """Write the side-by-side video and the contact sheet; returns the number of preview frames.
 
@@ -107,20 +76,17 @@ def write_previews(job: EditJob, info: StreamInfo, driving_path: Path, result_pa
     height = settings.preview_height
     start_time = float(info.start_pts * info.time_base)
     limit = start_time + settings.preview_seconds
-    result_info = open_info(result_path)
+    result_info = probe(result_path, damaged=NOT_A_VIDEO)
     drivers = driving_frames(driving_path, job.driving_is_image, job.driving_policy)
     aspect = _pixel_aspect(info)
-    driving_aspect = 1.0 if job.driving_is_image else _pixel_aspect(open_info(driving_path))
+    driving_aspect = 1.0 if job.driving_is_image else _pixel_aspect(probe(driving_path, damaged=NOT_A_VIDEO))
     wanted = set(sheet_frames)
     thumbs: list[list[np.ndarray]] = []
-    container = av.open(str(video_target), "w", format="mp4", options={"movflags": "+faststart"})
+    writer = None
+    blank = None
     try:
-        audio = _AudioTrack(container, info, limit - start_time) if info.audio_streams else None
-        stream = None
-        blank = None
-        written = 0
         for source, result in zip(decode(info), decode(result_info)):
-            if float(source.pts * info.time_base) > limit and written:
+            if float(source.pts * info.time_base) > limit and writer is not None:
                 break
             driving = next(drivers)
             panels = [_fit(source.image, height, aspect), None, _fit(result.image, height, aspect)]
@@ -131,28 +97,21 @@ def write_previews(job: EditJob, info: StreamInfo, driving_path: Path, result_pa
             if source.index in wanted:
                 thumbs.append([_fit(p, SHEET_HEIGHT) for p in panels])
             row = np.concatenate([_label(p.copy(), text) for p, text in zip(panels, LABELS)], axis=1)
-            if stream is None:
-                stream = container.add_stream("libx264", rate=info.average_rate or 25)
-                stream.width, stream.height = row.shape[1], row.shape[0]
-                stream.pix_fmt = "yuv420p"
-                stream.time_base = info.time_base
-                stream.codec_context.time_base = info.time_base
-                stream.options = {"crf": "23", "preset": "veryfast", "bf": "0"}
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(row), format="rgb24")
-            frame.pts = source.pts - info.start_pts
-            frame.time_base = info.time_base
-            container.mux(stream.encode(frame))
-            written += 1
-            if audio is not None:
-                audio.write_until(float(frame.pts * info.time_base))
-        if stream is not None:
-            container.mux(stream.encode(None))
-        if audio is not None:
-            audio.finish()
-    finally:
-        container.close()
+            if writer is None:
+                writer = VideoWriter(video_target, row.shape[1], row.shape[0], time_base=info.time_base,
+                                     rate=info.average_rate or Fraction(25), crf=23, preset="veryfast", b_frames=False,
+                                     muxer_options={"movflags": "+faststart"},
+                                     audio_from=info if info.audio_streams else None,
+                                     audio_seconds=limit - start_time)
+            writer.write(np.ascontiguousarray(row), source.pts - info.start_pts)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer is not None:
+        writer.close()
     _write_sheet(thumbs, sheet_target)
-    return written
+    return 0 if writer is None else writer.frames
 
 
 def _write_sheet(thumbs: list[list[np.ndarray]], target: Path) -> None:

@@ -19,7 +19,7 @@ from typing import Iterator, TypeVar
 import numpy as np
 
 from pipelines.edit.jobs import EditJob
-from pipelines.media.stream import StreamInfo
+from pipelines.media.video import VideoInfo
 
 T = TypeVar("T")
 
@@ -58,7 +58,7 @@ class ChunkWork:
     chunk: int
     """Chunk number; -1 for a job that failed before it was split into chunks."""
     chunks: int
-    info: StreamInfo | None = None
+    info: VideoInfo | None = None
     start: int = 0
     pts: np.ndarray | None = None
     """(n,) pts of the chunk's frames, from the analysis pass (checked when decoding again)."""

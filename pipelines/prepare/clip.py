@@ -143,16 +143,16 @@ def process_clip(video_path: str | os.PathLike, start_s: float | None, end_s: fl
         with _timed(timings, "select_s"):
             wanted = _meta_frames(meta_boxes, start, end, info, fps)
             selection = select_track(tracker.tracks, frame_count, wanted, config, tracker.detections,
-                                     (info.width, info.height))
+                                     info.display_size)
             track = selection.track
             if len(track.landmarks) < sample_format.min_clip_frames:
                 raise ClipRejected(CLIP_TOO_SHORT, f"{len(track.landmarks)} frames with the face, fewer than the "
                                                    f"minimum of {sample_format.min_clip_frames} (--min-clip-frames)")
-            boxes = checked_boxes(np.stack(track.landmarks), (info.width, info.height), sample_format.framing,
+            boxes = checked_boxes(np.stack(track.landmarks), info.display_size, sample_format.framing,
                                   config.min_face_px, config.max_outside_fraction, track.start)
             landmarks = np.stack([landmarks_to_crop(points, box, size) for points, box in zip(track.landmarks, boxes)])
         with _timed(timings, "encode_s"):
-            crops = regions.crops(track.start, boxes, size, (info.width, info.height))
+            crops = regions.crops(track.start, boxes, size, info.display_size)
             decodes = 1 if crops is not None else 2
             if crops is None:
                 regions = None  # free the kept parts before decoding again
@@ -167,7 +167,7 @@ def process_clip(video_path: str | os.PathLike, start_s: float | None, end_s: fl
     first = offset_s + start
     meta = SampleMeta.build(
         provenance, span=(first + track.start / fps, first + track.end / fps), fps=fps, frames=len(boxes),
-        crop_size=size, source_size=(info.width, info.height), detector=detector.name,
+        crop_size=size, source_size=info.display_size, detector=detector.name,
         track_box={"mean": float_boxes.mean(axis=0).tolist(), "min": float_boxes.min(axis=0).tolist(),
                    "max": float_boxes.max(axis=0).tolist()},
         faces_seen=selection.faces_seen, face_choice=selection.choice)
@@ -192,7 +192,7 @@ def _meta_frames(meta_boxes: Sequence[MetaBox], start: float, end: float, info: 
                  fps: float) -> list[tuple[int, Box]]:
     """Metadata boxes as (output frame index, pixel box); those inside the span, else all of them."""
     inside = [b for b in meta_boxes if start <= b.t <= end] or list(meta_boxes)
-    return [(round((b.t - start) * fps), b.to_pixels(info.width, info.height)) for b in inside]
+    return [(round((b.t - start) * fps), b.to_pixels(*info.display_size)) for b in inside]
 
 
 class _timed:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import ffmpeg
+
 from pipelines.sample.media import make_sample_media, run_ffmpeg
 from pipelines.storage import atomic_local_path
 
@@ -28,13 +30,13 @@ def make_demo_media(directory: str | Path) -> dict[str, Path]:
     for name, (start, end) in (("source.mp4", SOURCE_SPAN_S), ("driver.mp4", DRIVER_SPAN_S)):
         if not paths[name].exists():
             with atomic_local_path(paths[name]) as temporary:
-                run_ffmpeg("-ss", f"{start}", "-i", str(talk), "-t", f"{end - start}", "-c:v", "libx264", "-preset",
-                        "veryfast", "-crf", "20", "-pix_fmt", "yuv420p", "-c:a", "aac", "-movflags", "+faststart",
-                        "-f", "mp4", str(temporary))
+                run_ffmpeg(ffmpeg.input(str(talk), ss=start).output(
+                    str(temporary), t=end - start, vcodec="libx264", preset="veryfast", crf=20, pix_fmt="yuv420p",
+                    acodec="aac", movflags="+faststart", f="mp4"))
     if not paths["driver.png"].exists():
         with atomic_local_path(paths["driver.png"]) as temporary:
-            run_ffmpeg("-ss", f"{STILL_AT_S}", "-i", str(talk), "-frames:v", "1", "-f", "image2", "-c:v", "png",
-                    str(temporary))
+            run_ffmpeg(ffmpeg.input(str(talk), ss=STILL_AT_S).output(str(temporary), f="image2", vcodec="png",
+                                                                     **{"frames:v": 1}))
     if not paths["jobs.csv"].exists():
         with atomic_local_path(paths["jobs.csv"]) as temporary, open(temporary, "w", newline="") as handle:
             writer = csv.writer(handle)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import re
-import subprocess
 from pathlib import Path
 
+import ffmpeg
+
 from pipelines.errors import CORRUPT_VIDEO, VideoError
-from pipelines.media.video import ffmpeg_exe, probe
+from pipelines.media.video import decode, ffmpeg_exe, probe
 from pipelines.storage import atomic_local_path
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,8 @@ on every run and a rerun resumes instead of preparing the URL-list clip again.""
 
 SAMPLE_NAMES = ("talk.mp4", "noface.mp4", "twofaces.mp4", "corrupt.mp4")
 
-_ENCODE = ["-c:v", "libx264", "-preset", "veryfast", "-crf", "26", "-pix_fmt", "yuv420p", "-g", "30",
-           "-c:a", "aac", "-b:a", "64k", "-movflags", "+faststart", "-f", "mp4"]
+_ENCODE = {"c:v": "libx264", "preset": "veryfast", "crf": 26, "pix_fmt": "yuv420p", "g": 30, "c:a": "aac", "b:a": "64k",
+           "movflags": "+faststart", "f": "mp4"}
 
 
 def source_clip_path() -> Path:
@@ -59,35 +59,38 @@ def make_sample_media(directory: str | os.PathLike) -> dict[str, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     clip = str(source_clip_path())
     width, height = SAMPLE_SIZE
-    scale = f"scale={width}:{height}:flags=lanczos"
     clip_seconds = 120 / (30000 / 1001)
-    talk_seconds = f"{clip_seconds * TALK_LOOPS:.3f}"
-    sine = ["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"]
+    sine = ffmpeg.input("sine=frequency=440:sample_rate=44100", f="lavfi").audio
+
+    def upscaled(**options: object) -> ffmpeg.nodes.FilterableStream:
+        return ffmpeg.input(clip, **options).video.filter("scale", width, height, flags="lanczos")
+
+    pair = upscaled().split()
     recipes = {
-        "talk.mp4": ["-stream_loop", str(TALK_LOOPS - 1), "-i", clip, *sine,
-                     "-map", "0:v", "-map", "1:a", "-vf", scale, "-t", talk_seconds],
-        "noface.mp4": ["-f", "lavfi", "-i", f"testsrc2=size={width}x{height}:rate=25", *sine,
-                       "-map", "0:v", "-map", "1:a", "-t", "4"],
-        "twofaces.mp4": ["-i", clip, *sine, "-filter_complex", f"[0:v]{scale},split[a][b];[a][b]hstack[v]",
-                         "-map", "[v]", "-map", "1:a", "-t", f"{clip_seconds:.3f}"],
+        "talk.mp4": ([upscaled(stream_loop=TALK_LOOPS - 1), sine], f"{clip_seconds * TALK_LOOPS:.3f}"),
+        "noface.mp4": ([ffmpeg.input(f"testsrc2=size={width}x{height}:rate=25", f="lavfi").video, sine], "4"),
+        "twofaces.mp4": ([ffmpeg.filter([pair[0], pair[1]], "hstack"), sine], f"{clip_seconds:.3f}"),
     }
     paths = {name: directory / name for name in SAMPLE_NAMES}
-    for name, args in recipes.items():
+    for name, (streams, seconds) in recipes.items():
         if not paths[name].exists():
             with atomic_local_path(paths[name]) as temporary:
-                run_ffmpeg(*args, *_ENCODE, str(temporary))
+                run_ffmpeg(ffmpeg.output(*streams, str(temporary), t=seconds, **_ENCODE))
     if not paths["corrupt.mp4"].exists():
         with atomic_local_path(paths["corrupt.mp4"]) as temporary:
             _truncated_copy(paths["talk.mp4"], temporary, 0.4)
     return paths
 
 
-def run_ffmpeg(*args: str) -> None:
-    """Run ffmpeg (an argument list, never a shell) to make sample or demo media; its error text on failure."""
-    cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *args]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"ffmpeg failed making sample media ({done.returncode}): {done.stderr.strip()[-2000:]}")
+def run_ffmpeg(output: ffmpeg.nodes.OutputStream) -> None:
+    """Run an ffmpeg-python graph with the bundled binary (an argument list, never a shell) to make
+    sample or demo media; a RuntimeError with ffmpeg's error text when it fails."""
+    try:
+        output.global_args("-nostdin", "-hide_banner", "-loglevel", "error").run(
+            cmd=ffmpeg_exe(), capture_stdout=True, capture_stderr=True, overwrite_output=True)
+    except ffmpeg.Error as error:
+        text = error.stderr.decode("utf-8", "replace").strip()[-2000:]
+        raise RuntimeError(f"ffmpeg failed making sample media: {text}") from None
 
 
 def _truncated_copy(source: Path, target: Path, fraction: float) -> None:
@@ -96,19 +99,23 @@ def _truncated_copy(source: Path, target: Path, fraction: float) -> None:
 
 
 def describe_media(path: str | os.PathLike) -> dict[str, object]:
-    """`video.probe` plus an exact frame count (by decoding), for checking made or downloaded media.
+    """`video.probe` plus an exact frame count (by decoding, up to any damage), for checking made or
+    downloaded media.
 
-    Returns {"duration_s", "frames", "width", "height", "has_audio"}; raises `VideoError` naming the
-    file when ffmpeg cannot read it.
+    Returns {"duration_s", "frames", "width", "height", "has_audio"} (the size as displayed); raises
+    `VideoError` naming the file when it cannot be read or no frame decodes.
     """
     info = probe(path)
-    done = subprocess.run([ffmpeg_exe(), "-nostdin", "-hide_banner", "-i", os.fspath(path),
-                           "-map", "0:v:0", "-f", "null", "-"], capture_output=True, text=True)
-    frames = re.findall(r"frame=\s*(\d+)", done.stderr)
-    if done.returncode != 0 or not frames:
-        raise VideoError(CORRUPT_VIDEO, f"cannot decode {path}: {done.stderr.strip()[-1000:]}")
-    return {"duration_s": info.duration_s, "frames": int(frames[-1]), "width": info.width,
-            "height": info.height, "has_audio": info.has_audio}
+    frames = 0
+    try:
+        for _ in decode(info):
+            frames += 1
+    except VideoError as error:
+        if not frames:
+            raise VideoError(CORRUPT_VIDEO, f"cannot decode {path}: {error.message}") from None
+    width, height = info.display_size
+    return {"duration_s": info.duration_s, "frames": frames, "width": width, "height": height,
+            "has_audio": info.has_audio}
 
 
 __all__ = ["SAMPLE_NAMES", "SAMPLE_SIZE", "describe_media", "make_sample_media", "source_clip_path"]

@@ -66,8 +66,9 @@ def write_sample_inputs(directory: str | Path, url_base: str) -> dict[str, Path]
     talk = media["talk.mp4"]
     width, height = SAMPLE_SIZE
     info = probe(talk)
-    if (info.width, info.height) != (width, height):
-        raise RuntimeError(f"sample video {talk} is {info.width}x{info.height}, expected {width}x{height}")
+    if info.display_size != (width, height):
+        shown = "x".join(map(str, info.display_size))
+        raise RuntimeError(f"sample video {talk} is {shown}, expected {width}x{height}")
 
     vox1 = directory / "vox1"
     vox2 = directory / "vox2"

@@ -6,9 +6,9 @@ shard, so the driver can refuse a missing dataset or an empty split before any w
 `ClipReader` reads one sample on demand: the first time a shard is touched its tar headers are
 scanned (`tarfile` seeks past the data; on object stores each header is a ranged read) to learn
 where each member lies, then a sample's entries are read by offset and rebuilt with
-`ClipSample.from_entries`, the schema every reader shares. The mp4 is decoded in memory with
-PyAV (only the frames the sampler may draw), resized to the model size, and kept in a small LRU
-cache bounded in bytes: memory holds the clips in use, never a whole shard.
+`ClipSample.from_entries`, the schema every reader shares. The mp4 is decoded in memory
+(`media.video.read_clip`: only the frames the sampler may draw), resized to the model size, and
+kept in a small LRU cache bounded in bytes: memory holds the clips in use, never a whole shard.
 
 A shard that cannot be opened or scanned, or a sample that does not match the schema, cannot be
 decoded or whose video length disagrees with its arrays, is skipped: recorded once with its
@@ -17,7 +17,6 @@ failure class (`pipelines.errors`) and a message naming it, and never read again
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import posixpath
@@ -30,7 +29,8 @@ import numpy as np
 from pipelines.dataset import manifest
 from pipelines.dataset.layout import SHARD_INDEX_PATH
 from pipelines.dataset.schema import ClipSample
-from pipelines.errors import BAD_SAMPLE, UNREADABLE_SHARD, RecordedFailure
+from pipelines.errors import BAD_SAMPLE, UNREADABLE_SHARD, RecordedFailure, VideoError
+from pipelines.media.video import read_clip
 from pipelines.storage import OutputStore, clean_relpath
 
 LOG = logging.getLogger(__name__)
@@ -172,7 +172,10 @@ class ClipReader:
 
     def _decoded(self, sample: ClipSample) -> LoadedClip:
         wanted = sample.frames if self.frame_window is None else min(sample.frames, self.frame_window)
-        frames = decode_frames(sample.mp4, self.size, limit=wanted, label=f"sample {sample.key} in {sample.shard}")
+        try:
+            frames = read_clip(sample.mp4, self.size, limit=wanted)
+        except VideoError as error:
+            raise RecordedFailure(BAD_SAMPLE, f"sample {sample.key} in {sample.shard}: {error.message}") from None
         if len(frames) != wanted:
             raise RecordedFailure(BAD_SAMPLE, f"sample {sample.key} in {sample.shard}: its video has {len(frames)} "
                                               f"frames where its arrays have {sample.frames}")
@@ -210,30 +213,3 @@ class ClipReader:
             _, evicted = self._cache.popitem(last=False)
             self._cached_bytes -= evicted.frames.nbytes
 
-
-def decode_frames(mp4: bytes, size: int, *, limit: int | None = None, label: str = "video") -> np.ndarray:
-    """The first `limit` frames (all when None) of an mp4 held in memory, as (T, size, size, 3) uint8 RGB.
-
-    Decoded with PyAV from a BytesIO (no temporary file), resized with area averaging when
-    shrinking and bicubic when enlarging. RecordedFailure(BAD_SAMPLE) when it cannot be decoded.
-    """
-    import av
-    import cv2
-
-    frames: list[np.ndarray] = []
-    try:
-        with av.open(io.BytesIO(mp4)) as container:
-            for frame in container.decode(video=0):
-                image = frame.to_ndarray(format="rgb24")
-                if image.shape[:2] != (size, size):
-                    shrink = image.shape[0] > size
-                    image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
-                frames.append(image)
-                if limit is not None and len(frames) >= limit:
-                    break
-    except (av.FFmpegError, ValueError, IndexError) as error:
-        raise RecordedFailure(BAD_SAMPLE,
-                              f"{label}: the mp4 cannot be decoded ({type(error).__name__}: {error})") from None
-    if not frames:
-        raise RecordedFailure(BAD_SAMPLE, f"{label}: the mp4 holds no video frames")
-    return np.stack(frames)
