@@ -46,9 +46,9 @@ from dpe.config import ModelConfig
 from dpe.editing import expression_transfer
 from dpe.model import DPEGenerator
 from pipelines.edit import job
-from pipelines.edit.analyse import read_image
 from pipelines.edit.model import CropEditor, keep_large_blocks_on_heap, load_weights, to_crops, to_tensor
 from pipelines.edit.settings import EditSettings
+from pipelines.edit.stage_io import read_image
 from pipelines.media.crop import crop_frame, landmarks_to_crop
 from pipelines.media.faces import make_detector
 from pipelines.media.framing import framed_boxes

@@ -18,8 +18,9 @@ from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipelines.options import build
-from pipelines.prepare import job, report
+from pipelines.prepare import job
 from pipelines.prepare.settings import PrepareSettings, SourceInputs
+from pipelines.prepare.summary import summary_markdown, summary_text
 from pipelines.runtime import ensure_ray
 
 _DEFAULTS = PrepareSettings()
@@ -130,9 +131,9 @@ def _run(inputs: SourceInputs, settings: PrepareSettings) -> dict:
         future.wait()
     failed_batches = [f for f in futures if not f.state.is_completed()]
     summary = finalize_task(plan, settings)
-    create_markdown_artifact(key="prepare-dataset-summary", markdown=report.summary_markdown(summary),
+    create_markdown_artifact(key="prepare-dataset-summary", markdown=summary_markdown(summary),
                              description=f"Dataset preparation into {settings.output}")
-    print(report.summary_text(summary))
+    print(summary_text(summary))
     if failed_batches:
         raise RuntimeError(
             f"{len(failed_batches)} batch(es) failed after retries; their clips are not in the manifest. "

@@ -140,7 +140,7 @@ class TwoNodeCluster:
                 os.killpg(process.pid, signal.SIGTERM)
         for process in self.processes:
             try:
-                process.wait(timeout=30)
+                process.wait(timeout=5)
             except Exception:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()

@@ -14,7 +14,7 @@ import pytest
 from pipelines import errors
 from pipelines.edit import results
 from pipelines.edit.analyse import driving_indices, edit_weights
-from pipelines.edit.jobs import (
+from pipelines.edit.job_table import (
     EditJob,
     InputError,
     drop_duplicate_outputs,
@@ -120,9 +120,9 @@ def test_job_keys_are_safe_file_names_and_specs_follow_every_option():
     job = single_job("a b/../x.mp4", "d.mp4", "sub dir/x y.mp4", DEFAULTS)
     assert "/" not in job.key and " " not in job.key and len(job.key) <= 71
     context = {"model": "m"}
-    assert job.spec(context) == dataclasses.replace(job, origin="elsewhere").spec(context)
-    assert job.spec(context) != dataclasses.replace(job, strength=0.5).spec(context)
-    assert job.spec(context) != job.spec({"model": "other"})
+    assert job.digest(context) == dataclasses.replace(job, origin="elsewhere").digest(context)
+    assert job.digest(context) != dataclasses.replace(job, strength=0.5).digest(context)
+    assert job.digest(context) != job.digest({"model": "other"})
 
 
 @pytest.mark.parametrize("policy, expected", [

@@ -23,9 +23,9 @@ from pipelines.edit.analyse import analyse_source
 from pipelines.edit.model import CropEditor
 from pipelines.edit.settings import EditSettings
 from pipelines.errors import RecordedFailure
-from pipelines.media.video import audio_packets, decode, probe, video_timestamps
 from pipelines.media.crop import pixel_box
 from pipelines.media.faces import make_detector
+from pipelines.media.video import audio_packets, decode, probe, video_timestamps
 from pipelines.storage import OutputStore
 
 
@@ -215,8 +215,8 @@ def test_a_failed_chunk_is_redone_alone_on_rerun(edit_clips, tiny_checkpoint, tm
 
     def flaky(chunk, settings, store):
         if not chunk.reused:
-            composed.append(chunk.chunk)
-        if chunk.chunk == 1 and failing[0]:
+            composed.append(chunk.index)
+        if chunk.index == 1 and failing[0]:
             raise RecordedFailure(errors.ENCODE_FAILED, "disk full (injected)")
         return compose(chunk, settings, store)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import shutil
+import signal
 from fractions import Fraction
 
 import pytest

@@ -34,7 +34,7 @@ DESCRIPTION = (
 def run(args: argparse.Namespace) -> int:
     from flows.services import hand_over, run_with_services
     from pipelines.edit.job import collect_jobs
-    from pipelines.edit.jobs import InputError
+    from pipelines.edit.job_table import InputError
     from pipelines.edit.model import CheckpointError, load_weights
     from pipelines.edit.results import summary_text
     from pipelines.options import absolute_location, values_of

@@ -22,16 +22,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
-from pipelines.edit.fetch import local_input
-from pipelines.edit.jobs import is_image
+from pipelines.edit.chunks import ChunkWork, DriverSlice, JobWork, timed, timed_iter
+from pipelines.edit.job_table import is_image
 from pipelines.edit.settings import EditSettings, parse_face
-from pipelines.edit.work import ChunkWork, DriverSlice, JobWork, timed, timed_iter
+from pipelines.edit.stage_io import local_input, read_image
 from pipelines.errors import (
     DAMAGED_VIDEO,
     MISSING_VIDEO,
@@ -43,8 +41,8 @@ from pipelines.errors import (
 )
 from pipelines.media.faces import FaceDetector
 from pipelines.media.framing import framed_boxes
-from pipelines.media.video import VideoInfo, decode, probe
 from pipelines.media.tracking import FaceTrack, FaceTracker
+from pipelines.media.video import VideoInfo, decode, probe
 from pipelines.storage import OutputStore
 
 LOG = logging.getLogger(__name__)
@@ -147,17 +145,6 @@ def analyse_source(info: VideoInfo, detector: FaceDetector, face: str, settings:
     return FaceFrames(pts=pts, landmarks=landmarks, boxes=boxes, tracks_found=len(tracks))
 
 
-def read_image(path: Path) -> np.ndarray:
-    """An image file as RGB uint8 (H, W, 3); raises `not_a_video` when it cannot be read as an image."""
-    if not path.is_file():
-        raise VideoError(MISSING_VIDEO, f"{path}: no such file")
-    data = np.fromfile(str(path), dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if image is None:
-        raise VideoError(NOT_A_VIDEO, f"{path}: not a readable image")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
 _DRIVERS: OrderedDict[tuple, DriverPlan] = OrderedDict()
 _DRIVER_CACHE_SIZE = 8
 
@@ -256,7 +243,7 @@ def edit_weights(edited: np.ndarray, fade_frames: int) -> np.ndarray:
 
 def segment_path(work: JobWork, chunk: int) -> str:
     """Where a chunk's encoded segment is kept until the job's video is joined (inside the output store)."""
-    return f".segments/{work.job.key}-{work.spec[:8]}/{chunk:05d}.mp4"
+    return f".segments/{work.job.key}-{work.digest[:8]}/{chunk:05d}.mp4"
 
 
 def analyse_job(work: JobWork, settings: EditSettings, detector: FaceDetector, store: OutputStore) -> list[ChunkWork]:
@@ -270,7 +257,7 @@ def analyse_job(work: JobWork, settings: EditSettings, detector: FaceDetector, s
         driver = analyse_driver(job.driving, detector, settings, timings)
         faces = analyse_source(info, detector, job.face, settings, timings)
     except RecordedFailure as error:
-        failed = ChunkWork(work, chunk=-1, chunks=0, timings=timings, started_at=started)
+        failed = ChunkWork(work, index=-1, total=0, timings=timings, started_at=started)
         failed.visited()
         return [failed.fail(error.failure_class, f"{job.source}: {error.message}")]
     count = len(faces.pts)
@@ -296,7 +283,7 @@ def analyse_job(work: JobWork, settings: EditSettings, detector: FaceDetector, s
         chosen = index[start:stop] >= 0
         local_index[chosen] = np.searchsorted(used, index[start:stop][chosen])
         chunk = ChunkWork(
-            work, chunk=number, chunks=chunks, info=info, start=start, pts=faces.pts[start:stop].copy(),
+            work, index=number, total=chunks, info=info, start=start, pts=faces.pts[start:stop].copy(),
             weights=weights[start:stop].copy(), boxes=faces.boxes[start:stop].copy(),
             landmarks=faces.landmarks[start:stop].copy(), driving_index=local_index,
             driver=DriverSlice(driver.is_image, used, driver.boxes[used].copy(), driver.pts[used].copy()),
@@ -309,8 +296,3 @@ def analyse_job(work: JobWork, settings: EditSettings, detector: FaceDetector, s
              faces.tracks_found, int(edited.sum()), chunks,
              f" ({sum(c.reused for c in result)} already encoded)" if any(c.reused for c in result) else "")
     return result
-
-
-def local_info(chunk: ChunkWork, settings: EditSettings) -> VideoInfo:
-    """The chunk's stream description pointing at this machine's copy of the source."""
-    return replace(chunk.info, path=str(local_input(chunk.job.source, settings.workdir)))

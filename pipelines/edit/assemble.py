@@ -19,12 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from pipelines import errors
-from pipelines.edit.analyse import local_info
-from pipelines.edit.fetch import local_input, store_output
+from pipelines.edit.chunks import STAGE_TIMINGS, ChunkWork, timed
 from pipelines.edit.previews import write_previews
 from pipelines.edit.results import FAILED, OK, ResultRow, base_row
 from pipelines.edit.settings import EditSettings
-from pipelines.edit.work import STAGE_TIMINGS, ChunkWork, timed
+from pipelines.edit.stage_io import local_info, local_input, store_output
 from pipelines.errors import NOT_A_VIDEO, RecordedFailure
 from pipelines.media.video import VideoInfo, container_format, join_segments, probe, video_timestamps
 from pipelines.storage import OutputStore
@@ -88,7 +87,7 @@ def _sheet_frames(chunks: list[ChunkWork], count: int) -> list[int]:
 
 def finish_job(chunks: list[ChunkWork], settings: EditSettings, store: OutputStore, model: str) -> ResultRow:
     """The job's results row, after joining and checking its output when every chunk succeeded."""
-    chunks = sorted(chunks, key=lambda c: c.chunk)
+    chunks = sorted(chunks, key=lambda c: c.index)
     started = min(c.started_at for c in chunks)
     first = chunks[0]
     job = first.job
@@ -97,11 +96,11 @@ def finish_job(chunks: list[ChunkWork], settings: EditSettings, store: OutputSto
         for key, value in chunk.timings.items():
             timings[key] = timings.get(key, 0.0) + value
     workers = sorted({w for c in chunks for w in c.workers})
-    common = dict(attempt=first.work.attempt, spec=first.work.spec, model=model, worker=",".join(workers))
+    common = dict(attempt=first.work.attempt, spec=first.work.digest, model=model, worker=",".join(workers))
     failed = [c for c in chunks if not c.ok]
     info = first.info
     described = {} if info is None else dict(
-        frames=int(sum(c.frames for c in chunks)), chunks=first.chunks, width=info.display_size[0],
+        frames=int(sum(c.frames for c in chunks)), chunks=first.total, width=info.display_size[0],
         height=info.display_size[1], rotation=info.rotation, input_fps=info.rate_text,
         input_duration_s=info.duration_s, audio_streams=info.audio_streams)
     if failed:

@@ -14,11 +14,9 @@ import functools
 import cv2
 import numpy as np
 
-from pipelines.edit.analyse import local_info
-from pipelines.edit.crops import chunk_frames
-from pipelines.edit.fetch import store_output
+from pipelines.edit.chunks import ChunkWork, timed
 from pipelines.edit.settings import EditSettings
-from pipelines.edit.work import ChunkWork, timed
+from pipelines.edit.stage_io import decode_chunk, local_info, store_output
 from pipelines.errors import RecordedFailure
 from pipelines.media.crop import crop_frame, landmarks_to_crop
 from pipelines.media.faces import FaceDetector, make_detector
@@ -77,7 +75,7 @@ def compose_chunk(chunk: ChunkWork, settings: EditSettings, store: OutputStore) 
         with store_output(store, chunk.segment) as path:
             writer = SegmentWriter(path, info, crf=settings.crf, preset=settings.preset)
             try:
-                for offset, frame in enumerate(chunk_frames(chunk, info, timings)):
+                for offset, frame in enumerate(decode_chunk(chunk, info, timings)):
                     image = frame.image
                     if offset in position:
                         with timed(timings, "paste_s"):

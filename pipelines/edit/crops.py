@@ -12,30 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.edit.analyse import local_info, read_image
-from pipelines.edit.fetch import local_input
+from pipelines.edit.chunks import ChunkWork, timed, timed_iter
 from pipelines.edit.settings import EditSettings
-from pipelines.edit.work import ChunkWork, timed, timed_iter
+from pipelines.edit.stage_io import decode_chunk, local_info, local_input, read_image
 from pipelines.errors import DAMAGED_VIDEO, NOT_A_VIDEO, RecordedFailure, VideoError
 from pipelines.media.crop import crop_frame
 from pipelines.media.video import DecodedFrame, VideoInfo, decode, probe
-
-
-def chunk_frames(chunk: ChunkWork, info: VideoInfo, timings: dict[str, float]):
-    """The chunk's frames, decoded again, each checked against the pts the analysis pass saw."""
-    expected = chunk.pts
-    frames = decode(info, start_index=chunk.start, start_pts=int(expected[0]), count=len(expected))
-    produced = 0
-    for frame in timed_iter(frames, timings, "decode_s"):
-        if frame.pts != expected[produced]:
-            raise VideoError(DAMAGED_VIDEO, f"{info.path}: frame {frame.index} has pts {frame.pts} on this pass, "
-                                            f"{expected[produced]} on the first; the video does not decode the same "
-                                            "twice")
-        produced += 1
-        yield frame
-    if produced != len(expected):
-        raise VideoError(DAMAGED_VIDEO, f"{info.path}: chunk from frame {chunk.start} decoded {produced} of "
-                                        f"{len(expected)} frames")
 
 
 def _selected_frames(path: Path, frames: np.ndarray, pts: np.ndarray,
@@ -67,7 +49,7 @@ def crop_chunk(chunk: ChunkWork, settings: EditSettings) -> ChunkWork:
         edited = np.flatnonzero(chunk.driving_index >= 0)
         crops = np.empty((len(edited), size, size, 3), np.uint8)
         position = {int(i): n for n, i in enumerate(edited)}
-        for offset, frame in enumerate(chunk_frames(chunk, info, timings)):
+        for offset, frame in enumerate(decode_chunk(chunk, info, timings)):
             if offset in position:
                 with timed(timings, "crop_s"):
                     crops[position[offset]] = crop_frame(frame.image, chunk.boxes[offset], size)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from pipelines import errors
 from pipelines.edit import results
-from pipelines.edit.jobs import (
+from pipelines.edit.chunks import JobWork
+from pipelines.edit.job_table import (
     EditJob,
     RejectedJob,
     drop_duplicate_outputs,
@@ -25,7 +26,6 @@ from pipelines.edit.jobs import (
     single_job,
 )
 from pipelines.edit.settings import EditInputs, EditSettings
-from pipelines.edit.work import JobWork
 from pipelines.storage import OutputStore
 
 LOG = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def plan(inputs: EditInputs, settings: EditSettings, collected: Collected | None
     weights = weights or load_weights(settings.checkpoint, settings.workdir)
     model = weights.describe()
     context = spec_context(settings, f"{weights.kind} {weights.size}px")
-    specs = {job.job_id: job.spec(context) for job in jobs}
+    specs = {job.job_id: job.digest(context) for job in jobs}
     store = OutputStore(settings.output)
     state = results.read_results(store)
     todo = results.pending(jobs, specs, state, store, settings.retry_failed)

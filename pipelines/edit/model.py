@@ -30,8 +30,8 @@ from dpe import editing
 from dpe.checkpoint import CHECKPOINT_FORMAT, check_state_dict, config_from_checkpoint, load_official_generator
 from dpe.config import ModelConfig
 from dpe.model import DPEGenerator
-from pipelines.edit.fetch import scratch_dir
-from pipelines.edit.work import ChunkWork, timed
+from pipelines.edit.chunks import ChunkWork, timed
+from pipelines.edit.stage_io import scratch_dir
 from pipelines.runs import resolve_checkpoint
 from pipelines.storage import local_copy, redact
 

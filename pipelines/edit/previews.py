@@ -15,9 +15,9 @@ from typing import Iterator
 import cv2
 import numpy as np
 
-from pipelines.edit.analyse import read_image
-from pipelines.edit.jobs import EditJob
+from pipelines.edit.job_table import EditJob
 from pipelines.edit.settings import EditSettings
+from pipelines.edit.stage_io import read_image
 from pipelines.errors import NOT_A_VIDEO
 from pipelines.media.video import VideoInfo, VideoWriter, decode, probe
 

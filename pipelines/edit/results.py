@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import errors
-from pipelines.edit.jobs import EditJob
-from pipelines.edit.work import STAGE_TIMINGS
+from pipelines.edit.chunks import STAGE_TIMINGS
+from pipelines.edit.job_table import EditJob
 from pipelines.storage import OutputStore
 
 RESULTS_PATH = "results.parquet"

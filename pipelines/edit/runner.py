@@ -33,11 +33,11 @@ from tqdm import tqdm
 from pipelines import errors
 from pipelines.edit.analyse import analyse_job
 from pipelines.edit.assemble import finish_job
+from pipelines.edit.chunks import ChunkWork, JobWork
 from pipelines.edit.compose import cached_detector, compose_chunk
 from pipelines.edit.crops import crop_chunk
 from pipelines.edit.results import ResultRow
 from pipelines.edit.settings import EditSettings
-from pipelines.edit.work import ChunkWork, JobWork
 from pipelines.errors import RecordedFailure
 from pipelines.storage import OutputStore
 
@@ -84,7 +84,7 @@ def guarded(stage: str, chunk: ChunkWork, work: Callable[[ChunkWork], ChunkWork]
     """Run one stage on one chunk: errors become the chunk's recorded failure, crashes are bounded."""
     if not chunk.ok:
         return chunk
-    key = f"{stage}/{chunk.job.job_id}/{chunk.chunk}"
+    key = f"{stage}/{chunk.job.job_id}/{chunk.index}"
     if ledger is not None:
         import ray
 
@@ -111,7 +111,7 @@ def guarded(stage: str, chunk: ChunkWork, work: Callable[[ChunkWork], ChunkWork]
 
 def analyse_guarded(work: JobWork, settings: EditSettings, store: OutputStore, ledger=None) -> list[ChunkWork]:
     """The analysis stage for one job under the same guard (a job-level failure is one failed chunk)."""
-    placeholder = ChunkWork(work, chunk=-1, chunks=0)
+    placeholder = ChunkWork(work, index=-1, total=0)
     produced: list[ChunkWork] = []
 
     def analyse(chunk: ChunkWork) -> ChunkWork:
@@ -195,7 +195,7 @@ class JobCollector:
         """Add a chunk; returns what `finish` returned when this completed its job."""
         group = self.groups.setdefault(chunk.job.job_id, [])
         group.append(chunk)
-        if chunk.chunk == -1 or len(group) == chunk.chunks:
+        if chunk.index == -1 or len(group) == chunk.total:
             del self.groups[chunk.job.job_id]
             return self.finish(group)
         return None
@@ -291,7 +291,7 @@ def run_ray(works: list[JobWork], weights, settings: EditSettings, model: str, r
             for chunk in _unpack(batch):
                 collector.add(chunk)
                 progress.set_postfix_str(f"{chunk.job.source.rsplit('/', 1)[-1]} chunk "
-                                         f"{chunk.chunk + 1}/{max(chunk.chunks, 1)}")
+                                         f"{chunk.index + 1}/{max(chunk.total, 1)}")
             collect(False, progress)
         collect(True, progress)
     if collector.groups:

@@ -86,7 +86,7 @@ class EditInputs:
 
     def check(self) -> None:
         """Raise `InputError` unless exactly one kind of input is given, with a driver where one is needed."""
-        from pipelines.edit.jobs import InputError
+        from pipelines.edit.job_table import InputError
 
         given = [name for name in ("source", "jobs", "sources") if getattr(self, name)]
         if len(given) != 1:

@@ -33,8 +33,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pipelines.runs import (EVALUATIONS, FINAL_METRICS, LOSS_CURVE, METRICS_CSV, PROGRESS, SKIPPED, STARTS,
-                           TENSORBOARD, grid_path, read_json)
+from pipelines.runs import (
+    EVALUATIONS,
+    FINAL_METRICS,
+    LOSS_CURVE,
+    METRICS_CSV,
+    PROGRESS,
+    SKIPPED,
+    STARTS,
+    TENSORBOARD,
+    grid_path,
+    read_json,
+)
 from pipelines.storage import OutputStore
 
 LOG = logging.getLogger(__name__)

@@ -74,7 +74,7 @@ class EditJob:
             return self.motion
         return "absolute" if self.driving_is_image else "relative"
 
-    def spec(self, context: dict[str, Any]) -> str:
+    def digest(self, context: dict[str, Any]) -> str:
         """A digest of everything that decides this job's output (inputs, options, model and settings)."""
         text = json.dumps({"job": {k: v for k, v in asdict(self).items() if k != "origin"}, "context": context},
                           sort_keys=True, default=str)

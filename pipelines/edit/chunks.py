@@ -18,7 +18,7 @@ from typing import Iterator, TypeVar
 
 import numpy as np
 
-from pipelines.edit.jobs import EditJob
+from pipelines.edit.job_table import EditJob
 from pipelines.media.video import VideoInfo
 
 T = TypeVar("T")
@@ -32,7 +32,8 @@ class JobWork:
     """A job as the analysis stage receives it."""
 
     job: EditJob
-    spec: str
+    digest: str
+    """Of everything that decides the output (`EditJob.digest`): recorded as the results row's `spec`."""
     attempt: int
     model_size: int
 
@@ -55,9 +56,10 @@ class ChunkWork:
     """One chunk of one job, filled in stage by stage."""
 
     work: JobWork
-    chunk: int
-    """Chunk number; -1 for a job that failed before it was split into chunks."""
-    chunks: int
+    index: int
+    """Which chunk of the job (0, 1, ...); -1 for a job that failed before it was split into chunks."""
+    total: int
+    """How many chunks the job has."""
     info: VideoInfo | None = None
     start: int = 0
     pts: np.ndarray | None = None
@@ -104,7 +106,7 @@ class ChunkWork:
 
     @property
     def label(self) -> str:
-        return f"{self.job.source} [chunk {self.chunk + 1}/{self.chunks}]" if self.chunk >= 0 else self.job.source
+        return f"{self.job.source} [chunk {self.index + 1}/{self.total}]" if self.index >= 0 else self.job.source
 
     def fail(self, failure_class: str, message: str) -> ChunkWork:
         """Record a failure and drop the bulky arrays (the chunk only travels on as a status)."""

@@ -1,0 +1,91 @@
+"""What every editing stage reads and writes where it runs: local copies of inputs, the source's
+stream, a chunk's frames, a driver image, and outputs written locally and then stored.
+
+Video decoding seeks, so an input that lives in an object store needs a real file here.
+An input is copied once per machine (`storage.local_copy`, into the run's scratch folder, a cache
+bounded by `storage.LOCAL_COPIES_BYTES`) and shared by every stage and chunk that runs there; local
+paths are used as they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import posixpath
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+
+from pipelines.edit.chunks import ChunkWork, timed_iter
+from pipelines.edit.settings import EditSettings
+from pipelines.errors import DAMAGED_VIDEO, MISSING_VIDEO, NOT_A_VIDEO, VideoError
+from pipelines.media.video import DecodedFrame, VideoInfo, decode
+from pipelines.storage import OutputStore, atomic_local_path, local_copy
+
+
+def scratch_dir(workdir: str | None) -> Path:
+    """The machine-local scratch folder of editing runs."""
+    return Path(workdir).expanduser() if workdir else Path(tempfile.gettempdir()) / "dpe-portrait-edit"
+
+
+def local_input(path: str, workdir: str | None) -> Path:
+    """A local file with the content of input `path` (a local path, or an s3:// / gs:// URI copied once)."""
+    try:
+        return local_copy(path, scratch_dir(workdir) / "inputs")
+    except FileNotFoundError as error:
+        raise VideoError(MISSING_VIDEO, str(error)) from None
+
+
+@contextlib.contextmanager
+def store_output(store: OutputStore, relpath: str) -> Iterator[Path]:
+    """A local path to write `relpath` of `store` to; it appears in the store, complete, when the block ends.
+
+    Local stores: a temporary name beside the final file, renamed (`atomic_local_path`). Object
+    stores: a local temporary file, uploaded only once complete (`OutputStore.open_output_atomic`).
+    """
+    if store.is_local:
+        with atomic_local_path(store.local_path(relpath)) as temporary:
+            yield temporary
+        return
+    with tempfile.TemporaryDirectory(prefix="edit-output-") as directory:
+        temporary = Path(directory) / posixpath.basename(relpath)
+        yield temporary
+        with store.open_output_atomic(relpath) as output, open(temporary, "rb") as source:
+            shutil.copyfileobj(source, output.file, length=8 << 20)
+
+
+def local_info(chunk: ChunkWork, settings: EditSettings) -> VideoInfo:
+    """The chunk's stream description pointing at this machine's copy of the source."""
+    return replace(chunk.info, path=str(local_input(chunk.job.source, settings.workdir)))
+
+
+def decode_chunk(chunk: ChunkWork, info: VideoInfo, timings: dict[str, float]) -> Iterator[DecodedFrame]:
+    """The chunk's frames, decoded again, each checked against the pts the analysis pass saw."""
+    expected = chunk.pts
+    frames = decode(info, start_index=chunk.start, start_pts=int(expected[0]), count=len(expected))
+    produced = 0
+    for frame in timed_iter(frames, timings, "decode_s"):
+        if frame.pts != expected[produced]:
+            raise VideoError(DAMAGED_VIDEO, f"{info.path}: frame {frame.index} has pts {frame.pts} on this pass, "
+                                            f"{expected[produced]} on the first; the video does not decode the same "
+                                            "twice")
+        produced += 1
+        yield frame
+    if produced != len(expected):
+        raise VideoError(DAMAGED_VIDEO, f"{info.path}: chunk from frame {chunk.start} decoded {produced} of "
+                                        f"{len(expected)} frames")
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An image file as RGB uint8 (H, W, 3); raises `not_a_video` when it cannot be read as an image."""
+    if not path.is_file():
+        raise VideoError(MISSING_VIDEO, f"{path}: no such file")
+    data = np.fromfile(str(path), dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise VideoError(NOT_A_VIDEO, f"{path}: not a readable image")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
