@@ -69,6 +69,9 @@ LAYERS = {
     "pipelines/report": {"pipelines.prepare", "flows"},
     "pipelines/runs.py": {"pipelines.media", "pipelines.dataset", "pipelines.prepare", "pipelines.train",
                           "pipelines.edit", "pipelines.report", "flows"},
+    "pipelines/options.py": {"pipelines", "flows"},
+    "pipelines/runtime.py": {"pipelines.media", "pipelines.dataset", "pipelines.prepare", "pipelines.train",
+                             "pipelines.edit", "pipelines.report", "flows"},
     "dpe": {"pipelines", "flows"},
 }
 
@@ -108,3 +111,18 @@ def test_failure_classes_are_named_only_through_the_registry():
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
                 offenders.append(f"{path.relative_to(REPO)}:{node.lineno} {node.value!r}")
     assert offenders == []
+
+
+def test_video_files_are_read_and_written_in_one_module():
+    """PyAV and the ffmpeg binary are used through pipelines/media/video.py (sample media aside)."""
+    offenders = [f"{path.relative_to(REPO)} imports {name}"
+                 for folder in ("pipelines", "flows") for path in sorted((REPO / folder).rglob("*.py"))
+                 if path.relative_to(REPO).as_posix() != "pipelines/media/video.py" and "sample" not in path.parts
+                 for name in _imports(path) if name == "av" or name.startswith("av.") or name == "ffmpeg"]
+    assert offenders == []
+
+
+def test_options_and_settings_load_no_job_machinery():
+    loaded = _modules_after("import pipelines.options, pipelines.prepare.settings, pipelines.train.settings, "
+                            "pipelines.edit.settings")
+    assert loaded.isdisjoint(HEAVY), sorted(loaded & set(HEAVY))
