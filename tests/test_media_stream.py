@@ -12,6 +12,7 @@ from edit_fixtures import edit_clips, ffmpeg  # noqa: F401  (session fixture)
 from pipelines import errors
 from pipelines.errors import VideoError
 from pipelines.media import video
+from pipelines.media.formats import choose_output
 
 
 def _instants(path) -> list[Fraction]:
@@ -26,11 +27,14 @@ def _reencode(info: video.VideoInfo, target, splits: list[int], tmp_path, change
     segments = []
     for number, (start, stop) in enumerate(zip(bounds, bounds[1:])):
         path = tmp_path / f"segment{number}.mp4"
-        with video.SegmentWriter(path, info, preset="ultrafast") as writer:
+        output = choose_output(info, video.container_format(target), preset="ultrafast")
+        with video.SegmentWriter(path, info, output) as writer:
             for frame in video.decode(info, start_index=start, start_pts=frames[start].pts, count=stop - start):
                 assert frame.pts == frames[frame.index].pts
-                image = change(frame.image) if change else frame.image
-                writer.write(image, frame.pts, frame.duration)
+                if change:
+                    writer.write(change(frame.image), frame.pts, frame.duration)
+                else:
+                    writer.write_frame(frame)
         segments.append(path)
     video.join_segments(segments, target, info, video.container_format(target))
     return frames
@@ -87,14 +91,21 @@ def test_rotation_is_applied_for_processing_and_kept_as_metadata(edit_clips, tmp
     assert np.abs(back.astype(int) - upright.astype(int)).mean() < 3  # codec noise only
 
 
-def test_odd_sizes_keep_their_size_in_yuv444(edit_clips, tmp_path):
+def test_odd_sizes_are_padded_into_4_2_0_and_say_so(edit_clips, tmp_path):
     info = video.probe(edit_clips["odd.mp4"])
-    assert (info.width, info.height) == (351, 287)
+    assert (info.width, info.height, info.pix_fmt) == (351, 287, "yuv444p")
+    output = choose_output(info, "mp4")
+    assert (output.pix_fmt, output.width, output.height) == ("yuv420p", 352, 288)
+    assert any("padded to 352x288" in note for note in output.notes)
     out = tmp_path / "out.mp4"
-    _reencode(info, out, [0], tmp_path)
+    frames = _reencode(info, out, [0], tmp_path)
     written = video.probe(out)
-    assert (written.width, written.height) == (351, 287)
-    assert video.output_pixel_format(351, 287) == "yuv444p"
+    assert (written.width, written.height, written.pix_fmt) == (352, 288, "yuv420p")
+    back = list(video.decode(written))
+    assert np.mean([np.abs(a.image.astype(int) - b.image[:287, :351].astype(int)).mean()
+                    for a, b in zip(frames, back)]) < 3
+    assert np.array_equal(back[0].image[:287, 351], back[0].image[:287, 350]) or \
+        np.abs(back[0].image[:287, 351].astype(int) - back[0].image[:287, 350]).mean() < 3  # the last column repeated
 
 
 def test_a_one_frame_video_round_trips(edit_clips, tmp_path):
@@ -151,9 +162,9 @@ def test_segments_of_other_settings_are_refused(edit_clips, tmp_path):
     paths = []
     for number, preset in enumerate(("ultrafast", "veryslow")):
         path = tmp_path / f"s{number}.mp4"
-        with video.SegmentWriter(path, info, preset=preset, crf=18 + 10 * number) as writer:
+        with video.SegmentWriter(path, info, choose_output(info, "mp4", preset=preset, crf=18 + 10 * number)) as writer:
             for frame in frames[number * 2:(number + 1) * 2]:
-                writer.write(frame.image, frame.pts, frame.duration)
+                writer.write_frame(frame)
         paths.append(path)
     with pytest.raises(VideoError) as caught:
         video.join_segments(paths, tmp_path / "out.mp4", info)
