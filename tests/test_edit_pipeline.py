@@ -225,7 +225,7 @@ def test_a_failed_chunk_is_redone_alone_on_rerun(edit_clips, tiny_checkpoint, tm
     _, _, rows = run_edit(tmp_path / "out", tiny_checkpoint, inputs)
     assert rows["short.mp4"].failure_class == errors.ENCODE_FAILED and "chunk 2/3" in rows["short.mp4"].message
     segments = OutputStore(tmp_path / "out").list(".segments")
-    assert [Path(s).name for s in segments] == ["00000.mov", "00002.mov"]
+    assert [Path(s).name for s in segments] == ["00000.mp4", "00002.mp4"]
     assert not (tmp_path / "out" / "short.mp4").exists()
     failing[0] = False
     composed.clear()

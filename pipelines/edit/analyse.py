@@ -292,7 +292,7 @@ def edit_weights(edited: np.ndarray, fade_frames: int) -> np.ndarray:
 
 def segment_path(work: JobWork, chunk: int) -> str:
     """Where a chunk's encoded segment is kept until the job's video is joined (inside the output store)."""
-    return f".segments/{work.job.key}-{work.digest[:8]}/{chunk:05d}.mov"
+    return f".segments/{work.job.key}-{work.digest[:8]}/{chunk:05d}.mp4"
 
 
 def analyse_job(work: JobWork, settings: EditSettings, detector: FaceDetector, store: OutputStore) -> list[ChunkWork]:

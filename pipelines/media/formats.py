@@ -86,6 +86,11 @@ class OutputFormat:
     """Every choice that departs from the source, in words (empty when the output is the source's format)."""
 
     @property
+    def frame_rate_clock(self) -> bool:
+        """Whether the encoder counts time in frames (MPEG-2 takes only its standard frame rates as its clock)."""
+        return self.codec == "mpeg2video"
+
+    @property
     def text(self) -> str:
         return f"{self.codec} {self.pix_fmt}"
 
@@ -236,7 +241,7 @@ def _encoder_options(codec: str, info, crf: int, preset: str, pix_fmt: str) -> t
                 "row-mt": "1", "lag-in-frames": "0", "auto-alt-ref": "0"}, notes
     if codec == "av1":
         return {"crf": str(crf), "preset": _SVT_AV1_PRESET.get(preset, "7"),
-                "svtav1-params": "hierarchical-levels=1:pred-struct=1"}, notes
+                "svtav1-params": "pred-struct=1"}, notes
     if codec == "prores":
         profile = _PRORES_PROFILES.get(info.profile or "", "4444" if pix_fmt.startswith("yuv444") else "hq")
         notes.append(f"prores: quality follows the profile ({profile}); --crf does not apply")

@@ -15,9 +15,10 @@ exactly by `View.to_coded` for the edited face:
    quarter turn that shows a sideways face upright (`Orientation`).
 
 The way back never converts the rest of the frame: `blend_overlay` converts only the edited
-region from RGB to the frame's own pixel format (any planar YUV, RGB or grey layout, any depth)
-and blends it into the frame's planes with the paste mask, so every pixel outside the mask stays
-exactly as decoded and goes to the encoder in the source's format, matrix, range and depth.
+region from RGB to the frame's own pixel format (any planar YUV, RGB or grey layout, any depth;
+by the standard's equations, `rgb_to_planes`) and blends it into the frame's planes with the paste
+mask, so every pixel outside the mask stays exactly as decoded and goes to the encoder in the
+source's format, matrix, range and depth.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from av.video.reformatter import Interpolation
 CONVERSION = Interpolation.BICUBIC | Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT
 """swscale flags of every conversion between a video's own pixel format and RGB (both ways): an
 unchanged round trip then comes back within 0.1 level on average instead of about 1.2 levels darker."""
+
+FULL_RANGE = 2
+"""AVCOL_RANGE_JPEG: full-range YUV, as phones record."""
 
 SWS_MATRIX = {1: 1, 4: 4, 5: 5, 6: 5, 7: 7, 9: 9, 10: 9}
 """FFmpeg's AVColorSpace -> the swscale matrix (SWS_CS_*) that converts from and to it (bt709, fcc,
@@ -251,6 +255,49 @@ def _subsampling(format_: av.VideoFormat, plane: int) -> tuple[int, int]:
     return 64 // chroma.width, 64 // chroma.height
 
 
+LUMA_WEIGHTS = {1: (0.2126, 0.0722), 4: (0.30, 0.11), 5: (0.299, 0.114), 6: (0.299, 0.114), 7: (0.212, 0.087),
+                9: (0.2627, 0.0593), 10: (0.2627, 0.0593)}
+"""(Kr, Kb) of each AVColorSpace the way back computes itself: BT.709, FCC, BT.601 (bt470bg, smpte170m),
+SMPTE 240M, BT.2020. Untagged frames use BT.601, as swscale's conversion to RGB assumed."""
+
+
+def rgb_to_planes(rgb: np.ndarray, format_: av.VideoFormat, colorspace: int,
+                  full_range: bool) -> list[np.ndarray] | None:
+    """(h, w, 3) uint8 RGB as the float planes of `format_` (plane order, each at its own subsampled size),
+    by the standard's equations; None for a matrix they do not cover (swscale converts those).
+
+    The inverse of the decoding to RGB exactly, where swscale's own way back is not: its full-range
+    path comes back about 0.17 levels dark on average."""
+    components = list(format_.components)  # in component order: R, G, B or Y, Cb, Cr (then alpha)
+    colour = rgb.astype(np.float32) / 255.0
+    values: dict[int, np.ndarray] = {}
+    if format_.is_rgb:
+        for index, c in enumerate(components[:3]):
+            values[c.plane] = colour[..., index] * ((1 << c.bits) - 1)
+    else:
+        weights = LUMA_WEIGHTS.get(int(colorspace), LUMA_WEIGHTS[5] if int(colorspace) == 2 else None)
+        if weights is None:
+            return None
+        kr, kb = weights
+        red, green, blue = colour[..., 0], colour[..., 1], colour[..., 2]
+        luma = kr * red + (1 - kr - kb) * green + kb * blue
+        signals = [luma, (blue - luma) / (2 * (1 - kb)), (red - luma) / (2 * (1 - kr))]
+        for index, c in enumerate(components[:3]):
+            top, scale = (1 << c.bits) - 1, 1 << (c.bits - 8)
+            if index == 0:
+                values[c.plane] = signals[0] * top if full_range else 16 * scale + signals[0] * 219 * scale
+            else:
+                values[c.plane] = (1 << (c.bits - 1)) + signals[index] * (top if full_range else 224 * scale)
+    sized = av.VideoFormat(format_.name, rgb.shape[1], rgb.shape[0]).components
+    planes = []
+    for c in sorted(sized, key=lambda c: c.plane):
+        plane = values.get(c.plane, np.zeros((1, 1), np.float32))  # alpha: never blended
+        if c.plane in values and (c.width, c.height) != (rgb.shape[1], rgb.shape[0]):
+            plane = cv2.resize(plane, (c.width, c.height), interpolation=cv2.INTER_AREA)
+        planes.append(plane)
+    return planes
+
+
 def blend_overlay(frame: av.VideoFrame, left: int, top: int, pixels: np.ndarray, weights: np.ndarray) -> av.VideoFrame:
     """A frame with RGB `pixels` blended in by `weights` (both (h, w) at left, top, coded pixels).
 
@@ -282,10 +329,14 @@ def blend_overlay(frame: av.VideoFrame, left: int, top: int, pixels: np.ndarray,
     canvas[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = weights[sy0 - top:sy1 - top, sx0 - left:sx1 - left]
     inner = pixels[sy0 - top:sy1 - top, sx0 - left:sx1 - left]
     colour[:] = cv2.copyMakeBorder(inner, sy0 - y0, y1 - sy1, sx0 - x0, x1 - sx1, cv2.BORDER_REPLICATE)
-    region = av.VideoFrame.from_ndarray(colour, format="rgb24").reformat(
-        format=format_.name, dst_colorspace=sws_matrix(frame.colorspace),
-        dst_color_range=frame.color_range or None, interpolation=CONVERSION)
-    targets, sources = plane_arrays(frame), plane_arrays(region)
+    full_range = frame.color_range == FULL_RANGE or format_.name.startswith("yuvj")
+    sources = rgb_to_planes(colour, format_, frame.colorspace, full_range)
+    if sources is None:
+        region = av.VideoFrame.from_ndarray(colour, format="rgb24").reformat(
+            format=format_.name, dst_colorspace=sws_matrix(frame.colorspace),
+            dst_color_range=frame.color_range or None, interpolation=CONVERSION)
+        sources = plane_arrays(region)
+    targets = plane_arrays(frame)
     for plane, (target, source) in enumerate(zip(targets, sources)):
         component = next(c for c in format_.components if c.plane == plane)
         if component.is_alpha:

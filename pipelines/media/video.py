@@ -372,7 +372,7 @@ def probe(path: str | os.PathLike, *, damaged: str = CORRUPT_VIDEO, timeout_s: f
             rotation=Orientation.from_display_matrix(matrix).rotation, frame_count=int(stream.frames) or None,
             start_pts=int(stream.start_time or 0),
             sample_aspect_ratio=Fraction(stream.sample_aspect_ratio) if stream.sample_aspect_ratio else None,
-            codec=context.name,
+            codec=context.codec.canonical_name,
             colour={name: int(getattr(tags, name) or 0)
                     for name in ("colorspace", "color_range", "color_primaries", "color_trc")},
             audio_streams=len(container.streams.audio),
@@ -707,6 +707,8 @@ class _AudioTrack:
 class VideoWriter:
     """Encode frames with given pts into a file: the project's one encoder set-up.
 
+    Timestamps are in `time_base`, the container's; the encoder counts in `codec_time_base` (the same
+    unless an encoder needs its frame rate's, as MPEG-2 does: exact for its constant rates).
     `write` takes (H, W, 3) uint8 RGB images, converted to the output pixel format in the colour
     matrix and range the stream is tagged with (`colour`, FFmpeg's enum values as in
     `VideoInfo.colour`; by default BT.709 limited range, tagged), so a player shows the colours that
@@ -722,9 +724,10 @@ class VideoWriter:
                  b_frames: bool = True, colour: Mapping[str, int] | None = None,
                  sample_aspect_ratio: Fraction | None = None, field_order: int = 0, container: str = "mp4",
                  muxer_options: Mapping[str, str] | None = None, audio_from: VideoInfo | None = None,
-                 audio_seconds: float = math.inf) -> None:
+                 audio_seconds: float = math.inf, codec_time_base: Fraction | None = None) -> None:
         self.path = Path(path)
         self.time_base = time_base
+        self.codec_time_base = codec_time_base or time_base
         self.frames = 0
         self.width, self.height, self.pix_fmt = width, height, pix_fmt
         self.colour = dict(RGB_TAGS if colour is None else colour)
@@ -737,7 +740,7 @@ class VideoWriter:
             stream.pix_fmt = pix_fmt
             stream.time_base = time_base
             context = stream.codec_context
-            context.time_base = time_base
+            context.time_base = self.codec_time_base
             context.thread_count = threads
             if sample_aspect_ratio:
                 context.sample_aspect_ratio = sample_aspect_ratio
@@ -771,7 +774,8 @@ class VideoWriter:
         frame.time_base = self.time_base
         frame.pict_type = 0  # the encoder chooses its own frame types (a decoded I-frame would force one)
         if duration:
-            self._durations[int(pts)] = int(duration)
+            scale = self.time_base / self.codec_time_base
+            self._durations[round(pts * scale)] = round(duration * scale)
         try:
             packets = self._stream.encode(frame)
         except av.FFmpegError as error:
@@ -822,8 +826,9 @@ class VideoWriter:
             self.abort()
 
 
-SEGMENT_CONTAINER = "mov"
-"""Segments are QuickTime files: they hold every output codec (ProRes too) with exact timestamps."""
+def segment_container(codec: str) -> str:
+    """Segments are ISO media files, exact to the tick in any time base: MP4, or QuickTime for ProRes."""
+    return "mov" if codec == "prores" else "mp4"
 
 
 class SegmentWriter(VideoWriter):
@@ -839,11 +844,12 @@ class SegmentWriter(VideoWriter):
     def __init__(self, path: str | os.PathLike, info: VideoInfo, output: OutputFormat | None = None,
                  threads: int = 1) -> None:
         output = output or choose_output(info, "mp4")
+        codec_time_base = 1 / info.average_rate if output.frame_rate_clock and info.average_rate else None
         super().__init__(path, output.width, output.height, time_base=info.time_base, rate=info.average_rate,
                          codec=output.encoder, pix_fmt=output.pix_fmt, options=output.options, threads=threads,
                          colour=output.colour, sample_aspect_ratio=info.sample_aspect_ratio,
-                         field_order=output.field_order, container=SEGMENT_CONTAINER,
-                         muxer_options=_exact_timing(info.time_base))
+                         field_order=output.field_order, container=segment_container(output.codec),
+                         muxer_options=_exact_timing(info.time_base), codec_time_base=codec_time_base)
         self.info = info
         self.output = output
 
@@ -975,8 +981,9 @@ def _timecode(stream: av.stream.Stream) -> str:
 
 
 def _is_timecode(stream: av.stream.Stream) -> bool:
-    """A QuickTime timecode track (tmcd): the muxer writes its own from the video stream's timecode tag."""
-    return stream.type == "data" and (stream.codec_tag == "tmcd" or bool(_timecode(stream)))
+    """A QuickTime timecode track (tmcd, a data stream with a timecode tag): MOV/MP4 muxers write their own
+    from the video stream's timecode tag."""
+    return stream.type == "data" and bool(_timecode(stream))
 
 
 def _holds(container_name: str, stream: av.stream.Stream) -> str:
@@ -992,7 +999,7 @@ def _holds(container_name: str, stream: av.stream.Stream) -> str:
 
 def _codec_name(stream: av.stream.Stream) -> str:
     context = stream.codec_context
-    return context.name if context is not None else (stream.codec_tag or "")
+    return context.codec.canonical_name if context is not None else (getattr(stream, "name", None) or "")
 
 
 def _keep_tags(tags: Mapping[str, str], drop: set[str]) -> dict[str, str]:
@@ -1032,8 +1039,12 @@ def join_segments(segments: list[str | os.PathLike], target: str | os.PathLike, 
     with av.open(str(paths[0]), "r") as first, av.open(info.path, "r") as source, \
             av.open(str(target), "w", format=container_name, options=options) as output:
         edited = source.streams.video[0]
-        video = output.add_stream_from_template(first.streams.video[0])
+        video = output.add_stream_from_template(first.streams.video[0], opaque=True)
         video.time_base = info.time_base
+        if info.sample_aspect_ratio:  # ProRes and VP9 keep it in the container only
+            video.sample_aspect_ratio = info.sample_aspect_ratio
+        if info.average_rate:  # Matroska's default duration: what a last frame without its own lasts
+            video.codec_context.framerate = info.average_rate
         if quicktime and video.codec_context.name == "hevc":
             video.codec_tag = "hvc1"  # what Apple players require of HEVC in mp4/mov
         if info.display_matrix:
