@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from media_corpus import KINDS, ffmpeg, make_corpus
 
+from pipelines import errors
 from pipelines.edit import job, results
 from pipelines.edit.analyse import analyse_source
 from pipelines.edit.settings import EditSettings
@@ -214,7 +215,7 @@ def test_what_a_container_cannot_hold_is_recorded_with_the_reason(corpus, driver
     assert video.probe(tmp_path / "out" / "ntsc.mp4").pix_fmt == "yuv422p10le"
     _, refused = run(job.EditInputs(source=str(corpus["ntsc.mov"]), driving=str(driver), output_name="x.mp4"),
                      tmp_path / "refused", tiny_checkpoint, codec="prores")
-    assert refused["x.mp4"].failure_class == "unsupported_output" and ".mov" in refused["x.mp4"].message
+    assert refused["x.mp4"].failure_class == errors.UNSUPPORTED_OUTPUT and ".mov" in refused["x.mp4"].message
 
 
 def _planes(frame: video.DecodedFrame) -> list[np.ndarray]:
@@ -243,3 +244,11 @@ def test_a_chunk_decoded_after_a_seek_equals_the_same_frames_decoded_from_the_st
     assert [f.index for f in chunk] == list(range(start, min(start + count, len(pts))))
     for frame in chunk:
         assert all(np.array_equal(a, b) for a, b in zip(_planes(frame), planes[frame.index]))
+
+
+def test_deinterlace_off_analyses_the_woven_frames_and_says_so(corpus, driver, tiny_checkpoint, tmp_path):
+    _, rows = run(job.EditInputs(source=str(corpus["pal.ts"]), driving=str(driver)), tmp_path / "out",
+                  tiny_checkpoint, deinterlace="off")
+    row = rows["pal.ts"]
+    assert row.status == results.OK and "woven frames (--deinterlace off)" in row.scan
+    assert video.probe(tmp_path / "out" / "pal.ts").field_order == "tt"

@@ -8,11 +8,14 @@ from fractions import Fraction
 import numpy as np
 import pytest
 from edit_fixtures import edit_clips, ffmpeg  # noqa: F401  (session fixture)
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipelines import errors
 from pipelines.errors import VideoError
 from pipelines.media import video
 from pipelines.media.formats import choose_output
+from pipelines.media.pictures import Orientation, interpolate_field
 
 
 def _instants(path) -> list[Fraction]:
@@ -189,3 +192,54 @@ def test_colours_come_back_in_the_matrix_and_range_the_source_is_tagged_with(tmp
         {k: info.colour[k] for k in ("colorspace", "color_range")}
     back = list(video.decode(written))
     assert np.mean([np.abs(a.image.astype(int) - b.image.astype(int)).mean() for a, b in zip(frames, back)]) < 3
+
+
+@pytest.mark.parametrize("flags", [["-display_rotation", "270"], ["-display_rotation", "180"], ["-display_hflip"],
+                                   ["-display_vflip"], ["-display_rotation", "90", "-display_hflip"]])
+def test_display_matrices_show_what_ffmpeg_shows_and_are_kept(edit_clips, tmp_path, flags):
+    """Rotations and flips as players apply them (ffmpeg's own autorotation is the reference), kept through
+    an edit's segments and join."""
+    import subprocess
+
+    source = tmp_path / "oriented.mp4"
+    ffmpeg(*flags, "-i", str(edit_clips["one_frame.mp4"]), "-c", "copy", str(source))
+    info = video.probe(source)
+    shown = next(video.decode(info)).image
+    raw = subprocess.run([video.ffmpeg_exe(), "-v", "error", "-i", str(source), "-f", "rawvideo", "-pix_fmt", "rgb24",
+                          "-sws_flags", "bicubic+accurate_rnd+full_chroma_int", "-"], capture_output=True, check=True)
+    reference = np.frombuffer(raw.stdout, np.uint8).reshape(shown.shape)
+    assert np.abs(shown.astype(int) - reference).mean() < 1.0
+    out = tmp_path / "out.mp4"
+    _reencode(info, out, [0], tmp_path)
+    written = video.probe(out)
+    assert written.display_matrix == info.display_matrix is not None
+    assert np.abs(next(video.decode(written)).image.astype(int) - shown).mean() < 3
+
+
+@settings(max_examples=60, deadline=None)
+@given(turns=st.integers(0, 3), mirrored=st.booleans(), extra=st.integers(0, 3), width=st.integers(1, 9),
+       height=st.integers(1, 9), data=st.data())
+def test_an_orientation_undoes_itself_and_maps_rectangles_to_the_same_pixels(turns, mirrored, extra, width, height,
+                                                                            data):
+    orientation = (Orientation(-1, 0, 0, 1) if mirrored else Orientation()).then(Orientation.turn(90 * turns))
+    orientation = orientation.then(Orientation.turn(90 * extra))
+    coded = np.arange(width * height * 3).reshape(height, width, 3)
+    shown = orientation.apply(coded)
+    assert shown.shape[:2] == orientation.shown_size(width, height)[::-1]
+    assert np.array_equal(orientation.undo(shown), coded)
+    left = data.draw(st.integers(0, shown.shape[1] - 1))
+    right = data.draw(st.integers(left + 1, shown.shape[1]))
+    top = data.draw(st.integers(0, shown.shape[0] - 1))
+    bottom = data.draw(st.integers(top + 1, shown.shape[0]))
+    x0, y0, x1, y1 = orientation.undo_rect(left, top, right, bottom, (shown.shape[1], shown.shape[0]))
+    assert np.array_equal(shown[top:bottom, left:right], orientation.apply(coded[y0:y1, x0:x1]))
+
+
+def test_a_field_is_kept_and_the_lines_between_are_interpolated():
+    woven = np.random.default_rng(0).integers(0, 256, (6, 2, 3)).astype(np.uint8)
+    for parity in (0, 1):
+        picture = interpolate_field(woven, parity).astype(int)
+        assert np.array_equal(picture[parity::2], woven[parity::2])
+        between = np.arange(1 + parity, 5 + parity, 2)  # the other field's lines with a field line on each side
+        expected = (woven[between - 1].astype(int) + woven[between + 1] + 1) // 2
+        assert np.array_equal(picture[between], expected)
