@@ -14,7 +14,7 @@ tests/test_media_corpus.py, whose module fixture makes the corpus once.
 | opengop.mkv | open-GOP HEVC with B-frames, a CRA every 8 frames (many chunk starts on leading pictures) |
 | editlist.mp4 | an MP4 cut with `-c copy` from a keyframe it does not show (an edit list) |
 | ntsc.mov | NTSC anamorphic (720x480, 10:11 pixels) ProRes 422 with PCM audio and a drop-frame timecode |
-| vp9.mkv | VP9 with Opus, two subtitle streams, chapters, a title and stream languages |
+| vp9.mkv | VP9 with Opus, two subtitle streams, an attachment, chapters, a title and stream languages |
 | odd.mp4 | odd frame size (351x287) |
 | long.mp4 | AV1, longer than many chunks |
 | sideways.mp4 | a face stored sideways with no rotation tag (a camera held sideways, the tag lost) |
@@ -115,7 +115,8 @@ def make_corpus(talk: Path, directory: Path) -> dict[str, Path]:
            "-frames:v", "36", "-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8", "-crf", "20",
            "-b:v", "0", "-c:a", "libopus", "-b:a", "48k", "-c:s", "srt", "-metadata:s:a:0", "language=eng",
            "-metadata:s:s:0", "language=eng", "-metadata:s:s:1", "language=fra", "-metadata:s:s:1", "title=French",
-           "-disposition:s:1", "forced", "-t", "1.2", str(d["vp9.mkv"]))
+           "-disposition:s:1", "forced", "-attach", str(subtitles), "-metadata:s:t", "mimetype=text/plain",
+           "-t", "1.2", str(d["vp9.mkv"]))
     ffmpeg("-i", src, "-frames:v", "20", "-vf", "scale=351:287", "-c:v", "libx264", "-preset", "ultrafast", "-crf",
            "16", "-pix_fmt", "yuv444p", "-an", str(d["odd.mp4"]))
     ffmpeg("-i", src, "-frames:v", "150", "-c:v", "libsvtav1", "-preset", "12", "-crf", "30", "-pix_fmt", "yuv420p",

@@ -19,7 +19,7 @@ import pytest
 from edit_fixtures import tiny_checkpoint  # noqa: F401  (session fixture)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from media_corpus import KINDS, ffmpeg, make_corpus
+from media_corpus import KINDS, SUBTITLES, ffmpeg, make_corpus
 
 from pipelines import errors
 from pipelines.edit import job, results
@@ -158,7 +158,7 @@ def test_the_corpus_covers_what_it_claims(corpus):
     assert len(presented(info["long.mp4"])) > 8 * CHUNK_FRAMES
     with av.open(str(corpus["vp9.mkv"])) as container:
         kinds = sorted(s.type for s in container.streams)
-        assert kinds == ["audio", "subtitle", "subtitle", "video"] and len(container.chapters()) == 2
+        assert kinds == ["attachment", "audio", "subtitle", "subtitle", "video"] and len(container.chapters()) == 2
 
 
 def test_interlaced_frames_keep_both_fields_outside_the_face(edited):
@@ -186,7 +186,10 @@ def test_chapters_tags_dispositions_and_timecode_are_kept(edited):
     with av.open(str(edited.output / "ntsc.mov")) as after:
         assert after.streams.video[0].metadata["timecode"] == "01:00:00;00"
         assert any(s.type == "data" and s.metadata.get("timecode") == "01:00:00;00" for s in after.streams)
-    assert edited.rows["vp9.mkv"].streams_copied == 3 and edited.rows["vp9.mkv"].streams_dropped == ""
+    assert edited.rows["vp9.mkv"].streams_copied == 4 and edited.rows["vp9.mkv"].streams_dropped == ""
+    with av.open(str(edited.output / "vp9.mkv")) as after:
+        attachment = next(s for s in after.streams if s.type == "attachment")
+        assert attachment.data.decode() == SUBTITLES and attachment.mimetype == "text/plain"
 
 
 def test_a_face_turned_sideways_is_found_and_edited_in_its_own_orientation(edited):
@@ -208,6 +211,7 @@ def test_what_a_container_cannot_hold_is_recorded_with_the_reason(corpus, driver
     vp9, ntsc = rows["vp9.mp4"], rows["ntsc.mp4"]
     assert vp9.status == ntsc.status == results.OK, (vp9.message, ntsc.message)
     assert vp9.streams_copied == 1 and vp9.streams_dropped.count("subtitle") == 2
+    assert vp9.streams_dropped.count("attachment") == 1
     assert "mp4 file cannot hold it" in vp9.streams_dropped
     assert video.stream_packets(tmp_path / "out" / "vp9.mp4", "audio") == \
         video.stream_packets(corpus["vp9.mkv"], "audio")

@@ -243,3 +243,19 @@ def test_a_field_is_kept_and_the_lines_between_are_interpolated():
         between = np.arange(1 + parity, 5 + parity, 2)  # the other field's lines with a field line on each side
         expected = (woven[between - 1].astype(int) + woven[between + 1] + 1) // 2
         assert np.array_equal(picture[between], expected)
+
+
+def test_a_raw_stream_without_timestamps_is_counted_and_round_trips(edit_clips, tmp_path):
+    """A raw H.264 stream has no container timestamps: frames are counted as FFmpeg's tools count them,
+    the same on every pass, so it edits like any other file instead of being called damaged."""
+    raw = tmp_path / "clip.h264"
+    ffmpeg("-i", str(edit_clips["short.mp4"]), "-c:v", "libx264", "-preset", "ultrafast", "-bf", "2", "-an",
+           "-f", "h264", str(raw))
+    info = video.probe(raw)
+    frames = list(video.decode(info))
+    assert len(frames) == 45 and len({f.pts for f in frames}) == 45 and frames[0].pts == 0
+    part = list(video.decode(info, start_index=30, start_pts=frames[30].pts, count=3))
+    assert [f.pts for f in part] == [f.pts for f in frames[30:33]]
+    out = tmp_path / "out.mp4"
+    _reencode(info, out, [0, 20], tmp_path)
+    assert _instants(out) == [Fraction(f.pts) * info.time_base for f in frames]

@@ -39,24 +39,32 @@ def output_uri(settings: EditSettings, relpath: str) -> str:
     return f"{settings.output.rstrip('/')}/{relpath}"
 
 
-def _same_instants(written: np.ndarray, written_base: Fraction, source: np.ndarray, source_base: Fraction) -> bool:
-    """Whether two pts lists name the same instants: exactly (rational comparison) where the written
-    time base can say them, else rounded to it (Matroska counts in milliseconds)."""
-    if len(written) != len(source):
-        return False
+def instants_shift(written: np.ndarray, written_base: Fraction, source: np.ndarray,
+                   source_base: Fraction) -> Fraction | None:
+    """The one offset (seconds) by which every written pts lies from the source's (0 when they name the
+    same instants: exactly where the written time base can say them, else rounded to it, as Matroska
+    counts milliseconds); None when the frames differ in number or spacing."""
+    if len(written) != len(source) or not len(written):
+        return None
     exact = [Fraction(int(p)) * source_base / written_base for p in source]
-    return all(int(w) == math.floor(e + Fraction(1, 2)) for w, e in zip(written, exact))
+    offsets = {int(w) - math.floor(e + Fraction(1, 2)) for w, e in zip(written, exact)}
+    return offsets.pop() * written_base if len(offsets) == 1 else None
 
 
-def verify_output(path: Path, chunks: list[ChunkWork], info: VideoInfo) -> VideoInfo:
-    """Check the written video has exactly the source's frames at the source's instants; return its info."""
+def verify_output(path: Path, chunks: list[ChunkWork], info: VideoInfo, container: str) -> tuple[VideoInfo, str]:
+    """Check the written video has exactly the source's frames at the source's instants; return its info
+    and a note when every instant moved by one offset (a container that holds no negative times, such
+    as MPEG-TS or Matroska, moves everything later when a source's audio starts before its video)."""
     expected = np.concatenate([c.pts for c in chunks])
     written, base = video_timestamps(path)
-    if not _same_instants(written, base, np.sort(expected), info.time_base):
+    shift = instants_shift(written, base, np.sort(expected), info.time_base)
+    if shift is None or (shift and container in ("mp4", "mov")):
         raise RecordedFailure(errors.INTERNAL_ERROR,
                               f"the output has {len(written)} frames at other instants than the source's "
                               f"{len(expected)}: a bug in segment joining; the output was not published")
-    return probe(path, damaged=NOT_A_VIDEO)
+    note = f"every timestamp moved {float(shift):+.6f} s: a {container} file holds no negative times and a " \
+           "stream of the source starts before its video" if shift else ""
+    return probe(path, damaged=NOT_A_VIDEO), note
 
 
 def _segments_local(store: OutputStore, chunks: list[ChunkWork], scratch: Path) -> list[Path]:
@@ -117,9 +125,9 @@ def finish_job(chunks: list[ChunkWork], settings: EditSettings, store: OutputSto
         with tempfile.TemporaryDirectory(prefix="edit-join-") as scratch:
             with store_output(store, job.output) as target:
                 with timed(timings, "join_s"):
-                    notes = join_segments(_segments_local(store, chunks, Path(scratch)), target, source,
-                                          container_format(job.output))
-                    written = verify_output(target, chunks, source)
+                    container = container_format(job.output)
+                    notes = join_segments(_segments_local(store, chunks, Path(scratch)), target, source, container)
+                    written, moved = verify_output(target, chunks, source, container)
                 if settings.previews:
                     with timed(timings, "preview_s"):
                         preview_video, preview_sheet = _previews(chunks, source, target, settings, store)
@@ -135,7 +143,8 @@ def finish_job(chunks: list[ChunkWork], settings: EditSettings, store: OutputSto
                 output_duration_s=written.duration_s, preview_video=preview_video, preview_sheet=preview_sheet,
                 output_codec=output.text, streams_copied=sum(n.kept for n in notes),
                 streams_dropped="; ".join(n.text for n in notes if not n.kept),
-                format_notes="; ".join([*output.notes, *turned]), **described, **common)
+                format_notes="; ".join(note for note in (*output.notes, *turned, moved) if note), **described,
+                **common)
 
 
 def scan_text(info: VideoInfo) -> str:

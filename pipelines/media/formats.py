@@ -30,7 +30,7 @@ CODEC_CHOICES = ("auto", *ENCODERS)
 """--codec: auto (the source's codec when it is one of these, else H.264) or a codec name."""
 
 CONTAINERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm", ".ts": "mpegts",
-              ".m2ts": "mpegts", ".mts": "mpegts", ".mpg": "mpeg", ".mpeg": "mpeg", ".avi": "avi"}
+              ".m2ts": "mpegts", ".mts": "mpegts", ".mpg": "mpeg", ".mpeg": "mpeg"}
 """Output containers by file extension: the three general ones (.mp4, .mov, .mkv) and the source's own
 kinds, so that an archive's files come back in the container they came in."""
 
@@ -41,7 +41,6 @@ HOLDS = {
     "webm": {"vp9", "av1"},
     "mpegts": {"h264", "hevc", "mpeg2video"},
     "mpeg": {"mpeg2video"},
-    "avi": {"h264", "mpeg2video"},
 }
 """Which output codecs each container holds (as players expect them there)."""
 

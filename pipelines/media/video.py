@@ -442,7 +442,21 @@ class _Decoder:
                 attempt, step = attempt - step, step * 2
             self.close()
             self._open()
-        yield from self.container.decode(self.stream)
+        yield from self._stamped(self.container.decode(self.stream))
+
+    def _stamped(self, frames: Iterator[av.VideoFrame]) -> Iterator[av.VideoFrame]:
+        """Frames from the start, each given a pts where the container has none (raw H.264/HEVC streams):
+        the previous frame's end, as FFmpeg's own tools count them. Such streams never seek (a seek needs
+        timestamps), so every pass counts the same."""
+        rate = self.stream.average_rate or self.stream.guessed_rate or Fraction(25)
+        default = max(1, round(1 / (Fraction(rate) * Fraction(self.stream.time_base))))
+        clock = self.stream.start_time or 0
+        for frame in frames:
+            if frame.pts is None and frame.dts is None:
+                frame.pts = clock
+            stamp = frame.pts if frame.pts is not None else frame.dts
+            clock = stamp + (frame.duration or default)
+            yield frame
 
 
 def _first_keyframe(frames: Iterator[av.VideoFrame], target: int) -> av.VideoFrame | None:
@@ -733,6 +747,8 @@ class VideoWriter:
         self.colour = dict(RGB_TAGS if colour is None else colour)
         self._durations: dict[int, int] = {}
         self._audio: _AudioTrack | None = None
+        if codec == "libsvtav1":
+            os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its whole configuration to stderr otherwise
         self._container = av.open(str(self.path), "w", format=container, options=dict(muxer_options or {}))
         try:
             stream = self._container.add_stream(codec, rate=rate)
