@@ -15,6 +15,14 @@ ours / baseline in output frames per second. `--memory` also runs the job on the
 sample looped `--loops` times, each in a fresh process with a tiny model, and prints peak resident
 memory: it must not grow with the video's length.
 
+`--colour` (on by default; `--colour-only` runs just this) reports the colour error of an unchanged
+round trip per colour case (BT.709 HD and BT.601 limited range, BT.709 full range, untagged, 10-bit
+BT.2020 PQ): the sample's frames through the segment encoder losslessly, so only conversions count,
+(a) passed through as decoded and (b) every pixel pasted back as the RGB decoded from it, against
+the baseline of the previous path (RGB through swscale's default rounding both ways), and the path
+the issue found (RGB encoded as BT.601 limited whatever the source's matrix and range, then tagged
+as the source).
+
 Weights are random (official 256x256 architecture, or `--size`) unless `--checkpoint` names an official
 dpe.pt; the speed does not depend on the values. Where CUDA is present, the script also measures the
 model stage alone under bfloat16 (output frames/s per GPU and the share of the GPU's bfloat16 peak at
@@ -23,6 +31,7 @@ the measured GFLOP per output frame) and the whole job on Ray Data with the mode
     python benchmarks/bench_edit.py                      # 48 frames at 256 px + memory: about 8 min on 2 cores
     python benchmarks/bench_edit.py --frames 24 --no-memory
     python benchmarks/bench_edit.py --size 64 --frames 120
+    python benchmarks/bench_edit.py --colour-only          # the colour report alone: seconds
 """
 
 from __future__ import annotations
@@ -53,7 +62,7 @@ from pipelines.media.crop import crop_frame, landmarks_to_crop
 from pipelines.media.faces import make_detector
 from pipelines.media.framing import framed_boxes
 from pipelines.media.paste import face_mask, paste_back
-from pipelines.media.video import decode, encode_mp4, ffmpeg_exe, probe
+from pipelines.media.video import SegmentWriter, decode, encode_mp4, ffmpeg_exe, probe
 from pipelines.sample.media import make_sample_media
 
 STAGES = ("decode_s", "track_s", "crop_s", "model_s", "paste_s", "encode_s")
@@ -80,6 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the Ray Data run edits copies of the sample looped this often")
     p.add_argument("--check-gpu-path-on-cpu", action="store_true",
                    help="run the GPU measurements on the CPU without CUDA (checks the script; figures meaningless)")
+    p.add_argument("--colour", action=argparse.BooleanOptionalAction, default=True,
+                   help="also report the colour error of an unchanged round trip per colour case")
+    p.add_argument("--colour-only", action="store_true", help="run only the colour report")
     return p.parse_args(argv)
 
 
@@ -291,12 +303,96 @@ def gpu(args: argparse.Namespace, model: DPEGenerator, checkpoint: Path, inputs:
           f"end to end reaches {frames / wall / min(model_limit, cpu_limit):.0%} of that bound")
 
 
+COLOUR_CASES = {  # name: (size, ffmpeg scale matrix, setparams tags, pixel format, full range)
+    "BT.709 HD, limited": ("1280:720", "bt709", "colorspace=bt709:range=tv:color_primaries=bt709:color_trc=bt709",
+                           "yuv420p", False),
+    "BT.601 SD, limited": ("640:480", "smpte170m", "colorspace=smpte170m:range=tv", "yuv420p", False),
+    "BT.709, full range (phone)": ("640:360", "bt709", "colorspace=bt709:range=pc", "yuv420p", True),
+    "untagged (FFmpeg's guess)": ("640:360", "bt601", "colorspace=unknown:range=unknown", "yuv420p", False),
+    "BT.2020 PQ 10-bit": ("640:360", "bt2020",
+                          "colorspace=bt2020nc:range=tv:color_primaries=bt2020:color_trc=smpte2084", "yuv420p10le",
+                          False),
+}
+
+
+def colour_errors(info, work: Path, name: str) -> dict[str, tuple[float, float, float]]:
+    """Per path: (mean |YUV error| in 8-bit levels, mean |RGB error|, mean RGB bias) of an unchanged,
+    losslessly encoded round trip of every frame of `info`."""
+    from dataclasses import replace
+
+    import av
+    from av.video.reformatter import Interpolation
+
+    from pipelines.media.formats import choose_output
+    from pipelines.media.paste import Overlay
+    from pipelines.media.pictures import plane_arrays, sws_matrix
+
+    output = choose_output(info, "mp4", preset="ultrafast")
+    output = replace(output, options={**{k: v for k, v in output.options.items() if k != "crf"}, "qp": "0"})
+    scale = 2 ** (max(c.bits for c in av.VideoFormat(info.pix_fmt).components) - 8)
+
+    def planes(path: Path) -> list[np.ndarray]:
+        with av.open(str(path)) as container:
+            return [np.concatenate([p.astype(np.int64).ravel() for p in plane_arrays(f)])
+                    for f in container.decode(video=0)]
+
+    def through(path: Path, write) -> tuple[float, float, float]:
+        with SegmentWriter(path, info, output) as writer:
+            for frame in decode(info):
+                write(writer, frame)
+        yuv = float(np.mean([np.abs(a - b).mean() for a, b in zip(planes(path), planes(Path(info.path)))])) / scale
+        rgb = [b.image.astype(np.float64) - a.image for a, b in zip(decode(info), decode(probe(path)))]
+        return yuv, float(np.mean([np.abs(d).mean() for d in rgb])), float(np.mean([d.mean() for d in rgb]))
+
+    def previous_path(writer, frame, tagged: bool = True) -> None:  # RGB both ways, swscale's default rounding
+        rgb = frame.frame.to_ndarray(format="rgb24")
+        back = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(
+            format=output.pix_fmt, dst_colorspace=sws_matrix(info.colour.get("colorspace", 2)) if tagged else None,
+            dst_color_range=(info.colour.get("color_range") or None) if tagged else None,
+            interpolation=Interpolation.BILINEAR)
+        for name in ("colorspace", "color_range"):  # tagged as the source whatever it was converted with
+            setattr(back, name, info.colour.get(name, 0))
+        writer.write_picture(back, frame.pts, frame.duration)
+
+    return {
+        "ours, passed through": through(work / f"{name}-through.mp4", lambda w, f: w.write_frame(f)),
+        "ours, all pasted back": through(work / f"{name}-pasted.mp4", lambda w, f: w.write_frame(
+            f, Overlay(0, 0, f.image, np.ones(f.image.shape[:2], np.float32)))),
+        "previous path (baseline)": through(work / f"{name}-previous.mp4", previous_path),
+        "issue's path: RGB as BT.601": through(work / f"{name}-untagged.mp4",
+                                              lambda w, f: previous_path(w, f, tagged=False)),
+    }
+
+
+def colour_report(work: Path, talk: Path, frames: int = 10) -> None:
+    """Print the colour error of an unchanged round trip per colour case, against the previous path."""
+    print(f"\ncolour error of an unchanged round trip ({frames} frames of the sample per case, lossless H.264, "
+          "so only the conversions count; levels of 8 bits)")
+    print(f"  {'case':28s} {'path':26s} {'|YUV err|':>10s} {'|RGB err|':>10s} {'RGB bias':>9s}")
+    folder = work / "colour"
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, (case, (size, matrix, tags, pix_fmt, full)) in enumerate(COLOUR_CASES.items()):
+        path = folder / f"case{index}.mp4"
+        ffmpeg("-i", str(talk), "-frames:v", str(frames), "-vf",
+               f"scale={size}:out_color_matrix={matrix}:out_range={'full' if full else 'limited'},setsar=1,"
+               f"format={pix_fmt},setparams={tags}", "-c:v", "libx264", "-qp", "0", "-preset", "ultrafast", "-an",
+               str(path))
+        errors = colour_errors(probe(path), folder, f"case{index}")
+        for route, (yuv, rgb, bias) in errors.items():
+            print(f"  {case:28s} {route:26s} {yuv:10.3f} {rgb:10.3f} {bias:+9.3f}")
+        base, ours = errors["previous path (baseline)"][1], errors["ours, all pasted back"][1]
+        print(f"  {'':28s} -> previous / ours (all pasted back, |RGB err|) = {base / max(ours, 1e-3):.1f}x")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     keep_large_blocks_on_heap()  # both runs in this process get the same allocator
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-edit-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.colour_only:
+        colour_report(work, make_sample_media(work / "sample")["talk.mp4"])
+        return 0
     inputs = make_inputs(work, args.frames)
     model, checkpoint = model_and_checkpoint(args, work)
     device = torch.device("cpu")
@@ -314,6 +410,8 @@ def main(argv=None) -> int:
         f"{case} {wall:.2f}x output frames/s, {cpu:.2f}x per CPU second" for case, (wall, cpu) in ratios.items()))
     if args.memory:
         memory(work, inputs["talk"], args.loops)
+    if args.colour:
+        colour_report(work, inputs["talk"])
     if torch.cuda.is_available() or args.check_gpu_path_on_cpu:
         gpu(args, model, checkpoint, inputs, work, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     else:

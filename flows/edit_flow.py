@@ -82,6 +82,9 @@ def edit_videos(
     executor: str = _DEFAULTS.executor,
     workdir: str | None = _DEFAULTS.workdir,
     ray_address: str | None = _DEFAULTS.ray_address,
+    codec: str = _DEFAULTS.codec,
+    pix_fmt: str = _DEFAULTS.pix_fmt,
+    deinterlace: str = _DEFAULTS.deinterlace,
 ) -> dict:
     """Edit videos: expression or pose transfer pasted back into the full frames, timing and sound kept.
 

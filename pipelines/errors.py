@@ -153,5 +153,7 @@ NO_DRIVING_FACE = _define("no_driving_face", "no face in the driving image or vi
 BAD_JOB = _define("bad_job", "a job table row that cannot be run (a missing or invalid value; the message "
                              "names the column)")
 DUPLICATE_OUTPUT = _define("duplicate_output", "two jobs write the same output file; the first one is kept")
+UNSUPPORTED_OUTPUT = _define("unsupported_output", "the output file cannot hold what --codec or --pix-fmt asks for "
+                                                   "(the message names another container or format)")
 AUDIO_NOT_COPYABLE = _define("audio_not_copyable", "an audio codec the output container cannot hold unchanged; "
                                                    "name the output .mkv or .mov")

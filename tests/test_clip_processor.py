@@ -126,9 +126,16 @@ def test_crop_boxes_follow_the_detected_face(clip, per_frame_detections):
     assert (np.linalg.norm(crop_centres - face_centres, axis=1) < 0.3 * face_sizes).all()
 
 
+def _mean_shake(boxes: np.ndarray) -> float:
+    """Mean |second difference| of box centres over box size: HOG boxes move in steps, so at the sample's
+    square-pixel width (193) most raw frame-to-frame steps are zero and the median (`jitter`) is 0 for them."""
+    centres, sizes = (boxes[:, :2] + boxes[:, 2:]) / 2, np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    return float(np.mean(np.linalg.norm(centres[2:] - 2 * centres[1:-1] + centres[:-2], axis=1) / sizes[1:-1]))
+
+
 def test_crops_are_steadier_than_per_frame_detections(clip, per_frame_detections):
     assert jitter(clip.boxes) < 0.005
-    assert jitter(clip.boxes) < 0.5 * jitter(per_frame_detections)
+    assert _mean_shake(clip.boxes) < 0.5 * _mean_shake(per_frame_detections)
 
 
 def test_crops_are_resized_with_area_or_bicubic_never_nearest():

@@ -71,7 +71,7 @@ def test_bad_rows_fail_alone_and_name_their_column(tmp_path):
                      "b.mp4,d.mp4,,lots,,\n"
                      "c.mp4,,,,,\n"
                      "d.mp4,d.mp4,,,../escape.mp4,\n"
-                     "e.mp4,d.mp4,,,e.avi,\n"
+                     "e.mp4,d.mp4,,,e.flv,\n"
                      "f.mp4,d.mp4,,,,left\n"
                      "g.mp4,d.mp4,,,,\n")
     jobs, rejected = jobs_from_table(str(table), DEFAULTS)
@@ -109,7 +109,7 @@ def test_a_glob_of_sources_keeps_their_folder_structure(tmp_path):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
     jobs, _ = jobs_from_sources(str(tmp_path / "archive"), str(tmp_path / "smile.mp4"), DEFAULTS)
-    assert [j.output for j in jobs] == ["a.mp4", "day2/b.mp4"]
+    assert [j.output for j in jobs] == ["a.mp4", "day2/b.MOV"]  # in the source's own container
     jobs, _ = jobs_from_sources(str(tmp_path / "archive" / "*.mp4"), str(tmp_path / "smile.mp4"), DEFAULTS)
     assert [j.output for j in jobs] == ["a.mp4"]
     with pytest.raises(InputError, match="no video matches"):

@@ -8,10 +8,14 @@ from fractions import Fraction
 import numpy as np
 import pytest
 from edit_fixtures import edit_clips, ffmpeg  # noqa: F401  (session fixture)
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipelines import errors
 from pipelines.errors import VideoError
 from pipelines.media import video
+from pipelines.media.formats import choose_output
+from pipelines.media.pictures import Orientation, interpolate_field
 
 
 def _instants(path) -> list[Fraction]:
@@ -26,11 +30,14 @@ def _reencode(info: video.VideoInfo, target, splits: list[int], tmp_path, change
     segments = []
     for number, (start, stop) in enumerate(zip(bounds, bounds[1:])):
         path = tmp_path / f"segment{number}.mp4"
-        with video.SegmentWriter(path, info, preset="ultrafast") as writer:
+        output = choose_output(info, video.container_format(target), preset="ultrafast")
+        with video.SegmentWriter(path, info, output) as writer:
             for frame in video.decode(info, start_index=start, start_pts=frames[start].pts, count=stop - start):
                 assert frame.pts == frames[frame.index].pts
-                image = change(frame.image) if change else frame.image
-                writer.write(image, frame.pts, frame.duration)
+                if change:
+                    writer.write(change(frame.image), frame.pts, frame.duration)
+                else:
+                    writer.write_frame(frame)
         segments.append(path)
     video.join_segments(segments, target, info, video.container_format(target))
     return frames
@@ -87,14 +94,21 @@ def test_rotation_is_applied_for_processing_and_kept_as_metadata(edit_clips, tmp
     assert np.abs(back.astype(int) - upright.astype(int)).mean() < 3  # codec noise only
 
 
-def test_odd_sizes_keep_their_size_in_yuv444(edit_clips, tmp_path):
+def test_odd_sizes_are_padded_into_4_2_0_and_say_so(edit_clips, tmp_path):
     info = video.probe(edit_clips["odd.mp4"])
-    assert (info.width, info.height) == (351, 287)
+    assert (info.width, info.height, info.pix_fmt) == (351, 287, "yuv444p")
+    output = choose_output(info, "mp4")
+    assert (output.pix_fmt, output.width, output.height) == ("yuv420p", 352, 288)
+    assert any("padded to 352x288" in note for note in output.notes)
     out = tmp_path / "out.mp4"
-    _reencode(info, out, [0], tmp_path)
+    frames = _reencode(info, out, [0], tmp_path)
     written = video.probe(out)
-    assert (written.width, written.height) == (351, 287)
-    assert video.output_pixel_format(351, 287) == "yuv444p"
+    assert (written.width, written.height, written.pix_fmt) == (352, 288, "yuv420p")
+    back = list(video.decode(written))
+    assert np.mean([np.abs(a.image.astype(int) - b.image[:287, :351].astype(int)).mean()
+                    for a, b in zip(frames, back)]) < 3
+    assert np.array_equal(back[0].image[:287, 351], back[0].image[:287, 350]) or \
+        np.abs(back[0].image[:287, 351].astype(int) - back[0].image[:287, 350]).mean() < 3  # the last column repeated
 
 
 def test_a_one_frame_video_round_trips(edit_clips, tmp_path):
@@ -151,9 +165,9 @@ def test_segments_of_other_settings_are_refused(edit_clips, tmp_path):
     paths = []
     for number, preset in enumerate(("ultrafast", "veryslow")):
         path = tmp_path / f"s{number}.mp4"
-        with video.SegmentWriter(path, info, preset=preset, crf=18 + 10 * number) as writer:
+        with video.SegmentWriter(path, info, choose_output(info, "mp4", preset=preset, crf=18 + 10 * number)) as writer:
             for frame in frames[number * 2:(number + 1) * 2]:
-                writer.write(frame.image, frame.pts, frame.duration)
+                writer.write_frame(frame)
         paths.append(path)
     with pytest.raises(VideoError) as caught:
         video.join_segments(paths, tmp_path / "out.mp4", info)
@@ -178,3 +192,70 @@ def test_colours_come_back_in_the_matrix_and_range_the_source_is_tagged_with(tmp
         {k: info.colour[k] for k in ("colorspace", "color_range")}
     back = list(video.decode(written))
     assert np.mean([np.abs(a.image.astype(int) - b.image.astype(int)).mean() for a, b in zip(frames, back)]) < 3
+
+
+@pytest.mark.parametrize("flags", [["-display_rotation", "270"], ["-display_rotation", "180"], ["-display_hflip"],
+                                   ["-display_vflip"], ["-display_rotation", "90", "-display_hflip"]])
+def test_display_matrices_show_what_ffmpeg_shows_and_are_kept(edit_clips, tmp_path, flags):
+    """Rotations and flips as players apply them (ffmpeg's own autorotation is the reference), kept through
+    an edit's segments and join."""
+    import subprocess
+
+    source = tmp_path / "oriented.mp4"
+    ffmpeg(*flags, "-i", str(edit_clips["one_frame.mp4"]), "-c", "copy", str(source))
+    info = video.probe(source)
+    shown = next(video.decode(info)).image
+    raw = subprocess.run([video.ffmpeg_exe(), "-v", "error", "-i", str(source), "-f", "rawvideo", "-pix_fmt", "rgb24",
+                          "-sws_flags", "bicubic+accurate_rnd+full_chroma_int", "-"], capture_output=True, check=True)
+    reference = np.frombuffer(raw.stdout, np.uint8).reshape(shown.shape)
+    assert np.abs(shown.astype(int) - reference).mean() < 1.0
+    out = tmp_path / "out.mp4"
+    _reencode(info, out, [0], tmp_path)
+    written = video.probe(out)
+    assert written.display_matrix == info.display_matrix is not None
+    assert np.abs(next(video.decode(written)).image.astype(int) - shown).mean() < 3
+
+
+@settings(max_examples=60, deadline=None)
+@given(turns=st.integers(0, 3), mirrored=st.booleans(), extra=st.integers(0, 3), width=st.integers(1, 9),
+       height=st.integers(1, 9), data=st.data())
+def test_an_orientation_undoes_itself_and_maps_rectangles_to_the_same_pixels(turns, mirrored, extra, width, height,
+                                                                            data):
+    orientation = (Orientation(-1, 0, 0, 1) if mirrored else Orientation()).then(Orientation.turn(90 * turns))
+    orientation = orientation.then(Orientation.turn(90 * extra))
+    coded = np.arange(width * height * 3).reshape(height, width, 3)
+    shown = orientation.apply(coded)
+    assert shown.shape[:2] == orientation.shown_size(width, height)[::-1]
+    assert np.array_equal(orientation.undo(shown), coded)
+    left = data.draw(st.integers(0, shown.shape[1] - 1))
+    right = data.draw(st.integers(left + 1, shown.shape[1]))
+    top = data.draw(st.integers(0, shown.shape[0] - 1))
+    bottom = data.draw(st.integers(top + 1, shown.shape[0]))
+    x0, y0, x1, y1 = orientation.undo_rect(left, top, right, bottom, (shown.shape[1], shown.shape[0]))
+    assert np.array_equal(shown[top:bottom, left:right], orientation.apply(coded[y0:y1, x0:x1]))
+
+
+def test_a_field_is_kept_and_the_lines_between_are_interpolated():
+    woven = np.random.default_rng(0).integers(0, 256, (6, 2, 3)).astype(np.uint8)
+    for parity in (0, 1):
+        picture = interpolate_field(woven, parity).astype(int)
+        assert np.array_equal(picture[parity::2], woven[parity::2])
+        between = np.arange(1 + parity, 5 + parity, 2)  # the other field's lines with a field line on each side
+        expected = (woven[between - 1].astype(int) + woven[between + 1] + 1) // 2
+        assert np.array_equal(picture[between], expected)
+
+
+def test_a_raw_stream_without_timestamps_is_counted_and_round_trips(edit_clips, tmp_path):
+    """A raw H.264 stream has no container timestamps: frames are counted as FFmpeg's tools count them,
+    the same on every pass, so it edits like any other file instead of being called damaged."""
+    raw = tmp_path / "clip.h264"
+    ffmpeg("-i", str(edit_clips["short.mp4"]), "-c:v", "libx264", "-preset", "ultrafast", "-bf", "2", "-an",
+           "-f", "h264", str(raw))
+    info = video.probe(raw)
+    frames = list(video.decode(info))
+    assert len(frames) == 45 and len({f.pts for f in frames}) == 45 and frames[0].pts == 0
+    part = list(video.decode(info, start_index=30, start_pts=frames[30].pts, count=3))
+    assert [f.pts for f in part] == [f.pts for f in frames[30:33]]
+    out = tmp_path / "out.mp4"
+    _reencode(info, out, [0, 20], tmp_path)
+    assert _instants(out) == [Fraction(f.pts) * info.time_base for f in frames]

@@ -95,7 +95,7 @@ def test_read_frames_streams_frames_resampled_to_25_fps():
     assert inspect.isgenerator(frames)
     first = next(frames)
     rest = list(frames)
-    assert first.shape == (144, 176, 3) and first.dtype == np.uint8
+    assert first.shape == (144, 193, 3) and first.dtype == np.uint8  # 176 pixels of 128:117 shown square
     assert 1 + len(rest) == 25
 
 

@@ -5,7 +5,14 @@ Per video: probe (`video.probe`), decode every frame once with its pts while the
 tracker (`media.tracking`: sparse detection, landmark tracking, re-detection when the box jumps,
 as after a scene cut) follows every face, then choose which face to edit at each moment and frame
 it (`media.framing`, the official framing by default). Only per-frame numbers are kept (pts, 68
-landmarks: about 0.6 KB a frame), never frames.
+landmarks: about 0.6 KB a frame), never frames. Frames are seen as a viewer sees them
+(`media.pictures.View`: square pixels, upright, the first field of interlaced frames unless
+--deinterlace off). When no face is found upright, sampled frames are searched turned a quarter,
+three quarters and half a turn (a camera held sideways whose rotation tag was lost); the turn that
+shows faces is kept in the chunks' `VideoInfo.turn`, so every later stage works on the face
+upright and the edit goes back into the frame as it was. A file is complete when its last
+presented frame reaches the stream's stated end (`video.check_complete`), not when it decodes as
+many frames as its index lists (an edit list lists frames it does not show).
 
 Which face: at most one face is edited in any frame. With `face='largest'` the most prominent
 track (frames covered x face size) is taken first, then, for frames it does not cover (before a
@@ -22,7 +29,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -42,13 +49,20 @@ from pipelines.errors import (
 from pipelines.media.faces import FaceDetector
 from pipelines.media.framing import framed_boxes
 from pipelines.media.tracking import FaceTrack, FaceTracker
-from pipelines.media.video import VideoInfo, decode, probe
+from pipelines.media.video import VideoInfo, check_complete, decode, probe
 from pipelines.storage import OutputStore
 
 LOG = logging.getLogger(__name__)
 
 POINT_REACH = 0.25
 """With face='X,Y', only tracks whose median centre lies within this fraction of the frame diagonal count."""
+
+TURNS = (90, 270, 180)
+"""Quarter turns (counter-clockwise) tried when no face is found upright: sideways first, as a camera held
+sideways is the common case."""
+
+TURN_SAMPLES = 12
+"""Frames (evenly spaced) the detector searches in each turned orientation."""
 
 
 @dataclass
@@ -59,6 +73,8 @@ class FaceFrames:
     landmarks: np.ndarray
     boxes: np.ndarray
     tracks_found: int
+    turn: int = 0
+    """The counter-clockwise turn (degrees) in which the face was found upright (`VideoInfo.turn`)."""
 
     @property
     def present(self) -> np.ndarray:
@@ -83,20 +99,38 @@ def track_video(info: VideoInfo, detector: FaceDetector, settings: EditSettings,
                 timings: dict[str, float]) -> tuple[np.ndarray, list[FaceTrack]]:
     """Decode every frame once, tracking faces; return the frames' pts and every face track.
 
-    Raises `damaged_video` when fewer frames decode than the container lists (a truncated file).
+    Raises `damaged_video` when decoding fails or ends before the stream's stated end (a truncated file).
     """
     tracker = FaceTracker(detector, settings.tracking)
     pts: list[int] = []
+    last_duration = 0
     for frame in timed_iter(decode(info), timings, "decode_s"):
         with timed(timings, "track_s"):
             tracker.update(frame.image)
         pts.append(frame.pts)
+        last_duration = frame.duration
     if not pts:
         raise VideoError(DAMAGED_VIDEO, f"{info.path}: no frame could be decoded")
-    if info.frame_count and len(pts) < info.frame_count:
-        raise VideoError(DAMAGED_VIDEO, f"{info.path}: only {len(pts)} of the {info.frame_count} frames its index "
-                                        "lists could be decoded: the file is truncated or damaged")
+    check_complete(info, len(pts), pts[-1], last_duration)
     return np.asarray(pts, dtype=np.int64), tracker.tracks
+
+
+def upright_turn(info: VideoInfo, frame_count: int, detector: FaceDetector, settings: EditSettings,
+                 timings: dict[str, float]) -> int:
+    """The quarter turn (`TURNS`) in which the detector finds the most faces large enough to edit on
+    sampled frames; 0 when it finds none in any."""
+    wanted = set(np.linspace(0, frame_count - 1, min(TURN_SAMPLES, frame_count)).round().astype(int).tolist())
+    found = dict.fromkeys(TURNS, 0)
+    for frame in timed_iter(decode(info), timings, "decode_s"):
+        if frame.index not in wanted:
+            continue
+        with timed(timings, "track_s"):
+            for turn in TURNS:
+                image = np.ascontiguousarray(np.rot90(frame.image, turn // 90))
+                found[turn] += sum(1 for face in detector.detect(image)
+                                   if min(face.box[2] - face.box[0], face.box[3] - face.box[1]) >= settings.min_face_px)
+    best = max(TURNS, key=lambda turn: found[turn])
+    return best if found[best] else 0
 
 
 def _prominence(track: FaceTrack) -> float:
@@ -130,19 +164,34 @@ def choose_faces(tracks: list[FaceTrack], frame_count: int, frame_size: tuple[in
 
 def analyse_source(info: VideoInfo, detector: FaceDetector, face: str, settings: EditSettings,
                    timings: dict[str, float]) -> FaceFrames:
-    """Track the video's faces and frame the chosen one; raises `no_face` when there is none to edit."""
+    """Track the video's faces and frame the chosen one, upright or (when none is found upright) in
+    the quarter turn that shows faces; raises `no_face` when there is none to edit."""
     pts, tracks = track_video(info, detector, settings, timings)
-    with timed(timings, "track_s"):
-        landmarks, spans = choose_faces(tracks, len(pts), info.display_size, face, settings)
-        boxes = np.full((len(pts), 4), np.nan, np.float32)
-        for start, end in spans:
-            boxes[start:end] = framed_boxes(landmarks[start:end], settings.framing)
+    landmarks, spans = _chosen(tracks, len(pts), info, face, settings, timings)
+    turn = 0
+    if not spans:
+        turn = upright_turn(info, len(pts), detector, settings, timings)
+        if turn:
+            info = replace(info, turn=turn)
+            pts, tracks = track_video(info, detector, settings, timings)
+            landmarks, spans = _chosen(tracks, len(pts), info, face, settings, timings)
     if not spans:
         sizes = ", ".join(f"{t.face_size():.0f}px x {len(t.landmarks)} frames" for t in tracks[:3])
         detail = f"faces seen but too small or brief ({sizes}; minimum {settings.min_face_px:.0f}px, " \
-                 f"{settings.min_track_frames} frames)" if tracks else f"detector {detector.name}"
+                 f"{settings.min_track_frames} frames)" if tracks else \
+            f"detector {detector.name}, upright and turned a quarter, half and three quarters"
         raise RecordedFailure(NO_FACE, f"no face to edit in {len(pts)} frames ({detail}); nothing was written")
-    return FaceFrames(pts=pts, landmarks=landmarks, boxes=boxes, tracks_found=len(tracks))
+    with timed(timings, "track_s"):
+        boxes = np.full((len(pts), 4), np.nan, np.float32)
+        for start, end in spans:
+            boxes[start:end] = framed_boxes(landmarks[start:end], settings.framing)
+    return FaceFrames(pts=pts, landmarks=landmarks, boxes=boxes, tracks_found=len(tracks), turn=turn)
+
+
+def _chosen(tracks: list[FaceTrack], count: int, info: VideoInfo, face: str, settings: EditSettings,
+            timings: dict[str, float]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    with timed(timings, "track_s"):
+        return choose_faces(tracks, count, info.view.shown_size, face, settings)
 
 
 _DRIVERS: OrderedDict[tuple, DriverPlan] = OrderedDict()
@@ -177,7 +226,7 @@ def analyse_driver(driving: str, detector: FaceDetector, settings: EditSettings,
             raise type(error)(error.failure_class, f"driving {error.message}") from None
         pts, tracks = track_video(info, detector, settings, timings)
         with timed(timings, "track_s"):
-            landmarks, spans = choose_faces(tracks, len(pts), info.display_size, "largest", settings)
+            landmarks, spans = choose_faces(tracks, len(pts), info.view.shown_size, "largest", settings)
             if not spans:
                 raise RecordedFailure(NO_DRIVING_FACE, f"driving video {driving}: no face in {len(pts)} frames")
             boxes = np.full((len(pts), 4), np.nan, np.float32)
@@ -254,8 +303,10 @@ def analyse_job(work: JobWork, settings: EditSettings, detector: FaceDetector, s
     try:
         with timed(timings, "probe_s"):
             info = probe(local_input(job.source, settings.workdir), damaged=NOT_A_VIDEO)
+            info = replace(info, one_field=settings.deinterlace == "auto")
         driver = analyse_driver(job.driving, detector, settings, timings)
         faces = analyse_source(info, detector, job.face, settings, timings)
+        info = replace(info, turn=faces.turn)
     except RecordedFailure as error:
         failed = ChunkWork(work, index=-1, total=0, timings=timings, started_at=started)
         failed.visited()

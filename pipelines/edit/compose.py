@@ -2,9 +2,12 @@
 
 Each frame with an edited face gets the edited crop blended into the full-resolution frame
 (`media.paste`: soft landmark mask, colour matched around the face; for pose edits the mask also
-covers the face where the edit moved it, found by the landmark model on the edited crop); every
-other frame is written as decoded. Frames keep their pts and durations (`media.video`), and the
-segment appears in the output store only once complete.
+covers the face where the edit moved it, found by the landmark model on the edited crop), in the
+decoded frame's own pixel format: only the face's region is converted from RGB, so every other
+pixel reaches the encoder exactly as decoded (`media.pictures.blend_overlay`). Frames without an
+edit are written as decoded. The segment is encoded in the job's output format (`media.formats`:
+the source's codec, depth and colour unless overridden), frames keep their pts and durations
+(`media.video`), and the segment appears in the output store only once complete.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ import numpy as np
 from pipelines.edit.chunks import ChunkWork, timed
 from pipelines.edit.settings import EditSettings
 from pipelines.edit.stage_io import decode_chunk, local_info, store_output
-from pipelines.errors import RecordedFailure
+from pipelines.errors import UNSUPPORTED_OUTPUT, RecordedFailure
 from pipelines.media.crop import crop_frame, landmarks_to_crop
 from pipelines.media.faces import FaceDetector, make_detector
-from pipelines.media.paste import MaskConfig, face_mask, match_colour, paste_back
-from pipelines.media.video import SegmentWriter
+from pipelines.media.formats import OutputFormat, choose_output, container_of
+from pipelines.media.paste import MaskConfig, Overlay, face_mask, match_colour, paste_overlay
+from pipelines.media.video import SegmentWriter, VideoInfo
 from pipelines.storage import OutputStore
 
 LANDMARK_INPUT_SIZE = 256
@@ -44,9 +48,20 @@ def edited_landmarks(detector: FaceDetector, crop: np.ndarray, source_points: np
     return detector.landmarks(np.ascontiguousarray(image), tuple(float(v) for v in box)) / scale
 
 
+def output_format(info: VideoInfo, output: str, settings: EditSettings) -> OutputFormat:
+    """How a job's video is encoded (`formats.choose_output` with the run's overrides); `unsupported_output`
+    when --codec or --pix-fmt asks for what the output file cannot hold."""
+    try:
+        return choose_output(info, container_of(output), codec=settings.codec, pix_fmt=settings.pix_fmt,
+                             crf=settings.crf, preset=settings.preset)
+    except ValueError as error:
+        raise RecordedFailure(UNSUPPORTED_OUTPUT, f"{output}: {error}") from None
+
+
 def paste_face(frame: np.ndarray, edited: np.ndarray, box: np.ndarray, landmarks: np.ndarray, weight: float,
-               mask_config: MaskConfig, colour_match: bool, detector: FaceDetector | None) -> np.ndarray:
-    """`frame` with `edited` (a crop of `box`) pasted over the face whose landmarks (frame pixels) are given.
+               mask_config: MaskConfig, colour_match: bool, detector: FaceDetector | None) -> Overlay | None:
+    """The overlay that pastes `edited` (a crop of `box`) over the face whose landmarks (frame pixels) are
+    given in `frame` (an RGB image as analysis sees it); None when it would change nothing.
 
     With a `detector`, the mask is the union of the source face and the face found in the edited crop.
     """
@@ -58,7 +73,7 @@ def paste_face(frame: np.ndarray, edited: np.ndarray, box: np.ndarray, landmarks
     mask = face_mask(regions, size, mask_config) * np.float32(weight)
     if colour_match:
         edited = match_colour(edited, crop_frame(frame, box, size), mask)
-    return paste_back(frame, edited, mask, box)
+    return paste_overlay((frame.shape[1], frame.shape[0]), edited, mask, box)
 
 
 def compose_chunk(chunk: ChunkWork, settings: EditSettings, store: OutputStore) -> ChunkWork:
@@ -72,18 +87,19 @@ def compose_chunk(chunk: ChunkWork, settings: EditSettings, store: OutputStore) 
     detector = cached_detector(settings.detector) if chunk.job.mode != "expression" and len(edited) else None
     try:
         info = local_info(chunk, settings)
+        output = output_format(info, chunk.job.output, settings)
         with store_output(store, chunk.segment) as path:
-            writer = SegmentWriter(path, info, crf=settings.crf, preset=settings.preset)
+            writer = SegmentWriter(path, info, output)
             try:
                 for offset, frame in enumerate(decode_chunk(chunk, info, timings)):
-                    image = frame.image
+                    overlay = None
                     if offset in position:
                         with timed(timings, "paste_s"):
-                            image = paste_face(image, chunk.edited[position[offset]], chunk.boxes[offset],
-                                               chunk.landmarks[offset], float(chunk.weights[offset]), settings.mask,
-                                               settings.colour_match, detector)
+                            overlay = paste_face(frame.image, chunk.edited[position[offset]], chunk.boxes[offset],
+                                                 chunk.landmarks[offset], float(chunk.weights[offset]),
+                                                 settings.mask, settings.colour_match, detector)
                     with timed(timings, "encode_s"):
-                        writer.write(image, frame.pts, frame.duration)
+                        writer.write_frame(frame, overlay)
                 with timed(timings, "encode_s"):
                     writer.close()
             except BaseException:

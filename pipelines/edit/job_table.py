@@ -6,7 +6,8 @@ job table of one), so everything downstream has one code path.
 
 Job table columns (names matched loosely: case, spaces and dashes do not matter):
 `source` (required), `driving` (required unless --driving gives one for all rows), `output`
-(a path inside the output folder; default: the source's file name with .mp4), and optionally
+(a path inside the output folder; default: the source's file name, in its own container when the
+job can write it, else .mp4), and optionally
 `mode`, `strength`, `motion`, `driving_policy`, `face`. Relative local paths are relative to the
 table's folder. An unknown column refuses the whole table (a misspelt `strenght` must not be
 silently ignored); a bad value fails only its row, as `bad_job`.
@@ -103,9 +104,16 @@ def is_uri(path: str) -> bool:
     return "://" in str(path) and not str(path).startswith("file://")
 
 
+def output_relpath(relative: str) -> str:
+    """An output path for a source: the same path, in the source's own container when the job can write
+    it (.mov stays .mov, .mkv .mkv, .ts .ts), else .mp4."""
+    path = PurePosixPath(relative)
+    return str(path if path.suffix.lower() in OUTPUT_EXTENSIONS else path.with_suffix(".mp4"))
+
+
 def default_output_name(source: str) -> str:
-    """The source's file name with .mp4 (the same name with another extension would collide)."""
-    return PurePosixPath(str(source).rstrip("/")).with_suffix(".mp4").name
+    """The source's file name (`output_relpath`)."""
+    return output_relpath(PurePosixPath(str(source).rstrip("/")).name)
 
 
 def check_job(job: EditJob) -> EditJob:
@@ -284,14 +292,14 @@ def list_sources(pattern: str) -> list[tuple[str, str]]:
 
 
 def jobs_from_sources(pattern: str, driving: str, defaults: JobDefaults) -> tuple[list[EditJob], list[RejectedJob]]:
-    """One job per video matching `pattern`; outputs keep the sources' relative paths, with .mp4."""
+    """One job per video matching `pattern`; outputs keep the sources' relative paths (`output_relpath`)."""
     jobs, rejected = [], []
     found = list_sources(pattern)
     if not found:
         raise InputError(f"--sources {pattern!r}: no video matches (a glob such as 'dir/*.mp4' or "
                          f"'s3://bucket/prefix/**.mp4', or a folder / prefix of videos)")
     for source, relative in found:
-        output = str(PurePosixPath(relative).with_suffix(".mp4"))
+        output = output_relpath(relative)
         job = _job(source if is_uri(source) else _absolute(source), _absolute(driving), output, defaults, pattern)
         try:
             jobs.append(check_job(job))

@@ -8,6 +8,7 @@ evenly spaced edited frames. Both stream through the three videos once, frame by
 
 from __future__ import annotations
 
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
@@ -19,17 +20,16 @@ from pipelines.edit.job_table import EditJob
 from pipelines.edit.settings import EditSettings
 from pipelines.edit.stage_io import read_image
 from pipelines.errors import NOT_A_VIDEO
-from pipelines.media.video import VideoInfo, VideoWriter, decode, probe
+from pipelines.media.video import VideoInfo, VideoWriter, decode, probe, rgb_colour
 
 LABELS = ("source", "driving", "result")
 SHEET_HEIGHT = 160
 
 
-def _fit(image: np.ndarray, height: int, pixel_aspect: float = 1.0) -> np.ndarray:
-    """Scale to `height` keeping the displayed aspect ratio (pixels `pixel_aspect` times wider than high),
-    with an even width."""
+def _fit(image: np.ndarray, height: int) -> np.ndarray:
+    """Scale to `height` keeping the aspect ratio (decoded images have square pixels), with an even width."""
     h, w = image.shape[:2]
-    width = max(2, int(round(w * pixel_aspect * height / h / 2)) * 2)
+    width = max(2, int(round(w * height / h / 2)) * 2)
     interpolation = cv2.INTER_AREA if h > height else cv2.INTER_CUBIC
     return cv2.resize(image, (width, height), interpolation=interpolation)
 
@@ -61,12 +61,6 @@ def driving_frames(path: Path, is_image: bool, policy: str) -> Iterator[np.ndarr
             yield last if policy == "hold" else None
 
 
-def _pixel_aspect(info: VideoInfo) -> float:
-    """Width of a pixel relative to its height as shown (sample aspect ratio; swapped when rotated)."""
-    ratio = float(info.sample_aspect_ratio or 1)
-    return 1.0 / ratio if info.rotation % 180 else ratio
-
-
 def write_previews(job: EditJob, info: VideoInfo, driving_path: Path, result_path: Path, video_target: Path,
                    sheet_target: Path, settings: EditSettings, sheet_frames: list[int]) -> int:
     """Write the side-by-side video and the contact sheet; returns the number of preview frames.
@@ -76,10 +70,9 @@ def write_previews(job: EditJob, info: VideoInfo, driving_path: Path, result_pat
     height = settings.preview_height
     start_time = float(info.start_pts * info.time_base)
     limit = start_time + settings.preview_seconds
+    info = replace(info, turn=0)  # as players show it
     result_info = probe(result_path, damaged=NOT_A_VIDEO)
     drivers = driving_frames(driving_path, job.driving_is_image, job.driving_policy)
-    aspect = _pixel_aspect(info)
-    driving_aspect = 1.0 if job.driving_is_image else _pixel_aspect(probe(driving_path, damaged=NOT_A_VIDEO))
     wanted = set(sheet_frames)
     thumbs: list[list[np.ndarray]] = []
     writer = None
@@ -89,9 +82,9 @@ def write_previews(job: EditJob, info: VideoInfo, driving_path: Path, result_pat
             if float(source.pts * info.time_base) > limit and writer is not None:
                 break
             driving = next(drivers)
-            panels = [_fit(source.image, height, aspect), None, _fit(result.image, height, aspect)]
+            panels = [_fit(source.image, height), None, _fit(result.image, height)]
             if driving is not None:
-                panels[1] = _fit(driving, height, driving_aspect)
+                panels[1] = _fit(driving, height)
                 blank = np.zeros_like(panels[1])
             panels[1] = panels[1] if panels[1] is not None else blank
             if source.index in wanted:
@@ -100,7 +93,7 @@ def write_previews(job: EditJob, info: VideoInfo, driving_path: Path, result_pat
             if writer is None:
                 writer = VideoWriter(video_target, row.shape[1], row.shape[0], time_base=info.time_base,
                                      rate=info.average_rate or Fraction(25), crf=23, preset="veryfast", b_frames=False,
-                                     muxer_options={"movflags": "+faststart"},
+                                     colour=rgb_colour(info.colour), muxer_options={"movflags": "+faststart"},
                                      audio_from=info if info.audio_streams else None,
                                      audio_seconds=limit - start_time)
             writer.write(np.ascontiguousarray(row), source.pts - info.start_pts)

@@ -69,6 +69,16 @@ class ResultRow:
     input_duration_s: float | None = None
     output_duration_s: float | None = None
     audio_streams: int | None = None
+    output_codec: str = ""
+    """The edited video's codec and pixel format ('h264 yuv420p'): the source's unless `format_notes` says why not."""
+    scan: str = ""
+    """'progressive', or how an interlaced source was edited (its field order, and --deinterlace's choice)."""
+    streams_copied: int | None = None
+    """Other streams of the source (audio, subtitles, data, attachments) copied unchanged."""
+    streams_dropped: str = ""
+    """Streams the output container could not hold, each with the reason ('; ' between them)."""
+    format_notes: str = ""
+    """Every way the output departs from the source's format, and why ('; ' between them)."""
     model: str = ""
     preview_video: str = ""
     preview_sheet: str = ""

@@ -15,6 +15,7 @@ from pathlib import PurePosixPath
 from typing import Any, Mapping
 
 from pipelines.media.faces import DETECTOR_NAMES
+from pipelines.media.formats import CODEC_CHOICES, CONTAINERS
 from pipelines.media.framing import FramingOptions
 from pipelines.media.paste import MaskConfig
 from pipelines.media.tracking import TrackingConfig
@@ -41,12 +42,29 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 """auto: bfloat16 autocast on GPU, float32 on CPU (where bfloat16 measured slower)."""
 
 
-OUTPUT_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv")
+DEINTERLACE = ("auto", "off")
+"""auto: frames the stream flags as interlaced are analysed as their first field (lines interpolated)
+and the face is pasted into both fields, encoded interlaced; off: the woven frames are analysed as
+they are (for progressive pictures flagged interlaced)."""
+
+OUTPUT_EXTENSIONS = tuple(CONTAINERS)
 _INPUTS = "inputs (exactly one of --source, --jobs, --sources)"
 _EDIT = "the edit (defaults for every job; a job table may set them per row)"
 _LOOK = "tracking and paste-back"
 _OUTPUT = "encoding and previews"
 _RUN = "running"
+
+
+def _pixel_format(name: str) -> bool:
+    if name == "auto":
+        return True
+    import av  # only for a named format: `portrait --help` stays fast
+
+    try:
+        av.VideoFormat(name)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -133,9 +151,11 @@ class EditSettings(FramingOptions):
                                   "chin-to-nose-bridge)", group=_LOOK, rules=(NOT_NEGATIVE,))
     colour_match: bool = option(True, "paste the edited face without matching its colour to the source around it "
                                       "(the switch turns matching off)", group=_LOOK, flag="no-colour-match")
-    crf: int = option(18, "x264 quality of the edited video (lower is better)", group=_OUTPUT,
+    crf: int = option(18, "quality of the edited videos, lower is better: the CRF of H.264, HEVC, VP9 and AV1 "
+                          "(MPEG-2: a fixed quantiser of crf/6; ProRes: its profile decides)", group=_OUTPUT,
                       rules=(at_least(0), at_most(51)))
-    preset: str = option("medium", "x264 preset", group=_OUTPUT)
+    preset: str = option("medium", "encoder speed, x264 names (ultrafast .. veryslow), mapped onto the other "
+                                   "encoders' speed settings", group=_OUTPUT)
     previews: bool = option(False, "also write previews/<job>.mp4 (source | driving | result, plays in browsers) and "
                                    "previews/<job>.png (contact sheet)", group=_OUTPUT)
     preview_seconds: float = option(60.0, "previews cover at most this much of the start of each video",
@@ -162,6 +182,20 @@ class EditSettings(FramingOptions):
                                        "folder)", group=_RUN, metavar="DIR", path=True)
     ray_address: str | None = option(None, "Ray cluster address (default: $RAY_ADDRESS, else a local Ray)",
                                      group=_RUN, metavar="ADDR")
+    codec: str = option("auto", "codec of the edited videos: auto keeps the source's (h264, hevc, vp9, av1, prores, "
+                                "mpeg2video; others become h264; a container that cannot hold it, or an encoder "
+                                "without its bit depth, gets the nearest, and the results row says so)",
+                        group=_OUTPUT, choices=CODEC_CHOICES)
+    pix_fmt: str = option("auto", "pixel format of the edited videos: auto keeps the source's chroma subsampling and "
+                                  "bit depth (odd frame sizes: 4:2:0, padded to even sides); or a name the encoder "
+                                  "takes, e.g. yuv420p (browsers) or yuv422p10le", group=_OUTPUT,
+                          metavar="auto|NAME", rules=(Rule("must be 'auto' or an FFmpeg pixel format name "
+                                                           "(yuv420p, yuv420p10le, ...)", _pixel_format),))
+    deinterlace: str = option("auto", "interlaced sources (by their stream flags): auto finds the face on each "
+                                      "frame's first field (lines interpolated), pastes it into both fields and "
+                                      "encodes interlaced with the source's field order; off analyses the woven "
+                                      "frames as they are (progressive pictures flagged interlaced)", group=_LOOK,
+                              choices=DEINTERLACE)
     min_face_px: float = 32.0
     """Faces whose landmark extent is smaller than this (source pixels) are not edited (passed through)."""
     min_track_frames: int = 5

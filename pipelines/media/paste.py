@@ -10,15 +10,16 @@ Three steps, all in the crop's pixel space (so the cost does not depend on the v
 2. `match_colour`: the edited crop's colour is shifted (by whole levels per channel) to the
    source's, measured in the mask's transition band (where a colour step would show as a seam),
    not inside the face, whose content the edit changes on purpose.
-3. `paste_back`: the crop and mask are resized to the crop box in the frame (area averaging when
-   shrinking, bicubic when enlarging) and blended; pixels where the mask is zero keep the
-   source's values exactly.
+3. `paste_overlay`: the crop and mask are resized to the crop box in the frame (area averaging when
+   shrinking, bicubic when enlarging): an overlay the editing job blends into the decoded frame's
+   own planes (`pictures.blend_overlay`); `paste_back` blends it into an RGB frame. Pixels where the
+   mask is zero keep the source's values exactly.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import cv2
 import numpy as np
@@ -31,6 +32,16 @@ CHIN, NOSE_BRIDGE = 8, 27
 
 MIN_WEIGHT = 1.0 / 255.0
 """Mask values below this are treated as zero (they could not change an 8-bit pixel by a half level)."""
+
+
+class Overlay(NamedTuple):
+    """RGB pixels to blend into a picture: (h, w, 3) uint8 `pixels` by (h, w) float32 `weights` in [0, 1],
+    placed with their top-left corner at (left, top) (they may reach past the picture's edges)."""
+
+    left: int
+    top: int
+    pixels: np.ndarray
+    weights: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -118,25 +129,39 @@ def match_colour(edited: np.ndarray, source: np.ndarray, mask: np.ndarray) -> np
     return cv2.add(edited, tuple(float(v) for v in np.round(offset)) + (0.0,))
 
 
-def paste_back(frame: np.ndarray, crop: np.ndarray, mask: np.ndarray,
-               box: np.ndarray | tuple[float, float, float, float]) -> np.ndarray:
-    """A copy of `frame` with `crop` blended in by `mask` where `crop_frame(frame, box, size)` was taken."""
+def paste_overlay(frame_size: tuple[int, int], crop: np.ndarray, mask: np.ndarray,
+                  box: np.ndarray | tuple[float, float, float, float]) -> Overlay | None:
+    """`crop` and `mask` placed where `crop_frame(frame, box, size)` was taken in a frame of `frame_size`
+    (width, height): the part inside the frame, with weights below `MIN_WEIGHT` set to zero; None
+    when nothing of it would change the frame."""
     size = crop.shape[0]
     if crop.shape[:2] != (size, size) or mask.shape != (size, size):
         raise ValueError(f"crop {crop.shape} and mask {mask.shape} must be square and the same size")
     x0, y0, side = pixel_box(box)
-    height, width = frame.shape[:2]
+    width, height = frame_size
     left, top, right, bottom = max(0, x0), max(0, y0), min(width, x0 + side), min(height, y0 + side)
-    result = frame.copy()
     if left >= right or top >= bottom or not mask.any():
-        return result
+        return None
     interpolation = cv2.INTER_AREA if side < size else cv2.INTER_CUBIC
     big_crop = cv2.resize(crop, (side, side), interpolation=interpolation)
     big_mask = cv2.resize(mask, (side, side), interpolation=cv2.INTER_LINEAR)
     window = (slice(top - y0, bottom - y0), slice(left - x0, right - x0))
     weight = big_mask[window]
     weight = np.where(weight < MIN_WEIGHT, np.float32(0), np.clip(weight, 0, 1)).astype(np.float32)
+    if not weight.any():
+        return None
+    return Overlay(left, top, np.ascontiguousarray(big_crop[window]), weight)
+
+
+def paste_back(frame: np.ndarray, crop: np.ndarray, mask: np.ndarray,
+               box: np.ndarray | tuple[float, float, float, float]) -> np.ndarray:
+    """A copy of `frame` with `crop` blended in by `mask` where `crop_frame(frame, box, size)` was taken."""
+    result = frame.copy()
+    overlay = paste_overlay((frame.shape[1], frame.shape[0]), crop, mask, box)
+    if overlay is None:
+        return result
+    left, top, pixels, weight = overlay
+    bottom, right = top + weight.shape[0], left + weight.shape[1]
     original = np.ascontiguousarray(frame[top:bottom, left:right])
-    result[top:bottom, left:right] = cv2.blendLinear(np.ascontiguousarray(big_crop[window]), original,
-                                                     weight, 1.0 - weight)
+    result[top:bottom, left:right] = cv2.blendLinear(pixels, original, weight, 1.0 - weight)
     return result

