@@ -15,7 +15,7 @@ from pathlib import PurePosixPath
 from typing import Any, Mapping
 
 from pipelines.media.faces import DETECTOR_NAMES
-from pipelines.media.formats import CODEC_CHOICES, CONTAINERS
+from pipelines.media.formats import CODEC_CHOICES, CONTAINERS, is_pixel_format
 from pipelines.media.framing import FramingOptions
 from pipelines.media.paste import MaskConfig
 from pipelines.media.tracking import TrackingConfig
@@ -53,18 +53,6 @@ _EDIT = "the edit (defaults for every job; a job table may set them per row)"
 _LOOK = "tracking and paste-back"
 _OUTPUT = "encoding and previews"
 _RUN = "running"
-
-
-def _pixel_format(name: str) -> bool:
-    if name == "auto":
-        return True
-    import av  # only for a named format: `portrait --help` stays fast
-
-    try:
-        av.VideoFormat(name)
-    except (ValueError, TypeError):
-        return False
-    return True
 
 
 @dataclass(frozen=True)
@@ -190,7 +178,7 @@ class EditSettings(FramingOptions):
                                   "bit depth (odd frame sizes: 4:2:0, padded to even sides); or a name the encoder "
                                   "takes, e.g. yuv420p (browsers) or yuv422p10le", group=_OUTPUT,
                           metavar="auto|NAME", rules=(Rule("must be 'auto' or an FFmpeg pixel format name "
-                                                           "(yuv420p, yuv420p10le, ...)", _pixel_format),))
+                                                           "(yuv420p, yuv420p10le, ...)", is_pixel_format),))
     deinterlace: str = option("auto", "interlaced sources (by their stream flags): auto finds the face on each "
                                       "frame's first field (lines interpolated), pastes it into both fields and "
                                       "encodes interlaced with the source's field order; off analyses the woven "

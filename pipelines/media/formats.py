@@ -138,6 +138,19 @@ def _plain(name: str) -> tuple[str, bool]:
     return (name.replace("yuvj", "yuv", 1), True) if name.startswith("yuvj") else (name, False)
 
 
+def is_pixel_format(name: str) -> bool:
+    """Whether FFmpeg knows the pixel format `name` ('auto' too: the source's own)."""
+    if name == "auto":
+        return True
+    import av  # only for a named format: `portrait --help` stays fast
+
+    try:
+        av.VideoFormat(name)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
 def encoder_formats(encoder: str) -> list[str]:
     """The pixel formats an encoder of this PyAV build takes."""
     import av
