@@ -67,7 +67,17 @@ def test_make_sample_media_is_idempotent_and_leaves_no_temp_files(sample_media):
     again = make_sample_media(directory)
     assert again == sample_media
     assert {path: path.stat().st_mtime_ns for path in again.values()} == before
-    assert sorted(p.name for p in directory.iterdir()) == sorted(sample_media)
+    assert sorted(p.name for p in directory.iterdir()) == sorted([*sample_media, "recipes.sha256"])
+
+
+def test_media_made_by_another_recipe_are_made_again(sample_media, tmp_path):
+    """A cache folder that outlives an upgrade must not hand back media made by the old recipe."""
+    for name, path in sample_media.items():
+        (tmp_path / name).write_bytes(b"made by an older recipe" if name == "talk.mp4" else path.read_bytes())
+    (tmp_path / "recipes.sha256").write_text("an older recipe\n")
+    again = make_sample_media(tmp_path)
+    assert describe_media(again["talk.mp4"]) == describe_media(sample_media["talk.mp4"])
+    assert (tmp_path / "recipes.sha256").read_text() == (sample_media["talk.mp4"].parent / "recipes.sha256").read_text()
 
 
 def test_serves_whole_files_ranges_and_head(sample_server, sample_media):

@@ -9,6 +9,7 @@ files small) so face detectors see a face of realistic size, and tagged square-p
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -73,6 +74,8 @@ def make_sample_media(directory: str | os.PathLike) -> dict[str, Path]:
         "twofaces.mp4": ([ffmpeg.filter([pair[0], pair[1]], "hstack"), sine], f"{clip_seconds:.3f}"),
     }
     paths = {name: directory / name for name in SAMPLE_NAMES}
+    _forget_other_recipes(directory, paths, {name: ffmpeg.compile(ffmpeg.output(*streams, name, t=seconds, **_ENCODE))
+                                             for name, (streams, seconds) in recipes.items()})
     for name, (streams, seconds) in recipes.items():
         if not paths[name].exists():
             with atomic_local_path(paths[name]) as temporary:
@@ -81,6 +84,22 @@ def make_sample_media(directory: str | os.PathLike) -> dict[str, Path]:
         with atomic_local_path(paths["corrupt.mp4"]) as temporary:
             _truncated_copy(paths["talk.mp4"], temporary, 0.4)
     return paths
+
+
+def _forget_other_recipes(directory: Path, paths: dict[str, Path], commands: dict[str, list[str]]) -> None:
+    """Delete media an earlier version of these recipes made (kept media would otherwise be reused
+    forever, e.g. from a cache folder that outlives an upgrade); the recipes' digest is kept beside them."""
+    digest = hashlib.sha256(repr(sorted((name, command[1:]) for name, command in commands.items())).encode())
+    digest = digest.hexdigest()
+    marker = directory / "recipes.sha256"
+    if marker.exists() and marker.read_text().strip() == digest:
+        return
+    stale = [path for path in paths.values() if path.exists()]
+    if stale:
+        log.info("sample media in %s were made by another recipe: making them again", directory)
+    for path in stale:
+        path.unlink()
+    marker.write_text(digest + "\n")
 
 
 def run_ffmpeg(output: ffmpeg.nodes.OutputStream) -> None:
