@@ -48,7 +48,8 @@ def test_a_video_that_kills_its_worker_is_recorded_and_the_archive_completes(edi
         return crop_chunk(chunk, settings)
 
     rows: list[results.ResultRow] = []
-    runner.run_ray(edit_plan.works(), weights, settings, edit_plan.model, rows.append, crop=crop_or_die)
+    runner.run_ray(edit_plan.windows, edit_plan.pending.todo, weights, settings, edit_plan.model, rows.append,
+                   crop=crop_or_die)
     by_output = {row.job_id: row for row in rows}
     assert sorted(by_output) == ["a.mp4", "b.mp4", "poison.mp4"]
     poisoned = by_output["poison.mp4"]

@@ -34,7 +34,7 @@ DESCRIPTION = (
 
 def run(args: argparse.Namespace) -> int:
     from flows.services import hand_over, run_with_services
-    from pipelines.edit.job import collect_jobs
+    from pipelines.edit.job import job_windows
     from pipelines.edit.job_table import InputError
     from pipelines.edit.model import CheckpointError, load_weights
     from pipelines.edit.results import summary_text
@@ -42,16 +42,21 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         inputs, settings = inputs_and_settings(vars(args))
-        collected = collect_jobs(inputs, settings)
+        windows = job_windows(inputs, settings)  # a table or glob that cannot be read stops here
         weights = load_weights(settings.checkpoint, settings.workdir)  # a wrong checkpoint stops here
     except (ValueError, InputError, CheckpointError) as error:
         print(f"portrait edit: {error}", file=sys.stderr)
         return 2
-    hand_over(settings, (collected, weights))  # the flow plans with them instead of loading them again
+    hand_over(settings, (windows, weights))  # the flow plans with them instead of loading them again
     parameters = {**values_of(inputs), **values_of(settings), "output": absolute_location(args.output)}
     summary = run_with_services(NAME, settings.ray_address, lambda: _flow()(**parameters),
                                 use_ray=settings.executor == "ray")
     print(summary_text(summary))
+    if summary.get("stopped"):
+        print(f"portrait {NAME}: stopped before the end; what finished is recorded in "
+              f"{summary['output'].rstrip('/')}/results.parquet: run the same command again to resume "
+              "(finished jobs are skipped)", file=sys.stderr)
+        return 1
     return 0 if summary.get("failed", 0) == 0 else 1
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 import pickle
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 from tqdm import tqdm
@@ -39,7 +39,11 @@ from pipelines.edit.crops import crop_chunk
 from pipelines.edit.results import ResultRow
 from pipelines.edit.settings import EditSettings
 from pipelines.errors import RecordedFailure
+from pipelines.runtime import stop_requested
 from pipelines.storage import OutputStore
+
+if TYPE_CHECKING:
+    from ray.data import ActorPoolStrategy
 
 LOG = logging.getLogger(__name__)
 
@@ -201,15 +205,18 @@ class JobCollector:
         return None
 
 
-def run_local(works: list[JobWork], weights, settings: EditSettings, model: str,
+def run_local(works: Iterable[JobWork], total: int, weights, settings: EditSettings, model: str,
               record: Callable[[ResultRow], None]) -> None:
-    """Every stage in this process, one chunk at a time (bounded memory, no parallelism)."""
+    """Every stage in this process, one chunk at a time (bounded memory, no parallelism); a stop request
+    ends the run after the job in hand."""
     from pipelines.edit.model import CropEditor, edit_chunk
 
     store = OutputStore(settings.output)
     editor = CropEditor(weights, settings.precision, settings.model_batch, threads=max(1, int(settings.model_cpus)))
-    with tqdm(total=len(works), desc="edit", unit="video") as progress:
+    with tqdm(total=total, desc="edit", unit="video") as progress:
         for work in works:
+            if stop_requested():
+                return
             done = []
             for chunk in analyse_guarded(work, settings, store):
                 chunk = guarded("crop", chunk, lambda c: crop_chunk(c, settings))
@@ -230,22 +237,49 @@ def _finish_guarded(chunks: list[ChunkWork], settings: EditSettings, store: Outp
         return finish_job([failed], settings, store, model)
 
 
-def run_ray(works: list[JobWork], weights, settings: EditSettings, model: str, record: Callable[[ResultRow], None],
-            crop: Callable[[ChunkWork, EditSettings], ChunkWork] = crop_chunk) -> None:
-    """The Ray Data job (see the module docstring); `record` receives each job's results row.
-
-    `crop` is the crop stage's per-chunk function (tests swap in one that kills its worker).
-    """
+def model_pool(settings: EditSettings) -> tuple[ActorPoolStrategy, dict]:
+    """The model stage's actor pool and each actor's resources: with GPUs, an autoscaling pool from one
+    actor up to one per GPU share of the whole cluster (or `model_actors` when set); without, a fixed
+    pool of `model_actors` (default one)."""
     import ray
     from ray.data import ActorPoolStrategy
 
-    store = OutputStore(settings.output)
-    ledger = ray.remote(num_cpus=0)(AttemptLedger).remote()
-    weights_ref = [ray.put(weights)]
     gpus = _model_gpus(settings)
-    model_resources = {"num_gpus": gpus} if gpus else {}
-    dataset = ray.data.from_items([{"payload": pickle.dumps(w, protocol=5)} for w in works],
-                                  override_num_blocks=max(1, len(works)))
+    if not gpus:
+        return ActorPoolStrategy(size=settings.model_actors or 1), {}
+    most = settings.model_actors or max(1, int(ray.cluster_resources().get("GPU", 0) // gpus))
+    return ActorPoolStrategy(min_size=1, max_size=most), {"num_gpus": gpus}
+
+
+def _head_pinned() -> dict:
+    """Options that keep an actor on the driver's node (the head of a cluster) and restart it if its process
+    dies: losing a worker node never loses it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return dict(num_cpus=0, max_restarts=-1, max_task_retries=-1,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False))
+
+
+def run_ray(windows: list, total: int, weights, settings: EditSettings, model: str,
+            record: Callable[[ResultRow], None],
+            crop: Callable[[ChunkWork, EditSettings], ChunkWork] = crop_chunk) -> None:
+    """The Ray Data job (see the module docstring) over windows of work (object refs of Arrow tables, from
+    `job.pack_window`); `record` receives each job's results row.
+
+    A stop request (`runtime.request_stop`) stops feeding work: no further chunk is taken from the
+    dataset, the jobs being finished are recorded, and the function returns.
+    `crop` is the crop stage's per-chunk function (tests swap in one that kills its worker).
+    """
+    import ray
+
+    store = OutputStore(settings.output)
+    ledger = ray.remote(AttemptLedger).options(**_head_pinned()).remote()
+    weights_ref = [ray.put(weights)]
+    compute, model_resources = model_pool(settings)
+    # one job per block from the start: the windows' rows are split as they stream (no barrier), so
+    # every job, and below every chunk of a long video, goes to its own task
+    dataset = ray.data.from_arrow_refs(windows).repartition(target_num_rows_per_block=1)
     common = dict(batch_size=1, batch_format="numpy", zero_copy_batch=True)
     # CPU tasks: enough retries after worker deaths for the ledger to turn the last one into a record,
     # still bounded if a process dies outside a guarded stage. (Differing from the model stage's
@@ -255,14 +289,15 @@ def run_ray(works: list[JobWork], weights, settings: EditSettings, model: str, r
                **common)
     stage_args = {"settings": settings, "ledger": ledger}
     dataset = dataset.map_batches(_analyse_batch, fn_kwargs=stage_args, **cpu)
+    dataset = dataset.repartition(target_num_rows_per_block=1)  # chunks of one video spread over tasks
     dataset = dataset.map_batches(_crop_batch, fn_kwargs={**stage_args, "crop": crop}, **cpu)
     dataset = dataset.map_batches(_ModelStage, fn_constructor_args=(settings, ledger, weights_ref),
-                                  compute=ActorPoolStrategy(size=settings.model_actors),
-                                  num_cpus=settings.model_cpus, **model_resources, **common)
+                                  compute=compute, num_cpus=settings.model_cpus, **model_resources, **common)
     dataset = dataset.map_batches(_compose_batch, fn_kwargs=stage_args, **cpu)
 
     finisher = ray.remote(num_cpus=1, max_retries=1)(_finish_guarded)
     in_flight: dict = {}
+    most_in_flight = max(2, int(ray.cluster_resources().get("CPU", 1)))
 
     def finish(chunks: list[ChunkWork]):
         in_flight[finisher.remote(chunks, settings, store, model)] = chunks[0]
@@ -270,9 +305,11 @@ def run_ray(works: list[JobWork], weights, settings: EditSettings, model: str, r
 
     collector = JobCollector(finish)
 
-    def collect(wait: bool, progress: tqdm) -> None:
-        while in_flight:
-            ready, _ = ray.wait(list(in_flight), num_returns=len(in_flight) if wait else 1, timeout=None if wait else 0)
+    def collect(wait: bool, progress: tqdm, keep: int = 0) -> None:
+        """Record finished jobs: those ready now, or (wait) until at most `keep` are still finishing."""
+        while len(in_flight) > (keep if wait else 0):
+            ready, _ = ray.wait(list(in_flight), num_returns=1 if wait else len(in_flight),
+                                timeout=None if wait else 0)
             if not ready:
                 return
             for ref in ready:
@@ -286,14 +323,22 @@ def run_ray(works: list[JobWork], weights, settings: EditSettings, model: str, r
                 record(row)
                 progress.update(1)
 
-    with tqdm(total=len(works), desc="edit", unit="video") as progress:
-        for batch in dataset.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=1):
-            for chunk in _unpack(batch):
-                collector.add(chunk)
-                progress.set_postfix_str(f"{chunk.job.source.rsplit('/', 1)[-1]} chunk "
-                                         f"{chunk.index + 1}/{max(chunk.total, 1)}")
-            collect(False, progress)
+    batches = iter(dataset.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=1))  # a generator
+    with tqdm(total=total, desc="edit", unit="video") as progress:
+        try:
+            for batch in batches:
+                for chunk in _unpack(batch):
+                    collector.add(chunk)
+                collect(False, progress)
+                if len(in_flight) >= most_in_flight:  # finishing is bounded: the dataset waits meanwhile
+                    collect(True, progress, keep=most_in_flight - 1)
+                if stop_requested():
+                    LOG.warning("stop requested: no further work is started; finishing %d job(s) in hand",
+                                len(in_flight))
+                    break
+        finally:
+            batches.close()  # ends the dataset's execution: its tasks and actors are released
         collect(True, progress)
-    if collector.groups:
+    if collector.groups and not stop_requested():
         raise RuntimeError(f"chunks of {len(collector.groups)} job(s) never all came back: "
                            f"{sorted(collector.groups)[:5]}")
