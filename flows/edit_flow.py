@@ -18,7 +18,7 @@ from prefect.logging import get_run_logger
 from flows.services import stop_on_signals, take_over
 from pipelines.edit import job, results
 from pipelines.edit.settings import EditInputs, EditSettings, inputs_and_settings
-from pipelines.runtime import ensure_ray, stop_requested
+from pipelines.runtime import clear_stop, ensure_ray, stop_requested
 
 _DEFAULTS = EditSettings()
 
@@ -97,6 +97,7 @@ def edit_videos(
     """
     inputs, settings = inputs_and_settings(locals())
     inputs.check()
+    clear_stop()  # a stop asked of an earlier run in this process is not this run's
     if settings.executor == "ray":
         ensure_ray(settings.ray_address)  # here, on the flow's main thread, not inside a task's thread
     with stop_on_signals("edit"):

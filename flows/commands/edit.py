@@ -28,8 +28,11 @@ DESCRIPTION = (
     "  portrait edit --sources 's3://bucket/archive/*.mp4' --driving smile.mp4 --checkpoint ckpt/ "
     "--output out/edited\n\n"
     "The output folder gets results.parquet (one row per job: status, failure class, frames, fps, "
-    "timings); a rerun does only what is missing or failed. Runs on a local Ray and Prefect's temporary "
-    "server unless RAY_ADDRESS / PREFECT_API_URL point at a cluster.")
+    "timings; appended as results.parts/ while the run goes, compacted at its end); a rerun does only what "
+    "is missing or failed. The first Ctrl-C or SIGTERM stops feeding work, records what finishes and exits "
+    "saying how to resume; a second stops at once. Runs on a local Ray and Prefect's temporary server unless "
+    "RAY_ADDRESS / PREFECT_API_URL point at a cluster; on a cluster, local paths must be seen by every node "
+    "(else an object store: s3://, gs://).")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -233,14 +233,18 @@ def plan(inputs: EditInputs, settings: EditSettings, windows: Iterator[Window] |
 
     windows = windows if windows is not None else job_windows(inputs, settings)
     weights = weights or load_weights(settings.checkpoint, settings.workdir)
+    on_ray = settings.executor == "ray"
+    if on_ray:  # before anything is read from or written to the output folder
+        require_shared_locations(inputs, settings)
     store = OutputStore(settings.output)
     state = results.read_state(store)
     listing = results.output_listing(store) if any(s.status == results.OK for s in state.values()) else set()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     table = results.ResultsTable(store, run_id)
+    from pipelines.runtime import require_shared
+
     planner = Planner(settings, weights.describe(), weights.size, table.record, filter_outputs=bool(inputs.sources),
-                      state=state, listing=listing)
-    on_ray = settings.executor == "ray"
+                      state=state, listing=listing, check_shared=require_shared if on_ray and inputs.jobs else None)
     planned = []
     for window in windows:
         works = planner.window(window)

@@ -2,14 +2,20 @@
 
 Ray Data pipeline (rows are jobs, then chunks of videos; never frames):
 
-    jobs --analyse (CPU task: probe, track, plan chunks)--> chunks
+    windows of jobs (one object each, from `job.pack_window`) --split: one job per block-->
+         --analyse (CPU task: probe, track, plan chunks)--> chunks --split: one chunk per block-->
          --crop (CPU task)--> --model (actor pool: one generator per actor, GPU or CPU threads)-->
          --paste + encode (CPU task)--> chunk results streamed back to the driver
     driver: when every chunk of a job is back, a Ray task joins its segments with the audio,
-            checks the output and writes previews; the job's results row is recorded.
+            checks the output and writes previews (at most one such task per CPU of the cluster in
+            flight: the driver stops pulling chunks meanwhile); the job's results row is recorded.
 
-CPU stages and the model stage scale separately: `model_actors` actors (each holding a GPU when
-the cluster has them) against as many CPU tasks as the cluster has cores.
+The splits are Ray Data's streaming repartition (no barrier): a window's jobs and a long video's
+chunks spread over many tasks from the start. CPU stages and the model stage scale separately: an
+actor pool that, with GPUs, grows from one actor to one per GPU share of the cluster as work waits
+(`model_pool`), against as many CPU tasks as the cluster has cores. A stop request
+(`runtime.request_stop`, from the command's signal handlers) stops pulling chunks: the dataset's
+execution is shut down, the jobs being joined are recorded, and the rest waits for a rerun.
 
 Ray Data 2.60 defaults this is designed against (read from its source): any exception raised in
 a UDF fails the whole dataset (`max_errored_blocks == 0`), and a task or actor whose process dies
@@ -17,7 +23,10 @@ is retried without limit. So every stage catches its own errors per chunk and pa
 chunk on as a status; and every stage asks an `AttemptLedger` actor before working on a chunk:
 a chunk that was begun `max_chunk_attempts` times without finishing (its worker died each time:
 killed, out of memory, a crash in native code) is recorded as `worker_failed` instead of being
-run again, so one poisoned video cannot loop forever and the rest of the archive completes.
+run again, so one poisoned video cannot loop forever and the rest of the archive completes. The
+ledger lives on the driver's node (the head of a cluster) and is restarted if its process dies, so
+losing a worker node never fails the run (its counts start afresh: at worst a chunk gets its
+attempts again).
 """
 
 from __future__ import annotations
