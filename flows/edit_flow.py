@@ -1,11 +1,15 @@
 """The `edit_videos` Prefect flow: orchestration only, the work lives in `pipelines.edit.job`.
 
-One task plans (reads the inputs into jobs, checks the checkpoint before any video is touched,
-subtracts what earlier runs finished), one runs the Ray Data job (rows are videos and chunks of
-videos, never Prefect tasks per frame), one summarises; the summary is also a Markdown artifact.
-Without PREFECT_API_URL the flow starts Prefect's temporary local server; without RAY_ADDRESS a
-local Ray. Its parameters are the options of `portrait edit` (`EditInputs` and `EditSettings`, one
-field each; plain values shown as a form in Prefect's UI), so it can be deployed and run on a schedule or from the UI like any flow.
+One task plans (checks the checkpoint before any video is touched, streams the inputs into windows
+of work, records rows that can never run, subtracts what earlier runs finished), one runs the Ray
+Data job (rows are videos and chunks of videos, never Prefect tasks per video or frame: Prefect sees
+three tasks whatever the archive's size), one compacts the results table and summarises; the summary
+is also a Markdown artifact. The first SIGINT/SIGTERM stops feeding work and the summary says the
+run stopped (`flows.services.stop_on_signals`); a local path some node of a cluster cannot see stops
+the flow before any work. Without PREFECT_API_URL the flow starts Prefect's temporary local server;
+without RAY_ADDRESS a local Ray. Its parameters are the options of `portrait edit` (`EditInputs` and
+`EditSettings`, one field each; plain values shown as a form in Prefect's UI), so it can be deployed
+and run on a schedule or from the UI like any flow.
 """
 
 from __future__ import annotations
