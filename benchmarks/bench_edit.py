@@ -54,10 +54,11 @@ from dpe.checkpoint import load_official_generator, save_checkpoint
 from dpe.config import ModelConfig
 from dpe.editing import expression_transfer
 from dpe.model import DPEGenerator
-from pipelines.edit import job
+from pipelines.edit import job, results
 from pipelines.edit.model import CropEditor, keep_large_blocks_on_heap, load_weights, to_crops, to_tensor
 from pipelines.edit.settings import EditSettings
 from pipelines.edit.stage_io import read_image
+from pipelines.storage import OutputStore
 from pipelines.media.crop import crop_frame, landmarks_to_crop
 from pipelines.media.faces import make_detector
 from pipelines.media.framing import framed_boxes
@@ -176,9 +177,10 @@ def our_job(checkpoint: Path, source: Path, driving: Path, output: Path, args: a
     edit_plan, weights = job.plan(job.EditInputs(source=str(source), driving=str(driving)), settings)
     cpu = cpu_seconds()
     started = time.perf_counter()  # the checkpoint is loaded (the baseline's model is built before timing too)
-    rows = job.run(edit_plan, weights, settings)
+    job.run(edit_plan, weights, settings)
     wall = time.perf_counter() - started
     cpu = cpu_seconds() - cpu
+    rows = list(results.read_results(OutputStore(settings.output)).values())
     if not rows or any(row.status != "ok" for row in rows):
         raise RuntimeError(f"the job failed: {[(r.job_id, r.failure_class, r.message) for r in rows]}")
     timings = {name: sum(getattr(r, name) or 0.0 for r in rows) for name in STAGES}
@@ -217,13 +219,15 @@ def print_case(name: str, ours: dict[str, float], base: dict[str, float]) -> flo
 
 MEMORY_RUN = textwrap.dedent("""
     import json, sys
-    from pipelines.edit import job
+    from pipelines.edit import job, results
     from pipelines.edit.settings import EditSettings
+    from pipelines.storage import OutputStore
     source, output, checkpoint = sys.argv[1:4]
     settings = EditSettings(output=output, checkpoint=checkpoint, detector="dlib", preset="veryfast",
                             executor="local")
     edit_plan, weights = job.plan(job.EditInputs(source=source, driving=source), settings)
-    row, = job.run(edit_plan, weights, settings)
+    job.run(edit_plan, weights, settings)
+    row, = results.read_results(OutputStore(output)).values()
     assert row.status == "ok", row.message
     # VmHWM: this process's own peak (ru_maxrss would also count the parent's pages seen at fork time)
     peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
@@ -288,8 +292,9 @@ def gpu(args: argparse.Namespace, model: DPEGenerator, checkpoint: Path, inputs:
                             model_gpus=1 if device.type == "cuda" else 0, workdir=str(work / "gpu-work"))
     started = time.perf_counter()
     edit_plan, loaded = job.plan(job.EditInputs(jobs=str(table)), settings)
-    rows = job.run(edit_plan, loaded, settings)
+    job.run(edit_plan, loaded, settings)
     wall = time.perf_counter() - started
+    rows = list(results.read_results(OutputStore(settings.output)).values())
     frames = sum(r.frames or 0 for r in rows)
     busy = {stage: sum(getattr(r, stage) or 0.0 for r in rows) for stage in STAGES}
     cpus = os.cpu_count() or 1

@@ -1,11 +1,15 @@
 """The `edit_videos` Prefect flow: orchestration only, the work lives in `pipelines.edit.job`.
 
-One task plans (reads the inputs into jobs, checks the checkpoint before any video is touched,
-subtracts what earlier runs finished), one runs the Ray Data job (rows are videos and chunks of
-videos, never Prefect tasks per frame), one summarises; the summary is also a Markdown artifact.
-Without PREFECT_API_URL the flow starts Prefect's temporary local server; without RAY_ADDRESS a
-local Ray. Its parameters are the options of `portrait edit` (`EditInputs` and `EditSettings`, one
-field each; plain values shown as a form in Prefect's UI), so it can be deployed and run on a schedule or from the UI like any flow.
+One task plans (checks the checkpoint before any video is touched, streams the inputs into windows
+of work, records rows that can never run, subtracts what earlier runs finished), one runs the Ray
+Data job (rows are videos and chunks of videos, never Prefect tasks per video or frame: Prefect sees
+three tasks whatever the archive's size), one compacts the results table and summarises; the summary
+is also a Markdown artifact. The first SIGINT/SIGTERM stops feeding work and the summary says the
+run stopped (`flows.services.stop_on_signals`); a local path some node of a cluster cannot see stops
+the flow before any work. Without PREFECT_API_URL the flow starts Prefect's temporary local server;
+without RAY_ADDRESS a local Ray. Its parameters are the options of `portrait edit` (`EditInputs` and
+`EditSettings`, one field each; plain values shown as a form in Prefect's UI), so it can be deployed
+and run on a schedule or from the UI like any flow.
 """
 
 from __future__ import annotations
@@ -15,33 +19,33 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from flows.services import take_over
+from flows.services import stop_on_signals, take_over
 from pipelines.edit import job, results
 from pipelines.edit.settings import EditInputs, EditSettings, inputs_and_settings
-from pipelines.runtime import ensure_ray
+from pipelines.runtime import clear_stop, ensure_ray, stop_requested
 
 _DEFAULTS = EditSettings()
 
 
 @task(name="plan", cache_policy=NO_CACHE)
 def plan_task(inputs: EditInputs, settings: EditSettings):
-    """Collect the jobs, load and check the checkpoint (unless the command did both before starting
-    the services), and subtract what earlier runs settled."""
-    edit_plan, weights = job.plan(inputs, settings, *(take_over(settings) or ()))
-    get_run_logger().info(edit_plan.describe())
-    return edit_plan, weights
+    """Load and check the checkpoint (unless the command did before starting the services), stream the
+    inputs into windows of work, record rows that can never run, and subtract what earlier runs settled."""
+    return job.plan(inputs, settings, *(take_over(settings) or ()))
 
 
 @task(name="edit", cache_policy=NO_CACHE)
-def edit_task(edit_plan: job.EditPlan, weights, settings: EditSettings) -> int:
-    """Edit every pending job (Ray Data, or in-process with executor='local'); returns the jobs run."""
-    return len(job.run(edit_plan, weights, settings))
+def edit_task(edit_plan: job.EditPlan, weights, settings: EditSettings) -> results.Tally:
+    """Edit every pending job (Ray Data, or in-process with executor='local'); returns the run's tally.
+    The first SIGINT/SIGTERM stops feeding work (`flows.services.stop_on_signals`)."""
+    return job.run(edit_plan, weights, settings)
 
 
 @task(name="finalize", cache_policy=NO_CACHE)
-def finalize_task(edit_plan: job.EditPlan, settings: EditSettings) -> tuple[dict, list[results.ResultRow]]:
-    """Read back the results table: the run's summary and its rows."""
-    return job.finalize(edit_plan, settings)
+def finalize_task(edit_plan: job.EditPlan, tally: results.Tally,
+                  settings: EditSettings) -> tuple[dict, list[results.ResultRow]]:
+    """Compact the results table once: the run's summary and its first failed rows."""
+    return job.finalize(edit_plan, tally, settings)
 
 
 @flow(name="edit_videos")
@@ -97,11 +101,16 @@ def edit_videos(
     """
     inputs, settings = inputs_and_settings(locals())
     inputs.check()
+    clear_stop()  # a stop asked of an earlier run in this process is not this run's
     if settings.executor == "ray":
         ensure_ray(settings.ray_address)  # here, on the flow's main thread, not inside a task's thread
-    edit_plan, weights = plan_task(inputs, settings)
-    edit_task(edit_plan, weights, settings)
-    summary, rows = finalize_task(edit_plan, settings)
+    with stop_on_signals("edit"):
+        edit_plan, weights = plan_task(inputs, settings)
+        get_run_logger().info(edit_plan.describe())
+        tally = edit_task(edit_plan, weights, settings) if not stop_requested() else results.Tally()
+        summary, rows = finalize_task(edit_plan, tally, settings)
+    if stop_requested():
+        summary["stopped"] = True
     create_markdown_artifact(key="edit-videos-summary", markdown=results.summary_markdown(summary, rows),
                              description=f"Video editing into {settings.output}")
     get_run_logger().info(results.summary_text(summary))

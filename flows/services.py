@@ -93,12 +93,12 @@ def run_with_services(command: str, ray_address: str | None, start: Callable[[],
                       use_ray: bool = True) -> Result:
     """`start()` (a flow) with the job's services up; a service that cannot be reached or started is one
     line naming it and exit status 2, not a traceback."""
-    from pipelines.runtime import RayUnavailable
+    from pipelines.runtime import LocationNotShared, RayUnavailable
 
     try:
         with job_services(ray_address, use_ray):
             return start()
-    except (RayUnavailable, ServiceUnavailable) as error:
+    except (RayUnavailable, ServiceUnavailable, LocationNotShared) as error:
         print(f"portrait {command}: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -146,20 +146,48 @@ def _row(job: EditJob, status: str, spec: str, failure: str | None = None) -> re
 
 
 def test_a_rerun_redoes_missing_changed_and_machine_failures_only(tmp_path):
-    store = OutputStore(tmp_path)
     jobs = [single_job(f"{name}.mp4", "d.mp4", None, DEFAULTS) for name in "abcdef"]
-    specs = {job.job_id: "s1" for job in jobs}
-    state = {row.job_id: row for row in [
+    store = OutputStore(tmp_path)
+    results.write_results(store, {row.job_id: row for row in [
         _row(jobs[0], results.OK, "s1"), _row(jobs[1], results.OK, "s1"),
         _row(jobs[2], results.FAILED, "s1", errors.NO_FACE), _row(jobs[3], results.FAILED, "s1", errors.WORKER_FAILED),
-        _row(jobs[4], results.OK, "s0")]}
+        _row(jobs[4], results.OK, "s0")]})
+    state = results.read_state(store)
     store.write_bytes_atomic("a.mp4", b"video")  # b's output is gone
-    plan = results.pending(jobs, specs, state, store, retry_failed=False)
-    assert [job.output for job, _, _ in plan.todo] == ["b.mp4", "d.mp4", "e.mp4", "f.mp4"]
-    assert [attempt for _, _, attempt in plan.todo] == [2, 2, 2, 1]
-    assert (plan.done, plan.recorded_failures, plan.changed, plan.missing_outputs) == (1, 1, 1, 1)
-    retry = results.pending(jobs, specs, state, store, retry_failed=True)
-    assert "c.mp4" in [job.output for job, _, _ in retry.todo]
+    listing = results.output_listing(store)
+
+    def plan(retry_failed: bool) -> tuple[list[tuple[str, int]], results.Pending]:
+        counts = results.Pending()
+        attempts = [(job.output, results.pending_attempt(job, "s1", state.get(job.job_id), listing, retry_failed,
+                                                          counts)) for job in jobs]
+        return [(output, attempt) for output, attempt in attempts if attempt], counts
+
+    todo, counts = plan(retry_failed=False)
+    assert todo == [("b.mp4", 2), ("d.mp4", 2), ("e.mp4", 2), ("f.mp4", 1)]
+    assert (counts.todo, counts.done, counts.recorded_failures, counts.changed, counts.missing_outputs) == (4, 1, 1, 1, 1)
+    assert "c.mp4" in dict(plan(retry_failed=True)[0])
+
+
+def test_rows_are_appended_as_parts_read_in_order_and_compacted_once(tmp_path, monkeypatch):
+    store = OutputStore(tmp_path)
+    monkeypatch.setattr(results, "PART_ROWS", 2)
+    first = results.ResultsTable(store, "run1")
+    rows = [results.base_row(single_job(f"{name}.mp4", "d.mp4", None, DEFAULTS), "", status=results.FAILED,
+                             failure_class=errors.NO_FACE, message=name) for name in "abc"]
+    for row in rows:
+        first.record(row)
+    assert len(store.list(results.PARTS_PATH)) == 1, "a part per PART_ROWS rows; the third row waits"
+    first.flush()
+    again = results.ResultsTable(store, "run2")
+    again.record(dataclasses.replace(rows[0], status=results.OK, failure_class=None, message="", frames=3))
+    again.flush()
+    assert results.has_results(store) and not store.exists(results.RESULTS_PATH)
+    back = results.read_results(store)
+    assert sorted(back) == ["a.mp4", "b.mp4", "c.mp4"] and back["a.mp4"].status == results.OK, "a later row wins"
+    assert results.read_state(store)["a.mp4"].frames == 3
+    assert results.compact(store) == 3
+    assert store.list() == [results.RESULTS_PATH] and results.read_results(store) == back
+    assert first.tally.summary()["by_failure_class"] == {errors.NO_FACE: 3}
 
 
 def test_the_results_table_round_trips_every_column(tmp_path):
@@ -235,17 +263,52 @@ def test_the_local_cache_of_object_store_inputs_evicts_the_least_recently_used_f
     assert evict_least_recently_used(tmp_path, limit_bytes=0) == [], "a copy in use is never deleted"
 
 
+def _planner(settings, record, **options):
+    from pipelines.edit.job import Planner
+
+    return Planner(settings, "tiny 64px", 64, record, state={}, listing=set(), **options)
+
+
 def test_an_output_that_would_overwrite_its_source_is_refused_and_outputs_are_never_sources(tmp_path):
-    from pipelines.edit.job import EditInputs, collect_jobs
+    from pipelines.edit.job import EditInputs, job_windows
 
     archive = tmp_path / "archive"
     (archive / "edited").mkdir(parents=True)
-    for name in ("a.mp4", "edited/a.mp4"):
+    for name in ("a.mp4", "edited/a.mp4", "d.png"):
         (archive / name).write_bytes(b"x")
     settings = EditSettings(output=str(archive / "edited"))
-    jobs, rejected = collect_jobs(EditInputs(sources=str(archive), driving="d.png"), settings)
-    assert [job.source for job in jobs] == [str(archive / "a.mp4")] and rejected == []
+    recorded = []
+    planner = _planner(settings, recorded.append, filter_outputs=True)
+    works = [w for window in job_windows(EditInputs(sources=str(archive), driving=str(archive / "d.png")), settings)
+             for w in planner.window(window)]
+    assert [w.job.source for w in works] == [str(archive / "a.mp4")] and recorded == [] and planner.left_out == 1
     same = EditSettings(output=str(archive))
-    jobs, rejected = collect_jobs(EditInputs(source=str(archive / "a.mp4"), driving="d.png", output_name="a.mp4"),
-                                  same)
-    assert jobs == [] and rejected[0].failure_class == errors.BAD_JOB and "overwrite" in rejected[0].message
+    planner = _planner(same, recorded.append, filter_outputs=False)
+    inputs = EditInputs(source=str(archive / "a.mp4"), driving=str(archive / "d.png"), output_name="a.mp4")
+    assert [w for window in job_windows(inputs, same) for w in planner.window(window)] == []
+    assert recorded[0].failure_class == errors.BAD_JOB and "overwrite" in recorded[0].message
+
+
+def test_rows_that_cannot_run_are_recorded_while_planning_and_never_become_work(tmp_path):
+    from pipelines.edit.job import EditInputs, job_windows
+
+    (tmp_path / "a.mp4").write_bytes(b"x")
+    (tmp_path / "d.png").write_bytes(b"x")
+    table = tmp_path / "jobs.csv"
+    table.write_text("source,driving,output,strength\n"
+                     "a.mp4,d.png,one.mp4,\n"        # runs
+                     "gone.mp4,d.png,two.mp4,\n"     # missing source
+                     "a.mp4,nowhere.png,three.mp4,\n"  # missing driver
+                     "a.mp4,d.png,one.mp4,\n"        # duplicate output
+                     "a.mp4,d.png,four.mp4,lots\n")  # bad value
+    settings = EditSettings(output=str(tmp_path / "out"))
+    recorded = []
+    planner = _planner(settings, recorded.append, filter_outputs=False)
+    works = [w for window in job_windows(EditInputs(jobs=str(table)), settings) for w in planner.window(window)]
+    assert [w.job.output for w in works] == ["one.mp4"] and planner.pending.todo == 3
+    by_class = {row.failure_class: row for row in recorded}
+    assert sorted(by_class) == sorted([errors.MISSING_VIDEO, errors.DUPLICATE_OUTPUT, errors.BAD_JOB]) \
+        and len(recorded) == 4
+    assert [r.message for r in recorded if r.failure_class == errors.MISSING_VIDEO] == [
+        f"{tmp_path / 'gone.mp4'}: no such file", f"driving {tmp_path / 'nowhere.png'}: no such file"]
+    assert f"{table}:2" in by_class[errors.DUPLICATE_OUTPUT].message, "the duplicate names the row it collides with"

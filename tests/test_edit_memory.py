@@ -19,8 +19,11 @@ RUN = textwrap.dedent("""
     source, output, checkpoint = sys.argv[1:4]
     settings = EditSettings(output=output, checkpoint=checkpoint, detector="dlib", preset="ultrafast",
                             chunk_frames=30, executor="local")
+    from pipelines.edit import results
+    from pipelines.storage import OutputStore
     edit_plan, weights = job.plan(job.EditInputs(source=source, driving=source), settings)
-    row, = job.run(edit_plan, weights, settings)
+    job.run(edit_plan, weights, settings)
+    row, = results.read_results(OutputStore(output)).values()
     assert row.status == "ok", row.message
     # VmHWM: this process's own peak (ru_maxrss would also count the parent's pages seen at fork time)
     peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))

@@ -29,6 +29,7 @@ from pipelines.media import video
 from pipelines.media.crop import pixel_box
 from pipelines.media.faces import make_detector
 from pipelines.media.pictures import plane_arrays
+from pipelines.storage import OutputStore
 
 CHUNK_FRAMES = 14
 """Chunks of 14 frames: starts at 14, 28, 42, 56, 70 fall on and beside the open-GOP files' keyframes
@@ -60,7 +61,8 @@ def run(sources: job.EditInputs, output: Path, checkpoint: Path, **options) -> t
                             chunk_frames=CHUNK_FRAMES, executor="local", workdir=str(output.parent / "work"),
                             **options)
     edit_plan, weights = job.plan(sources, settings)
-    return settings, {row.job_id: row for row in job.run(edit_plan, weights, settings)}
+    job.run(edit_plan, weights, settings)
+    return settings, results.read_results(OutputStore(settings.output))
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,16 @@ DESCRIPTION = (
     "  portrait edit --sources 's3://bucket/archive/*.mp4' --driving smile.mp4 --checkpoint ckpt/ "
     "--output out/edited\n\n"
     "The output folder gets results.parquet (one row per job: status, failure class, frames, fps, "
-    "timings); a rerun does only what is missing or failed. Runs on a local Ray and Prefect's temporary "
-    "server unless RAY_ADDRESS / PREFECT_API_URL point at a cluster.")
+    "timings; appended as results.parts/ while the run goes, compacted at its end); a rerun does only what "
+    "is missing or failed. The first Ctrl-C or SIGTERM stops feeding work, records what finishes and exits "
+    "saying how to resume; a second stops at once. Runs on a local Ray and Prefect's temporary server unless "
+    "RAY_ADDRESS / PREFECT_API_URL point at a cluster; on a cluster, local paths must be seen by every node "
+    "(else an object store: s3://, gs://).")
 
 
 def run(args: argparse.Namespace) -> int:
     from flows.services import hand_over, run_with_services
-    from pipelines.edit.job import collect_jobs
+    from pipelines.edit.job import job_windows
     from pipelines.edit.job_table import InputError
     from pipelines.edit.model import CheckpointError, load_weights
     from pipelines.edit.results import summary_text
@@ -42,16 +45,21 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         inputs, settings = inputs_and_settings(vars(args))
-        collected = collect_jobs(inputs, settings)
+        windows = job_windows(inputs, settings)  # a table or glob that cannot be read stops here
         weights = load_weights(settings.checkpoint, settings.workdir)  # a wrong checkpoint stops here
     except (ValueError, InputError, CheckpointError) as error:
         print(f"portrait edit: {error}", file=sys.stderr)
         return 2
-    hand_over(settings, (collected, weights))  # the flow plans with them instead of loading them again
+    hand_over(settings, (windows, weights))  # the flow plans with them instead of loading them again
     parameters = {**values_of(inputs), **values_of(settings), "output": absolute_location(args.output)}
     summary = run_with_services(NAME, settings.ray_address, lambda: _flow()(**parameters),
                                 use_ray=settings.executor == "ray")
     print(summary_text(summary))
+    if summary.get("stopped"):
+        print(f"portrait {NAME}: stopped before the end; what finished is recorded in "
+              f"{summary['output'].rstrip('/')}/results.parquet: run the same command again to resume "
+              "(finished jobs are skipped)", file=sys.stderr)
+        return 1
     return 0 if summary.get("failed", 0) == 0 else 1
 
 

@@ -35,10 +35,10 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pipelines.dataset.inspect import inspect_output
-    from pipelines.edit.results import RESULTS_PATH, inspect_results
+    from pipelines.edit.results import has_results, inspect_results
     from pipelines.storage import OutputStore
 
     options = build(InspectOptions, vars(args))
-    if OutputStore(options.output).exists(RESULTS_PATH):
+    if has_results(OutputStore(options.output)):
         return inspect_results(options.output)
     return inspect_output(options.output, Path(options.sheet) if options.sheet else None)

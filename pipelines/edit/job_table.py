@@ -23,7 +23,7 @@ import posixpath
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from pipelines import errors
 from pipelines.edit.settings import DRIVING_POLICIES, MODES, MOTIONS, OUTPUT_EXTENSIONS, JobDefaults, parse_face
@@ -173,70 +173,116 @@ def _normalise_column(name: str) -> str:
     return re.sub(r"[\s\-]+", "_", str(name).strip().lower())
 
 
-def read_table_rows(path: str) -> list[dict[str, Any]]:
-    """The rows of a CSV/TSV or Parquet file (local or object store) as dicts with normalised column names."""
+TABLE_WINDOW_ROWS = 4096
+"""Rows of a job table read at a time: the table is streamed, never held whole."""
+
+
+def _table_reader(path: str):
+    """A stream of record batches of the table (every column as text for CSV/TSV) and its close()."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
+    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
-    from pipelines.storage import OutputStore
-
-    if is_uri(path):
-        directory, name = posixpath.split(path.rstrip("/"))
-        try:
-            data = OutputStore(directory).read_bytes(name)
-        except (FileNotFoundError, OSError) as error:
-            raise InputError(f"job table {path}: cannot be read: {error}") from None
-    else:
-        try:
-            data = Path(path).read_bytes()
-        except OSError as error:
-            raise InputError(f"job table {path}: cannot be read: {error}") from None
+    try:
+        if is_uri(path):
+            filesystem, location = pafs.FileSystem.from_uri(path)
+        else:
+            filesystem, location = pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+        handle = filesystem.open_input_file(location)
+    except (FileNotFoundError, OSError, pa.ArrowInvalid) as error:
+        raise InputError(f"job table {path}: cannot be read: {error}") from None
     try:
         if path.lower().endswith((".parquet", ".pq")):
-            table = pq.read_table(pa.BufferReader(data))
-        else:
-            delimiter = "\t" if path.lower().endswith(".tsv") else ","
-            # every column as text: values are checked per row below, with a message naming the row
-            header = data.split(b"\n", 1)[0].decode("utf-8", "replace").strip().split(delimiter)
-            columns = {name.strip(): pa.string() for name in header}
-            table = pacsv.read_csv(pa.BufferReader(data), parse_options=pacsv.ParseOptions(delimiter=delimiter),
-                                   convert_options=pacsv.ConvertOptions(column_types=columns,
-                                                                        strings_can_be_null=True))
+            parquet = pq.ParquetFile(handle)
+            return parquet.schema_arrow.names, parquet.iter_batches(batch_size=TABLE_WINDOW_ROWS), handle.close
+        delimiter = "\t" if path.lower().endswith(".tsv") else ","
+        # every column as text: values are checked per row below, with a message naming the row
+        header = handle.read(1 << 16).split(b"\n", 1)[0].decode("utf-8", "replace").strip().split(delimiter)
+        handle.seek(0)
+        columns = {name.strip(): pa.string() for name in header}
+        reader = pacsv.open_csv(handle, read_options=pacsv.ReadOptions(block_size=1 << 20),
+                                parse_options=pacsv.ParseOptions(delimiter=delimiter),
+                                convert_options=pacsv.ConvertOptions(column_types=columns, strings_can_be_null=True))
+        return reader.schema.names, reader, handle.close
     except (pa.ArrowInvalid, OSError) as error:
+        handle.close()
         raise InputError(f"job table {path}: not a readable CSV or Parquet file: {error}") from None
-    names = [_normalise_column(name) for name in table.column_names]
+
+
+def table_windows(path: str) -> Iterator[list[dict[str, Any]]]:
+    """The rows of a CSV/TSV or Parquet file (local or object store), a window at a time, as dicts with
+    normalised column names. The header is checked before the first window (`InputError`)."""
+    import pyarrow as pa
+
+    column_names, batches, close = _table_reader(path)
+    names = [_normalise_column(name) for name in column_names]
     if "source" not in names:
-        raise InputError(f"job table {path}: no 'source' column (columns: {', '.join(table.column_names)})")
+        close()
+        raise InputError(f"job table {path}: no 'source' column (columns: {', '.join(column_names)})")
     unknown = sorted(set(names) - set(TABLE_COLUMNS))
     if unknown:
+        close()
         raise InputError(f"job table {path}: unknown column(s) {', '.join(unknown)}; "
                          f"known columns: {', '.join(TABLE_COLUMNS)}")
-    return [dict(zip(names, values)) for values in zip(*(table.column(i).to_pylist()
-                                                         for i in range(table.num_columns)))]
+
+    def windows() -> Iterator[list[dict[str, Any]]]:
+        try:
+            for batch in batches:
+                columns = [column.to_pylist() for column in batch.columns]
+                yield [dict(zip(names, values)) for values in zip(*columns)]
+        except (pa.ArrowInvalid, OSError) as error:
+            raise InputError(f"job table {path}: not a readable CSV or Parquet file: {error}") from None
+        finally:
+            close()
+
+    return windows()
+
+
+def read_table_rows(path: str) -> list[dict[str, Any]]:
+    """Every row of a job table (small tables and tests; runs stream `table_windows`)."""
+    return [row for window in table_windows(path) for row in window]
+
+
+def table_jobs(path: str, defaults: JobDefaults,
+               driving: str | None = None) -> Iterator[tuple[list[EditJob], list[RejectedJob]]]:
+    """The jobs of a job table a window at a time; rows with bad values become `bad_job` rejections."""
+    base = None if is_uri(path) else Path(path).expanduser().resolve().parent
+    number = 2  # row 1 is the header
+    for window in table_windows(path):
+        jobs, rejected = [], []
+        for row in window:
+            _table_row(path, base, row, number, defaults, driving, jobs, rejected)
+            number += 1
+        yield jobs, rejected
+
+
+def _table_row(path: str, base: Path | None, row: dict[str, Any], number: int, defaults: JobDefaults,
+               driving: str | None, jobs: list[EditJob], rejected: list[RejectedJob]) -> None:
+    origin = f"{path}:{number}"
+    source = str(row.get("source") or "")
+    output = row.get("output") or (default_output_name(source) if source else f"row-{number}.mp4")
+    options = {name: row.get(name) for name in OPTION_COLUMNS}
+    try:
+        job = _job(_absolute(source, base), _absolute(str(row.get("driving") or driving or ""), base),
+                   str(output), defaults, origin, **options)
+        jobs.append(check_job(job))
+    except ValueError as error:
+        placeholder = EditJob(source=source, driving=str(row.get("driving") or driving or ""),
+                              output=_placeholder_output(str(output), number), mode=str(options["mode"] or ""),
+                              strength=_float_or_nan(options["strength"]), motion=str(options["motion"] or ""),
+                              driving_policy=str(options["driving_policy"] or ""), face=str(options["face"] or ""),
+                              origin=origin)
+        rejected.append(RejectedJob(placeholder, errors.BAD_JOB, f"{origin}: {error}"))
 
 
 def jobs_from_table(path: str, defaults: JobDefaults,
                     driving: str | None = None) -> tuple[list[EditJob], list[RejectedJob]]:
-    """Jobs of a job table; rows with bad values become `bad_job` rejections (the rest still run)."""
-    base = None if is_uri(path) else Path(path).expanduser().resolve().parent
+    """Every job of a job table (small tables and tests; runs stream `table_jobs`)."""
     jobs, rejected = [], []
-    for number, row in enumerate(read_table_rows(path), start=2):  # row 1 is the header
-        origin = f"{path}:{number}"
-        source = str(row.get("source") or "")
-        output = row.get("output") or (default_output_name(source) if source else f"row-{number}.mp4")
-        options = {name: row.get(name) for name in OPTION_COLUMNS}
-        try:
-            job = _job(_absolute(source, base), _absolute(str(row.get("driving") or driving or ""), base),
-                       str(output), defaults, origin, **options)
-            jobs.append(check_job(job))
-        except ValueError as error:
-            placeholder = EditJob(source=source, driving=str(row.get("driving") or driving or ""),
-                                  output=_placeholder_output(str(output), number), mode=str(options["mode"] or ""),
-                                  strength=_float_or_nan(options["strength"]), motion=str(options["motion"] or ""),
-                                  driving_policy=str(options["driving_policy"] or ""), face=str(options["face"] or ""),
-                                  origin=origin)
-            rejected.append(RejectedJob(placeholder, errors.BAD_JOB, f"{origin}: {error}"))
+    for window_jobs, window_rejected in table_jobs(path, defaults, driving):
+        jobs += window_jobs
+        rejected += window_rejected
     return jobs, rejected
 
 
@@ -254,7 +300,7 @@ def _float_or_nan(value: Any) -> float:
         return float("nan")
 
 
-def _split_pattern(pattern: str) -> tuple[str, str]:
+def split_pattern(pattern: str) -> tuple[str, str]:
     """'s3://b/archive/*.mp4' -> ('s3://b/archive', '*.mp4'); a plain folder or prefix -> (it, '')."""
     parts = pattern.rstrip("/").split("/")
     for index, part in enumerate(parts):
@@ -269,7 +315,7 @@ def list_sources(pattern: str) -> list[tuple[str, str]]:
     `*` may match across folders ('/' included), the same for local folders and object stores.
     Without wildcards, every video file (by extension) under the folder or prefix is taken.
     """
-    root, remainder = _split_pattern(pattern)
+    root, remainder = split_pattern(pattern)
     if is_uri(root):
         import pyarrow.fs as pafs
 
@@ -291,20 +337,36 @@ def list_sources(pattern: str) -> list[tuple[str, str]]:
     return sorted(matches, key=lambda item: item[1])
 
 
-def jobs_from_sources(pattern: str, driving: str, defaults: JobDefaults) -> tuple[list[EditJob], list[RejectedJob]]:
-    """One job per video matching `pattern`; outputs keep the sources' relative paths (`output_relpath`)."""
-    jobs, rejected = [], []
+def source_jobs(pattern: str, driving: str,
+                defaults: JobDefaults) -> Iterator[tuple[list[EditJob], list[RejectedJob]]]:
+    """One job per video matching `pattern`, a window at a time; outputs keep the sources' relative paths
+    (`output_relpath`). Raises `InputError` (before the first window) when nothing matches."""
     found = list_sources(pattern)
     if not found:
         raise InputError(f"--sources {pattern!r}: no video matches (a glob such as 'dir/*.mp4' or "
                          f"'s3://bucket/prefix/**.mp4', or a folder / prefix of videos)")
-    for source, relative in found:
-        output = output_relpath(relative)
-        job = _job(source if is_uri(source) else _absolute(source), _absolute(driving), output, defaults, pattern)
-        try:
-            jobs.append(check_job(job))
-        except ValueError as error:
-            rejected.append(RejectedJob(job, errors.BAD_JOB, f"{source}: {error}"))
+    driver = _absolute(driving)
+
+    def windows() -> Iterator[tuple[list[EditJob], list[RejectedJob]]]:
+        for first in range(0, len(found), TABLE_WINDOW_ROWS):
+            jobs, rejected = [], []
+            for source, relative in found[first:first + TABLE_WINDOW_ROWS]:
+                job = _job(source, driver, output_relpath(relative), defaults, pattern)
+                try:
+                    jobs.append(check_job(job))
+                except ValueError as error:
+                    rejected.append(RejectedJob(job, errors.BAD_JOB, f"{source}: {error}"))
+            yield jobs, rejected
+
+    return windows()
+
+
+def jobs_from_sources(pattern: str, driving: str, defaults: JobDefaults) -> tuple[list[EditJob], list[RejectedJob]]:
+    """Every job of `source_jobs` at once (tests; runs stream the windows)."""
+    jobs, rejected = [], []
+    for window_jobs, window_rejected in source_jobs(pattern, driving, defaults):
+        jobs += window_jobs
+        rejected += window_rejected
     return jobs, rejected
 
 

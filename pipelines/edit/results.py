@@ -2,13 +2,17 @@
 
 Every job of every run gets a row: `ok` with its output, frame counts, input and output timing
 and seconds per stage, or `failed` with a registered failure class and a message naming the
-input. The table is rewritten atomically while the run goes (at most every `FLUSH_INTERVAL_S`
-seconds) and at its end, so an interrupted run keeps what it finished.
+input. While a run goes, its rows are appended as parts (`results.parts/<run>-<n>.parquet`, one
+per `PART_ROWS` rows or `FLUSH_INTERVAL_S` seconds, each written atomically), so an interrupted
+run keeps what it finished and the driver keeps no rows; the run's end compacts the table and its
+parts into `results.parquet` once. Readers (`read_results`, `read_state`, `portrait inspect`)
+read the table and then the parts in order, a later row of a job replacing an earlier one.
 
 A rerun (`pending`) redoes a job when it has no row, when its spec (inputs, options, model and
-output-deciding settings) changed, when its row is ok but the output file is gone, or when it
-failed with a class a rerun retries (`errors.retried_on_rerun`: failures of the machine, not of
-the input); `retry_failed` retries every failure. Rows of jobs not in this run are kept.
+output-deciding settings) changed, when its row is ok but the output file is gone (one listing of
+the output folder, not a lookup per job), or when it failed with a class a rerun retries
+(`errors.retried_on_rerun`: failures of the machine, not of the input); `retry_failed` retries
+every failure. Rows of jobs not in this run are kept.
 """
 
 from __future__ import annotations
@@ -28,9 +32,13 @@ from pipelines.edit.job_table import EditJob
 from pipelines.storage import OutputStore
 
 RESULTS_PATH = "results.parquet"
+PARTS_PATH = "results.parts"
 OK = "ok"
 FAILED = "failed"
 FLUSH_INTERVAL_S = 30.0
+PART_ROWS = 1000
+MAX_LISTED_FAILURES = 50
+"""Failed rows a run keeps in memory for its report (the table has them all)."""
 
 
 def _now() -> datetime:
@@ -135,13 +143,52 @@ def base_row(job: EditJob, output_uri: str, job_id: str | None = None, **values:
                      origin=job.origin, **values)
 
 
+def _tables(store: OutputStore, columns: list[str] | None = None) -> typing.Iterator[pa.Table]:
+    """The compacted table, then every part in the order written (later rows of a job win)."""
+    paths = [RESULTS_PATH] if store.exists(RESULTS_PATH) else []
+    paths += [path for path in store.list(PARTS_PATH) if path.endswith(".parquet")]
+    for path in paths:
+        table = pq.read_table(pa.BufferReader(store.read_bytes(path)))
+        known = [name for name in (columns or SCHEMA.names) if name in table.column_names]
+        yield table.select(known)
+
+
+def has_results(store: OutputStore) -> bool:
+    """Whether `store` is an editing output folder (a compacted table, or parts of an unfinished run)."""
+    return store.exists(RESULTS_PATH) or bool(store.list(PARTS_PATH))
+
+
 def read_results(store: OutputStore) -> dict[str, ResultRow]:
-    """The table's rows by job id (empty when there is no table yet)."""
-    if not store.exists(RESULTS_PATH):
-        return {}
-    table = pq.read_table(pa.BufferReader(store.read_bytes(RESULTS_PATH)))
-    known = [name for name in SCHEMA.names if name in table.column_names]
-    return {record["job_id"]: ResultRow(**record) for record in table.select(known).to_pylist()}
+    """The table's rows by job id, parts included (empty when there is no table yet)."""
+    rows: dict[str, ResultRow] = {}
+    for table in _tables(store):
+        rows.update((record["job_id"], ResultRow(**record)) for record in table.to_pylist())
+    return rows
+
+
+@dataclass(frozen=True)
+class Settled:
+    """What a rerun needs of an earlier row (a few fields, not the row: a million of them fit in memory)."""
+
+    spec: str
+    status: str
+    failure_class: str | None
+    attempt: int
+    frames: int
+    frames_edited: int
+    frames_passed_through: int
+    output_duration_s: float
+
+
+def read_state(store: OutputStore) -> dict[str, Settled]:
+    """The earlier rows by job id, as `Settled` (only the columns a rerun decides by are read)."""
+    names = ["job_id", *(f.name for f in fields(Settled))]
+    state: dict[str, Settled] = {}
+    for table in _tables(store, names):
+        columns = {name: table.column(name).to_pylist() for name in table.column_names}
+        for index, job_id in enumerate(columns["job_id"]):
+            state[job_id] = Settled(*(columns[name][index] if name in columns else None for name in names[1:]))
+    return state
 
 
 def write_results(store: OutputStore, rows: dict[str, ResultRow]) -> None:
@@ -151,85 +198,151 @@ def write_results(store: OutputStore, rows: dict[str, ResultRow]) -> None:
         pq.write_table(table, output.file)
 
 
+def compact(store: OutputStore) -> int:
+    """Fold the parts into `results.parquet` (once, at a run's end) and delete them; returns the rows."""
+    parts = [path for path in store.list(PARTS_PATH) if path.endswith(".parquet")]
+    if not parts:
+        return -1
+    merged = pa.concat_tables([_conform(table) for table in _tables(store)])
+    # the last row of each job wins: keep each job id's last position, then sort by job id
+    ids = merged.column("job_id").to_pylist()
+    last = {job_id: index for index, job_id in enumerate(ids)}
+    order = sorted(last.values(), key=lambda index: ids[index])
+    merged = merged.take(pa.array(order, type=pa.int64()))
+    with store.open_output_atomic(RESULTS_PATH) as output:
+        pq.write_table(merged, output.file)
+    for path in parts:
+        store.delete(path, missing_ok=True)
+    return len(merged)
+
+
+def _conform(table: pa.Table) -> pa.Table:
+    """`table` with every column of `SCHEMA` (nulls where an older table lacks one), in its order and types."""
+    columns = [table.column(field.name).cast(field.type) if field.name in table.column_names
+               else pa.nulls(len(table), field.type) for field in SCHEMA]
+    return pa.Table.from_arrays(columns, schema=SCHEMA)
+
+
+def output_listing(store: OutputStore) -> set[str]:
+    """Every file in the output folder, listed once (what a rerun checks ok outputs against)."""
+    return set(store.list())
+
+
 @dataclass
 class Pending:
-    """What a run has to do, and what it skips."""
+    """What a run has to do, and what it skips (counts: the jobs themselves stream past)."""
 
-    todo: list[tuple[EditJob, str, int]]
-    """(job, spec, attempt) to run."""
+    todo: int = 0
     done: int = 0
     recorded_failures: int = 0
     changed: int = 0
     missing_outputs: int = 0
 
 
-def pending(jobs: list[EditJob], specs: dict[str, str], state: dict[str, ResultRow], store: OutputStore,
-            retry_failed: bool) -> Pending:
-    """Split jobs into those to run and those an earlier run settled (see the module docstring)."""
-    result = Pending(todo=[])
-    for job in jobs:
-        row = state.get(job.job_id)
-        spec = specs[job.job_id]
-        if row is None:
-            result.todo.append((job, spec, 1))
-            continue
-        attempt = row.attempt + 1
-        if row.spec != spec:
-            result.changed += 1
-            result.todo.append((job, spec, attempt))
-        elif row.status == OK:
-            if store.exists(job.output):
-                result.done += 1
-            else:
-                result.missing_outputs += 1
-                result.todo.append((job, spec, attempt))
-        elif retry_failed or errors.retried_on_rerun(row.failure_class or ""):
-            result.todo.append((job, spec, attempt))
+def pending_attempt(job: EditJob, spec: str, settled: Settled | None, outputs: set[str] | typing.Container[str],
+                    retry_failed: bool, counts: Pending) -> int | None:
+    """The attempt number to run `job` as, or None when an earlier run settled it (counted in `counts`)."""
+    if settled is None:
+        counts.todo += 1
+        return 1
+    attempt = settled.attempt + 1
+    if settled.spec != spec:
+        counts.changed += 1
+    elif settled.status == OK:
+        if job.output in outputs:
+            counts.done += 1
+            return None
+        counts.missing_outputs += 1
+    elif not (retry_failed or errors.retried_on_rerun(settled.failure_class or "")):
+        counts.recorded_failures += 1
+        return None
+    counts.todo += 1
+    return attempt
+
+
+class Tally:
+    """A run's counts by status and failure class, frames and seconds, and its first failures: the summary
+    without keeping a row per job."""
+
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+        self.by_failure_class: Counter = Counter()
+        self.failures: list[ResultRow] = []
+
+    def add(self, status: str, failure_class: str | None = None, frames: int | None = 0,
+            frames_edited: int | None = 0, frames_passed_through: int | None = 0,
+            output_duration_s: float | None = 0.0) -> None:
+        self.counts["jobs"] += 1
+        if status == OK:
+            self.counts["ok"] += 1
+            self.counts["frames"] += frames or 0
+            self.counts["frames_edited"] += frames_edited or 0
+            self.counts["frames_passed_through"] += frames_passed_through or 0
+            self.counts["seconds_of_video"] += output_duration_s or 0.0
         else:
-            result.recorded_failures += 1
-    return result
+            self.counts["failed"] += 1
+            self.by_failure_class[failure_class] += 1
+
+    def add_row(self, row: ResultRow) -> None:
+        self.add(row.status, row.failure_class, row.frames, row.frames_edited, row.frames_passed_through,
+                 row.output_duration_s)
+        if row.status == FAILED and len(self.failures) < MAX_LISTED_FAILURES:
+            self.failures.append(row)
+
+    def add_settled(self, settled: Settled) -> None:
+        self.add(settled.status, settled.failure_class, settled.frames, settled.frames_edited,
+                 settled.frames_passed_through, settled.output_duration_s)
+
+    def merge(self, other: Tally) -> None:
+        self.counts.update(other.counts)
+        self.by_failure_class.update(other.by_failure_class)
+        self.failures = (self.failures + other.failures)[:MAX_LISTED_FAILURES]
+
+    def summary(self, skipped: Pending | None = None, output: str = "") -> dict:
+        """Counts of the tallied rows: by status and failure class, frames and seconds of video edited."""
+        c = self.counts
+        result = {"output": output, "jobs": c["jobs"], "ok": c["ok"], "failed": c["failed"],
+                  "by_failure_class": dict(sorted(self.by_failure_class.items())), "frames": c["frames"],
+                  "frames_edited": c["frames_edited"], "frames_passed_through": c["frames_passed_through"],
+                  "seconds_of_video": round(c["seconds_of_video"], 3)}
+        if skipped is not None:
+            result.update(already_done=skipped.done, recorded_failures_kept=skipped.recorded_failures)
+        return result
 
 
 class ResultsTable:
-    """The rows of one output folder, written back atomically now and then and at the end."""
+    """Appends a run's rows to the output folder as parts (atomically, every `PART_ROWS` rows or
+    `FLUSH_INTERVAL_S` seconds, and at the end); keeps only the rows not yet written and a `Tally`."""
 
-    def __init__(self, store: OutputStore) -> None:
-        self.store = store
-        self.rows = read_results(store)
-        self._dirty = False
+    def __init__(self, store: OutputStore, run_id: str) -> None:
+        self.store, self.run_id = store, run_id
+        self.tally = Tally()
+        self._buffer: list[dict] = []
+        self._parts = 0
         self._written = time.monotonic()
 
     def record(self, row: ResultRow) -> None:
-        self.rows[row.job_id] = row
-        self._dirty = True
-        if time.monotonic() - self._written >= FLUSH_INTERVAL_S:
+        self.tally.add_row(row)
+        self._buffer.append(asdict(row))
+        if len(self._buffer) >= PART_ROWS or time.monotonic() - self._written >= FLUSH_INTERVAL_S:
             self.flush()
 
     def flush(self) -> None:
-        if self._dirty:
-            write_results(self.store, self.rows)
-            self._dirty = False
+        if self._buffer:
+            table = pa.Table.from_pylist(self._buffer, schema=SCHEMA)
+            with self.store.open_output_atomic(f"{PARTS_PATH}/{self.run_id}-{self._parts:06d}.parquet") as output:
+                pq.write_table(table, output.file)
+            self._parts += 1
+            self._buffer = []
         self._written = time.monotonic()
 
 
-def summary(rows: list[ResultRow], skipped: Pending | None = None, output: str = "") -> dict:
-    """Counts of a run's rows: by status and failure class, frames and seconds of video edited."""
-    ok = [r for r in rows if r.status == OK]
-    failed = [r for r in rows if r.status == FAILED]
-    result = {
-        "output": output,
-        "jobs": len(rows),
-        "ok": len(ok),
-        "failed": len(failed),
-        "by_failure_class": dict(sorted(Counter(r.failure_class for r in failed).items())),
-        "frames": sum(r.frames or 0 for r in ok),
-        "frames_edited": sum(r.frames_edited or 0 for r in ok),
-        "frames_passed_through": sum(r.frames_passed_through or 0 for r in ok),
-        "seconds_of_video": round(sum(r.output_duration_s or 0.0 for r in ok), 3),
-    }
-    if skipped is not None:
-        result.update(already_done=skipped.done, recorded_failures_kept=skipped.recorded_failures)
-    return result
+def summary(rows: typing.Iterable[ResultRow], skipped: Pending | None = None, output: str = "") -> dict:
+    """Counts of rows: by status and failure class, frames and seconds of video edited."""
+    tally = Tally()
+    for row in rows:
+        tally.add_row(row)
+    return tally.summary(skipped, output)
 
 
 def summary_text(result: dict) -> str:
@@ -270,7 +383,8 @@ def inspect_results(output: str) -> int:
     print(summary_text(summary(rows, output=output)))
     for row in sorted((r for r in rows if r.status == FAILED), key=lambda r: (r.failure_class or "", r.job_id)):
         print(f"  FAILED {row.job_id}: {row.failure_class}: {row.message}")
-    missing = [r.job_id for r in rows if r.status == OK and not store.exists(r.job_id)]  # an ok job's id: its relpath
+    listed = output_listing(store)
+    missing = [r.job_id for r in rows if r.status == OK and r.job_id not in listed]  # an ok job's id: its relpath
     for job_id in missing:
         print(f"  MISSING output of {job_id} (recorded as ok; a rerun makes it again)")
     return 1 if missing else 0

@@ -2,14 +2,20 @@
 
 Ray Data pipeline (rows are jobs, then chunks of videos; never frames):
 
-    jobs --analyse (CPU task: probe, track, plan chunks)--> chunks
+    windows of jobs (one object each, from `job.pack_window`) --split: one job per block-->
+         --analyse (CPU task: probe, track, plan chunks)--> chunks --split: one chunk per block-->
          --crop (CPU task)--> --model (actor pool: one generator per actor, GPU or CPU threads)-->
          --paste + encode (CPU task)--> chunk results streamed back to the driver
     driver: when every chunk of a job is back, a Ray task joins its segments with the audio,
-            checks the output and writes previews; the job's results row is recorded.
+            checks the output and writes previews (at most one such task per CPU of the cluster in
+            flight: the driver stops pulling chunks meanwhile); the job's results row is recorded.
 
-CPU stages and the model stage scale separately: `model_actors` actors (each holding a GPU when
-the cluster has them) against as many CPU tasks as the cluster has cores.
+The splits are Ray Data's streaming repartition (no barrier): a window's jobs and a long video's
+chunks spread over many tasks from the start. CPU stages and the model stage scale separately: an
+actor pool that, with GPUs, grows from one actor to one per GPU share of the cluster as work waits
+(`model_pool`), against as many CPU tasks as the cluster has cores. A stop request
+(`runtime.request_stop`, from the command's signal handlers) stops pulling chunks: the dataset's
+execution is shut down, the jobs being joined are recorded, and the rest waits for a rerun.
 
 Ray Data 2.60 defaults this is designed against (read from its source): any exception raised in
 a UDF fails the whole dataset (`max_errored_blocks == 0`), and a task or actor whose process dies
@@ -17,7 +23,10 @@ is retried without limit. So every stage catches its own errors per chunk and pa
 chunk on as a status; and every stage asks an `AttemptLedger` actor before working on a chunk:
 a chunk that was begun `max_chunk_attempts` times without finishing (its worker died each time:
 killed, out of memory, a crash in native code) is recorded as `worker_failed` instead of being
-run again, so one poisoned video cannot loop forever and the rest of the archive completes.
+run again, so one poisoned video cannot loop forever and the rest of the archive completes. The
+ledger lives on the driver's node (the head of a cluster) and is restarted if its process dies, so
+losing a worker node never fails the run (its counts start afresh: at worst a chunk gets its
+attempts again).
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from __future__ import annotations
 import functools
 import logging
 import pickle
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 from tqdm import tqdm
@@ -39,7 +48,11 @@ from pipelines.edit.crops import crop_chunk
 from pipelines.edit.results import ResultRow
 from pipelines.edit.settings import EditSettings
 from pipelines.errors import RecordedFailure
+from pipelines.runtime import stop_requested
 from pipelines.storage import OutputStore
+
+if TYPE_CHECKING:
+    from ray.data import ActorPoolStrategy
 
 LOG = logging.getLogger(__name__)
 
@@ -201,15 +214,18 @@ class JobCollector:
         return None
 
 
-def run_local(works: list[JobWork], weights, settings: EditSettings, model: str,
+def run_local(works: Iterable[JobWork], total: int, weights, settings: EditSettings, model: str,
               record: Callable[[ResultRow], None]) -> None:
-    """Every stage in this process, one chunk at a time (bounded memory, no parallelism)."""
+    """Every stage in this process, one chunk at a time (bounded memory, no parallelism); a stop request
+    ends the run after the job in hand."""
     from pipelines.edit.model import CropEditor, edit_chunk
 
     store = OutputStore(settings.output)
     editor = CropEditor(weights, settings.precision, settings.model_batch, threads=max(1, int(settings.model_cpus)))
-    with tqdm(total=len(works), desc="edit", unit="video") as progress:
+    with tqdm(total=total, desc="edit", unit="video") as progress:
         for work in works:
+            if stop_requested():
+                return
             done = []
             for chunk in analyse_guarded(work, settings, store):
                 chunk = guarded("crop", chunk, lambda c: crop_chunk(c, settings))
@@ -230,22 +246,49 @@ def _finish_guarded(chunks: list[ChunkWork], settings: EditSettings, store: Outp
         return finish_job([failed], settings, store, model)
 
 
-def run_ray(works: list[JobWork], weights, settings: EditSettings, model: str, record: Callable[[ResultRow], None],
-            crop: Callable[[ChunkWork, EditSettings], ChunkWork] = crop_chunk) -> None:
-    """The Ray Data job (see the module docstring); `record` receives each job's results row.
-
-    `crop` is the crop stage's per-chunk function (tests swap in one that kills its worker).
-    """
+def model_pool(settings: EditSettings) -> tuple[ActorPoolStrategy, dict]:
+    """The model stage's actor pool and each actor's resources: with GPUs, an autoscaling pool from one
+    actor up to one per GPU share of the whole cluster (or `model_actors` when set); without, a fixed
+    pool of `model_actors` (default one)."""
     import ray
     from ray.data import ActorPoolStrategy
 
-    store = OutputStore(settings.output)
-    ledger = ray.remote(num_cpus=0)(AttemptLedger).remote()
-    weights_ref = [ray.put(weights)]
     gpus = _model_gpus(settings)
-    model_resources = {"num_gpus": gpus} if gpus else {}
-    dataset = ray.data.from_items([{"payload": pickle.dumps(w, protocol=5)} for w in works],
-                                  override_num_blocks=max(1, len(works)))
+    if not gpus:
+        return ActorPoolStrategy(size=settings.model_actors or 1), {}
+    most = settings.model_actors or max(1, int(ray.cluster_resources().get("GPU", 0) // gpus))
+    return ActorPoolStrategy(min_size=1, max_size=most), {"num_gpus": gpus}
+
+
+def _head_pinned() -> dict:
+    """Options that keep an actor on the driver's node (the head of a cluster) and restart it if its process
+    dies: losing a worker node never loses it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return dict(num_cpus=0, max_restarts=-1, max_task_retries=-1,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False))
+
+
+def run_ray(windows: list, total: int, weights, settings: EditSettings, model: str,
+            record: Callable[[ResultRow], None],
+            crop: Callable[[ChunkWork, EditSettings], ChunkWork] = crop_chunk) -> None:
+    """The Ray Data job (see the module docstring) over windows of work (object refs of Arrow tables, from
+    `job.pack_window`); `record` receives each job's results row.
+
+    A stop request (`runtime.request_stop`) stops feeding work: no further chunk is taken from the
+    dataset, the jobs being finished are recorded, and the function returns.
+    `crop` is the crop stage's per-chunk function (tests swap in one that kills its worker).
+    """
+    import ray
+
+    store = OutputStore(settings.output)
+    ledger = ray.remote(AttemptLedger).options(**_head_pinned()).remote()
+    weights_ref = [ray.put(weights)]
+    compute, model_resources = model_pool(settings)
+    # one job per block from the start: the windows' rows are split as they stream (no barrier), so
+    # every job, and below every chunk of a long video, goes to its own task
+    dataset = ray.data.from_arrow_refs(windows).repartition(target_num_rows_per_block=1)
     common = dict(batch_size=1, batch_format="numpy", zero_copy_batch=True)
     # CPU tasks: enough retries after worker deaths for the ledger to turn the last one into a record,
     # still bounded if a process dies outside a guarded stage. (Differing from the model stage's
@@ -255,14 +298,15 @@ def run_ray(works: list[JobWork], weights, settings: EditSettings, model: str, r
                **common)
     stage_args = {"settings": settings, "ledger": ledger}
     dataset = dataset.map_batches(_analyse_batch, fn_kwargs=stage_args, **cpu)
+    dataset = dataset.repartition(target_num_rows_per_block=1)  # chunks of one video spread over tasks
     dataset = dataset.map_batches(_crop_batch, fn_kwargs={**stage_args, "crop": crop}, **cpu)
     dataset = dataset.map_batches(_ModelStage, fn_constructor_args=(settings, ledger, weights_ref),
-                                  compute=ActorPoolStrategy(size=settings.model_actors),
-                                  num_cpus=settings.model_cpus, **model_resources, **common)
+                                  compute=compute, num_cpus=settings.model_cpus, **model_resources, **common)
     dataset = dataset.map_batches(_compose_batch, fn_kwargs=stage_args, **cpu)
 
     finisher = ray.remote(num_cpus=1, max_retries=1)(_finish_guarded)
     in_flight: dict = {}
+    most_in_flight = max(2, int(ray.cluster_resources().get("CPU", 1)))
 
     def finish(chunks: list[ChunkWork]):
         in_flight[finisher.remote(chunks, settings, store, model)] = chunks[0]
@@ -270,9 +314,11 @@ def run_ray(works: list[JobWork], weights, settings: EditSettings, model: str, r
 
     collector = JobCollector(finish)
 
-    def collect(wait: bool, progress: tqdm) -> None:
-        while in_flight:
-            ready, _ = ray.wait(list(in_flight), num_returns=len(in_flight) if wait else 1, timeout=None if wait else 0)
+    def collect(wait: bool, progress: tqdm, keep: int = 0) -> None:
+        """Record finished jobs: those ready now, or (wait) until at most `keep` are still finishing."""
+        while len(in_flight) > (keep if wait else 0):
+            ready, _ = ray.wait(list(in_flight), num_returns=1 if wait else len(in_flight),
+                                timeout=None if wait else 0)
             if not ready:
                 return
             for ref in ready:
@@ -286,14 +332,22 @@ def run_ray(works: list[JobWork], weights, settings: EditSettings, model: str, r
                 record(row)
                 progress.update(1)
 
-    with tqdm(total=len(works), desc="edit", unit="video") as progress:
-        for batch in dataset.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=1):
-            for chunk in _unpack(batch):
-                collector.add(chunk)
-                progress.set_postfix_str(f"{chunk.job.source.rsplit('/', 1)[-1]} chunk "
-                                         f"{chunk.index + 1}/{max(chunk.total, 1)}")
-            collect(False, progress)
+    batches = iter(dataset.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=1))  # a generator
+    with tqdm(total=total, desc="edit", unit="video") as progress:
+        try:
+            for batch in batches:
+                for chunk in _unpack(batch):
+                    collector.add(chunk)
+                collect(False, progress)
+                if len(in_flight) >= most_in_flight:  # finishing is bounded: the dataset waits meanwhile
+                    collect(True, progress, keep=most_in_flight - 1)
+                if stop_requested():
+                    LOG.warning("stop requested: no further work is started; finishing %d job(s) in hand",
+                                len(in_flight))
+                    break
+        finally:
+            batches.close()  # ends the dataset's execution: its tasks and actors are released
         collect(True, progress)
-    if collector.groups:
+    if collector.groups and not stop_requested():
         raise RuntimeError(f"chunks of {len(collector.groups)} job(s) never all came back: "
                            f"{sorted(collector.groups)[:5]}")

@@ -156,8 +156,9 @@ class EditSettings(FramingOptions):
     chunk_frames: int = option(240, "frames per chunk: chunks are edited in parallel and retried alone; the largest "
                                     "buffers hold one chunk's crops", group=_RUN, rules=(at_least(1),))
     model_batch: int = option(8, "crops per forward pass", group=_RUN, rules=(at_least(1),))
-    model_actors: int = option(1, "model replicas (actors), each with one GPU when the cluster has them", group=_RUN,
-                               rules=(at_least(1),))
+    model_actors: int = option(0, "model replicas (actors), each with its GPUs when the cluster has them; 0: with "
+                                  "GPUs, a pool growing from one to one per GPU of the cluster as work waits; "
+                                  "without, one", group=_RUN, rules=(at_least(0),))
     model_gpus: float = option(-1.0, "GPUs per model actor (-1: one if the cluster has GPUs)", group=_RUN)
     model_cpus: float = option(1.0, "CPUs per model actor (its torch threads without a GPU)", group=_RUN,
                                rules=(POSITIVE,))

@@ -1,0 +1,197 @@
+"""Driver cost of `portrait edit` as the archive grows: the real plan -> run -> finalize path, small vs large.
+
+Three measurements, each in a fresh process (so memory figures are that process's own):
+
+1. Jobs (`--jobs 50,1000`): the Ray Data job with a tiny model (32 px, random weights) on a local Ray
+   over N short synthetic jobs (a 4-frame cut of the sample talking-face clip, one output each).
+   Per size: driver CPU seconds per job (the driver process's CPU time over plan + run + finalize,
+   Ray's driver threads included), driver memory retained per job (resident memory after finalize
+   minus before plan, over N) and peak growth, and the time from the start of `run` to the first
+   recorded row; then the same at the margin (large minus small, over the extra jobs), and the driver's
+   CPU as a share of one core (Ray Data's executor loop runs in the driver for the whole run).
+2. Rows that fail before media work (`--missing 200,2000`): a job table whose sources do not exist;
+   the marginal planning-and-recording time per row between the two sizes (every such row is
+   recorded while planning, without passing through a stage).
+3. Planning alone over `--plan-rows` (1,000,000) table rows (no media, no Ray): the driver's CPU per
+   row and its peak memory growth, and the bytes per job of the windows of work the Ray Data job
+   would read from the object store.
+
+    python benchmarks/bench_edit_scale.py                           # about 8 min on 2 cores
+    python benchmarks/bench_edit_scale.py --jobs 20,60 --missing 100,1000 --plan-rows 100000   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+COMMON = textwrap.dedent("""
+    import gc, json, os, sys, time
+    def rss_mb():
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) / 1024
+    def peak_mb():
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
+""")
+
+RUN = COMMON + textwrap.dedent("""
+    import ray
+    from pipelines.edit import job, results
+    from pipelines.edit.settings import EditSettings
+    table, output, checkpoint, workdir, executor = sys.argv[1:6]
+    if executor == "ray":
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    settings = EditSettings(output=output, checkpoint=checkpoint, detector="dlib", preset="ultrafast",
+                            chunk_frames=16, model_cpus=0.5, executor=executor, workdir=workdir)
+    from pipelines.edit.model import load_weights
+    weights = load_weights(checkpoint)
+    gc.collect()
+    before, cpu0, wall0 = rss_mb(), time.process_time(), time.monotonic()
+    edit_plan, weights = job.plan(job.EditInputs(jobs=table), settings, weights=weights)
+    planned = time.monotonic()
+    first = []
+    record = edit_plan.table.record
+    def timed_record(row):
+        if not first:
+            first.append(time.monotonic())
+        record(row)
+    edit_plan.table.record = timed_record
+    tally = job.run(edit_plan, weights, settings)
+    summary, _ = job.finalize(edit_plan, tally, settings)
+    cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+    del edit_plan, tally
+    gc.collect()
+    print(json.dumps({"jobs": summary["jobs"], "ok": summary["ok"], "failed": summary["failed"],
+                      "by_failure_class": summary["by_failure_class"], "driver_cpu_s": cpu, "wall_s": wall,
+                      "plan_s": planned - wall0, "first_row_s": (first[0] - planned) if first else None,
+                      "retained_mb": rss_mb() - before, "peak_growth_mb": peak_mb() - before}))
+""")
+
+PLAN = COMMON + textwrap.dedent("""
+    import pickle
+    from pipelines.edit import job, results
+    from pipelines.edit.settings import EditSettings
+    from pipelines.storage import OutputStore
+    table, output, source = sys.argv[1:4]
+    settings = EditSettings(output=output, executor="local")
+    gc.collect()
+    before, cpu0 = rss_mb(), time.process_time()
+    store = OutputStore(output)
+    ledger = results.ResultsTable(store, "plan")
+    planner = job.Planner(settings, "tiny 32px", 32, ledger.record, filter_outputs=False, state={}, listing=set())
+    works = bytes_per_job = 0
+    for window in job.job_windows(job.EditInputs(jobs=table), settings):
+        planned = planner.window(window)
+        if planned and not bytes_per_job:
+            bytes_per_job = sum(len(pickle.dumps(w, protocol=5)) for w in planned) / len(planned)
+        works += len(planned)
+    cpu = time.process_time() - cpu0
+    print(json.dumps({"rows": works, "driver_cpu_s": cpu, "peak_growth_mb": peak_mb() - before,
+                      "retained_mb": rss_mb() - before, "bytes_per_job_in_object_store": bytes_per_job}))
+""")
+
+
+def _python(script: str, *args: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_DEDUP_LOGS": "0"}
+    done = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, cwd=REPO)
+    if done.returncode:
+        raise SystemExit(done.stderr[-4000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _table(path: Path, rows: list[tuple[str, str, str]]) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source, driving, output = zip(*rows) if rows else ((), (), ())
+    pq.write_table(pa.table({"source": list(source), "driving": list(driving), "output": list(output)}), path)
+    return str(path)
+
+
+def _clip_and_checkpoint(folder: Path) -> tuple[Path, Path]:
+    import torch
+
+    from dpe.checkpoint import save_checkpoint
+    from dpe.config import ModelConfig
+    from dpe.model import DPEGenerator
+    from pipelines.media.video import ffmpeg_exe
+    from pipelines.sample.media import source_clip_path
+
+    clip = folder / "clip.mp4"
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-i", str(source_clip_path()), "-frames:v", "4", "-c:v",
+                    "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-an", str(clip)], check=True)
+    torch.manual_seed(0)
+    config = ModelConfig.tiny()
+    save_checkpoint(folder / "model.pt", models={"generator": DPEGenerator(config)}, config=config, step=1)
+    return clip, folder / "model.pt"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", default="50,1000", help="small,large numbers of real jobs")
+    parser.add_argument("--missing", default="200,2000", help="small,large numbers of rows with missing sources")
+    parser.add_argument("--plan-rows", type=int, default=1_000_000)
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="bench-edit-scale-"))
+    clip, checkpoint = _clip_and_checkpoint(folder)
+    report: dict = {}
+
+    sizes = [int(n) for n in args.jobs.split(",")]
+    for n in sizes:
+        table = _table(folder / f"jobs{n}.parquet", [(str(clip), str(clip), f"v{i:07d}.mp4") for i in range(n)])
+        report[f"jobs_{n}"] = figures = _python(RUN, table, str(folder / f"out{n}"), str(checkpoint),
+                                                str(folder / "work"), "ray")
+        figures["cpu_ms_per_job"] = 1000 * figures["driver_cpu_s"] / n
+        figures["retained_kb_per_job"] = 1024 * figures["retained_mb"] / n
+        print(f"{n:>7} jobs: {figures['ok']} ok, driver CPU {figures['cpu_ms_per_job']:.2f} ms/job, retained "
+              f"{figures['retained_kb_per_job']:.2f} KB/job (peak +{figures['peak_growth_mb']:.0f} MB), first row "
+              f"{figures['first_row_s']:.1f} s after the run started, wall {figures['wall_s']:.0f} s", flush=True)
+    small, large = (report[f"jobs_{n}"] for n in sizes)
+    extra = sizes[1] - sizes[0]
+    marginal_cpu_ms = 1000 * (large["driver_cpu_s"] - small["driver_cpu_s"]) / extra
+    marginal_kb = 1024 * (large["retained_mb"] - small["retained_mb"]) / extra
+    report["marginal"] = {"cpu_ms_per_job": marginal_cpu_ms, "retained_kb_per_job": marginal_kb}
+    print(f"at the margin ({sizes[0]} -> {sizes[1]} jobs): driver CPU {marginal_cpu_ms:.2f} ms/job, retained "
+          f"{marginal_kb:.2f} KB/job; driver CPU as a share of one core: {small['driver_cpu_s'] / small['wall_s']:.0%}"
+          f" / {large['driver_cpu_s'] / large['wall_s']:.0%}; time to first row {sizes[1]} / {sizes[0]} jobs: "
+          f"{large['first_row_s'] / small['first_row_s']:.2f}x")
+
+    counts = [int(n) for n in args.missing.split(",")]
+    for n in counts:
+        table = _table(folder / f"missing{n}.parquet",
+                       [(str(folder / f"gone{i}.mp4"), str(clip), f"m{i:07d}.mp4") for i in range(n)])
+        report[f"missing_{n}"] = _python(RUN, table, str(folder / f"missing-out{n}"), str(checkpoint),
+                                         str(folder / "work"), "ray")
+    a, b = (report[f"missing_{n}"] for n in counts)
+    marginal_ms = 1000 * (b["wall_s"] - a["wall_s"]) / (counts[1] - counts[0])
+    print(f"rows with a missing source: {counts[0]} in {a['wall_s']:.2f} s, {counts[1]} in {b['wall_s']:.2f} s: "
+          f"{marginal_ms:.3f} ms per row at the margin ({b['by_failure_class']})")
+    report["missing_marginal_ms"] = marginal_ms
+
+    table = folder / "plan.parquet"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with pq.ParquetWriter(table, pa.schema([("source", pa.string()), ("driving", pa.string()),
+                                            ("output", pa.string())])) as writer:
+        for first in range(0, args.plan_rows, 100_000):
+            count = min(100_000, args.plan_rows - first)
+            writer.write_table(pa.table({"source": [str(clip)] * count, "driving": [str(clip)] * count,
+                                         "output": [f"archive/{i:08d}.mp4" for i in range(first, first + count)]}))
+    report["plan"] = planned = _python(PLAN, str(table), str(folder / "plan-out"), str(clip))
+    print(f"planning {planned['rows']:,} rows on the driver: {1e6 * planned['driver_cpu_s'] / planned['rows']:.1f} "
+          f"us CPU per row ({planned['driver_cpu_s']:.0f} s), peak +{planned['peak_growth_mb']:.0f} MB "
+          f"({1024 * 1024 * planned['peak_growth_mb'] / planned['rows']:.0f} B per row); "
+          f"{planned['bytes_per_job_in_object_store']:.0f} B per job of work in the object store")
+    print(json.dumps(report, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
