@@ -4,8 +4,8 @@ Only the crops travel on to the model stage (a chunk of 240 frames at 256 px is 
 never full frames: the paste stage decodes the chunk again, which costs far less than shipping
 full-resolution frames between workers (a 1080p frame decodes in about 3 ms on one core; shipping
 it is 3 MB). Neither stage converts the whole frame to RGB: only the face's box is
-(`DecodedFrame.region`), which at 1080p saves about 7 ms per frame in each of them. The driver's frames this chunk needs, and the reference
-frame relative motion is measured from, are cropped here too.
+(`DecodedFrame.region`), which at 1080p saves about 7 ms per frame in each of them. The driver's
+frames this chunk needs, and the reference frame relative motion is measured from, are cropped here too.
 """
 
 from __future__ import annotations

@@ -159,7 +159,8 @@ class EditSettings(FramingOptions):
                                        "file)", group=_RUN)
     chunk_frames: int = option(240, "frames per chunk: chunks are edited in parallel and retried alone; the largest "
                                     "buffers hold one chunk's crops", group=_RUN, rules=(at_least(1),))
-    model_batch: int = option(8, "crops per forward pass", group=_RUN, rules=(at_least(1),))
+    model_batch: int = option(0, "crops per forward pass (0: sized for the device: 64 on a GPU of 40 GB or more, 32 "
+                                 "on a smaller one, 8 on a CPU)", group=_RUN, rules=(at_least(0),))
     model_actors: int = option(1, "model replicas (actors), each with one GPU when the cluster has them", group=_RUN,
                                rules=(at_least(1),))
     model_gpus: float = option(-1.0, "GPUs per model actor (-1: one if the cluster has GPUs)", group=_RUN)

@@ -295,4 +295,5 @@ def _encoder_options(codec: str, info, crf: int, preset: str, pix_fmt: str) -> t
     raise ValueError(f"no encoder settings for {codec}")
 
 
-__all__ = ["CODEC_CHOICES", "CONTAINERS", "ENCODER_CHOICES", "ENCODERS", "NVENC", "HOLDS", "OutputFormat", "choose_output", "container_of"]
+__all__ = ["CODEC_CHOICES", "CONTAINERS", "ENCODER_CHOICES", "ENCODERS", "HOLDS", "NVENC", "OutputFormat",
+           "choose_output", "container_of"]
