@@ -4,8 +4,9 @@ Each frame with an edited face gets the edited crop blended into the full-resolu
 (`media.paste`: soft landmark mask, colour matched around the face; for pose edits the mask also
 covers the face where the edit moved it, found by the landmark model on the edited crop), in the
 decoded frame's own pixel format: only the face's region is converted from RGB, so every other
-pixel reaches the encoder exactly as decoded (`media.pictures.blend_overlay`). Frames without an
-edit are written as decoded. The segment is encoded in the job's output format (`media.formats`:
+pixel reaches the encoder exactly as decoded (`media.pictures.blend_overlay`). The colour is
+matched against the source crops the crop stage made, so this stage decodes frames but never
+converts them to RGB. Frames without an edit are written as decoded. The segment is encoded in the job's output format (`media.formats`:
 the source's codec, depth and colour unless overridden), frames keep their pts and durations
 (`media.video`), and the segment appears in the output store only once complete.
 """
@@ -20,7 +21,6 @@ import cv2
 import numpy as np
 
 from pipelines.edit.chunks import ChunkWork, timed
-from pipelines.edit.crops import crop_decoded
 from pipelines.edit.settings import EditSettings
 from pipelines.edit.stage_io import decode_chunk, local_info, store_output
 from pipelines.errors import UNSUPPORTED_OUTPUT, RecordedFailure
@@ -28,7 +28,7 @@ from pipelines.media.crop import landmarks_to_crop
 from pipelines.media.faces import FaceDetector, make_detector
 from pipelines.media.formats import NVENC, OutputFormat, choose_output, container_of
 from pipelines.media.paste import MaskConfig, Overlay, face_mask, match_colour, paste_overlay
-from pipelines.media.video import DecodedFrame, SegmentWriter, VideoInfo, encoder_opens
+from pipelines.media.video import SegmentWriter, VideoInfo, encoder_opens
 from pipelines.storage import OutputStore
 
 LANDMARK_INPUT_SIZE = 256
@@ -101,11 +101,13 @@ def output_format(info: VideoInfo, output: str, settings: EditSettings) -> Outpu
         raise RecordedFailure(UNSUPPORTED_OUTPUT, f"{output}: {error}") from None
 
 
-def paste_face(frame: DecodedFrame, edited: np.ndarray, box: np.ndarray, landmarks: np.ndarray, weight: float,
-               mask_config: MaskConfig, colour_match: bool, detector: FaceDetector | None) -> Overlay | None:
+def paste_face(frame_size: tuple[int, int], edited: np.ndarray, source: np.ndarray, box: np.ndarray,
+               landmarks: np.ndarray, weight: float, mask_config: MaskConfig, colour_match: bool,
+               detector: FaceDetector | None) -> Overlay | None:
     """The overlay that pastes `edited` (a crop of `box`) over the face whose landmarks (frame pixels) are
-    given in `frame` (in the RGB image analysis sees, of which only the box is converted); None when it
-    would change nothing.
+    given, in a frame of `frame_size` (width, height as analysis sees it); `source` is the same crop of
+    the source frame, which the crop stage made (the colour is matched against it); None when it would
+    change nothing.
 
     With a `detector`, the mask is the union of the source face and the face found in the edited crop.
     """
@@ -116,8 +118,8 @@ def paste_face(frame: DecodedFrame, edited: np.ndarray, box: np.ndarray, landmar
         regions.append(edited_landmarks(detector, edited, points))
     mask = face_mask(regions, size, mask_config) * np.float32(weight)
     if colour_match:
-        edited = match_colour(edited, crop_decoded(frame, box, size), mask)
-    return paste_overlay(frame.view.shown_size, edited, mask, box)
+        edited = match_colour(edited, source, mask)
+    return paste_overlay(frame_size, edited, mask, box)
 
 
 def compose_chunk(chunk: ChunkWork, settings: EditSettings, store: OutputStore) -> ChunkWork:
@@ -139,7 +141,8 @@ def compose_chunk(chunk: ChunkWork, settings: EditSettings, store: OutputStore) 
                     overlay = None
                     if offset in position:
                         with timed(timings, "paste_s"):
-                            overlay = paste_face(frame, chunk.edited[position[offset]], chunk.boxes[offset],
+                            overlay = paste_face(frame.view.shown_size, chunk.edited[position[offset]],
+                                                 chunk.source_crops[position[offset]], chunk.boxes[offset],
                                                  chunk.landmarks[offset], float(chunk.weights[offset]),
                                                  settings.mask, settings.colour_match, detector)
                     with timed(timings, "encode_s"):
@@ -151,5 +154,5 @@ def compose_chunk(chunk: ChunkWork, settings: EditSettings, store: OutputStore) 
                 raise
     except RecordedFailure as error:
         chunk.fail(error.failure_class, f"{chunk.label}: {error.message}")
-    chunk.edited = None
+    chunk.edited = chunk.source_crops = None
     return chunk

@@ -276,7 +276,8 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def edit_chunk(chunk: ChunkWork, editor: CropEditor) -> ChunkWork:
-    """The model stage for one chunk: edited crops in, source and driving crops dropped."""
+    """The model stage for one chunk: edited crops in, driving crops dropped; the source crops go on to the
+    paste stage, which matches the edited face's colour to them (so it need not convert frames to RGB)."""
     if not chunk.ok or chunk.reused or chunk.frames_edited == 0:
         return chunk
     chunk.visited()
@@ -285,5 +286,5 @@ def edit_chunk(chunk: ChunkWork, editor: CropEditor) -> ChunkWork:
                                    chunk.driving_index[chunk.driving_index >= 0], chunk.job.mode,
                                    chunk.job.strength, chunk.motion, chunk.reference_crop,
                                    driving_key=chunk.job.driving, driving_frames=chunk.driver.frames)
-    chunk.source_crops = chunk.driving_crops = chunk.reference_crop = None
+    chunk.driving_crops = chunk.reference_crop = None
     return chunk
