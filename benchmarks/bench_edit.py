@@ -23,6 +23,13 @@ the baseline of the previous path (RGB through swscale's default rounding both w
 the issue found (RGB encoded as BT.601 limited whatever the source's matrix and range, then tagged
 as the source).
 
+`--per-frame` (on by default; `--per-frame-only` runs just this) reports the CPU milliseconds per
+1080p frame of every stage but the model (analysis, crop, paste + encode, each on one core as the Ray
+job runs them), this tree against the code of `--baseline-rev` (the commit before this work: whole
+frames converted to RGB for crop and paste, x264 `medium`), each in its own process in the same run,
+and the model stage alone in frames/s at the batch the
+device gets (`--model-batch 0`).
+
 Weights are random (official 256x256 architecture, or `--size`) unless `--checkpoint` names an official
 dpe.pt; the speed does not depend on the values. Where CUDA is present, the script also measures the
 model stage alone under bfloat16 (output frames/s per GPU and the share of the GPU's bfloat16 peak at
@@ -32,6 +39,7 @@ the measured GFLOP per output frame) and the whole job on Ray Data with the mode
     python benchmarks/bench_edit.py --frames 24 --no-memory
     python benchmarks/bench_edit.py --size 64 --frames 120
     python benchmarks/bench_edit.py --colour-only          # the colour report alone: seconds
+    python benchmarks/bench_edit.py --per-frame-only       # non-model CPU ms per 1080p frame: about 1 min
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,6 +56,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -55,7 +65,8 @@ from dpe.config import ModelConfig
 from dpe.editing import expression_transfer
 from dpe.model import DPEGenerator
 from pipelines.edit import job, results
-from pipelines.edit.model import CropEditor, keep_large_blocks_on_heap, load_weights, to_crops, to_tensor
+from pipelines.edit.model import (CropEditor, ModelWeights, keep_large_blocks_on_heap, load_weights, to_crops,
+                                  to_tensor)
 from pipelines.edit.settings import EditSettings
 from pipelines.edit.stage_io import read_image
 from pipelines.storage import OutputStore
@@ -93,6 +104,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--colour", action=argparse.BooleanOptionalAction, default=True,
                    help="also report the colour error of an unchanged round trip per colour case")
     p.add_argument("--colour-only", action="store_true", help="run only the colour report")
+    p.add_argument("--per-frame", action=argparse.BooleanOptionalAction, default=True,
+                   help="also report non-model CPU ms per 1080p frame, before and after, and the model stage's "
+                        "frames/s at the device's batch")
+    p.add_argument("--per-frame-only", action="store_true", help="run only the per-frame report")
+    p.add_argument("--hd-frames", type=int, default=60, help="1080p frames of the per-frame report")
+    p.add_argument("--baseline-rev", default=BASELINE_REV, help="git revision whose code is the per-frame baseline")
+    p.add_argument("--stage-costs", nargs=5, metavar=("SOURCE", "DRIVING", "WORK", "PRESET", "SIZE"),
+                   help=argparse.SUPPRESS)  # one side of the per-frame report, in its own process
+    p.add_argument("--model-frames", type=int, default=16, help="crops the model stage alone edits (at least two "
+                                                                 "batches)")
     return p.parse_args(argv)
 
 
@@ -221,7 +242,6 @@ MEMORY_RUN = textwrap.dedent("""
     import json, sys
     from pipelines.edit import job, results
     from pipelines.edit.settings import EditSettings
-    from pipelines.storage import OutputStore
     source, output, checkpoint = sys.argv[1:4]
     settings = EditSettings(output=output, checkpoint=checkpoint, detector="dlib", preset="veryfast",
                             executor="local")
@@ -306,6 +326,108 @@ def gpu(args: argparse.Namespace, model: DPEGenerator, checkpoint: Path, inputs:
     print("  busy seconds per 1000 frames: " + ", ".join(f"{k[:-2]} {1000 * v / frames:.1f}" for k, v in busy.items()))
     print(f"  limits: model stage {model_limit:.1f} frames/s, CPU stages {cpu_limit:.1f} frames/s -> bound by {bound}; "
           f"end to end reaches {frames / wall / min(model_limit, cpu_limit):.0%} of that bound")
+
+
+PER_FRAME_STAGES = ("analysis", "crop", "paste + encode")
+
+BASELINE_REV = "80d1b30"
+"""The commit before the per-frame work (issue 16): crop and paste converted whole frames to RGB, x264 ran
+at `medium` by default."""
+
+
+def stage_costs_in(code: Path | None, source: Path, driving: Path, work: Path, preset: str, size: int) -> dict:
+    """`non_model_costs` in a fresh process running the `pipelines` package found in `code` (None: this tree)."""
+    env = dict(os.environ)
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
+    done = subprocess.run([sys.executable, __file__, "--stage-costs", str(source), str(driving), str(work), preset,
+                           str(size)], capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise RuntimeError(f"stage costs failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def non_model_costs(source: Path, driving: Path, work: Path, preset: str, size: int) -> dict[str, float]:
+    """CPU milliseconds per frame of every stage but the model, on one core (the stages run as the Ray job
+    runs them, one per core; the model stage is left out: the edited crops are the source crops)."""
+    from pipelines.edit import analyse
+    from pipelines.edit.chunks import JobWork
+    from pipelines.edit.compose import cached_detector, compose_chunk
+    from pipelines.edit.crops import crop_chunk
+    from pipelines.edit.job_table import EditJob
+
+    cv2.setNumThreads(1)
+    shutil.rmtree(work, ignore_errors=True)  # segments of an earlier run would be reused, not made
+    settings = EditSettings(output=str(work), checkpoint="unused", detector="dlib", preset=preset,
+                            executor="local", workdir=str(work / "scratch"))
+    edit = EditJob(source=str(source), driving=str(driving), output="out.mp4", mode="expression", strength=1.0,
+                   motion="relative", driving_policy="hold", face="largest")
+    store = OutputStore(str(work))
+    detector = cached_detector("dlib")
+    analyse._DRIVERS.clear()  # each path analyses its driver itself
+    costs = {}
+    started = time.process_time()
+    chunks = analyse.analyse_job(JobWork(edit, f"{preset:0<16}", 0, size), settings, detector, store)
+    costs["analysis"] = time.process_time() - started
+    started = time.process_time()
+    chunks = [crop_chunk(chunk, settings) for chunk in chunks]
+    costs["crop"] = time.process_time() - started
+    for chunk in chunks:
+        chunk.edited = chunk.source_crops
+    started = time.process_time()
+    chunks = [compose_chunk(chunk, settings, store) for chunk in chunks]
+    costs["paste + encode"] = time.process_time() - started
+    failed = [chunk.message for chunk in chunks if not chunk.ok]
+    if failed:
+        raise RuntimeError(f"the job failed: {failed}")
+    frames = sum(chunk.frames for chunk in chunks)
+    return {stage: 1000 * seconds / frames for stage, seconds in costs.items()} | {"frames": frames}
+
+
+def per_frame_report(args: argparse.Namespace, work: Path) -> None:
+    """Non-model CPU ms per 1080p frame, today's path against the new one in this run, and the model stage's
+    frames/s at the batch the device gets."""
+    sample = make_sample_media(work / "sample")
+    source, driving = work / "hd_source.mp4", work / "hd_driver.png"
+    frames = args.hd_frames
+    ffmpeg("-i", str(sample["talk.mp4"]), "-frames:v", str(frames), "-vf",
+           "scale=1320:1080:flags=lanczos,pad=1920:1080:300:0,setsar=1", "-c:v", "libx264", "-preset", "veryfast",
+           "-crf", "18", "-c:a", "copy", "-t", f"{frames * 1001 / 30000:.4f}", str(source))
+    ffmpeg("-ss", "1", "-i", str(sample["talk.mp4"]), "-frames:v", "1", "-vf", "scale=1320:1080:flags=lanczos",
+           str(driving))
+    print(f"\nnon-model CPU ms per 1080p frame (one core per stage; {frames} frames of the sample scaled into "
+          "1920x1080, a driving image, expression edit, edited crops = source crops); before: the code of "
+          f"{args.baseline_rev} with its default preset (medium), after: this tree with its default "
+          f"({EditSettings().preset}):")
+    baseline = work / f"baseline-{args.baseline_rev}"
+    if not baseline.exists():
+        archive = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "archive",
+                                  args.baseline_rev, "pipelines", "dpe"], capture_output=True, check=True).stdout
+        unpacked = Path(tempfile.mkdtemp(dir=work))
+        subprocess.run(["tar", "-x", "-C", str(unpacked)], input=archive, check=True)
+        unpacked.rename(baseline)
+    before = stage_costs_in(baseline, source, driving, work / "per-frame-before", "medium", args.size)
+    after = stage_costs_in(None, source, driving, work / "per-frame-after", EditSettings().preset, args.size)
+    print(f"  {'stage':16s} {'before':>8s} {'after':>8s}")
+    for stage in PER_FRAME_STAGES:
+        print(f"  {stage:16s} {before[stage]:8.1f} {after[stage]:8.1f}")
+    total_before, total_after = (sum(costs[stage] for stage in PER_FRAME_STAGES) for costs in (before, after))
+    print(f"  {'total':16s} {total_before:8.1f} {total_after:8.1f}   -> {total_before / total_after:.2f}x less CPU "
+          f"per frame ({1000 / total_after:.1f} frames/s per core)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = ModelConfig() if args.size == 256 else ModelConfig(size=args.size)
+    weights = ModelWeights(config=config, state=DPEGenerator(config).state_dict(), kind="random", source="bench")
+    editor = CropEditor(weights, device=device)
+    count = max(2 * editor.batch, args.model_frames)
+    crops = np.random.default_rng(0).integers(0, 256, (count, args.size, args.size, 3), dtype=np.uint8)
+    index = np.arange(count)
+    editor.edit(crops[:editor.batch], crops[:editor.batch], index[:editor.batch], "expression", 1.0, "absolute")
+    _sync(device)
+    started = time.perf_counter()
+    editor.edit(crops, crops, index, "expression", 1.0, "absolute")
+    _sync(device)
+    print(f"  model stage alone on {device.type} at its batch ({editor.batch}, {args.size} px, every driving frame "
+          f"distinct): {count / (time.perf_counter() - started):.1f} frames/s")
 
 
 COLOUR_CASES = {  # name: (size, ffmpeg scale matrix, setparams tags, pixel format, full range)
@@ -398,6 +520,13 @@ def main(argv=None) -> int:
     if args.colour_only:
         colour_report(work, make_sample_media(work / "sample")["talk.mp4"])
         return 0
+    if args.stage_costs:
+        source, driving, folder, preset, size = args.stage_costs
+        print(json.dumps(non_model_costs(Path(source), Path(driving), Path(folder), preset, int(size))))
+        return 0
+    if args.per_frame_only:
+        per_frame_report(args, work)
+        return 0
     inputs = make_inputs(work, args.frames)
     model, checkpoint = model_and_checkpoint(args, work)
     device = torch.device("cpu")
@@ -417,6 +546,8 @@ def main(argv=None) -> int:
         memory(work, inputs["talk"], args.loops)
     if args.colour:
         colour_report(work, inputs["talk"])
+    if args.per_frame:
+        per_frame_report(args, work)
     if torch.cuda.is_available() or args.check_gpu_path_on_cpu:
         gpu(args, model, checkpoint, inputs, work, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     else:

@@ -72,6 +72,7 @@ def edit_videos(
     colour_match: bool = _DEFAULTS.colour_match,
     crf: int = _DEFAULTS.crf,
     preset: str = _DEFAULTS.preset,
+    encoder: str = _DEFAULTS.encoder,
     previews: bool = _DEFAULTS.previews,
     preview_seconds: float = _DEFAULTS.preview_seconds,
     preview_height: int = _DEFAULTS.preview_height,

@@ -76,7 +76,7 @@ def require_shared_locations(inputs: EditInputs, settings: EditSettings) -> None
 def spec_context(settings: EditSettings, model: str) -> dict:
     """The settings that decide what an output looks like (a change redoes finished jobs)."""
     keys = ("detector", "colour_match", "min_face_px", "min_track_frames", "fade_frames", "chunk_frames", "crf",
-            "preset", "precision", "codec", "pix_fmt", "deinterlace")
+            "preset", "encoder", "precision", "codec", "pix_fmt", "deinterlace")
     return {"model": model, "checkpoint": settings.checkpoint, "tracking": asdict(settings.tracking),
             "framing": asdict(settings.framing), "mask": asdict(settings.mask),
             **{key: getattr(settings, key) for key in keys}}

@@ -47,6 +47,7 @@ from pipelines.edit.compose import cached_detector, compose_chunk
 from pipelines.edit.crops import crop_chunk
 from pipelines.edit.results import ResultRow
 from pipelines.edit.settings import EditSettings
+from pipelines.edit.stage_io import from_columns, to_columns
 from pipelines.errors import RecordedFailure
 from pipelines.runtime import stop_requested
 from pipelines.storage import OutputStore
@@ -85,11 +86,11 @@ class AttemptLedger:
 
 
 def _pack(items: Iterable[object]) -> dict[str, np.ndarray]:
-    return {"payload": np.array([pickle.dumps(item, protocol=5) for item in items] or [], dtype=object)}
+    return to_columns(items)
 
 
 def _unpack(batch: dict[str, np.ndarray]) -> list:
-    return [pickle.loads(blob) for blob in batch["payload"]]
+    return from_columns(batch)
 
 
 def guarded(stage: str, chunk: ChunkWork, work: Callable[[ChunkWork], ChunkWork], ledger=None,

@@ -15,7 +15,7 @@ from pathlib import PurePosixPath
 from typing import Any, Mapping
 
 from pipelines.media.faces import DETECTOR_NAMES
-from pipelines.media.formats import CODEC_CHOICES, CONTAINERS, is_pixel_format
+from pipelines.media.formats import CODEC_CHOICES, CONTAINERS, ENCODER_CHOICES, is_pixel_format
 from pipelines.media.framing import FramingOptions
 from pipelines.media.paste import MaskConfig
 from pipelines.media.tracking import TrackingConfig
@@ -142,8 +142,12 @@ class EditSettings(FramingOptions):
     crf: int = option(18, "quality of the edited videos, lower is better: the CRF of H.264, HEVC, VP9 and AV1 "
                           "(MPEG-2: a fixed quantiser of crf/6; ProRes: its profile decides)", group=_OUTPUT,
                       rules=(at_least(0), at_most(51)))
-    preset: str = option("medium", "encoder speed, x264 names (ultrafast .. veryslow), mapped onto the other "
-                                   "encoders' speed settings", group=_OUTPUT)
+    preset: str = option("veryfast", "encoder speed, x264 names (ultrafast .. veryslow), mapped onto the other "
+                                     "encoders' speed settings (NVENC: p1 .. p7); veryfast: a third of medium's CPU "
+                                     "time at 1080p, the quality is --crf's", group=_OUTPUT)
+    encoder: str = option("auto", "video encoder: nvenc (the GPU's, h264_nvenc/hevc_nvenc), cpu, or auto: NVENC "
+                                  "when every node has a GPU and NVENC opens there, else the CPU's", group=_OUTPUT,
+                          choices=ENCODER_CHOICES)
     previews: bool = option(False, "also write previews/<job>.mp4 (source | driving | result, plays in browsers) and "
                                    "previews/<job>.png (contact sheet)", group=_OUTPUT)
     preview_seconds: float = option(60.0, "previews cover at most this much of the start of each video",
@@ -155,7 +159,8 @@ class EditSettings(FramingOptions):
                                        "file)", group=_RUN)
     chunk_frames: int = option(240, "frames per chunk: chunks are edited in parallel and retried alone; the largest "
                                     "buffers hold one chunk's crops", group=_RUN, rules=(at_least(1),))
-    model_batch: int = option(8, "crops per forward pass", group=_RUN, rules=(at_least(1),))
+    model_batch: int = option(0, "crops per forward pass (0: sized for the device: 64 on a GPU of 40 GB or more, 32 "
+                                 "on a smaller one, 8 on a CPU)", group=_RUN, rules=(at_least(0),))
     model_actors: int = option(0, "model replicas (actors), each with its GPUs when the cluster has them; 0: with "
                                   "GPUs, a pool growing from one to one per GPU of the cluster as work waits; "
                                   "without, one", group=_RUN, rules=(at_least(0),))

@@ -1,5 +1,6 @@
 """What every editing stage reads and writes where it runs: local copies of inputs, the source's
-stream, a chunk's frames, a driver image, and outputs written locally and then stored.
+stream, a chunk's frames, a driver image, outputs written locally and then stored, and the columns
+chunks travel in between stages (`to_columns`, `from_columns`).
 
 Video decoding seeks, so an input that lives in an object store needs a real file here.
 An input is copied once per machine (`storage.local_copy`, into the run's scratch folder, a cache
@@ -10,12 +11,13 @@ paths are used as they are.
 from __future__ import annotations
 
 import contextlib
+import pickle
 import posixpath
 import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -89,3 +91,43 @@ def read_image(path: Path) -> np.ndarray:
     if image is None:
         raise VideoError(NOT_A_VIDEO, f"{path}: not a readable image")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+PIXEL_COLUMNS = ("source_crops", "driving_crops", "reference_crop", "edited")
+"""`ChunkWork` fields that hold crops: (N, S, S, 3) uint8 arrays that travel as tensor columns."""
+
+_ABSENT = np.zeros((0, 0, 0, 3), np.uint8)
+"""A crop column's value where the chunk holds none (a tensor column has no null)."""
+
+
+def to_columns(items: Iterable[object]) -> dict[str, np.ndarray]:
+    """Rows for a Ray Data batch: each item pickled without its crops ('payload'), and the crops of each
+    `ChunkWork` as ndarray columns, which Ray Data keeps as tensors: no pickling of the pixels, and a
+    stage reading them gets views of the block's buffer."""
+    payloads, pixels = [], {name: [] for name in PIXEL_COLUMNS}
+    for item in items:
+        arrays = {name: getattr(item, name, None) for name in PIXEL_COLUMNS}
+        if any(array is not None for array in arrays.values()):
+            item = replace(item, **dict.fromkeys(PIXEL_COLUMNS))
+        payloads.append(pickle.dumps(item, protocol=5))
+        for name, array in arrays.items():
+            pixels[name].append(_ABSENT if array is None else np.ascontiguousarray(array, dtype=np.uint8))
+    columns = {"payload": np.array(payloads, dtype=object)}
+    for name, arrays in pixels.items():
+        column = np.empty(len(arrays), dtype=object)
+        for row, array in enumerate(arrays):
+            column[row] = array
+        columns[name] = column
+    return columns
+
+
+def from_columns(batch: dict[str, np.ndarray]) -> list:
+    """The items of a batch `to_columns` made, with their crops put back."""
+    items = [pickle.loads(blob) for blob in batch["payload"]]
+    for name in PIXEL_COLUMNS:
+        if name not in batch:
+            continue
+        for item, array in zip(items, batch[name]):
+            if array.ndim == 4 and array.shape[1] > 0:
+                setattr(item, name, array)
+    return items

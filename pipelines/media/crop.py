@@ -9,6 +9,8 @@ landmarks always agree exactly.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import cv2
 import numpy as np
 
@@ -40,6 +42,18 @@ def crop_pixels(frame: np.ndarray, x0: int, y0: int, side: int, size: int) -> np
         region = cv2.copyMakeBorder(region, pad_top, pad_bottom, pad_left, pad_right, cv2.BORDER_REPLICATE)
     interpolation = cv2.INTER_AREA if side > size else cv2.INTER_CUBIC
     return cv2.resize(region, (size, size), interpolation=interpolation)
+
+
+def crop_region(read: Callable[[int, int, int, int], np.ndarray], frame_size: tuple[int, int],
+                box: np.ndarray | tuple[float, float, float, float], size: int) -> np.ndarray:
+    """`crop_frame` of a frame of `frame_size` (width, height) that is read only where the box lies:
+    `read(left, top, right, bottom)` gives those pixels (as `video.DecodedFrame.region` does)."""
+    width, height = frame_size
+    x0, y0, side = pixel_box(box)
+    left, top, right, bottom = max(0, x0), max(0, y0), min(width, x0 + side), min(height, y0 + side)
+    if left >= right or top >= bottom:
+        raise ValueError(f"crop box ({x0}, {y0}) side {side} lies entirely outside the {width}x{height} frame")
+    return crop_pixels(read(left, top, right, bottom), x0 - left, y0 - top, side, size)
 
 
 def landmarks_to_crop(points: np.ndarray, box: np.ndarray | tuple[float, float, float, float],

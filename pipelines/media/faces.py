@@ -157,8 +157,9 @@ def face_alignment_available(checkpoint_dir: str | os.PathLike | None = None) ->
     return all((directory / name).is_file() for name in FACE_ALIGNMENT_WEIGHTS)
 
 
-def make_detector(name: str = "auto", **options) -> FaceDetector:
-    """Build a detector by name: "dlib", "face-alignment", or "auto" (face-alignment if its weights are present)."""
+def make_detector(name: str = "auto", device: str | None = None, **options) -> FaceDetector:
+    """Build a detector by name: "dlib", "face-alignment", or "auto" (face-alignment if its weights are present);
+    `device` places face-alignment's networks (dlib runs on the CPU)."""
     if name not in DETECTOR_NAMES:
         raise ValueError(f"unknown face detector {name!r}; choose one of {', '.join(DETECTOR_NAMES)}")
     if name == "auto":
@@ -166,7 +167,7 @@ def make_detector(name: str = "auto", **options) -> FaceDetector:
         LOG.info("face detector: %s (%s)", name, "weights found in " + str(face_alignment_checkpoint_dir())
                  if name == "face-alignment" else "face-alignment weights absent; embedded dlib models")
     if name == "face-alignment":
-        return FaceAlignmentDetector(**options)
+        return FaceAlignmentDetector(device=device, **options)
     return DlibDetector(**options)
 
 

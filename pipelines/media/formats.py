@@ -48,11 +48,18 @@ FALLBACKS = {"vp9": ("av1", "hevc", "h264"), "av1": ("vp9", "hevc", "h264"), "pr
              "mpeg2video": ("h264",), "hevc": ("h264",), "h264": ("hevc",)}
 """Where a source's codec cannot be kept (container, depth), the codecs tried next, nearest first."""
 
+NVENC = {"h264": "h264_nvenc", "hevc": "hevc_nvenc"}
+"""The GPU encoder of each codec that has one (`--encoder`)."""
+
+ENCODER_CHOICES = ("auto", "cpu", "nvenc")
+"""--encoder: auto (NVENC where every node has a GPU and it opens, else the CPU's), cpu, or nvenc."""
+
 PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 """--preset: x264/x265 speed names, mapped onto the speed settings of the other encoders."""
 
 _VP9_SPEED = dict(zip(PRESETS, ("8", "8", "7", "6", "5", "4", "2", "1", "0")))
 _SVT_AV1_PRESET = dict(zip(PRESETS, ("12", "11", "10", "9", "8", "7", "5", "4", "2")))
+_NVENC_PRESETS = dict(zip(PRESETS, ("p1", "p2", "p3", "p4", "p4", "p5", "p6", "p7", "p7")))
 _PRORES_PROFILES = {"Proxy": "proxy", "LT": "lt", "Standard": "standard", "HQ": "hq", "4444": "4444",
                     "XQ": "4444xq", "4444 XQ": "4444xq"}
 
@@ -159,8 +166,12 @@ def encoder_formats(encoder: str) -> list[str]:
 
 
 def choose_output(info, container: str, *, codec: str = "auto", pix_fmt: str = "auto", crf: int = 18,
-                  preset: str = "medium") -> OutputFormat:
+                  preset: str = "veryfast", nvenc: bool = False) -> OutputFormat:
     """The output format of an edited copy of `info` (a `video.VideoInfo`) in `container`.
+
+    With `nvenc`, H.264 and HEVC are encoded by the GPU's encoder (`NVENC`) at the same pixel format
+    and quality target (its constant-quality mode at `crf`), where it takes that format and the scan
+    is progressive; otherwise by the CPU's, and a note says why.
 
     Raises ValueError naming the option when an explicit --codec or --pix-fmt cannot be written
     into that container or by that encoder.
@@ -221,12 +232,30 @@ def choose_output(info, container: str, *, codec: str = "auto", pix_fmt: str = "
         colour["color_range"] = FULL_RANGE
     options, more = _encoder_options(chosen, info, crf, preset, target)
     notes.extend(more)
+    if nvenc:
+        gpu_encoder = NVENC.get(chosen)
+        if gpu_encoder is None:
+            notes.append(f"{chosen} has no GPU encoder: encoded on the CPU")
+        elif info.field_order:
+            notes.append("interlaced: encoded on the CPU, which codes fields")
+        elif info.hdr_mastering or info.hdr_light:
+            notes.append("HDR mastering metadata: encoded on the CPU, which writes it")
+        elif target not in encoder_formats(gpu_encoder):
+            notes.append(f"{gpu_encoder} does not take {target}: encoded on the CPU")
+        else:
+            encoder, options = gpu_encoder, _nvenc_options(crf, preset)
     field_order = _FIELD_ORDERS.get(info.field_order, 0) if info.field_order else 1
     return OutputFormat(codec=chosen, encoder=encoder, pix_fmt=target, width=width, height=height, options=options,
                         colour=colour, field_order=field_order, notes=tuple(notes))
 
 
 _FIELD_ORDERS = {"tt": 2, "bb": 3, "tb": 4, "bt": 5}
+
+
+def _nvenc_options(crf: int, preset: str) -> dict[str, str]:
+    """NVENC's constant-quality mode at the CRF, no B-frames (segments join packet by packet)."""
+    return {"rc": "vbr", "cq": str(crf), "b": "0", "bf": "0", "preset": _NVENC_PRESETS.get(preset, "p4"),
+            "tune": "hq"}
 
 
 def _encoder_options(codec: str, info, crf: int, preset: str, pix_fmt: str) -> tuple[dict[str, str], list[str]]:
@@ -266,4 +295,5 @@ def _encoder_options(codec: str, info, crf: int, preset: str, pix_fmt: str) -> t
     raise ValueError(f"no encoder settings for {codec}")
 
 
-__all__ = ["CODEC_CHOICES", "CONTAINERS", "ENCODERS", "HOLDS", "OutputFormat", "choose_output", "container_of"]
+__all__ = ["CODEC_CHOICES", "CONTAINERS", "ENCODER_CHOICES", "ENCODERS", "HOLDS", "NVENC", "OutputFormat",
+           "choose_output", "container_of"]

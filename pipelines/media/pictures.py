@@ -42,6 +42,10 @@ SWS_MATRIX = {1: 1, 4: 4, 5: 5, 6: 5, 7: 7, 9: 9, 10: 9}
 """FFmpeg's AVColorSpace -> the swscale matrix (SWS_CS_*) that converts from and to it (bt709, fcc,
 bt470bg and smpte170m (both BT.601), smpte240m, bt2020); unspecified ones get swscale's default, BT.601."""
 
+REGION_MARGIN = 16
+"""Pixels converted around a region (`View.region`): more than swscale's chroma interpolation reaches."""
+
+
 def sws_matrix(colorspace: int) -> int | None:
     """The swscale matrix for an AVColorSpace; None (swscale's own default, BT.601) when untagged."""
     return SWS_MATRIX.get(int(colorspace))
@@ -190,6 +194,41 @@ class View:
             rgb = interpolate_field(rgb, self.field)
         return self.orientation.apply(rgb)
 
+    def region(self, frame: av.VideoFrame, left: int, top: int, right: int, bottom: int) -> np.ndarray:
+        """`picture(frame)[top:bottom, left:right]` (shown pixels, clipped to the picture), converting only
+        that part of the frame and a margin around it: the crop and paste stages need the face's pixels,
+        and converting a whole 1080p frame to RGB costs more than decoding it.
+
+        Exact: the margin (`REGION_MARGIN`, whole chroma samples) covers swscale's chroma interpolation,
+        so every returned pixel equals the whole frame's. Anamorphic and one-field views, odd sizes of
+        subsampled formats and layouts without a plane per component convert the whole frame.
+        """
+        shown_width, shown_height = self.shown_size
+        left, top, right, bottom = max(0, left), max(0, top), min(shown_width, right), min(shown_height, bottom)
+        format_ = frame.format
+        if self.square != self.width or self.field is not None or not editable(format_):
+            return self.picture(frame)[top:bottom, left:right]
+        steps = [_subsampling(format_, plane) for plane in range(len(format_.components))]
+        step_x, step_y = max(s[0] for s in steps), max(s[1] for s in steps)
+        if frame.width % step_x or frame.height % step_y:  # chroma is scaled by another ratio in every part
+            return self.picture(frame)[top:bottom, left:right]
+        x0, y0, x1, y1 = self.orientation.undo_rect(left, top, right, bottom, self.shown_size)
+        part_x0 = max(0, x0 - REGION_MARGIN) // step_x * step_x
+        part_y0 = max(0, y0 - REGION_MARGIN) // step_y * step_y
+        part_x1 = min(frame.width, x1 + REGION_MARGIN)
+        part_y1 = min(frame.height, y1 + REGION_MARGIN)
+        part_x1 += (-part_x1) % step_x
+        part_y1 += (-part_y1) % step_y
+        part = av.VideoFrame(part_x1 - part_x0, part_y1 - part_y0, format_.name)
+        for name in ("colorspace", "color_range", "color_primaries", "color_trc"):
+            setattr(part, name, getattr(frame, name))
+        for plane, (target, source) in enumerate(zip(plane_arrays(part), plane_arrays(frame))):
+            sub_x, sub_y = steps[plane]
+            row, column = part_y0 // sub_y, part_x0 // sub_x
+            target[:] = source[row:row + target.shape[0], column:column + target.shape[1]]
+        rgb = part.reformat(format="rgb24", interpolation=CONVERSION).to_ndarray()
+        return self.orientation.apply(rgb[y0 - part_y0:y1 - part_y0, x0 - part_x0:x1 - part_x0])
+
     def to_coded(self, left: int, top: int, pixels: np.ndarray, weights: np.ndarray) -> tuple[int, int, np.ndarray,
                                                                                               np.ndarray]:
         """An overlay (RGB pixels and blend weights placed at left, top of the shown image) in coded pixels."""
@@ -298,6 +337,23 @@ def rgb_to_planes(rgb: np.ndarray, format_: av.VideoFormat, colorspace: int,
     return planes
 
 
+def _trimmed(left: int, top: int, pixels: np.ndarray, weights: np.ndarray, step_x: int,
+             step_y: int) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """The overlay cut to where its weights are not zero (a face mask fills about half of its box), grown
+    to whole chroma samples within the overlay: every sample it changes is computed from the same pixels
+    and weights as before, and the conversion from RGB works on fewer pixels."""
+    active = weights > 0
+    rows, columns = np.flatnonzero(active.any(axis=1)), np.flatnonzero(active.any(axis=0))
+    if not len(rows):
+        return left, top, pixels[:0, :0], weights[:0, :0]
+    height, width = weights.shape
+    x0 = max(left, (left + int(columns[0])) // step_x * step_x)
+    y0 = max(top, (top + int(rows[0])) // step_y * step_y)
+    x1 = min(left + width, -(-(left + int(columns[-1]) + 1) // step_x) * step_x)
+    y1 = min(top + height, -(-(top + int(rows[-1]) + 1) // step_y) * step_y)
+    return x0, y0, pixels[y0 - top:y1 - top, x0 - left:x1 - left], weights[y0 - top:y1 - top, x0 - left:x1 - left]
+
+
 def blend_overlay(frame: av.VideoFrame, left: int, top: int, pixels: np.ndarray, weights: np.ndarray) -> av.VideoFrame:
     """A frame with RGB `pixels` blended in by `weights` (both (h, w) at left, top, coded pixels).
 
@@ -313,6 +369,9 @@ def blend_overlay(frame: av.VideoFrame, left: int, top: int, pixels: np.ndarray,
     format_ = frame.format
     steps = [_subsampling(format_, plane) for plane in range(len(format_.components))]
     step_x, step_y = max(s[0] for s in steps), max(s[1] for s in steps)
+    left, top, pixels, weights = _trimmed(left, top, pixels, weights, step_x, step_y)
+    if weights.size == 0:
+        return frame
     # the region grown to whole chroma samples and clipped to the frame
     x0, y0 = max(0, left - left % step_x), max(0, top - top % step_y)
     right, bottom = left + weights.shape[1], top + weights.shape[0]

@@ -194,6 +194,13 @@ class DecodedFrame:
         return self._image
 
 
+    def region(self, left: int, top: int, right: int, bottom: int) -> np.ndarray:
+        """`image[top:bottom, left:right]` (clipped), converting only that part unless `image` is already made."""
+        if self._image is not None:
+            return self._image[max(0, top):max(0, bottom), max(0, left):max(0, right)]
+        return self.view.region(self.frame, left, top, right, bottom)
+
+
 @functools.lru_cache(maxsize=1)
 def ffmpeg_exe() -> str:
     """The static ffmpeg binary of imageio-ffmpeg (no system ffmpeg is assumed): for yt-dlp and sample media."""
@@ -840,6 +847,22 @@ class VideoWriter:
             self.close()
         else:
             self.abort()
+
+
+@functools.lru_cache(maxsize=None)
+def encoder_opens(name: str) -> bool:
+    """Whether this process can encode with `name` (NVENC needs a GPU and its driver): one small frame is tried."""
+    try:
+        context = av.CodecContext.create(name, "w")
+        context.width, context.height, context.pix_fmt = 256, 256, "yuv420p"
+        context.time_base = Fraction(1, 25)
+        frame = av.VideoFrame(256, 256, "yuv420p")
+        frame.pts = 0
+        context.encode(frame)
+        context.encode(None)
+        return True
+    except Exception:  # a missing encoder, device or driver: each raises its own kind of error
+        return False
 
 
 def segment_container(codec: str) -> str:
