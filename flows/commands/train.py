@@ -38,9 +38,11 @@ def run(args: argparse.Namespace) -> int:
         return _export(*args.export)
     from flows.services import hand_over, run_with_services
     from pipelines.options import build, values_of
+    from pipelines.runtime import LocationNotShared
     from pipelines.storage import LocationNotVisible
     from pipelines.train.clips import TrainingDataError
     from pipelines.train.job import prepare_run
+    from pipelines.train.loop import NonFiniteTraining
 
     try:
         settings = build(TrainSettings, vars(args))
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         summary = run_with_services(NAME, settings.ray_address, lambda: _flow()(**values_of(settings)))
-    except (TrainingDataError, LocationNotVisible) as error:  # found by a worker: the data, not a crash
+    except (TrainingDataError, LocationNotVisible, LocationNotShared, NonFiniteTraining) as error:  # not a crash
         print(f"portrait train: {error}", file=sys.stderr)
         return 1
     return 0 if summary["step"] >= summary["steps"] else 1
