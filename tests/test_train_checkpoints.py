@@ -139,6 +139,19 @@ def test_export_writes_the_official_format_that_the_loader_reads_back(state, tmp
     assert main(["train", "--export", str(tmp_path / "nothing"), str(output)]) == 2
 
 
+def test_export_takes_the_moving_average_when_the_run_kept_one(tmp_path):
+    torch.manual_seed(0)
+    state = build_state(plan_model(TrainSettings(size=32, perceptual="off", ema_decay=0.5)), "cpu")
+    with torch.no_grad():
+        for p in state.generator_ema.parameters():
+            p.add_(1.0)  # the average differs from the generator
+    _write_run_checkpoint(state, tmp_path, "averaged", 3)
+    output = tmp_path / "exported.pt"
+    assert main(["train", "--export", f"{tmp_path}/averaged/latest", str(output)]) == 0
+    loaded = load_official_generator(output, DPEGenerator(state.model_config))
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.generator_ema.state_dict().items())
+
+
 def test_an_object_store_run_gets_atomic_checkpoints_outputs_and_export(state, s3_server, tmp_path):
     from ray.train import Checkpoint
 
