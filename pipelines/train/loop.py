@@ -5,7 +5,15 @@ All ranks start from the same weights (same seed, same initialisation file or ch
 own pairs (`pairs.PairSampler`). Every rank runs the same steps and meets the others at the
 same collective calls: the gradient all-reduce inside the step, a gather of the interval's
 losses and skipped samples every `log_every` steps, and `ray.train.report` at each checkpoint
-(a barrier). Rank 0 alone writes the run's files (`outputs.RunOutputs`), grids and evaluations.
+(a barrier). Rank 0 alone writes the run's files (`outputs.RunOutputs`), grids and evaluations
+(of the moving-average generator when `--ema-decay` keeps one).
+
+Safety: a step with a non-finite loss or gradient on any rank is skipped by every rank
+(`dpe.train_step`); `SkipGuard` logs each and stops the run after `--max-skipped-steps` in a row,
+and a checkpoint holding a non-finite value is refused. Checkpoints come every `--checkpoint-every`
+steps, or at the first log step `--checkpoint-minutes` after the last (rank 0's clock, shared in
+the log gather, decides for all); rank 0 stages the file once and Ray Train uploads it
+asynchronously while the ranks train on. After a restore, rank 0's weights are broadcast.
 
 Resume is exact: a checkpoint holds the weights, the three optimisers, the step and each
 rank's probe statistics (the only state that differs between ranks); the pairs of a step
