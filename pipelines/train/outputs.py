@@ -4,7 +4,8 @@ are `pipelines/runs.py`'s).
 ```
 <run_dir>/<name>/run.json            settings, model, objective, data (written by the driver)
                  metrics.csv         one row per log interval: step, pairs/s (training steps alone, and over
-                                     the wall clock), data share of step time, learning rates, every loss term
+                                     the wall clock), data share of step time, learning rates, every loss term,
+                                     gradient norms, steps skipped as non-finite
                  tensorboard/        the same scalars, evaluations and grids as TensorBoard event files
                  progress.json       the latest step, pairs/s and ETA (the driver's progress bar reads it)
                  grids/grid_<step>.png   source, driving, expression / pose / both transfers on fixed pairs
@@ -199,6 +200,8 @@ def _scalar_tag(name: str) -> str:
         return f"lr/{name[3:]}"
     if name in ("pairs_per_s", "pairs_per_s_wall", "data_fraction"):
         return f"throughput/{name}"
+    if name.endswith("_grad_norm") or name == "skipped_steps":
+        return f"health/{name}"
     return f"loss/{name}"
 
 
