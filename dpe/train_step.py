@@ -464,7 +464,7 @@ def _clipped_norm(parameters: list[nn.Parameter], max_norm: float | None) -> tor
     """The gradients' total L2 norm (before clipping), clipped to ``max_norm`` when given (device only)."""
     with_grads = [p for p in parameters if p.grad is not None]
     if not with_grads:
-        return torch.zeros(())
+        return torch.zeros((), device=parameters[0].device if parameters else None)
     norm = torch.nn.utils.get_total_norm([p.grad for p in with_grads], norm_type=2.0)
     if max_norm is not None:
         torch.nn.utils.clip_grads_with_norm_(with_grads, max_norm, norm)

@@ -58,6 +58,20 @@ def test_a_nan_in_the_batch_skips_the_step_and_changes_nothing() -> None:
     assert all(torch.isfinite(t).all() for t in _snapshot(state).values())
 
 
+def test_a_non_finite_value_anywhere_in_a_checkpoint_is_found() -> None:
+    from pipelines.train.loop import nonfinite_values
+
+    torch.manual_seed(0)
+    state = make_train_state(TINY, TrainConfig(perceptual=False, ema_decay=0.9))
+    train_step(state, _batch(2, 0))
+    assert nonfinite_values(state) == []
+    next(iter(state.d_optimizer.state.values()))["exp_avg_sq"].view(-1)[0] = float("inf")
+    next(state.generator_ema.parameters()).data.view(-1)[0] = float("nan")
+    found = nonfinite_values(state)
+    assert len(found) == 2 and found[1].startswith("discriminator.state.") and found[1].endswith("exp_avg_sq")
+    assert found[0].startswith("generator_ema.")
+
+
 def test_gradient_norms_are_logged_before_clipping_and_clipping_bounds_them() -> None:
     norms = []
     for clip in (None, 1e-3):

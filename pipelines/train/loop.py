@@ -313,11 +313,7 @@ def _checkpoint(state, settings: TrainSettings, plan: ModelPlan, step: int, rank
                          "next_step": step, "frame_window": settings.effective_frame_window},
              "probe_statistics": statistics, "data": {"uri": settings.data, "split": settings.train_split},
              "init": {"file": settings.init, "kind": plan.init_kind}}
-    import torch
-
-    named = list(_checkpoint_tensors(state))
-    finite = torch.stack([tensor.isfinite().all().cpu() for _, tensor in named]).tolist()
-    nonfinite = [name for (name, _), ok in zip(named, finite) if not ok]
+    nonfinite = nonfinite_values(state)
     if nonfinite:  # cannot happen while train_step skips non-finite updates: refuse rather than save
         raise NonFiniteTraining(f"refusing to checkpoint step {step}: non-finite values in {', '.join(nonfinite[:5])}")
     # Staged without fsync in a folder Ray deletes after the upload; the upload (atomic, in the run) goes on
@@ -330,6 +326,15 @@ def _checkpoint(state, settings: TrainSettings, plan: ModelPlan, step: int, rank
                      delete_local_checkpoint_after_upload=True)
     outputs.checkpointed()
     LOG.info("checkpoint %s staged; uploading in the background", dir_name)
+
+
+def nonfinite_values(state) -> list[str]:
+    """Names of the checkpoint's tensors that hold a NaN or an infinity (one wait for the device)."""
+    import torch
+
+    named = list(_checkpoint_tensors(state))
+    finite = torch.stack([tensor.isfinite().all().cpu() for _, tensor in named]).tolist()
+    return [name for (name, _), ok in zip(named, finite) if not ok]
 
 
 def _checkpoint_tensors(state):
