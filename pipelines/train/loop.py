@@ -41,11 +41,11 @@ from pipelines.train.model import ModelPlan, apply_init, build_state
 from pipelines.train.pairs import PairSampler, fixed_pairs
 from pipelines.train.settings import TrainSettings
 
+LOG = logging.getLogger(__name__)
+
 
 class NonFiniteTraining(RuntimeError):
     """Too many steps in a row with non-finite losses or gradients (`--max-skipped-steps`)."""
-
-LOG = logging.getLogger(__name__)
 
 TRAIN_PAIRS_FOR_EVALUATION = 8
 """Fixed training pairs whose self-reconstruction L1 is tracked (the proof that the loop trains)."""
@@ -143,7 +143,8 @@ def _restore_or_initialise(state, checkpoint, plan: ModelPlan, init_content: Any
 
     if checkpoint is not None:
         models, optimizers = state.modules(), state.optimizers()
-        optional = {"generator_ema": models.pop("generator_ema", None), "grad_scaler": optimizers.pop("grad_scaler", None)}
+        optional = {"generator_ema": models.pop("generator_ema", None),
+                    "grad_scaler": optimizers.pop("grad_scaler", None)}
         with checkpoint.as_directory() as folder:
             payload = load_checkpoint(Path(folder) / runs.CHECKPOINT_FILE, models=models, optimizers=optimizers)
         # An average or a scaler the run did not have before (--ema-decay or float16 added on resume) starts afresh.
@@ -166,7 +167,8 @@ def _restore_or_initialise(state, checkpoint, plan: ModelPlan, init_content: Any
 def _shared_tensors(state) -> list:
     """What every rank must hold identically: weights and buffers of the networks and of the average,
     the probes' weights (their running statistics are each rank's own)."""
-    modules = [state.generator, state.discriminator, *([state.generator_ema] if state.generator_ema else [])]
+    modules = [state.generator, state.discriminator,
+               *([state.generator_ema] if state.generator_ema is not None else [])]
     return [*(t for m in modules for t in (*m.parameters(), *m.buffers())), *state.probes.parameters()]
 
 
