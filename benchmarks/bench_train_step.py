@@ -14,6 +14,12 @@ same code path; throughput does not depend on the weight values.
     python benchmarks/bench_train_step.py               # tiny and full, about 2 min on 2 CPU cores
     python benchmarks/bench_train_step.py --steps-full 3   # steadier full figures, longer
     python benchmarks/bench_train_step.py --configs tiny
+    python benchmarks/bench_train_step.py --configs --workers 2   # gradient all-reduce only
+
+``--workers N`` (N >= 2) also runs the tiny objective on N gloo processes on this machine and
+compares the step time with the gradient all-reduce overlapped with backward
+(``dpe.distributed.GradientReducer``, bucketed) against the same buckets sent after backward
+(the baseline, as the step did before); and the cost of ``--ema-decay``.
 """
 
 from __future__ import annotations
@@ -76,9 +82,53 @@ def samples_per_second(step, state: TrainState, batch: dict[str, torch.Tensor], 
     return len(batch["frame_a"]) / statistics.median(durations)
 
 
+def _rank(rank: int, world: int, init: str, steps: int, batch_size: int, results) -> None:
+    import contextlib
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    cfg = ModelConfig.tiny()
+    batch = synthetic_batch(cfg, batch_size, torch.device("cpu"))
+    timings = {}
+    for mode in ("after backward", "overlapped", "overlapped + EMA"):
+        torch.manual_seed(0)
+        train = TrainConfig(perceptual=False, ema_decay=0.999 if "EMA" in mode else None)
+        state = make_train_state(cfg, train, bucket_mb=1)
+        if mode == "after backward":  # the hooks never fire: every bucket is sent by finish()
+            for reducer in (state.g_reducer, state.d_reducer):
+                reducer.armed = lambda last=True: contextlib.nullcontext()
+        train_step(state, batch)
+        durations = []
+        for _ in range(steps):
+            dist.barrier()
+            start = time.perf_counter()
+            train_step(state, batch)
+            durations.append(time.perf_counter() - start)
+        timings[mode] = statistics.median(durations)
+    if rank == 0:
+        results.update(timings)
+    dist.destroy_process_group()
+
+
+def reducer_comparison(world: int, steps: int, batch_size: int) -> None:
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp, mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_rank, args=(world, str(Path(tmp) / "init"), steps, batch_size, results), nprocs=world)
+        timings = dict(results)
+    base = timings["after backward"]
+    for mode, seconds in timings.items():
+        print(f"tiny 32px, {world} gloo workers x batch {batch_size}: all-reduce {mode}: {seconds * 1000:.1f} ms/step,"
+              f" ratio baseline/this {base / seconds:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="+", choices=("tiny", "full"), default=["tiny", "full"])
+    parser.add_argument("--configs", nargs="*", choices=("tiny", "full"), default=["tiny", "full"])
+    parser.add_argument("--workers", type=int, default=1, help=">= 2: also compare the gradient all-reduce modes")
     parser.add_argument("--batch-tiny", type=int, default=4)
     parser.add_argument("--batch-full", type=int, default=1)
     parser.add_argument("--steps-tiny", type=int, default=10, help="timed steps (after warm-up)")
@@ -116,10 +166,12 @@ def main() -> None:
                 f"reconstruction-only {baseline:.3f} samples/s, ratio full/baseline {full / baseline:.3f}"
             )
             if device.type == "cuda":
-                state.train_config.bf16 = True
+                state.amp_dtype = torch.bfloat16
                 bf16 = samples_per_second(train_step, state, batch, warmup, steps)
                 print(f"{name:>4} {cfg.size}px batch {batch_size}: bf16 autocast {bf16:.3f} samples/s, "
                       f"ratio bf16/fp32 {bf16 / full:.3f}")
+    if args.workers >= 2:
+        reducer_comparison(args.workers, args.steps_tiny, args.batch_tiny)
 
 
 if __name__ == "__main__":

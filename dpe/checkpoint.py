@@ -256,11 +256,12 @@ def export_official_generator(generator: nn.Module, path: str | os.PathLike) -> 
 def save_checkpoint(path: str | os.PathLike, *, models: Mapping[str, nn.Module] | None = None,
                     optimizers: Mapping[str, torch.optim.Optimizer] | None = None, step: int = 0,
                     config: ModelConfig | Mapping[str, Any] | None = None,
-                    extra: Mapping[str, Any] | None = None) -> Path:
+                    extra: Mapping[str, Any] | None = None, durable: bool = True) -> Path:
     """Write ``{format, step, config, models, optimizers, extra}`` atomically.
 
     ``models``/``optimizers`` map names (e.g. ``generator``, ``discriminator``) to modules and
     optimisers; the file holds their state dicts. ``extra`` must hold plain data only.
+    ``durable=False`` skips the fsync: for a staging copy that is uploaded (atomically) elsewhere.
     """
     if isinstance(config, ModelConfig):
         config = config.to_dict()
@@ -272,18 +273,19 @@ def save_checkpoint(path: str | os.PathLike, *, models: Mapping[str, nn.Module] 
         "optimizers": {name: o.state_dict() for name, o in (optimizers or {}).items()},
         "extra": dict(extra or {}),
     }
-    return _atomic_torch_save(payload, Path(path))
+    return _atomic_torch_save(payload, Path(path), durable)
 
 
-def _atomic_torch_save(payload: Any, path: Path) -> Path:
+def _atomic_torch_save(payload: Any, path: Path, durable: bool = True) -> Path:
     """``torch.save`` to a temp file in the same folder, then ``os.replace``: readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:

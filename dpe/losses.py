@@ -4,8 +4,8 @@ Reconstruction and GAN terms follow the official trainer (``dpe.train_step`` lis
 default objective departs from it and why):
 
 * ``PerceptualLoss``: VGG19 relu1_1..relu5_1, weight 10 per layer, on an image pyramid at
-  scales 1, 1/2, 1/4, 1/8; both images are clamped to [-1, 1] first, as in the official
-  ``Vgg19.forward`` (the user sees clamped images, so that is what the term scores; L1
+  scales 1, 1/2, 1/4, 1/8; each downsampled image is clamped to [-1, 1] as the official
+  ``Vgg19.forward`` does (the user sees clamped images, so that is what the term scores; L1
   still sees the raw values and pulls overshoots back). Two modes:
 
   - ``pyramid``: ``"area"`` (our default) averages each 2x2, 4x4 or 8x8 block exactly;
@@ -85,7 +85,7 @@ EXPRESSION_DIM = NUM_LANDMARKS * 2
 
 
 class PerceptualLoss(nn.Module):
-    """Multi-scale VGG19 feature distance, one value per sample; both images clamped to [-1, 1] first.
+    """Multi-scale VGG19 feature distance, one value per sample; each pyramid image clamped to [-1, 1].
 
     ``pyramid="area"`` downsamples by exact block averages, ``"gaussian"`` as the official
     trainer does (FOMM's Gaussian anti-aliasing with zero padding, then a strided pick);
@@ -114,7 +114,7 @@ class PerceptualLoss(nn.Module):
         self.detach_target = detach_target
 
     def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """``(B,)`` losses for images ``(B, 3, H, W)``, clamped to [-1, 1] before VGG.
+        """``(B,)`` losses for images ``(B, 3, H, W)``; each downsampled image is clamped to [-1, 1] before VGG.
 
         Gradients reach ``output`` and, unless ``detach_target``, ``target`` when it
         requires them.
@@ -124,13 +124,14 @@ class PerceptualLoss(nn.Module):
         batch = output.shape[0]
         if self.detach_target:
             target = target.detach()  # VGG is frozen, so this cuts every path to the target
-        pair = torch.cat([output, target]).clamp(-1.0, 1.0)
+        pair = torch.cat([output, target])
         total = pair.new_zeros(batch, dtype=torch.float32)
         for scale in self.scales:
             size = round(pair.shape[-1] * scale)
             if size < MIN_VGG_INPUT:
                 continue
-            for features in self.vgg(self._downsample(pair, scale)):
+            # clamped after downsampling, as the official Vgg19.forward clamps each pyramid image
+            for features in self.vgg(self._downsample(pair, scale).clamp(-1.0, 1.0)):
                 out_f, tgt_f = features.float().split(batch)
                 total = total + self.layer_weight * (out_f - tgt_f).abs().mean(dim=(1, 2, 3))
         return total

@@ -63,12 +63,21 @@ clip) belongs to the data loader, and official training starts from LIA's ``vox.
 Gradient accumulation splits the batch into ``micro_batches`` chunks (per-sample losses
 are weighted by chunk size, so the gradient equals the full-batch one up to the
 discriminator's minibatch-stddev statistics). When ``torch.distributed`` is initialised
-with several workers, gradients are averaged across them before each optimiser step, so
-no DistributedDataParallel wrapper is needed (the step calls model methods, not forward).
+with several workers, gradients are averaged across them by ``dpe.distributed.GradientReducer``
+(DDP's bucketed all-reduce, overlapped with the last backward pass; no communication during
+the earlier micro-batches), so no DistributedDataParallel wrapper is needed (the step calls
+model methods, not forward). The discriminator's gradients are taken before either update (its
+update never depended on the generator's), so the step waits for the device once: both updates
+are applied, or, when a gradient norm or loss is not finite on any worker, neither (the step
+is skipped; ``skipped`` in its logs). Optional: gradient-norm clipping (``grad_clip``), an
+exponential moving average of the generator (``ema_decay``), float16 with a gradient scaler,
+``torch.compile``.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Mapping
 
@@ -78,6 +87,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .discriminator import Discriminator
+from .distributed import BUCKET_MB, GradientReducer, distributed_world
 from .losses import (
     LEAKAGE_WEIGHT,
     READOUT_WEIGHT,
@@ -90,6 +100,8 @@ from .losses import (
 )
 from .model import DPEGenerator
 from .vgg import load_vgg19
+
+LOG = logging.getLogger(__name__)
 
 BATCH_KEYS = ("frame_a", "frame_b", "pose_a", "pose_b", "expression_a", "expression_b")
 
@@ -126,6 +138,10 @@ class TrainConfig:
     r1_every: int = 16
     micro_batches: int = 1
     bf16: bool = False  # bfloat16 autocast for the networks (losses are summed in float32)
+    fp16: bool = False  # float16 autocast with a gradient scaler (GPUs without bfloat16; chosen for bf16 there)
+    grad_clip: float | None = None  # clip each update's total gradient norm (G + probes, and D) to this
+    ema_decay: float | None = None  # keep an exponential moving average of the generator (e.g. 0.999)
+    compile: bool = False  # torch.compile the networks (the default inductor backend)
 
     @classmethod
     def official(cls, **overrides) -> "TrainConfig":
@@ -154,14 +170,30 @@ class TrainState:
     model_config: ModelConfig
     train_config: TrainConfig = field(default_factory=TrainConfig)
     step: int = 0
+    generator_ema: DPEGenerator | None = None  # the averaged generator (``ema_decay``): evaluation and export
+    amp_dtype: torch.dtype | None = None  # autocast type, None for float32
+    scaler: torch.amp.GradScaler | None = None  # float16 only
+    g_reducer: GradientReducer = field(default_factory=lambda: GradientReducer([]))
+    d_reducer: GradientReducer = field(default_factory=lambda: GradientReducer([]))
 
     def modules(self) -> dict[str, nn.Module]:
-        """Trainable modules by name (for ``dpe.checkpoint.save_checkpoint(models=...)``)."""
-        return {"generator": self.generator, "discriminator": self.discriminator, "probes": self.probes}
+        """Modules by name (for ``dpe.checkpoint.save_checkpoint(models=...)``)."""
+        modules = {"generator": self.generator, "discriminator": self.discriminator, "probes": self.probes}
+        if self.generator_ema is not None:
+            modules["generator_ema"] = self.generator_ema
+        return modules
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        """Optimisers by name (for ``dpe.checkpoint.save_checkpoint(optimizers=...)``)."""
-        return {"generator": self.g_optimizer, "discriminator": self.d_optimizer, "probes": self.probe_optimizer}
+        """Optimisers (and the float16 gradient scaler) by name (for ``save_checkpoint(optimizers=...)``)."""
+        optimizers = {"generator": self.g_optimizer, "discriminator": self.d_optimizer,
+                      "probes": self.probe_optimizer}
+        if self.scaler is not None:
+            optimizers["grad_scaler"] = self.scaler
+        return optimizers
+
+    def evaluated_generator(self) -> DPEGenerator:
+        """The generator that evaluation, grids and export use: the average when there is one."""
+        return self.generator_ema if self.generator_ema is not None else self.generator
 
     def config_dict(self) -> dict:
         """Plain-data training configuration (for a checkpoint's ``extra``)."""
@@ -172,8 +204,10 @@ def make_train_state(
     model_config: ModelConfig,
     train_config: TrainConfig | None = None,
     device: str | torch.device = "cpu",
+    bucket_mb: float = BUCKET_MB,
 ) -> TrainState:
-    """Fresh networks, probes, the perceptual loss (unless disabled) and the official optimisers."""
+    """Fresh networks, probes, the perceptual loss (unless disabled) and the official optimisers
+    (`bucket_mb`: the gradient all-reduce's bucket size under several workers)."""
     train_config = train_config or TrainConfig()
     if train_config.micro_batches < 1:
         raise ValueError(f"micro_batches must be >= 1, got {train_config.micro_batches}")
@@ -188,6 +222,13 @@ def make_train_state(
             pyramid=train_config.perceptual_pyramid,
             detach_target=train_config.perceptual_detach_target,
         ).to(device)
+    if train_config.ema_decay is not None and not 0.0 < train_config.ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in (0, 1), got {train_config.ema_decay}")
+    generator_ema = copy.deepcopy(generator).requires_grad_(False) if train_config.ema_decay is not None else None
+    amp_dtype = _autocast_type(train_config, device)
+    if train_config.compile:
+        for module in (*generator.children(), discriminator):
+            module.compile()
     return TrainState(
         generator=generator,
         discriminator=discriminator,
@@ -198,52 +239,74 @@ def make_train_state(
         probe_optimizer=torch.optim.Adam(probes.parameters(), lr=train_config.probe_lr),
         model_config=model_config,
         train_config=train_config,
+        generator_ema=generator_ema,
+        amp_dtype=amp_dtype,
+        scaler=torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None,
+        g_reducer=GradientReducer([*_trainable(generator), *_trainable(probes)], bucket_mb),
+        d_reducer=GradientReducer(_trainable(discriminator), bucket_mb),
     )
 
 
-def train_step(state: TrainState, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """One generator/probe update and one discriminator update; returns the losses as floats."""
+def _autocast_type(train_config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bfloat16, float16 (asked for, or bf16 asked for on a GPU without it) or None (float32)."""
+    if train_config.fp16:
+        return torch.float16
+    if not train_config.bf16:
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        LOG.warning("this GPU has no bfloat16: training in float16 with a gradient scaler instead")
+        return torch.float16
+    return torch.bfloat16
+
+
+def train_step(state: TrainState, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One generator/probe update and one discriminator update, or none (a skipped step).
+
+    Returns the loss terms and gradient norms as detached 0-dim tensors on the model's device (read
+    them once per log interval, not per step: each read waits for the device) and ``skipped`` (a
+    CPU tensor, 1.0 when the step was skipped). The step waits for the device once, to decide
+    whether every gradient norm and loss is finite on every worker; if not, no optimiser, EMA or
+    probe statistic changes (``state.step`` still advances, so the data of later steps is unchanged).
+    Under float16, gradients that overflow while the losses are finite are the gradient scaler's
+    routine (``overflow``, not ``skipped``): it lowers its scale and the step is not applied.
+    """
     cfg = state.train_config
     device = next(state.generator.parameters()).device
     batch = _checked_batch(batch, state.model_config.size, device)
     size = len(batch["frame_a"])
     chunks = _split(batch, cfg.micro_batches)
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
-    logs: dict[str, float] = {}
+    autocast = torch.autocast(device_type=device.type, dtype=state.amp_dtype or torch.float32,
+                              enabled=state.amp_dtype is not None)
+    scale = state.scaler.scale if state.scaler is not None else (lambda loss: loss)
+    logs: dict[str, torch.Tensor] = {}
 
     # The probes' target statistics see the whole batch once, so chunking does not change them.
+    probe_statistics = [buffer.clone() for buffer in state.probes.buffers()]
     state.probes.observe(
         torch.cat([batch["pose_a"], batch["pose_b"]]), torch.cat([batch["expression_a"], batch["expression_b"]])
     )
 
-    # ---- generator and probes
+    # ---- generator and probes: gradients (D is a fixed critic during this pass)
     state.generator.train()
-    d_params = [p for group in state.d_optimizer.param_groups for p in group["params"]]
-    _set_requires_grad(d_params, False)  # D is a fixed critic during the generator pass
+    g_params, d_params = _g_parameters(state), _d_parameters(state)
+    _set_requires_grad(d_params, False)
     state.g_optimizer.zero_grad(set_to_none=True)
     state.probe_optimizer.zero_grad(set_to_none=True)
     sides: list[tuple[float, list[tuple[torch.Tensor, torch.Tensor]]]] = []  # (share, [(real, fake)])
-    for chunk in chunks:
+    for number, chunk in enumerate(chunks):
         share = len(chunk["frame_a"]) / size
-        with autocast:
-            total, terms, cycles = generator_objective(state, chunk)
-        (total * share).backward()
+        with state.g_reducer.armed(last=number == len(chunks) - 1):
+            with autocast:
+                total, terms, cycles = generator_objective(state, chunk)
+            scale(total * share).backward()
         sides.append((share, [(chunk[frame], cycles[name].detach()) for name, frame in CYCLE_TARGETS.items()]))
         for name, value in terms.items():
             logs[name] = logs.get(name, 0.0) + share * value
-    _average_across_workers([*_trainable(state.generator), *_trainable(state.probes)])
-    state.g_optimizer.step()
-    state.probe_optimizer.step()
+    state.g_reducer.finish()
 
-    # ---- discriminator: each image set in its own call, the per-side losses summed
+    # ---- discriminator: gradients (D's update does not depend on G's, so both step together below)
     _set_requires_grad(d_params, True)
     state.d_optimizer.zero_grad(set_to_none=True)
-    for share, pairs in sides:
-        with autocast:
-            d_loss = sum(discriminator_gan_loss(state.discriminator(real), state.discriminator(fake))
-                         for real, fake in pairs)
-        (d_loss * (cfg.d_gan_weight * share)).backward()
-        logs["d_gan"] = logs.get("d_gan", 0.0) + share * d_loss.item()
     if cfg.r1_weight > 0 and state.step % cfg.r1_every == 0:
         for share, pairs in sides:  # lazy R1 (StyleGAN2): every r1_every steps, scaled up by r1_every
             penalty = 0.0
@@ -251,11 +314,50 @@ def train_step(state: TrainState, batch: Mapping[str, torch.Tensor]) -> dict[str
                 real = real.detach().requires_grad_(True)
                 with autocast:
                     penalty = penalty + r1_penalty(state.discriminator(real), real)
-            (penalty * (cfg.r1_weight / 2 * cfg.r1_every * share)).backward()
-            logs["r1"] = logs.get("r1", 0.0) + share * penalty.item()
-    _average_across_workers(d_params)
-    state.d_optimizer.step()
+            scale(penalty * (cfg.r1_weight / 2 * cfg.r1_every * share)).backward()
+            logs["r1"] = logs.get("r1", 0.0) + share * penalty.detach()
+    for number, (share, pairs) in enumerate(sides):  # each image set in its own call, the losses summed
+        with state.d_reducer.armed(last=number == len(sides) - 1):
+            with autocast:
+                d_loss = sum(discriminator_gan_loss(state.discriminator(real), state.discriminator(fake))
+                             for real, fake in pairs)
+            scale(d_loss * (cfg.d_gan_weight * share)).backward()
+        logs["d_gan"] = logs.get("d_gan", 0.0) + share * d_loss.detach()
+    state.d_reducer.finish()
 
+    # ---- one decision for both updates, the same on every worker
+    if state.scaler is not None:
+        state.scaler.unscale_(state.g_optimizer)
+        state.scaler.unscale_(state.probe_optimizer)
+        state.scaler.unscale_(state.d_optimizer)
+    logs["g_grad_norm"] = _clipped_norm(g_params, cfg.grad_clip)
+    logs["d_grad_norm"] = _clipped_norm(d_params, cfg.grad_clip)
+    losses_bad = ~torch.isfinite(torch.stack([logs["g_total"].float(), logs["d_gan"].float()])).all()
+    grads_bad = ~torch.isfinite(torch.stack([logs["g_grad_norm"].float(), logs["d_grad_norm"].float()])).all()
+    losses_bad, grads_bad = _on_any_worker(torch.stack([losses_bad, grads_bad]))
+    # float16 gradients that overflow with finite losses are the scaler's business (it lowers its scale)
+    overflow = state.scaler is not None and grads_bad and not losses_bad
+    skipped = losses_bad or grads_bad
+    if skipped:
+        for buffer, saved in zip(state.probes.buffers(), probe_statistics):
+            buffer.copy_(saved)
+        for optimizer in (state.g_optimizer, state.probe_optimizer, state.d_optimizer):
+            optimizer.zero_grad(set_to_none=True)
+        if state.scaler is not None:
+            state.scaler.update()  # lowers the scale when the gradients overflowed
+    else:
+        for optimizer in (state.g_optimizer, state.probe_optimizer, state.d_optimizer):
+            if state.scaler is not None:
+                state.scaler.step(optimizer)
+            else:
+                optimizer.step()
+        if state.scaler is not None:
+            state.scaler.update()
+        if state.generator_ema is not None:
+            update_ema(state.generator_ema, state.generator, cfg.ema_decay)
+    logs["skipped"] = torch.tensor(float(skipped and not overflow))
+    if state.scaler is not None:
+        logs["overflow"] = torch.tensor(float(overflow))
     state.step += 1
     return logs
 
@@ -263,7 +365,7 @@ def train_step(state: TrainState, batch: Mapping[str, torch.Tensor]) -> dict[str
 def generator_objective(
     state: TrainState, batch: Mapping[str, torch.Tensor]
 ) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
-    """Generator loss of one (micro-)batch, its terms as floats, and the cycle outputs by name."""
+    """Generator loss of one (micro-)batch, its terms (detached tensors), and the cycle outputs by name."""
     cfg, G = state.train_config, state.generator
     frame_a, frame_b = batch["frame_a"], batch["frame_b"]
 
@@ -313,7 +415,7 @@ def generator_objective(
         + cfg.leakage_weight * asymmetry.leakage
     )
     terms["g_total"] = total
-    return total, {name: float(value.detach()) for name, value in terms.items()}, cycles
+    return total, {name: value.detach() for name, value in terms.items()}, cycles
 
 
 def _checked_batch(batch: Mapping[str, torch.Tensor], size: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -350,17 +452,39 @@ def _set_requires_grad(params: Iterable[nn.Parameter], flag: bool) -> None:
         p.requires_grad_(flag)
 
 
-def _average_across_workers(parameters: Iterable[nn.Parameter]) -> None:
-    """All-reduce gradients (mean) when running under torch.distributed with several workers."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    params = list(parameters)
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
-        offset += n
+def _g_parameters(state: TrainState) -> list[nn.Parameter]:
+    return [*_trainable(state.generator), *_trainable(state.probes)]
+
+
+def _d_parameters(state: TrainState) -> list[nn.Parameter]:
+    return [p for group in state.d_optimizer.param_groups for p in group["params"]]
+
+
+def _clipped_norm(parameters: list[nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """The gradients' total L2 norm (before clipping), clipped to ``max_norm`` when given (device only)."""
+    with_grads = [p for p in parameters if p.grad is not None]
+    if not with_grads:
+        return torch.zeros((), device=parameters[0].device if parameters else None)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in with_grads], norm_type=2.0)
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(with_grads, max_norm, norm)
+    return norm
+
+
+def _on_any_worker(flags: torch.Tensor) -> list[bool]:
+    """Each flag, true when it is true on any worker (the reduced gradient norms already agree; the
+    losses are each worker's own). The step's one wait for the device."""
+    flags = flags.to(torch.int32)
+    if distributed_world() > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return [bool(flag) for flag in flags.tolist()]
+
+
+@torch.no_grad()
+def update_ema(average: nn.Module, model: nn.Module, decay: float) -> None:
+    """``average = decay * average + (1 - decay) * model`` for parameters; buffers copied."""
+    averaged = [p for p in average.parameters() if p.dtype.is_floating_point]
+    current = [p for p in model.parameters() if p.dtype.is_floating_point]
+    torch._foreach_lerp_(averaged, current, 1.0 - decay)
+    for mine, theirs in zip(average.buffers(), model.buffers()):
+        mine.copy_(theirs)

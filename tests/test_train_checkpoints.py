@@ -41,6 +41,23 @@ def test_settings_are_checked_with_the_option_and_the_fix():
         TrainSettings(size=48)
 
 
+def test_the_official_preset_takes_the_official_batch_and_says_where_a_run_departs(caplog):
+    assert (TrainSettings().batch, TrainSettings(objective="official").batch) == (8, 64)
+    assert TrainSettings(objective="official", batch=16).batch == 16
+    with pytest.raises(ValueError, match="--ema-decay: 1.0: must lie strictly between 0 and 1"):
+        TrainSettings(ema_decay=1.0)
+    with caplog.at_level("WARNING"):
+        plan = plan_model(TrainSettings(size=32, perceptual="off", objective="official", batch=4, micro_batches=2,
+                                        bf16=True, ema_decay=0.999, grad_clip=1.0))
+    warnings = caplog.text
+    assert "without LIA's vox.pt" in warnings and "--bf16" in warnings and "--micro-batches 2" in warnings
+    assert (plan.train.ema_decay, plan.train.grad_clip, plan.train.d_gan_weight) == (0.999, 1.0, 10.0)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        plan_model(TrainSettings(size=32, perceptual="off", batch=4, micro_batches=2, bf16=True))
+    assert "official" not in caplog.text
+
+
 def test_model_presets():
     assert ModelConfig(**model_shape(256, "auto")).to_dict() == ModelConfig().to_dict()  # the released model
     small = ModelConfig(**model_shape(64, "auto"))
@@ -120,6 +137,19 @@ def test_export_writes_the_official_format_that_the_loader_reads_back(state, tmp
     loaded = load_official_generator(output, DPEGenerator(config))
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.generator.state_dict().items())
     assert main(["train", "--export", str(tmp_path / "nothing"), str(output)]) == 2
+
+
+def test_export_takes_the_moving_average_when_the_run_kept_one(tmp_path):
+    torch.manual_seed(0)
+    state = build_state(plan_model(TrainSettings(size=32, perceptual="off", ema_decay=0.5)), "cpu")
+    with torch.no_grad():
+        for p in state.generator_ema.parameters():
+            p.add_(1.0)  # the average differs from the generator
+    _write_run_checkpoint(state, tmp_path, "averaged", 3)
+    output = tmp_path / "exported.pt"
+    assert main(["train", "--export", f"{tmp_path}/averaged/latest", str(output)]) == 0
+    loaded = load_official_generator(output, DPEGenerator(state.model_config))
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.generator_ema.state_dict().items())
 
 
 def test_an_object_store_run_gets_atomic_checkpoints_outputs_and_export(state, s3_server, tmp_path):

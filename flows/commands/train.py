@@ -20,7 +20,11 @@ DESCRIPTION = (
     "'latest' on local disks), metrics.csv, TensorBoard events, grids of transfers on fixed held-out "
     "pairs, evaluations, loss_curve.png and metrics.json. Running the same command again resumes from "
     "the newest checkpoint (give a larger --steps to train further); a dead worker restarts the group "
-    "from it (--max-failures times).\n\n"
+    "from it (--max-failures times). On a multi-node cluster a local RUN_DIR must be one every node "
+    "sees (else it is refused): give s3:// or gs://.\n\n"
+    "A step with a non-finite loss or gradient is skipped (logged; --max-skipped-steps in a row stop "
+    "the run); gradient norms are logged (--grad-clip clips them); --ema-decay keeps an averaged "
+    "generator for evaluation and export; checkpoints are uploaded in the background.\n\n"
     "  portrait train --data out/sample --run-dir runs --name demo --steps 200 --size 64 --workers 2\n"
     "  portrait train --export runs/demo/latest dpe.pt      # the generator in the official format")
 
@@ -38,9 +42,11 @@ def run(args: argparse.Namespace) -> int:
         return _export(*args.export)
     from flows.services import hand_over, run_with_services
     from pipelines.options import build, values_of
+    from pipelines.runtime import LocationNotShared
     from pipelines.storage import LocationNotVisible
     from pipelines.train.clips import TrainingDataError
     from pipelines.train.job import prepare_run
+    from pipelines.train.loop import NonFiniteTraining
 
     try:
         settings = build(TrainSettings, vars(args))
@@ -50,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         summary = run_with_services(NAME, settings.ray_address, lambda: _flow()(**values_of(settings)))
-    except (TrainingDataError, LocationNotVisible) as error:  # found by a worker: the data, not a crash
+    except (TrainingDataError, LocationNotVisible, LocationNotShared, NonFiniteTraining) as error:  # not a crash
         print(f"portrait train: {error}", file=sys.stderr)
         return 1
     return 0 if summary["step"] >= summary["steps"] else 1

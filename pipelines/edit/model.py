@@ -93,12 +93,13 @@ def load_weights(uri: str, workdir: str | None = None) -> ModelWeights:
             if config is None:
                 raise ValueError(f"{path}: a {CHECKPOINT_FORMAT} checkpoint without a model config")
             models = payload.get("models") or {}
-            if "generator" not in models:
+            name = "generator_ema" if "generator_ema" in models else "generator"  # a run's average, if it kept one
+            if name not in models:
                 raise ValueError(f"{path}: no model 'generator' (has {sorted(models)})")
             model = DPEGenerator(config)
-            check_state_dict(model.state_dict(), models["generator"], f"{path} model 'generator'",
+            check_state_dict(model.state_dict(), models[name], f"{path} model '{name}'",
                              hint="The checkpoint's config does not describe its weights; it is damaged.")
-            model.load_state_dict(models["generator"])
+            model.load_state_dict(models[name])
             kind = CHECKPOINT_FORMAT
         else:
             del payload

@@ -10,6 +10,9 @@ Ray Train copies checkpoints with a plain file copy, so a worker killed mid-copy
 partial `model.pt`; `upload_checkpoint` (its `checkpoint_upload_fn`) writes through
 `OutputStore.open_output_atomic` instead: the file appears complete (local rename, or one
 object-store upload) or not at all, and a checkpoint folder without `model.pt` is never used.
+Rank 0 stages the file once (no fsync) and Ray Train runs the upload asynchronously
+(`CheckpointUploadMode.ASYNC`): the ranks train on while it is copied, and the checkpoint is
+registered (and used for restarts) only once the upload has finished.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ import shutil
 import tempfile
 from typing import Any, Callable
 
-from pipelines.runs import CHECKPOINT_FILE, resolve_checkpoint
+from pipelines.runs import CHECKPOINT_FILE, point_latest, resolve_checkpoint
 from pipelines.storage import OutputStore, local_copy
 
 
 def upload_checkpoint(run_dir: str, name: str) -> Callable[[Any, str], Any]:
-    """A Ray Train `checkpoint_upload_fn` that writes `model.pt` into the run atomically."""
+    """A Ray Train `checkpoint_upload_fn` that writes `model.pt` into the run atomically, then points
+    `latest` at it (it runs in the background on rank 0: nothing waits for it but the next upload)."""
     from ray.train import Checkpoint
 
     store = OutputStore(run_dir)
@@ -35,13 +39,15 @@ def upload_checkpoint(run_dir: str, name: str) -> Callable[[Any, str], Any]:
         with open(os.path.join(checkpoint.path, CHECKPOINT_FILE), "rb") as source, \
                 store.open_output_atomic(relpath) as target:
             shutil.copyfileobj(source, target.file, length=8 << 20)
+        point_latest(run_dir, name, dir_name)
         return Checkpoint(filesystem=store.filesystem, path=posixpath.join(store.base, name, dir_name))
 
     return upload
 
 
 def export_official(checkpoint: str, output: str) -> tuple[str, int]:
-    """Write the generator of a run's checkpoint as an official-format `{'gen': ...}` file.
+    """Write the generator of a run's checkpoint as an official-format `{'gen': ...}` file (its
+    moving average when the run kept one, `--ema-decay`).
 
     `checkpoint` takes every form `runs.resolve_checkpoint` does. Returns (the checkpoint file used,
     its step). The official code and `load_official_generator` read the output.
@@ -57,6 +63,7 @@ def export_official(checkpoint: str, output: str) -> tuple[str, int]:
         if config is None:
             raise ValueError(f"{source} records no model configuration; it was not written by `portrait train`")
         generator = DPEGenerator(config)
-        load_checkpoint(local, models={"generator": generator})
+        averaged = "generator_ema" in payload.get("models", {})  # --ema-decay: the average is the model
+        load_checkpoint(local, models={"generator_ema" if averaged else "generator": generator})
     export_official_generator(generator, output)
     return source, int(payload["step"])

@@ -11,6 +11,10 @@ CPU, NCCL on GPU) with
 * `FailureConfig(max_failures)`: a dead worker restarts the group from the newest checkpoint;
 * `CheckpointConfig(num_to_keep=keep_checkpoints)`.
 
+On a cluster of several nodes a local `--run-dir` must be visible from every node
+(`runtime.require_shared`): rank 0, which writes the run's files and checkpoints, and every rank
+that restores one, may be on any node.
+
 While the workers train, a progress bar on the driver follows the run's progress file (worker
 output need not reach the driver). The summary is read back from the run's files.
 """
@@ -25,8 +29,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pipelines import runs
+from pipelines.runtime import require_shared
 from pipelines.storage import LocationNotVisible, OutputStore
 from pipelines.train.clips import Catalogue, TrainingDataError, load_catalogue
+from pipelines.train.loop import NonFiniteTraining
 from pipelines.train.model import ModelPlan, plan_model, read_init
 from pipelines.train.settings import MODEL_SHAPING, TrainSettings
 
@@ -106,6 +112,9 @@ def run_training(settings: TrainSettings, prepared: PreparedRun | None = None) -
         return summarise(settings)
     LOG.info("run %s: %s from step %d to %d on %d worker(s), %d pairs per step", location,
              "resuming" if start else "starting", start, settings.steps, settings.workers, settings.batch)
+    # Every rank reads checkpoints from the run and rank 0 may land on any node: a local run folder must be
+    # one that every node mounts (checked with a marker the driver writes; object stores pass).
+    require_shared(settings.run_dir, "--run-dir", output=True)
     _write_run_record(settings, plan, train, evaluation, start)
 
     import ray
@@ -145,7 +154,7 @@ def _input_problem(error: Exception) -> Exception | None:
     itself rather than as a crash of the worker group."""
     for failure in getattr(error, "worker_failures", {}).values():
         while failure is not None:
-            if isinstance(failure, (TrainingDataError, LocationNotVisible)):
+            if isinstance(failure, (TrainingDataError, LocationNotVisible, NonFiniteTraining)):
                 return failure
             failure = failure.__cause__
     return None

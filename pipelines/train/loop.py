@@ -5,7 +5,15 @@ All ranks start from the same weights (same seed, same initialisation file or ch
 own pairs (`pairs.PairSampler`). Every rank runs the same steps and meets the others at the
 same collective calls: the gradient all-reduce inside the step, a gather of the interval's
 losses and skipped samples every `log_every` steps, and `ray.train.report` at each checkpoint
-(a barrier). Rank 0 alone writes the run's files (`outputs.RunOutputs`), grids and evaluations.
+(a barrier). Rank 0 alone writes the run's files (`outputs.RunOutputs`), grids and evaluations
+(of the moving-average generator when `--ema-decay` keeps one).
+
+Safety: a step with a non-finite loss or gradient on any rank is skipped by every rank
+(`dpe.train_step`); `SkipGuard` logs each and stops the run after `--max-skipped-steps` in a row,
+and a checkpoint holding a non-finite value is refused. Checkpoints come every `--checkpoint-every`
+steps, or at the first log step `--checkpoint-minutes` after the last (rank 0's clock, shared in
+the log gather, decides for all); rank 0 stages the file once and Ray Train uploads it
+asynchronously while the ranks train on. After a restore, rank 0's weights are broadcast.
 
 Resume is exact: a checkpoint holds the weights, the three optimisers, the step and each
 rank's probe statistics (the only state that differs between ranks); the pairs of a step
@@ -35,6 +43,10 @@ from pipelines.train.settings import TrainSettings
 
 LOG = logging.getLogger(__name__)
 
+
+class NonFiniteTraining(RuntimeError):
+    """Too many steps in a row with non-finite losses or gradients (`--max-skipped-steps`)."""
+
 TRAIN_PAIRS_FOR_EVALUATION = 8
 """Fixed training pairs whose self-reconstruction L1 is tracked (the proof that the loop trains)."""
 
@@ -50,6 +62,7 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
+    from dpe.distributed import broadcast_from_first
     from dpe.train_step import train_step
 
     settings: TrainSettings = config["settings"]
@@ -62,10 +75,14 @@ def train_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(settings.cpus_per_worker)))
+    else:  # TF32 matmuls and convolutions: float32 weights, tensor-core speed
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
     torch.manual_seed(settings.seed)
     state = build_state(plan, device)
     start = _restore_or_initialise(state, ray.train.get_checkpoint(), plan, config.get("init_content"), rank)
+    broadcast_from_first(_shared_tensors(state))
     reader = ClipReader(settings.data, settings.size, frame_window=settings.effective_frame_window,
                         cache_bytes=settings.clip_cache_mb << 20)
     sampler = PairSampler(train_catalogue, reader, seed=settings.seed, rank=rank)
@@ -82,28 +99,38 @@ def train_worker(config: dict[str, Any]) -> None:
         evaluator = Evaluator(fixed_pairs(eval_catalogue, eval_reader, settings.eval_pairs, settings.seed),
                               fixed_pairs(train_catalogue, eval_reader, TRAIN_PAIRS_FOR_EVALUATION, settings.seed))
         if start == 0:
-            _visualise(outputs, evaluator, state.generator, 0, grid=True, evaluate=True)
+            _visualise(outputs, evaluator, state.evaluated_generator(), 0, grid=True, evaluate=True)
 
     interval = _Interval()
+    guard = SkipGuard(settings.max_skipped_steps)
     upload = checkpoints.upload_checkpoint(settings.run_dir, settings.name)
+    last_checkpoint = time.monotonic()
     for step in range(start, settings.steps):
         began = time.perf_counter()
         batch = {key: torch.from_numpy(value) for key, value in sampler.batch(step, settings.per_worker_batch).items()}
         loaded = time.perf_counter()
         torch.manual_seed(step_seed(settings.seed, rank, step))
-        interval.add(train_step(state, batch), loaded - began, time.perf_counter() - began)
+        logs = train_step(state, batch)
+        guard.record(step, bool(logs["skipped"]))
+        interval.add(logs, loaded - began, time.perf_counter() - began)
         done = step + 1
         last = done == settings.steps
+        checkpoint_due = done % settings.checkpoint_every == 0 or last
         if done % settings.log_every == 0 or last:
-            gathered = _gather({"losses": interval.means(), "skipped": dict(reader.skipped)}, world_size)
+            overdue = (settings.checkpoint_minutes is not None
+                       and time.monotonic() - last_checkpoint >= 60 * settings.checkpoint_minutes)
+            gathered = _gather({"losses": interval.means(), "skipped": dict(reader.skipped), "overdue": overdue},
+                               world_size)
+            checkpoint_due = checkpoint_due or gathered[0]["overdue"]  # rank 0's clock decides for all
             if outputs is not None:
                 _log(outputs, state, settings, done, interval, gathered)
             interval = _Interval()
         if outputs is not None:
-            _visualise(outputs, evaluator, state.generator, done, grid=done % settings.grid_every == 0 or last,
-                       evaluate=done % settings.eval_every == 0 or last)
-        if done % settings.checkpoint_every == 0 or last:
+            _visualise(outputs, evaluator, state.evaluated_generator(), done,
+                       grid=done % settings.grid_every == 0 or last, evaluate=done % settings.eval_every == 0 or last)
+        if checkpoint_due:
             _checkpoint(state, settings, plan, done, rank, world_size, upload, outputs)
+            last_checkpoint = time.monotonic()
     if outputs is not None:
         outputs.finish(settings.steps)
 
@@ -115,9 +142,17 @@ def _restore_or_initialise(state, checkpoint, plan: ModelPlan, init_content: Any
     from dpe.checkpoint import load_checkpoint
 
     if checkpoint is not None:
+        models, optimizers = state.modules(), state.optimizers()
+        optional = {"generator_ema": models.pop("generator_ema", None),
+                    "grad_scaler": optimizers.pop("grad_scaler", None)}
         with checkpoint.as_directory() as folder:
-            payload = load_checkpoint(Path(folder) / runs.CHECKPOINT_FILE, models=state.modules(),
-                                      optimizers=state.optimizers())
+            payload = load_checkpoint(Path(folder) / runs.CHECKPOINT_FILE, models=models, optimizers=optimizers)
+        # An average or a scaler the run did not have before (--ema-decay or float16 added on resume) starts afresh.
+        if optional["generator_ema"] is not None:
+            optional["generator_ema"].load_state_dict(payload["models"].get("generator_ema",
+                                                                            state.generator.state_dict()))
+        if optional["grad_scaler"] is not None and "grad_scaler" in payload["optimizers"]:
+            optional["grad_scaler"].load_state_dict(payload["optimizers"]["grad_scaler"])
         _restore_probe_statistics(state.probes, payload["extra"].get("probe_statistics", []), rank)
         state.step = int(payload["step"])
         LOG.info("rank %d resumed from %s at step %d", rank, checkpoint.path, state.step)
@@ -127,6 +162,41 @@ def _restore_or_initialise(state, checkpoint, plan: ModelPlan, init_content: Any
         loaded = apply_init(state, plan.init_kind, content)
         LOG.info("rank %d initialised %s from the %s file", rank, ", ".join(loaded), plan.init_kind)
     return 0
+
+
+def _shared_tensors(state) -> list:
+    """What every rank must hold identically: weights and buffers of the networks and of the average,
+    the probes' weights (their running statistics are each rank's own)."""
+    modules = [state.generator, state.discriminator,
+               *([state.generator_ema] if state.generator_ema is not None else [])]
+    return [*(t for m in modules for t in (*m.parameters(), *m.buffers())), *state.probes.parameters()]
+
+
+class SkipGuard:
+    """Counts steps skipped in a row for non-finite losses or gradients; stops the run after `limit`.
+
+    Each skip is logged with its step; the error says what to look at. All ranks skip the same
+    steps (`dpe.train_step` decides on values reduced across workers), so all stop together.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_a_row = 0
+        self.total = 0
+
+    def record(self, step: int, skipped: bool) -> None:
+        if not skipped:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.total += 1
+        LOG.warning("step %d skipped: non-finite loss or gradient (%d in a row, %d in this run's session)",
+                    step, self.in_a_row, self.total)
+        if self.in_a_row >= self.limit:
+            raise NonFiniteTraining(f"{self.in_a_row} steps in a row (up to step {step}) had non-finite losses or "
+                                    f"gradients; the last checkpoint holds finite weights. Lower the learning rate, "
+                                    f"give --grad-clip, or check the data of these steps (--max-skipped-steps "
+                                    f"{self.limit})")
 
 
 def _probe_statistics(probes) -> dict[str, list]:
@@ -147,26 +217,37 @@ def _restore_probe_statistics(probes, saved: list[dict[str, list]], rank: int) -
 class _Interval:
     """Losses and timings of the steps since the last log: `step_s` sums the steps themselves (pairs
     drawn + `train_step`), the wall time since `began` also holds logging, grids, evaluations and
-    checkpoints."""
+    checkpoints. Losses stay on the device as running sums, read once by `means`."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, Any] = {}
         self.counts: dict[str, int] = {}
         self.steps = 0
+        self.skipped = 0
         self.data_s = 0.0
         self.step_s = 0.0
         self.began = time.perf_counter()
 
-    def add(self, losses: dict[str, float], data_s: float, step_s: float) -> None:
-        for name, value in losses.items():
-            self.sums[name] = self.sums.get(name, 0.0) + value
-            self.counts[name] = self.counts.get(name, 0) + 1
+    def add(self, logs: dict[str, Any], data_s: float, step_s: float) -> None:
         self.steps += 1
         self.data_s += data_s
         self.step_s += step_s
+        if bool(logs["skipped"]):  # a CPU value: reading it costs no wait; its losses are not averaged in
+            self.skipped += 1
+            return
+        for name, value in logs.items():
+            if name in ("skipped", "overflow"):
+                continue
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+            self.counts[name] = self.counts.get(name, 0) + 1
 
     def means(self) -> dict[str, float]:
-        return {name: total / self.counts[name] for name, total in self.sums.items()}
+        import torch
+
+        names = list(self.sums)
+        values = torch.stack([self.sums[name].float() for name in names]).tolist() if names else []
+        means = {name: total / self.counts[name] for name, total in zip(names, values)}
+        return {**means, "skipped_steps": float(self.skipped)}
 
 
 def _gather(local: dict[str, Any], world_size: int) -> list[dict[str, Any]]:
@@ -219,6 +300,7 @@ def _checkpoint(state, settings: TrainSettings, plan: ModelPlan, step: int, rank
                 upload, outputs) -> None:
     """Save and report a checkpoint (rank 0 writes it; every rank reports, as Ray Train requires)."""
     import ray.train
+    from ray.train import CheckpointUploadMode
 
     from dpe.checkpoint import save_checkpoint
 
@@ -233,11 +315,38 @@ def _checkpoint(state, settings: TrainSettings, plan: ModelPlan, step: int, rank
                          "next_step": step, "frame_window": settings.effective_frame_window},
              "probe_statistics": statistics, "data": {"uri": settings.data, "split": settings.train_split},
              "init": {"file": settings.init, "kind": plan.init_kind}}
-    with tempfile.TemporaryDirectory(prefix="checkpoint-") as folder:
-        save_checkpoint(Path(folder) / runs.CHECKPOINT_FILE, models=state.modules(),
-                        optimizers=state.optimizers(), step=step, config=state.model_config, extra=extra)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=dir_name,
-                         checkpoint_upload_fn=upload, delete_local_checkpoint_after_upload=False)
-    runs.point_latest(settings.run_dir, settings.name, dir_name)
+    nonfinite = nonfinite_values(state)
+    if nonfinite:  # cannot happen while train_step skips non-finite updates: refuse rather than save
+        raise NonFiniteTraining(f"refusing to checkpoint step {step}: non-finite values in {', '.join(nonfinite[:5])}")
+    # Staged without fsync in a folder Ray deletes after the upload; the upload (atomic, in the run) goes on
+    # in the background while every rank trains on.
+    folder = tempfile.mkdtemp(prefix="checkpoint-")
+    save_checkpoint(Path(folder) / runs.CHECKPOINT_FILE, models=state.modules(), optimizers=state.optimizers(),
+                    step=step, config=state.model_config, extra=extra, durable=False)
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=dir_name,
+                     checkpoint_upload_fn=upload, checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+                     delete_local_checkpoint_after_upload=True)
     outputs.checkpointed()
-    LOG.info("checkpoint %s written", dir_name)
+    LOG.info("checkpoint %s staged; uploading in the background", dir_name)
+
+
+def nonfinite_values(state) -> list[str]:
+    """Names of the checkpoint's tensors that hold a NaN or an infinity (one wait for the device)."""
+    import torch
+
+    named = list(_checkpoint_tensors(state))
+    finite = torch.stack([tensor.isfinite().all().cpu() for _, tensor in named]).tolist()
+    return [name for (name, _), ok in zip(named, finite) if not ok]
+
+
+def _checkpoint_tensors(state):
+    """(name, tensor) of every floating-point tensor a checkpoint holds (weights, buffers, optimiser moments)."""
+    for owner, module in state.modules().items():
+        for name, tensor in module.state_dict().items():
+            if tensor.is_floating_point():
+                yield f"{owner}.{name}", tensor
+    for owner, optimizer in state.optimizers().items():
+        for index, values in optimizer.state_dict().get("state", {}).items():
+            for key, value in values.items():
+                if hasattr(value, "is_floating_point") and value.is_floating_point():
+                    yield f"{owner}.state.{index}.{key}", value

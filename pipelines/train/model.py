@@ -54,10 +54,27 @@ def plan_model(settings: TrainSettings) -> ModelPlan:
             LOG.warning("training WITHOUT the VGG19 perceptual term: %s", error)
             perceptual, vgg_weights = False, None
     options = dict(perceptual=perceptual, vgg_weights=vgg_weights, micro_batches=settings.micro_batches,
-                   bf16=settings.bf16)
+                   bf16=settings.bf16, grad_clip=settings.grad_clip, ema_decay=settings.ema_decay,
+                   compile=settings.compile)
     train = TrainConfig.official(**options) if settings.objective == "official" else TrainConfig(**options)
     init_kind = detect_init(settings.init, model) if settings.init else None
+    if settings.objective == "official":
+        _warn_official_departures(settings, init_kind)
     return ModelPlan(model, train, init_kind)
+
+
+def _warn_official_departures(settings: TrainSettings, init_kind: str | None) -> None:
+    """Say where an `--objective official` run is not the official trainer's run (it still trains)."""
+    if init_kind != INIT_LIA:
+        LOG.warning("--objective official without LIA's vox.pt: the official trainer starts from it (--init vox.pt); "
+                    "this run starts from %s", "an official DPE checkpoint" if init_kind else "random weights")
+    if settings.bf16:
+        LOG.warning("--objective official with --bf16: the official trainer runs in float32; bfloat16 changes "
+                    "the numerics (losses and gradients are rounded)")
+    if settings.micro_batches > 1:
+        LOG.warning("--objective official with --micro-batches %d: the discriminator's minibatch-stddev groups "
+                    "see chunks of %d pairs, not the official batch", settings.micro_batches,
+                    settings.per_worker_batch // settings.micro_batches)
 
 
 def read_init(path: str) -> bytes:

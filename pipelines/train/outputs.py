@@ -4,7 +4,8 @@ are `pipelines/runs.py`'s).
 ```
 <run_dir>/<name>/run.json            settings, model, objective, data (written by the driver)
                  metrics.csv         one row per log interval: step, pairs/s (training steps alone, and over
-                                     the wall clock), data share of step time, learning rates, every loss term
+                                     the wall clock), data share of step time, learning rates, every loss term,
+                                     gradient norms, steps skipped as non-finite
                  tensorboard/        the same scalars, evaluations and grids as TensorBoard event files
                  progress.json       the latest step, pairs/s and ETA (the driver's progress bar reads it)
                  grids/grid_<step>.png   source, driving, expression / pose / both transfers on fixed pairs
@@ -17,8 +18,12 @@ are `pipelines/runs.py`'s).
 
 A resumed run (after a worker failure or a rerun) starts from its last checkpoint: rows and
 evaluations logged after that checkpoint are dropped before training goes on, so every step
-appears once; TensorBoard hides them with `purge_step`. On an object store, event files are
-written to a local folder and uploaded whole at each log.
+appears once; TensorBoard hides them with `purge_step`.
+
+I/O stays flat as the run grows: on a local disk `metrics.csv` is appended to, one row per log
+(rewritten only at a start, and when a row brings a new column); on an object store, which cannot
+append, `metrics.csv` and the TensorBoard event files (written to a local folder) are uploaded at
+each checkpoint and at the end, event files only when they changed.
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ class RunOutputs:
         self.steps = steps
         self.start_step = start_step
         self.rows = [row for row in self._read_rows() if int(row["step"]) <= start_step]
+        self._columns: list[str] = []
+        self._uploaded: dict[str, int] = {}  # event file -> size uploaded
         self.evaluations = [e for e in self.read(EVALUATIONS, []) if e["step"] <= start_step]
         self.skipped: dict[str, dict[str, str]] = self.read(SKIPPED, {}).get("samples", {})
         self._write_json(STARTS, [*self.read(STARTS, []),
@@ -77,6 +84,7 @@ class RunOutputs:
             self._tensorboard_dir = Path(self._staging.name)
         self.writer = SummaryWriter(str(self._tensorboard_dir), purge_step=start_step or None)
         self._started = time.monotonic()
+        self._write_rows()
 
     # ------------------------------------------------------------------ files of the run
     def _path(self, relpath: str) -> str:
@@ -100,17 +108,26 @@ class RunOutputs:
         """One log interval: a CSV row, TensorBoard scalars, the progress file."""
         row = {"step": step, **{name: round(value, 6) for name, value in values.items()}}
         self.rows.append(row)
-        columns = ["step", *sorted({name for r in self.rows for name in r if name != "step"})]
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(self.rows)
-        self.store.write_bytes_atomic(self._path(METRICS_CSV), buffer.getvalue().encode())
+        if self.store.is_local:
+            if set(row) <= set(self._columns):
+                with open(self.store.local_path(self._path(METRICS_CSV)), "a", newline="") as handle:
+                    csv.DictWriter(handle, fieldnames=self._columns, restval="").writerow(row)
+            else:
+                self._write_rows()
+            self.writer.flush()
         for name, value in values.items():
             self.writer.add_scalar(_scalar_tag(name), value, step)
         self._write_json(PROGRESS, {"step": step, "steps": self.steps, "eta_s": eta_s, "values": values,
                                     "elapsed_s": round(time.monotonic() - self._started, 1), "updated_at": _now()})
-        self._sync_tensorboard()
+
+    def _write_rows(self) -> None:
+        """`metrics.csv` whole (atomically), with every column seen so far."""
+        self._columns = ["step", *sorted({name for r in self.rows for name in r if name != "step"})]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=self._columns, restval="")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        self.store.write_bytes_atomic(self._path(METRICS_CSV), buffer.getvalue().encode())
 
     def skip(self, samples: dict[str, tuple[str, str]]) -> None:
         """Record skipped samples (key -> (failure class, message)); each is logged once."""
@@ -146,7 +163,8 @@ class RunOutputs:
         LOG.info("evaluation at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
     def checkpointed(self) -> None:
-        """After a checkpoint: bring the loss curve up to date (an interrupted run still has one)."""
+        """After a checkpoint: bring the loss curve up to date (an interrupted run still has one); on an
+        object store, upload the metrics and the TensorBoard events."""
         self.store.write_bytes_atomic(self._path(LOSS_CURVE), loss_curve_png(self.rows, self.evaluations))
         self._sync_tensorboard()
 
@@ -169,8 +187,12 @@ class RunOutputs:
         self.writer.flush()
         if self._staging is None:
             return
+        self._write_rows()
         for file in Path(self._tensorboard_dir).iterdir():
-            self.store.write_bytes_atomic(self._path(f"{TENSORBOARD}/{file.name}"), file.read_bytes())
+            size = file.stat().st_size
+            if self._uploaded.get(file.name) != size:
+                self.store.write_bytes_atomic(self._path(f"{TENSORBOARD}/{file.name}"), file.read_bytes())
+                self._uploaded[file.name] = size
 
 
 def _scalar_tag(name: str) -> str:
@@ -178,6 +200,8 @@ def _scalar_tag(name: str) -> str:
         return f"lr/{name[3:]}"
     if name in ("pairs_per_s", "pairs_per_s_wall", "data_fraction"):
         return f"throughput/{name}"
+    if name.endswith("_grad_norm") or name == "skipped_steps":
+        return f"health/{name}"
     return f"loss/{name}"
 
 

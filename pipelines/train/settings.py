@@ -26,7 +26,12 @@ PERCEPTUAL_MODES = ("auto", "on", "off")
 OFFICIAL_FRAME_WINDOW = 500
 """The official sampler draws both frames of a pair from the first 500 frames of a clip."""
 
+DEFAULT_BATCH = 8
+OFFICIAL_BATCH = 64
+"""The official trainer's batch: `--batch` when it is not given with `--objective official`."""
+
 RUN_NAME = matches(r"[A-Za-z0-9][A-Za-z0-9_.-]*", "must be letters, digits, '.', '_' and '-' (it names a folder)")
+EXCLUSIVE_FRACTION = Rule("must lie strictly between 0 and 1", lambda value: 0.0 < value < 1.0)
 POWER_OF_TWO = Rule("must be a power of two, at least 16", lambda size: size >= 16 and size & (size - 1) == 0)
 _DATA, _MODEL, _WORKERS, _OUTPUTS = "data and run", "model and objective", "workers", "outputs"
 
@@ -55,11 +60,24 @@ class TrainSettings:
                        group=_MODEL, rules=(POWER_OF_TWO,))
     model_width: str = option("auto", "channel widths: official, or small for CPU demos; auto = official at 256 px "
                                       "and above", group=_MODEL, choices=MODEL_WIDTHS)
-    batch: int = option(8, "pairs per step over all workers (the official trainer: 64); a multiple of --workers",
-                        group=_MODEL, rules=(at_least(1),))
+    batch: int | None = option(None, "pairs per step over all workers (default 8; with --objective official 64, the "
+                                     "official trainer's); a multiple of --workers", group=_MODEL,
+                               rules=(at_least(1),))
     micro_batches: int = option(1, "gradient accumulation: chunks of each worker's share of the batch", group=_MODEL,
                                 rules=(at_least(1),))
-    bf16: bool = option(False, "bfloat16 autocast (GPUs)", group=_MODEL)
+    bf16: bool = option(False, "bfloat16 autocast (GPUs; float16 with a gradient scaler on GPUs without bfloat16)",
+                        group=_MODEL)
+    grad_clip: float | None = option(None, "clip each update's total gradient norm to this (default: no clipping; the "
+                                           "norms are logged either way)", group=_MODEL, metavar="NORM",
+                                     rules=(POSITIVE,))
+    ema_decay: float | None = option(None, "keep an exponential moving average of the generator with this decay "
+                                           "(e.g. 0.999): evaluations, grids and --export use it", group=_MODEL,
+                                     metavar="DECAY", rules=(EXCLUSIVE_FRACTION,))
+    compile: bool = option(False, "torch.compile the networks (GPUs: faster steps after a slower first one)",
+                           group=_MODEL)
+    max_skipped_steps: int = option(10, "stop the run when this many steps in a row had non-finite losses or "
+                                        "gradients (each is skipped and logged)", group=_MODEL, metavar="K",
+                                    rules=(at_least(1),))
     objective: str = option("ours", "ours (with the landmark constraint) or official (the official trainer exactly)",
                             group=_MODEL, choices=OBJECTIVES)
     init: str | None = option(None, "start a new run from an official dpe.pt or LIA's vox.pt (detected from its keys)",
@@ -78,6 +96,9 @@ class TrainSettings:
     ray_address: str | None = option(None, "Ray cluster address (default: $RAY_ADDRESS, else a local Ray)",
                                      group=_WORKERS, metavar="ADDR")
     checkpoint_every: int = option(100, "steps between checkpoints", group=_OUTPUTS, metavar="N", rules=(at_least(1),))
+    checkpoint_minutes: float | None = option(None, "also checkpoint at the first log step this many minutes after "
+                                                    "the last checkpoint", group=_OUTPUTS, metavar="MINUTES",
+                                              rules=(POSITIVE,))
     keep_checkpoints: int = option(3, "newest checkpoints kept", group=_OUTPUTS, metavar="K", rules=(at_least(1),))
     log_every: int = option(10, "steps per CSV / TensorBoard row and progress update", group=_OUTPUTS, metavar="N",
                             rules=(at_least(1),))
@@ -87,6 +108,8 @@ class TrainSettings:
                              rules=(at_least(1),))
 
     def __post_init__(self) -> None:
+        if self.batch is None:  # resolved once, so workers, records and checks all see the number
+            object.__setattr__(self, "batch", OFFICIAL_BATCH if self.objective == "official" else DEFAULT_BATCH)
         check(self, [
             ("batch", self.batch >= self.workers and self.batch % self.workers == 0,
              f"must be a multiple of --workers ({self.workers}): each worker takes an equal share"),
