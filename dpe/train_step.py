@@ -121,6 +121,7 @@ class TrainConfig:
     readout_weight: float = READOUT_WEIGHT  # official: 0
     leakage_weight: float = LEAKAGE_WEIGHT  # official: 0
     gan_weight: float = 1.0
+    gan_start: int = 0  # steps trained on reconstruction alone before the GAN term and D updates begin
     d_gan_weight: float = 1.0  # official: 10
     r1_weight: float = 0.0  # StyleGAN2 uses 10; the official DPE trainer none
     r1_every: int = 16
@@ -210,6 +211,7 @@ def train_step(state: TrainState, batch: Mapping[str, torch.Tensor]) -> dict[str
     chunks = _split(batch, cfg.micro_batches)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     logs: dict[str, float] = {}
+    adversarial = state.step >= cfg.gan_start
 
     # The probes' target statistics see the whole batch once, so chunking does not change them.
     state.probes.observe(
@@ -226,7 +228,7 @@ def train_step(state: TrainState, batch: Mapping[str, torch.Tensor]) -> dict[str
     for chunk in chunks:
         share = len(chunk["frame_a"]) / size
         with autocast:
-            total, terms, cycles = generator_objective(state, chunk)
+            total, terms, cycles = generator_objective(state, chunk, adversarial)
         (total * share).backward()
         sides.append((share, [(chunk[frame], cycles[name].detach()) for name, frame in CYCLE_TARGETS.items()]))
         for name, value in terms.items():
@@ -235,8 +237,12 @@ def train_step(state: TrainState, batch: Mapping[str, torch.Tensor]) -> dict[str
     state.g_optimizer.step()
     state.probe_optimizer.step()
 
-    # ---- discriminator: each image set in its own call, the per-side losses summed
     _set_requires_grad(d_params, True)
+    if not adversarial:  # reconstruction warm-up: the discriminator neither judges nor learns yet
+        state.step += 1
+        return logs
+
+    # ---- discriminator: each image set in its own call, the per-side losses summed
     state.d_optimizer.zero_grad(set_to_none=True)
     for share, pairs in sides:
         with autocast:
@@ -261,9 +267,10 @@ def train_step(state: TrainState, batch: Mapping[str, torch.Tensor]) -> dict[str
 
 
 def generator_objective(
-    state: TrainState, batch: Mapping[str, torch.Tensor]
+    state: TrainState, batch: Mapping[str, torch.Tensor], adversarial: bool = True
 ) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
-    """Generator loss of one (micro-)batch, its terms as floats, and the cycle outputs by name."""
+    """Generator loss of one (micro-)batch, its terms as floats, and the cycle outputs by name
+    (without the GAN term when not `adversarial`)."""
     cfg, G = state.train_config, state.generator
     frame_a, frame_b = batch["frame_a"], batch["frame_b"]
 
@@ -298,7 +305,9 @@ def generator_objective(
         total = total + (vgg_weights * vgg).sum()
 
     cycles = {"cycle_b": cycle_b, "cycle_a": cycle_a}
-    terms["g_gan"] = sum(generator_gan_loss(state.discriminator(image)) for image in cycles.values())
+    if adversarial:
+        terms["g_gan"] = sum(generator_gan_loss(state.discriminator(image)) for image in cycles.values())
+        total = total + cfg.gan_weight * terms["g_gan"]
     asymmetry = state.probes(
         torch.cat([pose_a, pose_b]),
         torch.cat([expression_a, expression_b]),
@@ -306,12 +315,7 @@ def generator_objective(
         torch.cat([batch["expression_a"], batch["expression_b"]]),
     )
     terms["readout"], terms["leakage"] = asymmetry.readout, asymmetry.leakage
-    total = (
-        total
-        + cfg.gan_weight * terms["g_gan"]
-        + cfg.readout_weight * asymmetry.readout
-        + cfg.leakage_weight * asymmetry.leakage
-    )
+    total = total + cfg.readout_weight * asymmetry.readout + cfg.leakage_weight * asymmetry.leakage
     terms["g_total"] = total
     return total, {name: float(value.detach()) for name, value in terms.items()}, cycles
 

@@ -54,7 +54,7 @@ def plan_model(settings: TrainSettings) -> ModelPlan:
             LOG.warning("training WITHOUT the VGG19 perceptual term: %s", error)
             perceptual, vgg_weights = False, None
     options = dict(perceptual=perceptual, vgg_weights=vgg_weights, micro_batches=settings.micro_batches,
-                   bf16=settings.bf16)
+                   bf16=settings.bf16, gan_start=settings.gan_start)
     train = TrainConfig.official(**options) if settings.objective == "official" else TrainConfig(**options)
     init_kind = detect_init(settings.init, model) if settings.init else None
     return ModelPlan(model, train, init_kind)
