@@ -21,6 +21,9 @@ branch (``pose_offset`` + ``render_pose``, official ``mlp_exp``/``dec_exp``).
 3. generator + probe update, then the discriminator update: real B against the forward
    cycle's output and real A against the backward cycle's, each image set in its own
    discriminator call, the two pair losses summed (optional lazy R1 on each real set).
+   Before ``gan_start`` steps (0: none, as the official trainer) the step is reconstruction alone:
+   no GAN term, no discriminator update (without the VGG term the GAN term otherwise outweighs L1
+   at small scale; README, training recipe).
 
 ``TrainConfig()`` is our objective, ``TrainConfig.official()`` the official one exactly. They
 differ in:
