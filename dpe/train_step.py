@@ -21,6 +21,9 @@ branch (``pose_offset`` + ``render_pose``, official ``mlp_exp``/``dec_exp``).
 3. generator + probe update, then the discriminator update: real B against the forward
    cycle's output and real A against the backward cycle's, each image set in its own
    discriminator call, the two pair losses summed (optional lazy R1 on each real set).
+   Before ``gan_start`` steps (0: none, as the official trainer) the step is reconstruction alone:
+   no GAN term, no discriminator update (without the VGG term the GAN term otherwise outweighs L1
+   at small scale; README, training recipe).
 
 ``TrainConfig()`` is our objective, ``TrainConfig.official()`` the official one exactly. They
 differ in:
@@ -133,6 +136,7 @@ class TrainConfig:
     readout_weight: float = READOUT_WEIGHT  # official: 0
     leakage_weight: float = LEAKAGE_WEIGHT  # official: 0
     gan_weight: float = 1.0
+    gan_start: int = 0  # steps trained on reconstruction alone before the GAN term and D updates begin
     d_gan_weight: float = 1.0  # official: 10
     r1_weight: float = 0.0  # StyleGAN2 uses 10; the official DPE trainer none
     r1_every: int = 16
@@ -279,6 +283,7 @@ def train_step(state: TrainState, batch: Mapping[str, torch.Tensor]) -> dict[str
                               enabled=state.amp_dtype is not None)
     scale = state.scaler.scale if state.scaler is not None else (lambda loss: loss)
     logs: dict[str, torch.Tensor] = {}
+    adversarial = state.step >= cfg.gan_start  # before --gan-start: reconstruction alone
 
     # The probes' target statistics see the whole batch once, so chunking does not change them.
     probe_statistics = [buffer.clone() for buffer in state.probes.buffers()]
@@ -297,7 +302,7 @@ def train_step(state: TrainState, batch: Mapping[str, torch.Tensor]) -> dict[str
         share = len(chunk["frame_a"]) / size
         with state.g_reducer.armed(last=number == len(chunks) - 1):
             with autocast:
-                total, terms, cycles = generator_objective(state, chunk)
+                total, terms, cycles = generator_objective(state, chunk, adversarial)
             scale(total * share).backward()
         sides.append((share, [(chunk[frame], cycles[name].detach()) for name, frame in CYCLE_TARGETS.items()]))
         for name, value in terms.items():
@@ -305,35 +310,41 @@ def train_step(state: TrainState, batch: Mapping[str, torch.Tensor]) -> dict[str
     state.g_reducer.finish()
 
     # ---- discriminator: gradients (D's update does not depend on G's, so both step together below)
+    # Before --gan-start the discriminator neither judges nor learns (a reconstruction warm-up).
     _set_requires_grad(d_params, True)
     state.d_optimizer.zero_grad(set_to_none=True)
-    if cfg.r1_weight > 0 and state.step % cfg.r1_every == 0:
-        for share, pairs in sides:  # lazy R1 (StyleGAN2): every r1_every steps, scaled up by r1_every
-            penalty = 0.0
-            for real, _ in pairs:
-                real = real.detach().requires_grad_(True)
+    if adversarial:
+        if cfg.r1_weight > 0 and state.step % cfg.r1_every == 0:
+            for share, pairs in sides:  # lazy R1 (StyleGAN2): every r1_every steps, scaled up by r1_every
+                penalty = 0.0
+                for real, _ in pairs:
+                    real = real.detach().requires_grad_(True)
+                    with autocast:
+                        penalty = penalty + r1_penalty(state.discriminator(real), real)
+                scale(penalty * (cfg.r1_weight / 2 * cfg.r1_every * share)).backward()
+                logs["r1"] = logs.get("r1", 0.0) + share * penalty.detach()
+        for number, (share, pairs) in enumerate(sides):  # each image set in its own call, the losses summed
+            with state.d_reducer.armed(last=number == len(sides) - 1):
                 with autocast:
-                    penalty = penalty + r1_penalty(state.discriminator(real), real)
-            scale(penalty * (cfg.r1_weight / 2 * cfg.r1_every * share)).backward()
-            logs["r1"] = logs.get("r1", 0.0) + share * penalty.detach()
-    for number, (share, pairs) in enumerate(sides):  # each image set in its own call, the losses summed
-        with state.d_reducer.armed(last=number == len(sides) - 1):
-            with autocast:
-                d_loss = sum(discriminator_gan_loss(state.discriminator(real), state.discriminator(fake))
-                             for real, fake in pairs)
-            scale(d_loss * (cfg.d_gan_weight * share)).backward()
-        logs["d_gan"] = logs.get("d_gan", 0.0) + share * d_loss.detach()
-    state.d_reducer.finish()
+                    d_loss = sum(discriminator_gan_loss(state.discriminator(real), state.discriminator(fake))
+                                 for real, fake in pairs)
+                scale(d_loss * (cfg.d_gan_weight * share)).backward()
+            logs["d_gan"] = logs.get("d_gan", 0.0) + share * d_loss.detach()
+        state.d_reducer.finish()
 
     # ---- one decision for both updates, the same on every worker
+    optimizers = [state.g_optimizer, state.probe_optimizer] + ([state.d_optimizer] if adversarial else [])
     if state.scaler is not None:
-        state.scaler.unscale_(state.g_optimizer)
-        state.scaler.unscale_(state.probe_optimizer)
-        state.scaler.unscale_(state.d_optimizer)
+        for optimizer in optimizers:
+            state.scaler.unscale_(optimizer)
     logs["g_grad_norm"] = _clipped_norm(g_params, cfg.grad_clip)
-    logs["d_grad_norm"] = _clipped_norm(d_params, cfg.grad_clip)
-    losses_bad = ~torch.isfinite(torch.stack([logs["g_total"].float(), logs["d_gan"].float()])).all()
-    grads_bad = ~torch.isfinite(torch.stack([logs["g_grad_norm"].float(), logs["d_grad_norm"].float()])).all()
+    losses, norms = [logs["g_total"]], [logs["g_grad_norm"]]
+    if adversarial:
+        logs["d_grad_norm"] = _clipped_norm(d_params, cfg.grad_clip)
+        losses.append(logs["d_gan"])
+        norms.append(logs["d_grad_norm"])
+    losses_bad = ~torch.isfinite(torch.stack([value.float() for value in losses])).all()
+    grads_bad = ~torch.isfinite(torch.stack([value.float() for value in norms])).all()
     losses_bad, grads_bad = _on_any_worker(torch.stack([losses_bad, grads_bad]))
     # float16 gradients that overflow with finite losses are the scaler's business (it lowers its scale)
     overflow = state.scaler is not None and grads_bad and not losses_bad
@@ -341,12 +352,12 @@ def train_step(state: TrainState, batch: Mapping[str, torch.Tensor]) -> dict[str
     if skipped:
         for buffer, saved in zip(state.probes.buffers(), probe_statistics):
             buffer.copy_(saved)
-        for optimizer in (state.g_optimizer, state.probe_optimizer, state.d_optimizer):
+        for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         if state.scaler is not None:
             state.scaler.update()  # lowers the scale when the gradients overflowed
     else:
-        for optimizer in (state.g_optimizer, state.probe_optimizer, state.d_optimizer):
+        for optimizer in optimizers:
             if state.scaler is not None:
                 state.scaler.step(optimizer)
             else:
@@ -363,9 +374,10 @@ def train_step(state: TrainState, batch: Mapping[str, torch.Tensor]) -> dict[str
 
 
 def generator_objective(
-    state: TrainState, batch: Mapping[str, torch.Tensor]
+    state: TrainState, batch: Mapping[str, torch.Tensor], adversarial: bool = True
 ) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
-    """Generator loss of one (micro-)batch, its terms (detached tensors), and the cycle outputs by name."""
+    """Generator loss of one (micro-)batch, its terms (detached tensors), and the cycle outputs by name
+    (without the GAN term when not `adversarial`)."""
     cfg, G = state.train_config, state.generator
     frame_a, frame_b = batch["frame_a"], batch["frame_b"]
 
@@ -400,7 +412,9 @@ def generator_objective(
         total = total + (vgg_weights * vgg).sum()
 
     cycles = {"cycle_b": cycle_b, "cycle_a": cycle_a}
-    terms["g_gan"] = sum(generator_gan_loss(state.discriminator(image)) for image in cycles.values())
+    if adversarial:
+        terms["g_gan"] = sum(generator_gan_loss(state.discriminator(image)) for image in cycles.values())
+        total = total + cfg.gan_weight * terms["g_gan"]
     asymmetry = state.probes(
         torch.cat([pose_a, pose_b]),
         torch.cat([expression_a, expression_b]),
@@ -408,12 +422,7 @@ def generator_objective(
         torch.cat([batch["expression_a"], batch["expression_b"]]),
     )
     terms["readout"], terms["leakage"] = asymmetry.readout, asymmetry.leakage
-    total = (
-        total
-        + cfg.gan_weight * terms["g_gan"]
-        + cfg.readout_weight * asymmetry.readout
-        + cfg.leakage_weight * asymmetry.leakage
-    )
+    total = total + cfg.readout_weight * asymmetry.readout + cfg.leakage_weight * asymmetry.leakage
     terms["g_total"] = total
     return total, {name: value.detach() for name, value in terms.items()}, cycles
 

@@ -50,6 +50,7 @@ def train_model(
     init: str | None = _DEFAULTS.init,
     perceptual: str = _DEFAULTS.perceptual,
     vgg_weights: str | None = _DEFAULTS.vgg_weights,
+    gan_start: int = _DEFAULTS.gan_start,
     seed: int = _DEFAULTS.seed,
     workers: int = _DEFAULTS.workers,
     cpus_per_worker: float = _DEFAULTS.cpus_per_worker,

@@ -64,6 +64,16 @@ def test_the_report_links_only_files_it_holds_and_its_videos_play_in_browsers(de
     assert "trained for minutes" in index.read_text()
 
 
+def test_the_demo_trains_on_reconstruction_alone(demo):
+    # The demo's recipe (README, training recipe): at 64 px without the VGG term the GAN term is held back.
+    import csv
+
+    with open(demo / "runs" / "demo" / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows and all(row["l1_self_pose"] for row in rows), rows
+    assert not any(row.get("g_gan") or row.get("d_gan") for row in rows), rows
+
+
 def test_a_rerun_of_the_demo_reuses_what_is_done(demo, capsys):
     parts = sorted(p.name for p in (demo / "dataset" / "manifest" / "parts").iterdir())
     results = (demo / "edited" / "results.parquet").read_bytes()

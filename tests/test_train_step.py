@@ -270,3 +270,15 @@ def test_official_discriminator_loss_weight_scales_its_gradient() -> None:
         train_step(state, batch)
         grads.append(torch.cat([p.grad.flatten() for p in state.discriminator.parameters()]))
     torch.testing.assert_close(grads[1], 10 * grads[0], rtol=1e-4, atol=1e-7)
+
+
+def test_before_gan_start_the_discriminator_neither_judges_nor_learns(real_pair) -> None:
+    torch.manual_seed(0)
+    state = make_train_state(TINY, TrainConfig(perceptual=False, gan_start=2))
+    discriminator = {name: p.clone() for name, p in state.discriminator.state_dict().items()}
+    warm_up = [train_step(state, real_pair) for _ in range(2)]
+    assert all("g_gan" not in logs and "d_gan" not in logs for logs in warm_up), warm_up
+    assert all(torch.equal(p, discriminator[name]) for name, p in state.discriminator.state_dict().items())
+    adversarial = train_step(state, real_pair)
+    assert {"g_gan", "d_gan"} <= set(adversarial)
+    assert any(not torch.equal(p, discriminator[name]) for name, p in state.discriminator.state_dict().items())

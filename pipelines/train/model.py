@@ -55,7 +55,7 @@ def plan_model(settings: TrainSettings) -> ModelPlan:
             perceptual, vgg_weights = False, None
     options = dict(perceptual=perceptual, vgg_weights=vgg_weights, micro_batches=settings.micro_batches,
                    bf16=settings.bf16, grad_clip=settings.grad_clip, ema_decay=settings.ema_decay,
-                   compile=settings.compile)
+                   compile=settings.compile, gan_start=settings.gan_start)
     train = TrainConfig.official(**options) if settings.objective == "official" else TrainConfig(**options)
     init_kind = detect_init(settings.init, model) if settings.init else None
     if settings.objective == "official":

@@ -86,6 +86,9 @@ class TrainSettings:
                              group=_MODEL, choices=PERCEPTUAL_MODES)
     vgg_weights: str | None = option(None, "vgg19-dcbb9e9d.pth (default: $TORCH_HOME/hub/checkpoints)", group=_MODEL,
                                      metavar="FILE", path=True)
+    gan_start: int = option(0, "steps of reconstruction alone before the GAN term and the discriminator start "
+                               "(0: from the first step, as the official trainer; see README, training recipe)",
+                            group=_MODEL, metavar="STEP", rules=(NOT_NEGATIVE,))
     seed: int = option(0, "seed of the weights and of every pair drawn", group=_MODEL)
     workers: int = option(1, "Ray Train workers", group=_WORKERS, rules=(at_least(1),))
     cpus_per_worker: float = option(1.0, "CPUs reserved per worker (its torch threads on CPU)", group=_WORKERS,

@@ -1,0 +1,100 @@
+"""Does the demo's recipe learn? Held-out L1 curves of the GAN from step 0 against `--gan-start`, and faces.
+
+Part 1 (about 3 min on 2 cores): the demo's training (64 px, small model, batch 4, seed 0, no VGG)
+in one process with one torch thread, on a prepared sample dataset, evaluated every `--every`
+steps on the demo's held-out pairs (`l1`: both-transfer against the driver frame). Two runs: the
+official schedule (GAN from step 0) as the baseline, then the demo's recipe (`--gan-start` beyond
+the run). Prints both curves, whether the recipe's last evaluation is its lowest (within 0.01)
+and below 0.2, and the ratio of the two final errors.
+
+Part 2 (`--demo DIR`, after `portrait demo --output DIR`): dlib's frontal face detector on
+`--frames` frames spread over each edited video and over the source, the share with a face
+(target: >= 90% in each edited video).
+
+    flock /tmp/portrait-tests.lock python benchmarks/bench_demo_learning.py --data out/demo/dataset
+    flock /tmp/portrait-tests.lock python benchmarks/bench_demo_learning.py --demo out/demo --skip-training
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def train_curve(data: str, steps: int, every: int, batch: int, gan_start: int) -> list[float]:
+    """Held-out both-transfer L1 at step 0 and every `every` steps of one demo-sized run."""
+    import torch
+
+    from dpe.train_step import train_step
+    from pipelines.train.clips import ClipReader, load_catalogue
+    from pipelines.train.evaluation import Evaluator
+    from pipelines.train.loop import step_seed
+    from pipelines.train.model import build_state, plan_model
+    from pipelines.train.pairs import PairSampler, fixed_pairs
+    from pipelines.train.settings import TrainSettings
+
+    settings = TrainSettings(data=data, size=64, batch=batch, perceptual="off", seed=0, gan_start=gan_start)
+    torch.set_num_threads(1)
+    torch.manual_seed(settings.seed)
+    plan = plan_model(settings)
+    state = build_state(plan, "cpu")
+    train, held_out = load_catalogue(data, settings.train_split), load_catalogue(data, settings.eval_split)
+    sampler = PairSampler(train, ClipReader(data, settings.size), seed=settings.seed, rank=0)
+    reader = ClipReader(data, settings.size)
+    evaluator = Evaluator(fixed_pairs(held_out, reader, settings.eval_pairs, settings.seed),
+                          fixed_pairs(train, reader, 8, settings.seed))
+    evaluator._detector_failed = True  # image metrics only: the landmark metrics do not enter this measure
+    curve = [evaluator.evaluate(state.generator)["l1"]]
+    for step in range(steps):
+        batch_arrays = sampler.batch(step, batch)
+        torch.manual_seed(step_seed(settings.seed, 0, step))
+        train_step(state, {key: torch.from_numpy(value) for key, value in batch_arrays.items()})
+        if (step + 1) % every == 0:
+            curve.append(evaluator.evaluate(state.generator)["l1"])
+    return curve
+
+
+def face_share(video: Path, frames: int) -> float:
+    """Share of `frames` frames spread over `video` in which dlib's frontal detector finds a face."""
+    import av
+    import dlib
+
+    detector = dlib.get_frontal_face_detector()
+    with av.open(str(video)) as container:
+        images = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    picked = [images[i] for i in np.linspace(0, len(images) - 1, frames).round().astype(int)]
+    return sum(len(detector(image, 1)) > 0 for image in picked) / len(picked)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default="out/demo/dataset", help="a prepared sample dataset")
+    parser.add_argument("--steps", type=int, default=300, help="the demo's training steps")
+    parser.add_argument("--every", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=4, help="the demo's batch")
+    parser.add_argument("--demo", help="a finished `portrait demo --output` folder: count faces in its edits")
+    parser.add_argument("--frames", type=int, default=24)
+    parser.add_argument("--skip-training", action="store_true")
+    args = parser.parse_args()
+    if not args.skip_training:
+        curves = {}
+        for name, gan_start in (("GAN from step 0 (baseline)", 0), ("--gan-start beyond the run (demo)", args.steps)):
+            began = time.perf_counter()
+            curves[name] = curve = train_curve(args.data, args.steps, args.every, args.batch, gan_start)
+            print(f"{name}: {' '.join(f'{v:.3f}' for v in curve)} ({time.perf_counter() - began:.0f} s)")
+        baseline, recipe = curves.values()
+        print(f"recipe: last evaluation the lowest (within 0.01): {recipe[-1] <= min(recipe[:-1]) + 0.01}; "
+              f"below 0.2: {recipe[-1] < 0.2}")
+        print(f"final held-out L1, baseline / recipe = {baseline[-1] / recipe[-1]:.2f}x")
+    if args.demo:
+        root = Path(args.demo)
+        for video in [root / "media" / "source.mp4", *sorted((root / "edited").rglob("*.mp4"))]:
+            print(f"{video.relative_to(root)}: face in {face_share(video, args.frames):.0%} of {args.frames} frames")
+
+
+if __name__ == "__main__":
+    main()
