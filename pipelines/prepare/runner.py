@@ -7,6 +7,7 @@ once, so results (encoded clips) stream back instead of piling up in the object 
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Callable, Iterable
 
@@ -15,6 +16,15 @@ from pipelines.prepare.requests import ClipRequest
 from pipelines.prepare.worker import ClipOutcome, WorkerSettings, prepare_video
 
 LOG = logging.getLogger(__name__)
+
+
+@functools.cache
+def _remote(work: Callable):
+    """One Ray remote function per work function for the process: exported to the cluster once,
+    not once per batch."""
+    import ray
+
+    return ray.remote(num_cpus=1, max_retries=2)(work)
 
 
 def map_videos(
@@ -33,7 +43,7 @@ def map_videos(
     """
     import ray
 
-    remote = ray.remote(num_cpus=1, max_retries=2)(work)
+    remote = _remote(work)
     settings_ref = ray.put(settings)
     limit = max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     pending: dict = {}
