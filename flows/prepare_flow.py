@@ -21,11 +21,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.services import stop_on_signals
 from pipelines.options import build
 from pipelines.prepare import job
 from pipelines.prepare.settings import MAX_BATCHES_IN_FLIGHT, PrepareSettings, SourceInputs
 from pipelines.prepare.summary import summary_markdown, summary_text
-from pipelines.runtime import ensure_ray
+from pipelines.runtime import clear_stop, ensure_ray, stop_requested
 
 _DEFAULTS = PrepareSettings()
 
@@ -101,8 +102,10 @@ def prepare_dataset(
         if inputs.sample:
             inputs, settings = stack.enter_context(_with_sample(inputs, settings))
         inputs.check()
+        clear_stop()
+        stack.enter_context(stop_on_signals("prepare"))
         summary = _run(inputs, settings)
-    if settings.contact_sheet and summary.get("ok"):
+    if settings.contact_sheet and summary.get("ok") and not summary.get("stopped"):
         from pipelines.dataset.inspect import write_contact_sheet
 
         print(f"contact sheet: {write_contact_sheet(settings.output)}")
@@ -128,11 +131,14 @@ def _run(inputs: SourceInputs, settings: PrepareSettings) -> dict:
     in_flight: list[PrefectConcurrentFuture] = []
     failed_batches = 0
     for batch in planner.batches(window=max(job.PLAN_WINDOW, 4 * settings.batches_in_flight)):
-        while len(in_flight) >= settings.batches_in_flight:
+        while len(in_flight) >= settings.batches_in_flight and not stop_requested():
             in_flight, failed = _settle(in_flight)
             failed_batches += failed
+        if stop_requested():
+            logger.warning("stop requested: no more batches are started; those in flight commit what they finish")
+            break
         in_flight.append(prepare_batch_task.submit(batch, planner.run, settings))
-    logger.info(planner.describe())
+    logger.info(planner.describe() if not stop_requested() else f"stopped after planning: {planner.describe()}")
     job.record_parse_failures(planner, settings)
     while in_flight:
         in_flight, failed = _settle(in_flight)
@@ -141,6 +147,8 @@ def _run(inputs: SourceInputs, settings: PrepareSettings) -> dict:
     create_markdown_artifact(key="prepare-dataset-summary", markdown=summary_markdown(summary),
                              description=f"Dataset preparation into {settings.output}")
     print(summary_text(summary))
+    if stop_requested():
+        return {**summary, "stopped": True}
     if failed_batches:
         raise RuntimeError(
             f"{failed_batches} batch(es) failed after retries; their clips are not in the manifest. "

@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from typing import Callable, Iterable
 
 from pipelines import errors
+from pipelines.runtime import stop_requested
 from pipelines.prepare.requests import ClipRequest
 from pipelines.prepare.worker import ClipOutcome, WorkerSettings, prepare_video
 
 LOG = logging.getLogger(__name__)
+
+POLL_S = 0.2
+STOP_GRACE_S = 10.0
+"""After a stop request, videos already running get this long to finish before they are cancelled:
+the run then still ends well within the ~30 s a cluster scheduler waits after SIGTERM."""
 
 
 @functools.cache
@@ -39,7 +46,9 @@ def map_videos(
     `work` is the per-video function (tests swap in one that kills its worker).
 
     A task whose worker dies is retried by Ray; if it still fails, its clips are recorded as
-    `worker_failed` with the cause, and the other videos go on.
+    `worker_failed` with the cause, and the other videos go on. Once a stop is requested
+    (`pipelines.runtime.request_stop`) no video is started; running ones get `STOP_GRACE_S` to
+    finish, then are cancelled (their clips get no outcome, so a rerun prepares them).
     """
     import ray
 
@@ -56,11 +65,20 @@ def map_videos(
         pending[remote.remote(group, settings_ref)] = group
         return True
 
+    stop_deadline = None
     try:
         while len(pending) < limit and submit_next():
             pass
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
+            if stop_requested() and stop_deadline is None:
+                stop_deadline = time.monotonic() + STOP_GRACE_S
+            if not done:
+                if stop_deadline is not None and time.monotonic() > stop_deadline:
+                    LOG.warning("stopping: %d video(s) still running are cancelled; a rerun prepares them",
+                                len(pending))
+                    return
+                continue
             ref = done[0]
             group = pending.pop(ref)
             try:
@@ -72,7 +90,8 @@ def map_videos(
                     for r in group
                 ]
             on_outcomes(outcomes)
-            submit_next()
-    finally:  # on an error here (a full disk while writing), stop the work nobody will collect
+            if stop_deadline is None:
+                submit_next()
+    finally:  # on an error here (a full disk while writing), or a stop, end the work nobody will collect
         for ref in pending:
             ray.cancel(ref, force=True)
