@@ -1,8 +1,9 @@
 """The `prepare_dataset` Prefect flow: orchestration only, the work lives in `pipelines.prepare.job`.
 
 Tasks work on batches of videos (never one Prefect task per clip or frame), at most
-`--batches-in-flight` at once, submitted as the plan streams from the metadata; inside a batch each
-video is one Ray task. Without PREFECT_API_URL the flow starts Prefect's temporary local server;
+`--batches-in-flight` at once, submitted as the plan streams from the metadata; each batch is one
+Ray task that prepares its videos one after another and writes its own shards, so no clip byte
+passes through the driver. Without PREFECT_API_URL the flow starts Prefect's temporary local server;
 without RAY_ADDRESS it starts a local Ray. Its parameters are the options of `portrait prepare`
 (plain values, validated by Prefect and shown as a form in its UI).
 """
@@ -26,7 +27,7 @@ from pipelines.options import build
 from pipelines.prepare import job
 from pipelines.prepare.settings import MAX_BATCHES_IN_FLIGHT, PrepareSettings, SourceInputs
 from pipelines.prepare.summary import summary_markdown, summary_text
-from pipelines.runtime import clear_stop, ensure_ray, stop_requested
+from pipelines.runtime import clear_stop, ensure_ray, require_shared, stop_requested
 
 _DEFAULTS = PrepareSettings()
 
@@ -76,7 +77,7 @@ def prepare_dataset(
     min_clip_frames: int = _DEFAULTS.min_clip_frames,
     shard_size_mb: float = _DEFAULTS.shard_size_mb,
     videos_per_batch: int = _DEFAULTS.videos_per_batch,
-    batches_in_flight: int = _DEFAULTS.batches_in_flight,
+    batches_in_flight: int | None = _DEFAULTS.batches_in_flight,
     test_fraction: float = _DEFAULTS.test_fraction,
     retry_failed: bool = _DEFAULTS.retry_failed,
     contact_sheet: bool = _DEFAULTS.contact_sheet,
@@ -125,13 +126,15 @@ def _with_sample(inputs: SourceInputs, settings: PrepareSettings):
 
 def _run(inputs: SourceInputs, settings: PrepareSettings) -> dict:
     ensure_ray(settings.ray_address)  # here, on the flow's main thread, not inside a task's thread
+    require_shared(settings.output, "--output", output=True)  # workers write the shards
+    in_flight_limit = settings.batches_in_flight or min(MAX_BATCHES_IN_FLIGHT, _cluster_cpus())
     planner = job.Planner(inputs, settings)
     logger = get_run_logger()
     logger.info("run %s: planning as the metadata is read (detector %s)", planner.run_id, planner.run.detector)
     in_flight: list[PrefectConcurrentFuture] = []
     failed_batches = 0
-    for batch in planner.batches(window=max(job.PLAN_WINDOW, 4 * settings.batches_in_flight)):
-        while len(in_flight) >= settings.batches_in_flight and not stop_requested():
+    for batch in planner.batches(window=max(job.PLAN_WINDOW, 4 * in_flight_limit)):
+        while len(in_flight) >= in_flight_limit and not stop_requested():
             in_flight, failed = _settle(in_flight)
             failed_batches += failed
         if stop_requested():
@@ -155,6 +158,12 @@ def _run(inputs: SourceInputs, settings: PrepareSettings) -> dict:
             f"Rerun the same command to resume them."
         )
     return summary
+
+
+def _cluster_cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def _settle(in_flight: list[PrefectConcurrentFuture]) -> tuple[list[PrefectConcurrentFuture], int]:

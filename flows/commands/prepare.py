@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.media.faces import make_detector
     from pipelines.options import build, values_of
     from pipelines.prepare.sources import InputError
+    from pipelines.runtime import LocationNotShared
     from pipelines.storage import OutputStore, split_credentials
 
     output, credentials = split_credentials(args.output)
@@ -62,8 +63,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"portrait prepare: {error}", file=sys.stderr)
         return 2
 
-    summary = run_with_services(NAME, settings.ray_address,
-                                lambda: _flow()(**values_of(inputs), **values_of(settings)))
+    try:
+        summary = run_with_services(NAME, settings.ray_address,
+                                    lambda: _flow()(**values_of(inputs), **values_of(settings)))
+    except LocationNotShared as error:
+        print(f"portrait prepare: {error}", file=sys.stderr)
+        return 2
     if summary.get("stopped"):
         print(f"portrait prepare: stopped; {summary.get('ok', 0)} clips are prepared and recorded in {settings.output}; "
               "run the same command again to resume", file=sys.stderr)

@@ -26,19 +26,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from tqdm import tqdm
-
 from pipelines import errors
 from pipelines.dataset import integrity, manifest
 from pipelines.dataset.layout import SHARD_INDEX_PATH, SUMMARY_PATH, claim_output
 from pipelines.dataset.schema import safe_key
-from pipelines.dataset.shards import ShardWriter
 from pipelines.media.faces import make_detector
+from pipelines.prepare.batch import Batch, VideoWork
 from pipelines.prepare.requests import ClipRequest, manifest_row
-from pipelines.prepare.runner import map_videos
+from pipelines.prepare.runner import Stopped, WorkerLost, run_on_workers
 from pipelines.prepare.settings import PrepareSettings
 from pipelines.prepare.sources import ParseFailure, SourceInputs, SplitPolicy, stream_videos
-from pipelines.prepare.worker import ClipOutcome, WorkerSettings
+from pipelines.prepare.worker import WorkerSettings, clip_label
 from pipelines.storage import OutputStore
 
 LOG = logging.getLogger(__name__)
@@ -60,19 +58,6 @@ class Run:
         """Workers use the detector the plan resolved ("auto" never means two things in one run)."""
         return WorkerSettings(download_dir=str(settings.work_path / "downloads"), detector=self.detector,
                               download=settings.download, sample_format=settings.sample_format)
-
-
-@dataclass(frozen=True)
-class Batch:
-    """A few videos prepared together: one Prefect task, one manifest part, its own shards."""
-
-    name: str
-    groups: tuple[tuple[ClipRequest, ...], ...]
-    attempts: dict[str, int]
-
-    @property
-    def clips(self) -> int:
-        return sum(len(group) for group in self.groups)
 
 
 @dataclass(frozen=True)
@@ -232,65 +217,55 @@ def record_parse_failures(plan_: Plan | Planner, settings: PrepareSettings) -> N
         LOG.warning("input rejected (%s) %s: %s", failure.failure_class, failure.origin, failure.message)
 
 
-class _BatchWriter:
-    """Routes prepared clips to one shard writer per split and builds the batch's manifest rows."""
+def run_batch(batch: Batch, run: Run, settings: PrepareSettings, work: VideoWork | None = None) -> dict[str, int]:
+    """Prepare one batch as one Ray task, which writes its shards; then commit its manifest part here
+    (the commit point). Ray is connected by the flow.
 
-    def __init__(self, batch: Batch, store: OutputStore, shard_bytes: int) -> None:
-        self.batch = batch
-        self.store = store
-        self.shard_bytes = shard_bytes
-        self.writers: dict[str, ShardWriter] = {}
-        self.rows: list[manifest.ManifestRow] = []
-
-    def add(self, outcome: ClipOutcome) -> None:
-        request = outcome.request
-        attempt = self.batch.attempts[request.clip_id]
-        if outcome.sample is None:
-            LOG.warning("clip %s failed (%s): %s", request.clip_id, outcome.failure_class, outcome.message)
-            self.rows.append(manifest_row(request, status=manifest.FAILED, attempt=attempt, timings=outcome.timings,
-                                          failure_class=outcome.failure_class, message=outcome.message))
-            return
-        writer = self.writers.get(request.split)
-        if writer is None:
-            writer = self.writers[request.split] = ShardWriter(self.store, request.split, self.shard_bytes,
-                                                               self.batch.name)
-        shard = writer.write(outcome.sample)
-        start, end = outcome.sample.meta.span
-        self.rows.append(manifest_row(request, status=manifest.OK, attempt=attempt, timings=outcome.timings,
-                                      shard=shard, frames=outcome.sample.frames, seconds=outcome.sample.seconds,
-                                      delivered_start_s=start, delivered_end_s=end, message=outcome.message))
-
-    def commit(self) -> None:
-        """Commit the open shards, then the manifest part that makes them count."""
-        for writer in self.writers.values():
-            writer.close()
-        manifest.write_part(self.store, self.batch.name, self.rows)
-
-    def abort(self) -> None:
-        for writer in self.writers.values():
-            writer.abort()
+    When the task's worker dies (after a retry), each of its videos is run alone, so a video that
+    kills its worker takes no other video with it: it is recorded as `worker_failed`. A stop that
+    outlasts the grace period commits nothing for the batch; its shards are removed at the end of
+    the run and a rerun prepares it. A retry of the same batch rewrites its shards under the same names.
+    """
+    store = OutputStore(settings.output)
+    worker = run.worker_settings(settings)
+    try:
+        (result,) = run_on_workers([batch], worker, settings.output, settings.shard_bytes, work=work)
+        if isinstance(result, WorkerLost):
+            LOG.warning("batch %s: its worker died (%s); running its videos one by one", batch.name, result)
+            result = _one_by_one(batch, worker, settings, store, work)
+    except Stopped:
+        LOG.warning("batch %s: stopped before it finished; nothing of it is committed", batch.name)
+        return {"ok": 0, "failed": 0, "stopped": 1}
+    if isinstance(result, Exception):
+        raise result
+    manifest.write_part(store, batch.name, result)
+    ok = sum(row.status == manifest.OK for row in result)
+    LOG.info("batch %s: %d clips ok, %d failed", batch.name, ok, len(result) - ok)
+    return {"ok": ok, "failed": len(result) - ok}
 
 
-def run_batch(batch: Batch, run: Run, settings: PrepareSettings) -> dict[str, int]:
-    """Prepare one batch on Ray, write its shards, then commit its manifest part (the commit point).
-
-    A retry of the same batch rewrites its shards under the same names. Ray is connected by the flow."""
-    output = _BatchWriter(batch, OutputStore(settings.output), settings.shard_bytes)
-    with tqdm(total=batch.clips, desc=f"batch {batch.name}", unit="clip") as progress:
-        def record(outcomes: list[ClipOutcome]) -> None:
-            for outcome in outcomes:
-                output.add(outcome)
-                progress.update(1)
-
-        try:
-            map_videos([list(group) for group in batch.groups], run.worker_settings(settings), record)
-            output.commit()
-        except BaseException:
-            output.abort()
-            raise
-    ok = sum(row.status == manifest.OK for row in output.rows)
-    LOG.info("batch %s: %d clips ok, %d failed", batch.name, ok, len(output.rows) - ok)
-    return {"ok": ok, "failed": len(output.rows) - ok}
+def _one_by_one(batch: Batch, worker: WorkerSettings, settings: PrepareSettings, store: OutputStore,
+                work: VideoWork | None) -> list[manifest.ManifestRow]:
+    """Each video of `batch` as its own task, writing shards under its own recorded name."""
+    singles = [Batch(batch.name, (group,), {r.clip_id: batch.attempts[r.clip_id] for r in group})
+               for group in batch.groups]
+    names = [f"{batch.name}v{index:03d}" for index in range(len(singles))]
+    splits = sorted({r.split for group in batch.groups for r in group})
+    integrity.write_run_record(store, integrity.RunRecord(f"{batch.name}-one-by-one", tuple(names), tuple(splits)))
+    results = run_on_workers(singles, worker, settings.output, settings.shard_bytes, writer_names=names,
+                             max_retries=0, work=work)
+    rows: list[manifest.ManifestRow] = []
+    for single, result in zip(singles, results):
+        if isinstance(result, WorkerLost):
+            (group,) = single.groups
+            LOG.error("video %s: worker failed: %s", group[0].video_id, result)
+            rows += [manifest_row(r, status=manifest.FAILED, attempt=single.attempts[r.clip_id],
+                                  failure_class=errors.WORKER_FAILED, message=f"{clip_label(r)}: {result}") for r in group]
+        elif isinstance(result, Exception):
+            raise result
+        else:
+            rows += result
+    return rows
 
 
 def finalize(run: Run | Planner, settings: PrepareSettings) -> dict:

@@ -154,10 +154,12 @@ class PrepareSettings(FramingOptions):
                                   "remain", group=_FACES, metavar="N",
                                   rules=(Rule("must be at least 2 (training needs pairs)", lambda n: n >= 2),))
     shard_size_mb: float = option(256.0, "target size of one tar shard", rules=(POSITIVE,))
-    videos_per_batch: int = option(8, "videos per Prefect task (one manifest part); each video is one Ray task",
+    videos_per_batch: int = option(8, "videos per batch: one Prefect task, one Ray task (its videos one after "
+                                      "another), one manifest part",
                                    rules=(at_least(1),))
-    batches_in_flight: int = option(2, "batches prepared at once (Prefect tasks in flight); the plan is read ahead "
-                                       "of them a window at a time", rules=(at_least(1), at_most(MAX_BATCHES_IN_FLIGHT)))
+    batches_in_flight: int | None = option(None, "batches prepared at once, each one Ray task of one CPU that writes "
+                                                 "its own shards (default: one per CPU of the Ray cluster)", metavar="N",
+                                           rules=(at_least(1), at_most(MAX_BATCHES_IN_FLIGHT)))
     test_fraction: float = option(0.0, "fraction of identities put in the test split when an input names no split",
                                   rules=(FRACTION,))
     retry_failed: bool = option(False, "retry every clip that failed in an earlier run, permanent failures (404, no "
