@@ -35,3 +35,30 @@ def test_a_local_path_some_node_cannot_see_is_refused_and_a_shared_one_passes(tw
     assert "object-store location" in lines[0]
     assert lines[1:] == [f"shared {tmp_path / 'out'}", f"shared {tmp_path / 'source.mp4'}", "shared s3://bucket/x"]
     assert not list(hidden.iterdir()), "the marker is removed after the check"
+
+
+@pytest.mark.slow
+def test_prepare_on_two_nodes_writes_shards_from_the_workers_and_refuses_a_folder_one_node_lacks(
+        two_node_cluster, tmp_path):
+    """The head runs no work, so every shard is written by the worker node: into a folder both nodes see
+    it lands on the user's disk; a folder the worker node cannot see is refused before any work."""
+    import json
+
+    base = [sys.executable, "-m", "flows.cli", "prepare", "--sample", "--detector", "dlib", "--retries", "0",
+            "--workdir", str(tmp_path / "work")]
+    env = {**two_node_cluster.env(), "PREFECT_HOME": str(tmp_path / "prefect")}
+    hidden = two_node_cluster.private / "dataset"
+    refused = subprocess.run([*base, "--output", str(hidden)], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=300)
+    lines = [line for line in refused.stderr.splitlines() if line.startswith("portrait prepare:")]
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-3000:]
+    assert f"--output {hidden}: a local path that 1 of the cluster's 2 nodes" in lines[0]
+
+    shared = tmp_path / "dataset"
+    done = subprocess.run([*base, "--output", str(shared)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((shared / "summary.json").read_text())
+    assert summary["ok"] >= 4 and sum(summary["shards"].values()) >= 2
+    index = json.loads((shared / "shards.json").read_text())
+    assert all((shared / shard).is_file() for shards in index.values() for shard in shards)

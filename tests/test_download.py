@@ -341,3 +341,20 @@ def test_a_damaged_entry_can_be_evicted_so_the_next_run_downloads_again(server, 
     assert cache.lookup("talk", merge_spans([(2.0, 4.0)], FAST.margin_s, FAST.join_gap_s)) is None
     with pytest.raises(ValueError, match="not inside the download cache"):
         cache.evict(DownloadedSection(tmp_path.parent / "elsewhere.mp4", 0.0, None))
+
+
+def test_videos_that_never_come_load_no_detector_and_share_one_ytdlp(server, tmp_path, monkeypatch):
+    """A 404 costs milliseconds: no detector load and no yt-dlp warm-up per video (bench_prepare_scale measures it)."""
+    from pipelines.prepare import download, worker
+
+    built = []
+    real = yt_dlp.YoutubeDL
+    monkeypatch.setattr(download, "_DOWNLOADERS", threading.local())
+    monkeypatch.setattr(download.yt_dlp, "YoutubeDL", lambda params: built.append(params) or real(params))
+    monkeypatch.setattr(worker, "_detector", lambda name: pytest.fail("a detector was loaded for a missing video"))
+    settings = worker.WorkerSettings(download_dir=str(tmp_path), download=FAST)
+    for n in range(3):
+        requests = [ClipRequest(clip_id=f"gone{n}/{k}", video_id=f"gone{n}", url=server.url(f"gone{n}.mp4"),
+                                identity="i", start_s=1.0 + 5 * k, end_s=3.0 + 5 * k) for k in range(2)]
+        assert [o.failure_class for o in worker.prepare_video(requests, settings)] == ["not_found"] * 2
+    assert len(built) == 1, "one yt-dlp instance serves every video of a worker"

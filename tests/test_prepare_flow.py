@@ -4,25 +4,28 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from dataclasses import replace
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 
 from flows.cli import main
 from pipelines.dataset import integrity, manifest
 from pipelines.dataset.inspect import FRAMES_PER_ROW, LABEL_HEIGHT, TILE
-from pipelines.dataset.layout import PARTS_PREFIX, SUMMARY_PATH, stats_path
+from pipelines.dataset.layout import PARTS_PREFIX, SUMMARY_PATH, claim_output, stats_path
+from pipelines.dataset.schema import ClipSample, SampleMeta
 from pipelines.dataset.shards import read_samples, read_stats
 from pipelines.prepare import job as prepare
 from pipelines.prepare.requests import ClipRequest
-from pipelines.prepare.runner import map_videos
+from pipelines.prepare.batch import Batch
 from pipelines.prepare.settings import PrepareSettings, SampleFormat
 from pipelines.prepare.sources import SourceInputs
-from pipelines.prepare.worker import ClipOutcome, WorkerSettings
+from pipelines.prepare.worker import ClipOutcome
 from pipelines.sample.metadata import serve_sample_inputs
-from pipelines.storage import OutputStore
+from pipelines.storage import OutputStore, is_temporary
 
 pytestmark = pytest.mark.slow
 
@@ -47,6 +50,10 @@ def _all_samples(output: Path):
     store = OutputStore(str(output))
     shards = [str(store.local_path(p)) for p in store.list() if p.endswith(".tar")]
     return list(read_samples(sorted(shards)))
+
+
+def _temporaries(store: OutputStore) -> list[str]:
+    return [p for p in store.list(include_temporaries=True) if is_temporary(p.rsplit("/", 1)[-1])]
 
 
 def _shard_files(output: Path) -> list[str]:
@@ -189,22 +196,46 @@ def _crash_then_resume(vox1: SourceInputs, vox1_and_stalled: SourceInputs, setti
     assert summary["ok"] == 1 and summary["by_failure_class"] == {"timeout": 1}
 
 
-def _die_on_noface(requests, settings):
+def _stub_sample(request: ClipRequest) -> ClipSample:
+    frames = 4
+    meta = SampleMeta(clip_id=request.clip_id, identity=request.identity, video_id=request.video_id, url=request.url,
+                      split=request.split, source=request.source, requested_span=(0.0, 0.16), span=(0.0, 0.16),
+                      fps=25.0, frames=frames, crop_size=CROP_SIZE, source_size=(352, 288), detector="dlib")
+    return ClipSample(key=request.key, mp4=b"\0" * 4000, boxes=np.zeros((frames, 4)),
+                      landmarks=np.full((frames, 68, 2), 100.0), pose=np.zeros((frames, 6)),
+                      expression=np.zeros((frames, 68, 2)), meta=meta)
+
+
+def _sigkill_on_noface(requests, settings):
+    """Clips of 'talk' are prepared (into the batch's open shard); 'noface' SIGKILLs its worker mid-shard."""
     if requests[0].video_id == "noface":
-        os._exit(3)  # a worker that dies (OOM kill, segfault) takes no clip of another video with it
-    return [ClipOutcome(r, failure_class="no_face", message="stub") for r in requests]
+        os.kill(os.getpid(), signal.SIGKILL)  # an OOM kill or a segfault takes no clip of another video with it
+    return [ClipOutcome(r, sample=_stub_sample(r), timings=dict.fromkeys(manifest.TIMING_COLUMNS, 0.1))
+            for r in requests]
 
 
-def test_a_dying_worker_is_recorded_and_other_videos_complete(ray_cluster, tmp_path):
+def test_a_worker_killed_mid_shard_leaves_no_named_or_kept_partial_shard(ray_cluster, tmp_path):
     import sys
 
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import test modules
+    settings = _settings(tmp_path)
+    store = OutputStore(settings.output)
+    claim_output(store, settings.sample_format.record("dlib"))
     requests = [ClipRequest(clip_id=f"{v}/c", video_id=v, url=f"http://127.0.0.1:9/{v}.mp4", identity="i")
                 for v in ("talk", "noface", "other")]
-    outcomes: list[ClipOutcome] = []
-    map_videos([[r] for r in requests], WorkerSettings(download_dir=str(tmp_path)), outcomes.extend,
-               work=_die_on_noface)
-    by_video = {o.request.video_id: o.failure_class for o in outcomes}
-    assert by_video == {"talk": "no_face", "noface": "worker_failed", "other": "no_face"}
+    batch = Batch("run-00000", tuple((r,) for r in requests), {r.clip_id: 1 for r in requests})
+    integrity.write_run_record(store, integrity.RunRecord("run-window", (batch.name,), ("train",)))
+    assert prepare.run_batch(batch, prepare.Run("run", "dlib"), settings, work=_sigkill_on_noface) == \
+        {"ok": 2, "failed": 1}
+    state = manifest.load_state(store)
+    assert {row.video_id: row.failure_class or row.status for row in state.values()} == \
+        {"talk": "ok", "noface": "worker_failed", "other": "ok"}
+    assert _temporaries(store), "the killed worker left its open shard behind"
+    prepare.finalize(prepare.Run("run", "dlib"), settings)
+    check = integrity.reconcile(store, manifest.read_parts(store), integrity.read_run_records(store), repair=False)
+    assert check.lost == {} and check.removed_shards == [], "every shard the manifest names is whole and agrees"
+    assert _temporaries(store) == [], "the half-written shard is gone"
+    keys = [sample.key for sample in _all_samples(Path(settings.output))]
+    assert sorted(keys) == sorted(r.key for r in requests if r.video_id != "noface")

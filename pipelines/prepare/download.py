@@ -400,6 +400,30 @@ def _ytdlp_params(options: DownloadOptions, spans: list[Span] | None, folder: Pa
     return params
 
 
+_DOWNLOADERS = threading.local()
+
+
+def _downloader(options: DownloadOptions, file_url: bool, spans: list[Span] | None, folder: Path) -> yt_dlp.YoutubeDL:
+    """This thread's yt-dlp instance for `options`, pointed at `folder` and `spans`.
+
+    Building a `YoutubeDL` loads its extractors (about 20 ms of CPU, more than a whole 404 costs
+    otherwise), so each worker thread keeps one per set of options and only the per-video
+    parameters change between videos.
+    """
+    cache = _DOWNLOADERS.__dict__.setdefault("instances", {})
+    ydl = cache.get((options, file_url))
+    if ydl is None:
+        ydl = cache[(options, file_url)] = yt_dlp.YoutubeDL(_ytdlp_params(options, None, folder, file_url))
+    fresh = _ytdlp_params(options, spans, folder, file_url)
+    ydl.params["outtmpl"]["default"] = fresh["outtmpl"]["default"]
+    for key in ("download_ranges", "force_keyframes_at_cuts"):
+        if key in fresh:
+            ydl.params[key] = fresh[key]
+        else:
+            ydl.params.pop(key, None)
+    return ydl
+
+
 def _fetch(video_id: str, url: str, spans: list[Span] | None, folder: Path, options: DownloadOptions) -> Download:
     """One yt-dlp call for all spans of a video; files land in `folder`.
 
@@ -408,10 +432,8 @@ def _fetch(video_id: str, url: str, spans: list[Span] | None, folder: Path, opti
     empty file for a span past the end, or for data the host lost) are dropped; the video's
     duration is looked up then, so each clip can be told which of the two it met.
     """
-    params = _ytdlp_params(options, spans, folder, file_url=url.startswith("file:"))
     try:
-        with yt_dlp.YoutubeDL(params) as ydl:
-            info = ydl.extract_info(url, download=True)
+        info = _downloader(options, url.startswith("file:"), spans, folder).extract_info(url, download=True)
     except yt_dlp.utils.YoutubeDLError as error:
         failure_class = classify_failure(error)
         reason = re.sub(r"^ERROR:\s*", "", str(error))

@@ -4,10 +4,14 @@ reader (`pipelines.prepare.sources`) -> downloader and processor (`pipelines.pre
 Ray task per video via `pipelines.prepare.runner`) -> writer (`pipelines.dataset.shards`,
 `pipelines.dataset.manifest`). The Prefect flow in `flows/prepare_flow.py` only sequences these.
 
-Safety and resume: `plan` first claims the output (`dataset.layout.claim_output`: an empty folder
+Scale: the plan is a stream (`Planner`): metadata is read one video at a time and batched as it
+is read; the driver holds a window of batches and the ids of the clips it has seen, never the
+requests of the whole run, and each batch's Prefect task gets that batch and the small `Run`.
+
+Safety and resume: planning first claims the output (`dataset.layout.claim_output`: an empty folder
 or a dataset prepared with the same sample settings, nothing else), then checks every clip the
-manifest calls ok against its shard (`dataset.integrity`), records the run's batches, and only
-then batches what is still to do. A batch commits its shards first and its manifest part last; a
+manifest calls ok against its shard (`dataset.integrity`); each window of batches is recorded in a
+run record before any of them starts. A batch commits its shards first and its manifest part last; a
 rerun skips clips whose latest row is ok, redoes lost ones, and deletes shards of batches that
 never committed, so no clip is ever in two shards.
 """
@@ -18,57 +22,37 @@ import dataclasses
 import json
 import logging
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
-
-from tqdm import tqdm
 
 from pipelines import errors
 from pipelines.dataset import integrity, manifest
 from pipelines.dataset.layout import SHARD_INDEX_PATH, SUMMARY_PATH, claim_output
 from pipelines.dataset.schema import safe_key
-from pipelines.dataset.shards import ShardWriter
 from pipelines.media.faces import make_detector
+from pipelines.prepare.batch import Batch, VideoWork
 from pipelines.prepare.requests import ClipRequest, manifest_row
-from pipelines.prepare.runner import map_videos
+from pipelines.prepare.runner import Stopped, WorkerLost, run_on_workers
 from pipelines.prepare.settings import PrepareSettings
-from pipelines.prepare.sources import ParseFailure, SourceInputs, SplitPolicy, parse_sources
-from pipelines.prepare.worker import ClipOutcome, WorkerSettings
+from pipelines.prepare.sources import ParseFailure, SourceInputs, SplitPolicy, stream_videos
+from pipelines.prepare.worker import WorkerSettings, clip_label
 from pipelines.storage import OutputStore
 
 LOG = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Batch:
-    """A few videos prepared together: one Prefect task, one manifest part, its own shards."""
-
-    name: str
-    groups: tuple[tuple[ClipRequest, ...], ...]
-    attempts: dict[str, int]
-
-    @property
-    def clips(self) -> int:
-        return sum(len(group) for group in self.groups)
+PLAN_WINDOW = 64
+"""Batches planned ahead of the work: their run record is committed before the first of them
+starts, and only they (not the whole plan) are held in memory."""
 
 
 @dataclass(frozen=True)
-class Plan:
+class Run:
+    """What every batch of one run shares: small, so it travels whole with each batch's task."""
+
     run_id: str
     detector: str
-    requested: int
-    already_done: int
-    redone: int
-    parse_failures: tuple[ParseFailure, ...]
-    batches: tuple[Batch, ...]
-
-    def describe(self) -> str:
-        todo = sum(b.clips for b in self.batches)
-        videos = sum(len(b.groups) for b in self.batches)
-        return (f"{self.requested} clips requested, {self.already_done} already prepared or finally failed, "
-                f"{todo} to do from {videos} videos in {len(self.batches)} batches "
-                f"({self.redone} redone because their shard was lost); "
-                f"{len(self.parse_failures)} input lines rejected; detector {self.detector}")
 
     def worker_settings(self, settings: PrepareSettings) -> WorkerSettings:
         """Workers use the detector the plan resolved ("auto" never means two things in one run)."""
@@ -76,16 +60,19 @@ class Plan:
                               download=settings.download, sample_format=settings.sample_format)
 
 
+@dataclass(frozen=True)
+class Plan(Run):
+    """A whole plan held at once (`plan`): for tests and small inputs; runs stream with `Planner`."""
+
+    requested: int = 0
+    already_done: int = 0
+    redone: int = 0
+    parse_failures: tuple[ParseFailure, ...] = ()
+    batches: tuple[Batch, ...] = ()
+
+
 def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-
-
-def group_by_video(requests: list[ClipRequest]) -> list[tuple[ClipRequest, ...]]:
-    """Clips of one video go together so the video is downloaded once (input order is kept)."""
-    groups: dict[tuple[str, str], list[ClipRequest]] = defaultdict(list)
-    for request in requests:
-        groups[(request.video_id, request.url)].append(request)
-    return [tuple(group) for group in groups.values()]
 
 
 def pending(requests: list[ClipRequest], state: dict[str, manifest.ManifestRow], *,
@@ -101,36 +88,95 @@ def pending(requests: list[ClipRequest], state: dict[str, manifest.ManifestRow],
     return todo
 
 
-def plan(inputs: SourceInputs, settings: PrepareSettings, run_id: str | None = None) -> Plan:
-    """Claim the output, check it against its records, parse the inputs and batch what is to do.
+class Planner:
+    """A run's plan as a stream: the metadata is read one video at a time and batched as it is
+    read, so the first batch starts after a window of batches is planned, whatever the size of
+    the metadata, and the driver holds a window of batches, never the whole plan.
 
-    The detector is built here first, so a wrong name or missing weights stop the run with one
-    clear error instead of failing every video on the workers, and its resolved name is what the
-    dataset's marker records.
+    Made on the driver: the detector is built first, so a wrong name or missing weights stop the
+    run with one clear error instead of failing every video on the workers (and its resolved name
+    is what the dataset's marker records); then the output is claimed (`claim_output`) and checked
+    against its records, and only then are the inputs read.
     """
-    detector = make_detector(settings.detector).name
-    store = OutputStore(settings.output)
-    claim_output(store, settings.sample_format.record(detector))
-    run_id = run_id or new_run_id()
-    rows = manifest.read_parts(store)
-    state = manifest.latest_rows(rows)
-    lost = _reconcile(store, rows, run_id, "verify")
-    state.update(lost)
-    requests, failures = parse_sources(inputs, url_template=settings.download.url_template,
-                                       splits=SplitPolicy(test_fraction=settings.test_fraction))
-    todo = pending(requests, state, retry_all=settings.retry_failed)
-    groups = group_by_video(todo)
-    size = max(1, settings.videos_per_batch)
-    batches = tuple(
-        Batch(name=f"{run_id}-{index:04d}", groups=tuple(groups[start:start + size]),
-              attempts={r.clip_id: manifest.next_attempt(state, r.clip_id) for g in groups[start:start + size] for r in g})
-        for index, start in enumerate(range(0, len(groups), size))
-    )
-    integrity.write_run_record(store, integrity.RunRecord(run_id, tuple(b.name for b in batches),
-                                                          tuple(sorted({r.split for r in todo}))))
-    return Plan(run_id=run_id, detector=detector, requested=len(requests) + len(failures),
-                already_done=len(requests) - len(todo), redone=len(lost),
-                parse_failures=tuple(f for f in failures if f.record_id not in state), batches=batches)
+
+    def __init__(self, inputs: SourceInputs, settings: PrepareSettings, run_id: str | None = None) -> None:
+        detector = make_detector(settings.detector).name
+        self.store = OutputStore(settings.output)
+        claim_output(self.store, settings.sample_format.record(detector))
+        self.run = Run(run_id or new_run_id(), detector)
+        rows = manifest.read_parts(self.store)
+        self._state = manifest.latest_rows(rows)
+        lost = _reconcile(self.store, rows, self.run.run_id, "verify")
+        self._state.update(lost)
+        del rows
+        self.inputs, self.settings = inputs, settings
+        self.redone = len(lost)
+        self.requested = self.already_done = self.clips = self.videos = self.batch_count = 0
+        self.parse_failures: list[ParseFailure] = []
+
+    @property
+    def run_id(self) -> str:
+        return self.run.run_id
+
+    def batches(self, window: int = PLAN_WINDOW) -> Iterator[Batch]:
+        """The batches still to do, in input order; each window's run record is committed before
+        the first batch of that window is handed out (clean-up tells their shards from others')."""
+        held: list[Batch] = []
+        for batch in self._plan_batches():
+            held.append(batch)
+            if len(held) >= window:
+                yield from self._hand_out(held)
+                held = []
+        yield from self._hand_out(held)
+
+    def _hand_out(self, batches: list[Batch]) -> Iterator[Batch]:
+        if not batches:
+            return
+        splits = sorted({request.split for batch in batches for group in batch.groups for request in group})
+        integrity.write_run_record(self.store, integrity.RunRecord(f"{batches[0].name}-window",
+                                                                   tuple(b.name for b in batches), tuple(splits)))
+        yield from batches
+
+    def _plan_batches(self) -> Iterator[Batch]:
+        size = max(1, self.settings.videos_per_batch)
+        groups: list[tuple[ClipRequest, ...]] = []
+        for requests, failures in stream_videos(self.inputs, url_template=self.settings.download.url_template,
+                                                splits=SplitPolicy(test_fraction=self.settings.test_fraction)):
+            self.requested += len(requests) + len(failures)
+            self.parse_failures += [f for f in failures if f.record_id not in self._state]
+            todo = pending(requests, self._state, retry_all=self.settings.retry_failed)
+            self.already_done += len(requests) - len(todo)
+            if todo:
+                groups.append(tuple(todo))
+            if len(groups) == size:
+                yield self._batch(groups)
+                groups = []
+        if groups:
+            yield self._batch(groups)
+
+    def _batch(self, groups: list[tuple[ClipRequest, ...]]) -> Batch:
+        batch = Batch(name=f"{self.run_id}-{self.batch_count:05d}", groups=tuple(groups),
+                      attempts={r.clip_id: manifest.next_attempt(self._state, r.clip_id) for g in groups for r in g})
+        self.batch_count += 1
+        self.videos += len(groups)
+        self.clips += batch.clips
+        return batch
+
+    def describe(self) -> str:
+        """The plan so far (all of it once `batches` is exhausted)."""
+        return (f"{self.requested} clips requested, {self.already_done} already prepared or finally failed, "
+                f"{self.clips} to do from {self.videos} videos in {self.batch_count} batches "
+                f"({self.redone} redone because their shard was lost); "
+                f"{len(self.parse_failures)} input lines rejected; detector {self.run.detector}")
+
+
+def plan(inputs: SourceInputs, settings: PrepareSettings, run_id: str | None = None) -> Plan:
+    """The whole plan at once (see `Planner`, which runs use)."""
+    planner = Planner(inputs, settings, run_id)
+    batches = tuple(planner.batches())
+    return Plan(run_id=planner.run_id, detector=planner.run.detector, requested=planner.requested,
+                already_done=planner.already_done, redone=planner.redone,
+                parse_failures=tuple(planner.parse_failures), batches=batches)
 
 
 def _reconcile(store: OutputStore, rows: list[manifest.ManifestRow], run_id: str,
@@ -158,7 +204,7 @@ def _reconcile(store: OutputStore, rows: list[manifest.ManifestRow], run_id: str
     return lost
 
 
-def record_parse_failures(plan_: Plan, settings: PrepareSettings) -> None:
+def record_parse_failures(plan_: Plan | Planner, settings: PrepareSettings) -> None:
     """Input lines that never became clips get manifest rows too, so nothing is silently dropped."""
     if not plan_.parse_failures:
         return
@@ -171,73 +217,63 @@ def record_parse_failures(plan_: Plan, settings: PrepareSettings) -> None:
         LOG.warning("input rejected (%s) %s: %s", failure.failure_class, failure.origin, failure.message)
 
 
-class _BatchWriter:
-    """Routes prepared clips to one shard writer per split and builds the batch's manifest rows."""
+def run_batch(batch: Batch, run: Run, settings: PrepareSettings, work: VideoWork | None = None) -> dict[str, int]:
+    """Prepare one batch as one Ray task, which writes its shards; then commit its manifest part here
+    (the commit point). Ray is connected by the flow.
 
-    def __init__(self, batch: Batch, store: OutputStore, shard_bytes: int) -> None:
-        self.batch = batch
-        self.store = store
-        self.shard_bytes = shard_bytes
-        self.writers: dict[str, ShardWriter] = {}
-        self.rows: list[manifest.ManifestRow] = []
-
-    def add(self, outcome: ClipOutcome) -> None:
-        request = outcome.request
-        attempt = self.batch.attempts[request.clip_id]
-        if outcome.sample is None:
-            LOG.warning("clip %s failed (%s): %s", request.clip_id, outcome.failure_class, outcome.message)
-            self.rows.append(manifest_row(request, status=manifest.FAILED, attempt=attempt, timings=outcome.timings,
-                                          failure_class=outcome.failure_class, message=outcome.message))
-            return
-        writer = self.writers.get(request.split)
-        if writer is None:
-            writer = self.writers[request.split] = ShardWriter(self.store, request.split, self.shard_bytes,
-                                                               self.batch.name)
-        shard = writer.write(outcome.sample)
-        start, end = outcome.sample.meta.span
-        self.rows.append(manifest_row(request, status=manifest.OK, attempt=attempt, timings=outcome.timings,
-                                      shard=shard, frames=outcome.sample.frames, seconds=outcome.sample.seconds,
-                                      delivered_start_s=start, delivered_end_s=end, message=outcome.message))
-
-    def commit(self) -> None:
-        """Commit the open shards, then the manifest part that makes them count."""
-        for writer in self.writers.values():
-            writer.close()
-        manifest.write_part(self.store, self.batch.name, self.rows)
-
-    def abort(self) -> None:
-        for writer in self.writers.values():
-            writer.abort()
+    When the task's worker dies (after a retry), each of its videos is run alone, so a video that
+    kills its worker takes no other video with it: it is recorded as `worker_failed`. A stop that
+    outlasts the grace period commits nothing for the batch; its shards are removed at the end of
+    the run and a rerun prepares it. A retry of the same batch rewrites its shards under the same names.
+    """
+    store = OutputStore(settings.output)
+    worker = run.worker_settings(settings)
+    try:
+        (result,) = run_on_workers([batch], worker, settings.output, settings.shard_bytes, work=work)
+        if isinstance(result, WorkerLost):
+            LOG.warning("batch %s: its worker died (%s); running its videos one by one", batch.name, result)
+            result = _one_by_one(batch, worker, settings, store, work)
+    except Stopped:
+        LOG.warning("batch %s: stopped before it finished; nothing of it is committed", batch.name)
+        return {"ok": 0, "failed": 0, "stopped": 1}
+    if isinstance(result, Exception):
+        raise result
+    manifest.write_part(store, batch.name, result)
+    ok = sum(row.status == manifest.OK for row in result)
+    LOG.info("batch %s: %d clips ok, %d failed", batch.name, ok, len(result) - ok)
+    return {"ok": ok, "failed": len(result) - ok}
 
 
-def run_batch(batch: Batch, plan_: Plan, settings: PrepareSettings) -> dict[str, int]:
-    """Prepare one batch on Ray, write its shards, then commit its manifest part (the commit point).
+def _one_by_one(batch: Batch, worker: WorkerSettings, settings: PrepareSettings, store: OutputStore,
+                work: VideoWork | None) -> list[manifest.ManifestRow]:
+    """Each video of `batch` as its own task, writing shards under its own recorded name."""
+    singles = [Batch(batch.name, (group,), {r.clip_id: batch.attempts[r.clip_id] for r in group})
+               for group in batch.groups]
+    names = [f"{batch.name}v{index:03d}" for index in range(len(singles))]
+    splits = sorted({r.split for group in batch.groups for r in group})
+    integrity.write_run_record(store, integrity.RunRecord(f"{batch.name}-one-by-one", tuple(names), tuple(splits)))
+    results = run_on_workers(singles, worker, settings.output, settings.shard_bytes, writer_names=names,
+                             max_retries=0, work=work)
+    rows: list[manifest.ManifestRow] = []
+    for single, result in zip(singles, results):
+        if isinstance(result, WorkerLost):
+            (group,) = single.groups
+            LOG.error("video %s: worker failed: %s", group[0].video_id, result)
+            rows += [manifest_row(r, status=manifest.FAILED, attempt=single.attempts[r.clip_id],
+                                  failure_class=errors.WORKER_FAILED, message=f"{clip_label(r)}: {result}") for r in group]
+        elif isinstance(result, Exception):
+            raise result
+        else:
+            rows += result
+    return rows
 
-    A retry of the same batch rewrites its shards under the same names. Ray is connected by the flow."""
-    output = _BatchWriter(batch, OutputStore(settings.output), settings.shard_bytes)
-    with tqdm(total=batch.clips, desc=f"batch {batch.name}", unit="clip") as progress:
-        def record(outcomes: list[ClipOutcome]) -> None:
-            for outcome in outcomes:
-                output.add(outcome)
-                progress.update(1)
 
-        try:
-            map_videos([list(group) for group in batch.groups], plan_.worker_settings(settings), record)
-            output.commit()
-        except BaseException:
-            output.abort()
-            raise
-    ok = sum(row.status == manifest.OK for row in output.rows)
-    LOG.info("batch %s: %d clips ok, %d failed", batch.name, ok, len(output.rows) - ok)
-    return {"ok": ok, "failed": len(output.rows) - ok}
-
-
-def finalize(plan_: Plan, settings: PrepareSettings) -> dict:
+def finalize(run: Run | Planner, settings: PrepareSettings) -> dict:
     """Clean up after failed batches, consolidate the manifest, index the shards per split, and
     write and return the summary."""
     store = OutputStore(settings.output)
     rows = manifest.read_parts(store)
-    lost = _reconcile(store, rows, plan_.run_id, "final-check")
+    lost = _reconcile(store, rows, run.run_id, "final-check")
     state = manifest.latest_rows(rows)
     state.update(lost)
     manifest.consolidate(store, state)

@@ -1,68 +1,93 @@
-"""The distributor: runs `prepare_video` for many videos on Ray, local or cluster alike.
+"""The distributor: runs batches of videos on Ray, local or cluster alike, one task per batch.
 
 The job's flow connects to a cluster or starts a local Ray (`pipelines.runtime.ensure_ray`);
-nothing here changes between the two. At most `max_in_flight` videos are pending at
-once, so results (encoded clips) stream back instead of piling up in the object store.
+nothing here changes between the two. Each task prepares its batch's videos and writes their
+shards itself (`pipelines.prepare.batch`); only manifest rows come back. A stop request
+(`pipelines.runtime.request_stop`) gives running tasks `STOP_GRACE_S` to finish, then cancels them.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Callable, Iterable
+import os
+import time
+from collections.abc import Sequence
 
-from pipelines import errors
-from pipelines.prepare.requests import ClipRequest
-from pipelines.prepare.worker import ClipOutcome, WorkerSettings, prepare_video
+from pipelines.dataset import manifest
+from pipelines.prepare.batch import Batch, VideoWork, prepare_batch
+from pipelines.prepare.worker import WorkerSettings
+from pipelines.runtime import stop_requested
 
 LOG = logging.getLogger(__name__)
 
+POLL_S = 0.2
+STOP_GRACE_S = 10.0
+"""After a stop request, batches already running get this long to finish before they are cancelled:
+the run then still ends well within the ~30 s a cluster scheduler waits after SIGTERM."""
 
-def map_videos(
-    groups: Iterable[list[ClipRequest]],
-    settings: WorkerSettings,
-    on_outcomes: Callable[[list[ClipOutcome]], None],
-    max_in_flight: int | None = None,
-    work: Callable[[list[ClipRequest], WorkerSettings], list[ClipOutcome]] = prepare_video,
-) -> None:
-    """Prepare each group (the clips of one video) as one Ray task, calling `on_outcomes` as they finish.
 
-    `work` is the per-video function (tests swap in one that kills its worker).
+class WorkerLost(Exception):
+    """The process (or node) running a task died, after Ray's retries: a crash, an OOM kill."""
 
-    A task whose worker dies is retried by Ray; if it still fails, its clips are recorded as
-    `worker_failed` with the cause, and the other videos go on.
-    """
+
+class Stopped(Exception):
+    """A stop was requested and the tasks did not finish within `STOP_GRACE_S`; they were cancelled."""
+
+
+@functools.cache
+def _remote():
+    """One Ray remote function for the process: exported to the cluster once, not once per batch."""
     import ray
 
-    remote = ray.remote(num_cpus=1, max_retries=2)(work)
-    settings_ref = ray.put(settings)
-    limit = max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-    pending: dict = {}
-    queue = iter(groups)
+    return ray.remote(num_cpus=1)(prepare_batch)
 
-    def submit_next() -> bool:
-        group = next(queue, None)
-        if group is None:
-            return False
-        pending[remote.remote(group, settings_ref)] = group
-        return True
 
+STORE_VARIABLES = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS")
+"""The driver's environment variables that configure object stores (endpoint, region, credentials)."""
+
+
+def _store_environment(output: str) -> dict | None:
+    """Workers write to the output store as the driver does: the driver's object-store settings go
+    with each task (a cluster's workers were started before the user set them)."""
+    if "://" not in output:
+        return None
+    variables = {name: value for name, value in os.environ.items() if name.startswith(STORE_VARIABLES)}
+    return {"env_vars": variables} if variables else None
+
+
+def run_on_workers(batches: Sequence[Batch], settings: WorkerSettings, output: str, shard_bytes: int, *,
+                   writer_names: Sequence[str] | None = None, max_retries: int = 1,
+                   work: VideoWork | None = None) -> list[list[manifest.ManifestRow] | Exception]:
+    """Run each batch as one Ray task; return, in order, its manifest rows or `WorkerLost` (or the
+    error it raised). Raises `Stopped` when a stop request outlasted the grace period."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    names = writer_names or [batch.name for batch in batches]
+    task = _remote().options(max_retries=max_retries, runtime_env=_store_environment(output))
+    refs = [task.remote(batch, settings, output, shard_bytes, name, work) for batch, name in zip(batches, names)]
+    deadline, running = None, list(refs)
     try:
-        while len(pending) < limit and submit_next():
-            pass
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            ref = done[0]
-            group = pending.pop(ref)
-            try:
-                outcomes = ray.get(ref)
-            except Exception as exc:  # RayTaskError / WorkerCrashedError after Ray's own retries
-                LOG.error("video %s: worker failed: %s", group[0].video_id, exc)
-                outcomes = [
-                    ClipOutcome(r, failure_class=errors.WORKER_FAILED, message=f"{type(exc).__name__}: {exc}")
-                    for r in group
-                ]
-            on_outcomes(outcomes)
-            submit_next()
-    finally:  # on an error here (a full disk while writing), stop the work nobody will collect
-        for ref in pending:
+        while True:
+            _, running = ray.wait(refs, num_returns=len(refs), timeout=POLL_S)
+            if not running:
+                break
+            if stop_requested():
+                deadline = deadline or time.monotonic() + STOP_GRACE_S
+                if time.monotonic() > deadline:
+                    LOG.warning("stopping: %d batch task(s) still running are cancelled; a rerun prepares them",
+                                len(running))
+                    raise Stopped()
+    finally:  # stopped, or an error here: end the work nobody will collect
+        for ref in running:
             ray.cancel(ref, force=True)
+    results: list[list[manifest.ManifestRow] | Exception] = []
+    for ref in refs:
+        try:
+            results.append(ray.get(ref))
+        except RayTaskError as error:  # the task raised: a storage problem, not the video's
+            results.append(error.as_instanceof_cause())
+        except Exception as error:  # WorkerCrashedError, NodeDiedError, OutOfMemoryError, ...
+            results.append(WorkerLost(f"{type(error).__name__}: {error}"))
+    return results

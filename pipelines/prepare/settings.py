@@ -19,9 +19,11 @@ from typing import Any
 from pipelines.media.faces import DETECTOR_NAMES
 from pipelines.media.framing import Framing, FramingOptions
 from pipelines.media.tracking import FACE_POLICIES, TrackingConfig
-from pipelines.options import FRACTION, NOT_NEGATIVE, POSITIVE, Rule, at_least, check, option
+from pipelines.options import FRACTION, NOT_NEGATIVE, POSITIVE, Rule, at_least, at_most, check, option
 
 DEFAULT_URL_TEMPLATE = "https://www.youtube.com/watch?v={id}"
+MAX_BATCHES_IN_FLIGHT = 64
+"""Threads the prepare flow's task runner has: the most batches that can be in flight."""
 
 
 @dataclass(frozen=True)
@@ -152,8 +154,12 @@ class PrepareSettings(FramingOptions):
                                   "remain", group=_FACES, metavar="N",
                                   rules=(Rule("must be at least 2 (training needs pairs)", lambda n: n >= 2),))
     shard_size_mb: float = option(256.0, "target size of one tar shard", rules=(POSITIVE,))
-    videos_per_batch: int = option(8, "videos per Prefect task (one manifest part); each video is one Ray task",
+    videos_per_batch: int = option(8, "videos per batch: one Prefect task, one Ray task (its videos one after "
+                                      "another), one manifest part",
                                    rules=(at_least(1),))
+    batches_in_flight: int | None = option(None, "batches prepared at once, each one Ray task of one CPU that writes "
+                                                 "its own shards (default: one per CPU of the Ray cluster)", metavar="N",
+                                           rules=(at_least(1), at_most(MAX_BATCHES_IN_FLIGHT)))
     test_fraction: float = option(0.0, "fraction of identities put in the test split when an input names no split",
                                   rules=(FRACTION,))
     retry_failed: bool = option(False, "retry every clip that failed in an earlier run, permanent failures (404, no "

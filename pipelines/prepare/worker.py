@@ -80,7 +80,7 @@ def prepare_video(requests: list[ClipRequest], settings: WorkerSettings) -> list
         download = download_for_clips(requests, cache, settings.download)
     except DownloadError as exc:
         LOG.warning("video %s: download failed (%s): %s", first.video_id, exc.failure_class, exc.message)
-        return [ClipOutcome(r, failure_class=exc.failure_class, message=f"{_label(r)}: {_reason(exc, r)}")
+        return [ClipOutcome(r, failure_class=exc.failure_class, message=f"{clip_label(r)}: {_reason(exc, r)}")
                 for r in requests]
     download_s = time.perf_counter() - started
 
@@ -97,7 +97,7 @@ def prepare_video(requests: list[ClipRequest], settings: WorkerSettings) -> list
     return outcomes
 
 
-def _label(request: ClipRequest) -> str:
+def clip_label(request: ClipRequest) -> str:
     """How messages name a clip: its id, its URL and the span asked for, in the video's own time."""
     span = "the whole video" if request.start_s is None else f"{request.start_s:.3f}-{request.end_s:.3f} s"
     return f"clip {request.clip_id} ({request.url}, {span})"
@@ -112,7 +112,7 @@ def _reason(error: DownloadError, request: ClipRequest) -> str:
 def _prepare_clip(request: ClipRequest, download: Download, detector: FaceDetector, settings: WorkerSettings,
                   infos: dict[Path, VideoInfo]) -> ClipOutcome:
     """Cut one clip from its section; `infos` keeps each section's probe for the video's other clips."""
-    label = _label(request)
+    label = clip_label(request)
     try:
         section, _ = find_section(download.sections, request.start_s, request.end_s)
     except LookupError:

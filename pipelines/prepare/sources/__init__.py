@@ -7,17 +7,18 @@ What they share (failures, splits, video references, duplicates) is in `common`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from pipelines.prepare.settings import DEFAULT_URL_TEMPLATE, SourceInputs
 from pipelines.prepare.sources.clip_table import parse_clip_table
-from pipelines.prepare.sources.common import ParseFailure, ParseResult, SplitPolicy, finish
+from pipelines.prepare.sources.common import ClipFilter, ParseFailure, ParseResult, SplitPolicy, finish
 
 __all__ = ["InputError", "ParseFailure", "ParseResult", "SourceInputs", "SplitPolicy", "check_inputs",
-           "parse_clip_table", "parse_sources", "parse_url_list", "parse_voxceleb_tree"]
+           "parse_clip_table", "parse_sources", "stream_videos", "parse_url_list", "parse_voxceleb_tree"]
 from pipelines.prepare.requests import ClipRequest
 from pipelines.prepare.sources.url_list import parse_url_list
-from pipelines.prepare.sources.voxceleb import parse_voxceleb_tree, voxceleb_txt_root
+from pipelines.prepare.sources.voxceleb import iter_voxceleb_videos, parse_voxceleb_tree, voxceleb_txt_root
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
 
@@ -78,3 +79,49 @@ def parse_sources(
     requests: list[ClipRequest] = [request for found, _ in results for request in found]
     failures: list[ParseFailure] = [failure for _, bad in results for failure in bad]
     return finish(requests, failures)
+
+
+VideoClips = tuple[list[ClipRequest], list[ParseFailure]]
+"""The clips of one video that passed the filter, and the input failures met on the way there."""
+
+
+def stream_videos(
+    inputs: SourceInputs,
+    *,
+    url_template: str = DEFAULT_URL_TEMPLATE,
+    splits: SplitPolicy = SplitPolicy(),
+) -> Iterator[VideoClips]:
+    """Every input as a stream of videos, each with all of its clips in that input, duplicates
+    across inputs dropped as `parse_sources` drops them.
+
+    VoxCeleb trees (the inputs that reach a million files) are walked one video folder at a time;
+    clip tables and URL lists are read whole and then grouped per video, in input order.
+    """
+    admit = ClipFilter()
+    sources: list[Iterable[VideoClips]] = [
+        *(iter_voxceleb_videos(path, version=1, url_template=url_template, splits=splits) for path in inputs.vox1_txt),
+        *(iter_voxceleb_videos(path, version=2, url_template=url_template, splits=splits) for path in inputs.vox2_txt),
+        *(_per_video(parse_clip_table(path, url_template=url_template, splits=splits)) for path in inputs.clips),
+        *(_per_video(parse_url_list(path, url_template=url_template, splits=splits)) for path in inputs.urls),
+    ]
+    for source in sources:
+        for requests, failures in source:
+            kept: list[ClipRequest] = []
+            for request in requests:
+                problem = admit(request)
+                if problem is None:
+                    kept.append(request)
+                else:
+                    failures.append(problem)
+            yield kept, failures
+
+
+def _per_video(parsed: ParseResult) -> Iterator[VideoClips]:
+    """A parsed input's clips grouped per video (first appearance order), its failures with the first group."""
+    requests, failures = parsed
+    groups: dict[tuple[str, str], list[ClipRequest]] = {}
+    for request in requests:
+        groups.setdefault((request.video_id, request.url), []).append(request)
+    yield [], list(failures)
+    for group in groups.values():
+        yield group, []

@@ -149,39 +149,61 @@ def read_lines(path: Path) -> list[str]:
 
 def finish(requests: list[ClipRequest], failures: list[ParseFailure]) -> ParseResult:
     """Reject clips whose key a shard cannot hold, then drop duplicates."""
-    fitting, unfit = [], []
+    admit = ClipFilter()
+    kept: list[ClipRequest] = []
+    rejected: list[ParseFailure] = []
     for request in requests:
-        try:
-            check_key(request.key, f"key of clip {request.clip_id!r}")
-        except ValueError as error:
-            unfit.append(ParseFailure(request.origin, str(error)))
+        problem = admit(request)
+        if problem is None:
+            kept.append(request)
         else:
-            fitting.append(request)
-    kept, duplicates = drop_duplicates(fitting)
-    return kept, failures + unfit + duplicates
+            rejected.append(problem)
+    unfit = [f for f in rejected if f.failure_class != DUPLICATE_CLIP]
+    return kept, failures + unfit + [f for f in rejected if f.failure_class == DUPLICATE_CLIP]
 
 
 def drop_duplicates(requests: Iterable[ClipRequest]) -> ParseResult:
     """Keep the first request per clip id and per (video, span); later ones become failures."""
+    admit = ClipFilter(check_keys=False)
     kept: list[ClipRequest] = []
     failures: list[ParseFailure] = []
-    by_id: dict[str, ClipRequest] = {}
-    by_span: dict[tuple[str, float | None, float | None], ClipRequest] = {}
     for request in requests:
-        span = (request.video_id, request.start_s, request.end_s)
-        first = by_id.get(request.clip_id) or by_span.get(span)
-        if first is not None:
-            failures.append(
-                ParseFailure(
-                    request.origin,
-                    f"clip {request.clip_id!r} repeats clip {first.clip_id!r} from {first.origin} "
-                    "(same clip id or same video and span); the first one is kept",
-                    DUPLICATE_CLIP,
-                )
-            )
-            continue
-        by_id[request.clip_id] = request
-        by_span[span] = request
-        kept.append(request)
+        problem = admit(request)
+        if problem is None:
+            kept.append(request)
+        else:
+            failures.append(problem)
     return kept, failures
 
+
+class ClipFilter:
+    """Admits each clip once, as requests stream past: a clip whose key a shard cannot hold, or that
+    repeats an earlier clip id or (video, span), comes back as a `ParseFailure`.
+
+    It remembers only ids, spans and origins of the clips it admitted (not the requests), so a
+    streamed plan holds about 200 bytes per clip of the metadata, not the clips themselves.
+    """
+
+    def __init__(self, check_keys: bool = True) -> None:
+        self.check_keys = check_keys
+        self._origin_by_id: dict[str, str] = {}
+        self._id_by_span: dict[tuple[str, float | None, float | None], str] = {}
+
+    def __call__(self, request: ClipRequest) -> ParseFailure | None:
+        if self.check_keys:
+            try:
+                check_key(request.key, f"key of clip {request.clip_id!r}")
+            except ValueError as error:
+                return ParseFailure(request.origin, str(error))
+        span = (request.video_id, request.start_s, request.end_s)
+        first_id = request.clip_id if request.clip_id in self._origin_by_id else self._id_by_span.get(span)
+        if first_id is not None:
+            return ParseFailure(
+                request.origin,
+                f"clip {request.clip_id!r} repeats clip {first_id!r} from {self._origin_by_id[first_id]} "
+                "(same clip id or same video and span); the first one is kept",
+                DUPLICATE_CLIP,
+            )
+        self._origin_by_id[request.clip_id] = request.origin
+        self._id_by_span[span] = request.clip_id
+        return None

@@ -8,7 +8,8 @@ so tests and the sample can describe a video the way VoxCeleb would.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,19 +116,60 @@ def parse_voxceleb_tree(
     """
     if version not in (None, 1, 2):
         raise ValueError(f"VoxCeleb version must be 1, 2 or None (detect), got {version}")
+    requests: list[ClipRequest] = []
+    failures: list[ParseFailure] = []
+    for found, bad in iter_voxceleb_videos(root, version=version, url_template=url_template, splits=splits):
+        requests += found
+        failures += bad
+    return finish(requests, failures)
+
+
+def iter_voxceleb_videos(
+    root: str | Path,
+    *,
+    version: int | None = None,
+    url_template: str = DEFAULT_URL_TEMPLATE,
+    splits: SplitPolicy = SplitPolicy(),
+) -> Iterator[tuple[list[ClipRequest], list[ParseFailure]]]:
+    """The tree one video folder at a time, in sorted order: ``(that video's clips, failures)``.
+
+    The tree is walked, never listed whole, so a plan over VoxCeleb2's 1.1M files starts yielding
+    work at once and holds one video's clips at a time. Misplaced files are failures of their own.
+    """
+    if version not in (None, 1, 2):
+        raise ValueError(f"VoxCeleb version must be 1, 2 or None (detect), got {version}")
     root = Path(root)
     txt_root = voxceleb_txt_root(root)
     if txt_root is None:
-        return [], [ParseFailure(str(root), "holds no VoxCeleb tree txt/<identity>/<video>/<utterance>.txt")]
-    requests: list[ClipRequest] = []
-    failures: list[ParseFailure] = []
-    for path in sorted(txt_root.rglob("*.txt")):
-        try:
-            requests.append(_parse_utterance(path, txt_root, version, url_template, splits))
-        except InvalidInput as error:
-            origin = f"{path}:{error.line}" if error.line else str(path)
-            failures.append(ParseFailure(origin, str(error)))
-    return finish(requests, failures)
+        yield [], [ParseFailure(str(root), "holds no VoxCeleb tree txt/<identity>/<video>/<utterance>.txt")]
+        return
+
+    def parse(paths: Iterable[Path]) -> tuple[list[ClipRequest], list[ParseFailure]]:
+        requests: list[ClipRequest] = []
+        failures: list[ParseFailure] = []
+        for path in paths:
+            try:
+                requests.append(_parse_utterance(path, txt_root, version, url_template, splits))
+            except InvalidInput as error:
+                origin = f"{path}:{error.line}" if error.line else str(path)
+                failures.append(ParseFailure(origin, str(error)))
+        return requests, failures
+
+    for level_one in _sorted_entries(txt_root):
+        if not level_one.is_dir():
+            if level_one.suffix == ".txt":
+                yield parse([level_one])
+            continue
+        for level_two in _sorted_entries(level_one):
+            if level_two.is_dir():
+                yield parse(sorted(level_two.rglob("*.txt")))
+            elif level_two.suffix == ".txt":
+                yield parse([level_two])
+
+
+def _sorted_entries(folder: Path) -> list[Path]:
+    with os.scandir(folder) as entries:
+        return sorted(Path(entry.path) for entry in entries)
 
 
 def _parse_utterance(
