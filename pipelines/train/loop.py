@@ -2,7 +2,8 @@
 
 All ranks start from the same weights (same seed, same initialisation file or checkpoint) and
 `train_step` averages gradients across them, so the weights stay identical; each rank draws its
-own pairs (`pairs.PairSampler`). Every rank runs the same steps and meets the others at the
+own pairs (`pairs.PairSampler`), prepared ahead of the step by its loader processes
+(`pairs.PairLoader`, `--loader-workers`). Every rank runs the same steps and meets the others at the
 same collective calls: the gradient all-reduce inside the step, a gather of the interval's
 losses and skipped samples every `log_every` steps, and `ray.train.report` at each checkpoint
 (a barrier). Rank 0 alone writes the run's files (`outputs.RunOutputs`), grids and evaluations.
@@ -30,7 +31,7 @@ from pipelines.storage import require_visible
 from pipelines.train import checkpoints
 from pipelines.train.clips import Catalogue, ClipReader
 from pipelines.train.model import ModelPlan, apply_init, build_state
-from pipelines.train.pairs import PairSampler, fixed_pairs
+from pipelines.train.pairs import PairLoader, fixed_pairs
 from pipelines.train.settings import TrainSettings
 
 LOG = logging.getLogger(__name__)
@@ -66,9 +67,11 @@ def train_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(settings.seed)
     state = build_state(plan, device)
     start = _restore_or_initialise(state, ray.train.get_checkpoint(), plan, config.get("init_content"), rank)
-    reader = ClipReader(settings.data, settings.size, frame_window=settings.effective_frame_window,
-                        cache_bytes=settings.clip_cache_mb << 20)
-    sampler = PairSampler(train_catalogue, reader, seed=settings.seed, rank=rank)
+    loader = PairLoader(train_catalogue, {"data": settings.data, "size": settings.size,
+                                          "frame_window": settings.effective_frame_window,
+                                          "cache_bytes": settings.clip_cache_mb << 20},
+                        seed=settings.seed, rank=rank, count=settings.per_worker_batch, start=start,
+                        end=settings.steps, workers=settings.loader_workers, device=device)
     LOG.info("rank %d/%d on %s: steps %d..%d, %d pairs per step, data %s", rank, world_size, device, start,
              settings.steps, settings.per_worker_batch, train_catalogue.describe())
 
@@ -86,16 +89,18 @@ def train_worker(config: dict[str, Any]) -> None:
 
     interval = _Interval()
     upload = checkpoints.upload_checkpoint(settings.run_dir, settings.name)
+    batches = iter(loader)
     for step in range(start, settings.steps):
         began = time.perf_counter()
-        batch = {key: torch.from_numpy(value) for key, value in sampler.batch(step, settings.per_worker_batch).items()}
+        loaded_step, batch = next(batches)
+        assert loaded_step == step, f"the loader gave step {loaded_step} for step {step}"
         loaded = time.perf_counter()
         torch.manual_seed(step_seed(settings.seed, rank, step))
         interval.add(train_step(state, batch), loaded - began, time.perf_counter() - began)
         done = step + 1
         last = done == settings.steps
         if done % settings.log_every == 0 or last:
-            gathered = _gather({"losses": interval.means(), "skipped": dict(reader.skipped)}, world_size)
+            gathered = _gather({"losses": interval.means(), "skipped": dict(loader.skipped)}, world_size)
             if outputs is not None:
                 _log(outputs, state, settings, done, interval, gathered)
             interval = _Interval()
