@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import http.server
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -104,8 +105,6 @@ def test_samples_are_read_with_one_read_each_from_offsets_in_the_stats(dataset):
 def test_a_dataset_without_offsets_is_indexed_once_and_the_index_cached(dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("PORTRAIT_CACHE", str(tmp_path / "cache"))
     old = tmp_path / "old"
-    import shutil
-
     shutil.copytree(dataset, old)
     shard = load_catalogue(str(old), "train").shards[0]
     record = json.loads((old / stats_path(shard)).read_text())
