@@ -214,19 +214,21 @@ def cold_pairs_per_s(data: str, pairs: int, *, whole: bool) -> tuple[float, Clip
 
 def gets_per_sample(data_folder: Path) -> tuple[float, float]:
     """(GETs per sample read, GETs per shard opened) on moto's S3 server, counted at the server."""
+    import logging
     import os
 
     import boto3
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     counted = {"range": 0, "other": 0}
-    app = server._server.app  # count requests as the server sees them
+    app = server._server.app  # count requests of shard tars as the server sees them
 
     def counting(environ, start_response):
-        if environ["REQUEST_METHOD"] == "GET" and ".tar" in environ.get("PATH_INFO", ""):
+        if environ["REQUEST_METHOD"] == "GET" and environ.get("PATH_INFO", "").endswith(".tar"):
             counted["range" if "HTTP_RANGE" in environ else "other"] += 1
         return app(environ, start_response)
 
