@@ -36,6 +36,7 @@ def train_model(
     eval_split: str = _DEFAULTS.eval_split,
     frame_window: int | None = _DEFAULTS.frame_window,
     clip_cache_mb: int = _DEFAULTS.clip_cache_mb,
+    loader_workers: int = _DEFAULTS.loader_workers,
     steps: int = _DEFAULTS.steps,
     size: int = _DEFAULTS.size,
     model_width: str = _DEFAULTS.model_width,

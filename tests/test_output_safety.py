@@ -74,6 +74,19 @@ def test_changed_sample_settings_are_refused_with_the_differences(tmp_path):
     assert json.loads(store.read_bytes(MARKER_PATH))["sample_settings"]["crop_size"] == 256
 
 
+def test_the_keyframe_interval_is_recorded_and_a_dataset_made_before_it_still_takes_reruns(tmp_path):
+    store = OutputStore(tmp_path / "ds")
+    claim_output(store, SETTINGS)
+    assert read_marker(store).sample_settings["keyframe_interval"] == SampleFormat().keyframe_interval
+    old = OutputStore(tmp_path / "old")
+    claim_output(old, {name: value for name, value in SETTINGS.items() if name != "keyframe_interval"})
+    assert "keyframe_interval" not in claim_output(old, SETTINGS).sample_settings  # how it stores, not what
+    assert claim_output(store, SampleFormat(keyframe_interval=250).record("dlib")).sample_settings == \
+        read_marker(store).sample_settings
+    with pytest.raises(OutputRefused, match="crf: 18 -> 30"):  # what a sample shows still counts
+        claim_output(store, SampleFormat(crf=30, keyframe_interval=250).record("dlib"))
+
+
 def test_folders_inside_or_above_a_dataset_are_refused(tmp_path):
     claim_output(OutputStore(tmp_path / "outer" / "ds"), SETTINGS)
     with pytest.raises(OutputRefused, match="lies inside the dataset"):

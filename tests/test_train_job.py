@@ -72,7 +72,8 @@ def straight(train_data, runs) -> Path:
 
 
 def _descendants_named(marker: str) -> list[int]:
-    """Processes below this one (Ray's raylet starts the workers) whose command line holds `marker`."""
+    """Processes below this one (Ray's raylet starts the workers) whose command line holds `marker`, not
+    counting their own children (a worker's loader processes are forked with its command line)."""
     children: dict[int, list[int]] = defaultdict(list)
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -84,12 +85,13 @@ def _descendants_named(marker: str) -> list[int]:
     found, pending = [], [os.getpid()]
     while pending:
         for child in children[pending.pop()]:
-            pending.append(child)
             try:
                 if marker in Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace"):
                     found.append(child)
+                    continue
             except OSError:
                 continue
+            pending.append(child)
     return found
 
 

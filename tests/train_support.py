@@ -38,7 +38,7 @@ def _row(key: str, identity: str, split: str, shard: str, frames: int) -> manife
                                 seconds=frames / 25.0)
 
 
-def _clip(frames: np.ndarray, key: str, identity: str, split: str) -> ClipSample:
+def _clip(frames: np.ndarray, key: str, identity: str, split: str, keyframe_interval: int | None = None) -> ClipSample:
     """A sample of square face crops (`CROP` px) with template landmarks that move a little."""
     count = len(frames)
     t = np.linspace(0, 1, count)[:, None]
@@ -51,13 +51,15 @@ def _clip(frames: np.ndarray, key: str, identity: str, split: str) -> ClipSample
     meta = SampleMeta(clip_id=key, identity=identity, video_id=key, url="", split=split, source="test",
                       requested_span=(None, None), span=(0.0, count / 25.0), fps=25.0, frames=count, crop_size=CROP,
                       source_size=(176, 144), detector="test")
-    mp4 = encode_mp4_bytes(frames, fps=25.0, crf=23, preset="ultrafast")
+    mp4 = encode_mp4_bytes(frames, fps=25.0, crf=23, preset="ultrafast", keyframe_interval=keyframe_interval)
     return ClipSample(key=key, mp4=mp4, boxes=boxes, landmarks=landmarks, pose=split_pose.astype(np.float32),
                       expression=expression.astype(np.float32), meta=meta)
 
 
-def write_dataset(folder: Path, carphone_frames: np.ndarray, clips: dict[str, tuple[str, str, int, int]]) -> Path:
-    """Write clips {key: (identity, split, first frame, frame count)} of the real clip as a dataset.
+def write_dataset(folder: Path, carphone_frames: np.ndarray, clips: dict[str, tuple[str, str, int, int]],
+                  keyframe_interval: int | None = None) -> Path:
+    """Write clips {key: (identity, split, first frame, frame count)} of the real clip as a dataset
+    (mp4s with a keyframe every `keyframe_interval` frames; None: x264's default).
 
     Each split goes into one shard, as `portrait prepare` writes a small batch.
     """
@@ -69,7 +71,8 @@ def write_dataset(folder: Path, carphone_frames: np.ndarray, clips: dict[str, tu
         with ShardWriter(store, split, 1 << 30, "testbatch") as writer:
             for key, (identity, clip_split, first, count) in clips.items():
                 if clip_split == split:
-                    shard = writer.write(_clip(crops[first:first + count], key, identity, split))
+                    shard = writer.write(_clip(crops[first:first + count], key, identity, split,
+                                                         keyframe_interval))
                     rows.append(_row(key, identity, split, shard, count))
         index[split] = [record.path for record in writer.records]
     manifest.write_part(store, "testbatch", rows)

@@ -88,7 +88,8 @@ def run_path(run_id: str) -> str:
 @dataclass(frozen=True)
 class DatasetMarker:
     """What the marker file says: the format, when the dataset was created, and the settings that
-    decide what a sample contains (crop size, frame rate, detector, tracking and framing, encoder)."""
+    decide what a sample contains (crop size, frame rate, detector, tracking and framing, encoder;
+    `STORAGE_SETTINGS` among them as first recorded)."""
 
     version: int
     created_at: str
@@ -113,9 +114,16 @@ def read_marker(store: OutputStore) -> DatasetMarker | None:
                             "restore it or prepare into a new folder") from error
 
 
+STORAGE_SETTINGS = ("keyframe_interval",)
+"""Recorded settings that change how a sample is stored, not what it shows: a dataset may mix their
+values (a rerun with another value, or into a dataset made before the setting existed, is not
+refused). `keyframe_interval`: frames between keyframes at most in the stored mp4s (absent in
+datasets made before it was recorded: x264's default, 250); readers seek either way."""
+
+
 def settings_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """Lines ``name: recorded -> current`` for every sample-shaping setting that differs."""
-    names = sorted(set(recorded) | set(current))
+    names = sorted((set(recorded) | set(current)) - set(STORAGE_SETTINGS))
     return [f"{name}: {recorded.get(name, '(absent)')!r} -> {current.get(name, '(absent)')!r}"
             for name in names if recorded.get(name) != current.get(name)]
 

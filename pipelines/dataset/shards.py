@@ -2,8 +2,9 @@
 
 Shards go to ``<split>/<batch_name>-<n:04d>.tar`` (see `pipelines.dataset.layout`); each is written
 under a temporary name and renamed when complete (`pipelines.storage`), then a
-``<shard>.stats.json`` with its sample count, size, frames, seconds and keys is committed next to
-it. A writer that dies mid-shard therefore leaves no partial ``.tar`` that a reader could pick up.
+``<shard>.stats.json`` with its sample count, size, frames, seconds, keys and where each sample's
+members lie (`ShardRecord.members`: one ranged read fetches a sample) is committed next to it. A
+writer that dies mid-shard therefore leaves no partial ``.tar`` that a reader could pick up.
 
 Reading needs no webdataset pipeline: shards are plain tars whose members are ``<key>.<entry>``,
 so `read_shard` streams one from any file object (a local file or an object-store stream) with
@@ -43,16 +44,24 @@ class ShardRecord:
     frames: int
     seconds: float
     keys: tuple[str, ...] = field(repr=False)
+    members: dict[str, tuple[int, int]] | None = field(default=None, repr=False, compare=False)
+    """key -> (offset, length): the bytes of the sample's members (headers included) in the tar, a
+    valid tar stream on their own; None in stats written before they were recorded."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "split": self.split, "samples": self.samples, "bytes": self.bytes,
-                "frames": self.frames, "seconds": self.seconds, "keys": list(self.keys)}
+        record = {"path": self.path, "split": self.split, "samples": self.samples, "bytes": self.bytes,
+                  "frames": self.frames, "seconds": self.seconds, "keys": list(self.keys)}
+        if self.members is not None:
+            record["members"] = {key: list(span) for key, span in self.members.items()}
+        return record
 
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> ShardRecord:
+        members = record.get("members")
         return cls(path=record["path"], split=record["split"], samples=int(record["samples"]),
                    bytes=int(record["bytes"]), frames=int(record["frames"]), seconds=float(record["seconds"]),
-                   keys=tuple(record["keys"]))
+                   keys=tuple(record["keys"]),
+                   members=None if members is None else {key: (int(o), int(n)) for key, (o, n) in members.items()})
 
 
 def read_stats(store: OutputStore, shard: str) -> ShardRecord | None:
@@ -98,6 +107,7 @@ class ShardWriter:
         self._output: AtomicOutput | None = None
         self._tar: wds.TarWriter | None = None
         self._keys: list[str] = []
+        self._members: dict[str, tuple[int, int]] = {}
         self._member_bytes = 0
         self._frames = 0
         self._seconds = 0.0
@@ -117,7 +127,9 @@ class ShardWriter:
         if self._tar is None:
             self._output = self.store.open_output_atomic(self.current_path)
             self._tar = wds.TarWriter(self._output.file, encoder=False, mtime=0)
+        first = self._tar.tarstream.offset
         self._tar.write(entries)
+        self._members[sample.key] = (first, self._tar.tarstream.offset - first)
         self._seen_keys.add(sample.key)
         self._keys.append(sample.key)
         self._member_bytes += size
@@ -131,14 +143,14 @@ class ShardWriter:
         self._output.commit()
         record = ShardRecord(path=self._output.relpath, split=self.split, samples=len(self._keys),
                              bytes=_closed_tar_bytes(self._member_bytes), frames=self._frames,
-                             seconds=self._seconds, keys=tuple(self._keys))
+                             seconds=self._seconds, keys=tuple(self._keys), members=dict(self._members))
         self.store.write_bytes_atomic(stats_path(record.path), json.dumps(record.to_json(), indent=1).encode())
         self.records.append(record)
         self._reset()
 
     def _reset(self) -> None:
         self._tar, self._output = None, None
-        self._keys, self._member_bytes, self._frames, self._seconds = [], 0, 0, 0.0
+        self._keys, self._members, self._member_bytes, self._frames, self._seconds = [], {}, 0, 0, 0.0
 
     def close(self) -> list[ShardRecord]:
         """Commit the open shard (if any) and return the records of every committed shard."""
@@ -165,6 +177,19 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
+
+
+def sample_spans(handle: IO[bytes]) -> dict[str, tuple[int, int]]:
+    """key -> (offset, length) of each sample's members in a seekable tar, from its headers (`tarfile`
+    seeks past the data): the `ShardRecord.members` of a shard whose stats predate them."""
+    spans: dict[str, tuple[int, int]] = {}
+    with tarfile.open(fileobj=handle, mode="r:") as archive:
+        for member in archive:
+            if member.isfile():
+                key = posixpath.basename(member.name).partition(".")[0]
+                first = spans[key][0] if key in spans else member.offset
+                spans[key] = (first, member.offset_data + _padded(member.size) - first)
+    return spans
 
 
 SampleErrorHandler = Callable[[str, Exception], None]

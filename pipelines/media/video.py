@@ -10,7 +10,9 @@ one frame at a time, so memory never holds a video whatever its length or resolu
   variable frame rate as it is, the last frame's duration too), the orientation and aspect
   metadata, and every other stream bit for bit: `decode` yields frames with their pts and duration,
   optionally from a given frame on.
-- Training reads the first frames of a sample's mp4 from memory: `read_clip`.
+- Training reads the first frames of a sample's mp4 from memory (`read_clip`), or only the frames a
+  pair needs (`read_frames_at`: a seek to the keyframe before each, so a short keyframe interval
+  makes random access cheap).
 
 What analysis sees of a frame (`DecodedFrame.image`) is an RGB image as a viewer sees it: in the
 frame's own colour matrix and range, in square pixels, upright, one field of an interlaced frame
@@ -642,17 +644,11 @@ def read_clip(mp4: bytes, size: int, limit: int | None = None) -> np.ndarray:
     resized with area averaging when shrinking and bicubic when enlarging (as the crops were made).
     Raises `damaged_video` when it cannot be decoded or holds no video frames.
     """
-    import cv2
-
     frames: list[np.ndarray] = []
     try:
         with av.open(io.BytesIO(mp4)) as container:
             for frame in container.decode(video=0):
-                image = frame.reformat(format="rgb24", interpolation=CONVERSION).to_ndarray()
-                if image.shape[:2] != (size, size):
-                    shrink = image.shape[0] > size
-                    image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
-                frames.append(image)
+                frames.append(_model_size(frame, size))
                 if limit is not None and len(frames) >= limit:
                     break
     except (av.FFmpegError, ValueError, IndexError) as error:
@@ -660,6 +656,56 @@ def read_clip(mp4: bytes, size: int, limit: int | None = None) -> np.ndarray:
     if not frames:
         raise VideoError(DAMAGED_VIDEO, "the mp4 holds no video frames")
     return np.stack(frames)
+
+
+def _model_size(frame: av.VideoFrame, size: int) -> np.ndarray:
+    """A decoded frame as `read_clip` gives it: RGB, resized to `size` (area when shrinking, bicubic else)."""
+    import cv2
+
+    image = frame.reformat(format="rgb24", interpolation=CONVERSION).to_ndarray()
+    if image.shape[:2] != (size, size):
+        shrink = image.shape[0] > size
+        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+    return image
+
+
+def read_frames_at(mp4: bytes, indices: Iterable[int], size: int, *, frames: int, threads: int = 1) -> np.ndarray:
+    """Frames `indices` (in that order) of a constant-rate mp4 held in memory, as `read_clip` gives them.
+
+    The container must list `frames` video packets, all present (a cut-short file is refused
+    whatever frames are asked for, so a sample's usability does not depend on which frames a draw
+    picks). Each wanted frame is reached by seeking to the keyframe at or before it and decoding
+    forward: the cost is the distance to that keyframe, not the frame's place in the clip.
+    `threads` > 1 lets FFmpeg decode with that many threads. Raises `damaged_video` otherwise.
+    """
+    wanted = list(indices)
+    found: dict[int, np.ndarray] = {}
+    try:
+        with av.open(io.BytesIO(mp4)) as container:
+            stream = container.streams.video[0]
+            if threads > 1:
+                stream.thread_type = "AUTO"
+                stream.codec_context.thread_count = threads
+            present = sum(1 for packet in container.demux(stream) if packet.size)
+            if present != frames:
+                raise VideoError(DAMAGED_VIDEO, f"the mp4 holds {present} video frames where {frames} are recorded")
+            start, step = stream.start_time or 0, 1 / (stream.time_base * stream.average_rate)
+            for index in sorted(set(wanted)):
+                if not 0 <= index < frames:
+                    raise ValueError(f"frame {index} is outside the clip's {frames} frames")
+                target = start + round(index * step)
+                container.seek(target, backward=True, any_frame=False, stream=stream)
+                for frame in container.decode(stream):
+                    if frame.pts is None or frame.pts < target:
+                        continue
+                    if frame.pts == target:
+                        found[index] = _model_size(frame, size)
+                    break
+                if index not in found:
+                    raise VideoError(DAMAGED_VIDEO, f"frame {index} cannot be decoded after a seek")
+    except (av.FFmpegError, ValueError, IndexError, ZeroDivisionError, TypeError) as error:
+        raise VideoError(DAMAGED_VIDEO, f"the mp4 cannot be decoded ({type(error).__name__}: {error})") from None
+    return np.stack([found[index] for index in wanted])
 
 
 # --- encoding ------------------------------------------------------------------------------------
@@ -745,7 +791,8 @@ class VideoWriter:
                  b_frames: bool = True, colour: Mapping[str, int] | None = None,
                  sample_aspect_ratio: Fraction | None = None, field_order: int = 0, container: str = "mp4",
                  muxer_options: Mapping[str, str] | None = None, audio_from: VideoInfo | None = None,
-                 audio_seconds: float = math.inf, codec_time_base: Fraction | None = None) -> None:
+                 audio_seconds: float = math.inf, codec_time_base: Fraction | None = None,
+                 keyframe_interval: int | None = None) -> None:
         self.path = Path(path)
         self.time_base = time_base
         self.codec_time_base = codec_time_base or time_base
@@ -772,7 +819,8 @@ class VideoWriter:
             for name, value in self.colour.items():
                 setattr(context, name, value)
             stream.options = dict(options) if options is not None else {
-                "crf": str(crf), "preset": preset, **({} if b_frames else {"bf": "0"})}
+                "crf": str(crf), "preset": preset, **({} if b_frames else {"bf": "0"}),
+                **({"g": str(keyframe_interval)} if keyframe_interval else {})}
             if audio_from is not None:
                 self._audio = _AudioTrack(self._container, audio_from, audio_seconds)
         except (av.FFmpegError, ValueError) as error:
@@ -916,12 +964,14 @@ class SegmentWriter(VideoWriter):
 
 
 def encode_mp4(frames: Iterable[np.ndarray], path: str | os.PathLike, fps: float = 25.0, crf: int = 18,
-               preset: str = "medium", colour: Mapping[str, int] | None = None) -> int:
+               preset: str = "medium", colour: Mapping[str, int] | None = None,
+               keyframe_interval: int | None = None) -> int:
     """Encode RGB uint8 frames at `fps` to an H.264 yuv420p faststart mp4 at `path`; return the frame count.
 
     The clip is BT.709 limited range, tagged so, with the primaries and transfer of `colour` (the
     source's tags the frames were decoded from: their RGB values are still in those), so decoding
-    it gives back the colours that went in. Frames are encoded as they come (nothing is buffered
+    it gives back the colours that went in. `keyframe_interval` caps the frames between keyframes
+    (None: x264's default, 250). Frames are encoded as they come (nothing is buffered
     here), on one thread: preparation runs clips in parallel already. The file appears under its
     final name only once complete.
     """
@@ -938,7 +988,8 @@ def encode_mp4(frames: Iterable[np.ndarray], path: str | os.PathLike, fps: float
     count = 0
     with atomic_local_path(path) as temporary:
         with VideoWriter(temporary, shape[1], shape[0], time_base=1 / rate, rate=rate, crf=crf, preset=preset,
-                         colour=rgb_colour(colour), muxer_options={"movflags": "+faststart"}) as writer:
+                         colour=rgb_colour(colour), muxer_options={"movflags": "+faststart"},
+                         keyframe_interval=keyframe_interval) as writer:
             for frame in _chain(first, frames):
                 if frame.shape != shape or frame.dtype != np.uint8:
                     raise ValueError(f"frame {count} for {path} is {frame.shape} {frame.dtype}, "
@@ -949,11 +1000,13 @@ def encode_mp4(frames: Iterable[np.ndarray], path: str | os.PathLike, fps: float
 
 
 def encode_mp4_bytes(frames: Iterable[np.ndarray], fps: float = 25.0, crf: int = 18,
-                     preset: str = "medium", colour: Mapping[str, int] | None = None) -> bytes:
+                     preset: str = "medium", colour: Mapping[str, int] | None = None,
+                     keyframe_interval: int | None = None) -> bytes:
     """Encode frames like `encode_mp4` and return the mp4 file's bytes (faststart needs a real file)."""
     with tempfile.TemporaryDirectory(prefix="encode-") as directory:
         target = Path(directory) / "clip.mp4"
-        encode_mp4(frames, target, fps=fps, crf=crf, preset=preset, colour=colour)
+        encode_mp4(frames, target, fps=fps, crf=crf, preset=preset, colour=colour,
+                   keyframe_interval=keyframe_interval)
         return target.read_bytes()
 
 

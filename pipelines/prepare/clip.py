@@ -161,7 +161,7 @@ def process_clip(video_path: str | os.PathLike, start_s: float | None, end_s: fl
                 regions = None  # free the kept parts before decoding again
                 crops = _crops(read_frames(video_path, start, end, fps=fps, info=info), track.start, boxes, size)
             mp4 = encode_mp4_bytes(crops, fps=fps, crf=sample_format.crf, preset=sample_format.preset,
-                                   colour=info.colour)
+                                   colour=info.colour, keyframe_interval=sample_format.keyframe_interval)
         with _timed(timings, "annotate_s"):
             pose, expression = split_pose_expression(landmarks)
     except RecordedFailure as error:  # the file's own (cache) path means nothing to a user: the label names the clip

@@ -74,6 +74,11 @@ class SampleFormat:
     """x264 quality of the stored crops (lower is better)."""
     preset: str = "medium"
     """x264 speed preset of the stored crops."""
+    keyframe_interval: int = 25
+    """Frames between keyframes of the stored crops at most (x264's default is 250): training seeks to
+    the keyframe before each frame a pair needs, so this bounds what a pair decodes (for about 3% more
+    bytes). It changes how a sample is stored, not what it shows, so a dataset may mix intervals
+    (`dataset.layout.STORAGE_SETTINGS`)."""
     min_clip_frames: int = 25
     """Clips with fewer frames are rejected (`clip_too_short`): training needs two frames of a clip
     far enough apart to differ. A span running past the end of the video keeps the frames that exist

@@ -2,7 +2,8 @@
 
 All ranks start from the same weights (same seed, same initialisation file or checkpoint) and
 `train_step` averages gradients across them, so the weights stay identical; each rank draws its
-own pairs (`pairs.PairSampler`). Every rank runs the same steps and meets the others at the
+own pairs (`pairs.PairSampler`), prepared ahead of the step by its loader processes
+(`pairs.PairLoader`, `--loader-workers`). Every rank runs the same steps and meets the others at the
 same collective calls: the gradient all-reduce inside the step, a gather of the interval's
 losses and skipped samples every `log_every` steps, and `ray.train.report` at each checkpoint
 (a barrier). Rank 0 alone writes the run's files (`outputs.RunOutputs`), grids and evaluations
@@ -38,7 +39,7 @@ from pipelines.storage import require_visible
 from pipelines.train import checkpoints
 from pipelines.train.clips import Catalogue, ClipReader
 from pipelines.train.model import ModelPlan, apply_init, build_state
-from pipelines.train.pairs import PairSampler, fixed_pairs
+from pipelines.train.pairs import PairLoader, fixed_pairs
 from pipelines.train.settings import TrainSettings
 
 LOG = logging.getLogger(__name__)
@@ -83,9 +84,11 @@ def train_worker(config: dict[str, Any]) -> None:
     state = build_state(plan, device)
     start = _restore_or_initialise(state, ray.train.get_checkpoint(), plan, config.get("init_content"), rank)
     broadcast_from_first(_shared_tensors(state))
-    reader = ClipReader(settings.data, settings.size, frame_window=settings.effective_frame_window,
-                        cache_bytes=settings.clip_cache_mb << 20)
-    sampler = PairSampler(train_catalogue, reader, seed=settings.seed, rank=rank)
+    loader = PairLoader(train_catalogue, {"data": settings.data, "size": settings.size,
+                                          "frame_window": settings.effective_frame_window,
+                                          "cache_bytes": settings.clip_cache_mb << 20},
+                        seed=settings.seed, rank=rank, count=settings.per_worker_batch, start=start,
+                        end=settings.steps, workers=settings.loader_workers, device=device)
     LOG.info("rank %d/%d on %s: steps %d..%d, %d pairs per step, data %s", rank, world_size, device, start,
              settings.steps, settings.per_worker_batch, train_catalogue.describe())
 
@@ -105,9 +108,11 @@ def train_worker(config: dict[str, Any]) -> None:
     guard = SkipGuard(settings.max_skipped_steps)
     upload = checkpoints.upload_checkpoint(settings.run_dir, settings.name)
     last_checkpoint = time.monotonic()
+    batches = iter(loader)
     for step in range(start, settings.steps):
         began = time.perf_counter()
-        batch = {key: torch.from_numpy(value) for key, value in sampler.batch(step, settings.per_worker_batch).items()}
+        loaded_step, batch = next(batches)
+        assert loaded_step == step, f"the loader gave step {loaded_step} for step {step}"
         loaded = time.perf_counter()
         torch.manual_seed(step_seed(settings.seed, rank, step))
         logs = train_step(state, batch)
@@ -119,7 +124,7 @@ def train_worker(config: dict[str, Any]) -> None:
         if done % settings.log_every == 0 or last:
             overdue = (settings.checkpoint_minutes is not None
                        and time.monotonic() - last_checkpoint >= 60 * settings.checkpoint_minutes)
-            gathered = _gather({"losses": interval.means(), "skipped": dict(reader.skipped), "overdue": overdue},
+            gathered = _gather({"losses": interval.means(), "skipped": dict(loader.skipped), "overdue": overdue},
                                world_size)
             checkpoint_due = checkpoint_due or gathered[0]["overdue"]  # rank 0's clock decides for all
             if outputs is not None:

@@ -52,8 +52,11 @@ class TrainSettings:
     frame_window: int | None = option(None, "draw pair frames from the first N frames of a clip (default: the whole "
                                             "clip; 500 with --objective official)", group=_DATA, metavar="N",
                                       rules=(at_least(1),))
-    clip_cache_mb: int = option(256, "decoded clips kept per worker (LRU, at model size)", group=_DATA,
-                                rules=(at_least(1),))
+    clip_cache_mb: int = option(256, "clips kept per loader process: decoded when all fit, else as stored (LRU)",
+                                group=_DATA, rules=(at_least(1),))
+    loader_workers: int = option(2, "processes per worker that prepare the pairs of the next steps (0: drawn on "
+                                    "the training thread); give them CPUs with --cpus-per-worker", group=_DATA,
+                                 rules=(NOT_NEGATIVE,))
     steps: int = option(1000, "total optimiser steps of the run (a rerun with more steps continues to the new total)",
                         group=_MODEL, rules=(at_least(1),))
     size: int = option(256, "model resolution in pixels (power of two; the stored 256 px crops are resized to it)",
