@@ -145,6 +145,8 @@ sys.path.insert(0, sys.argv[5])
 from test_train_safety import TINY, _batch
 from dpe.train_step import TrainConfig, make_train_state, train_step
 rank, world, init, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+torch.set_num_threads(1)  # one core per rank, as a Ray Train worker gets: spinning OpenMP threads of two
+                          # ranks on two cores can slow each other a hundredfold
 dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
 torch.manual_seed(0)
 config = TrainConfig(perceptual=False, g_lr=0.0, d_lr=0.0, probe_lr=0.0, micro_batches=2)
@@ -169,7 +171,11 @@ def test_two_workers_average_gradients_in_buckets_and_skip_together(tmp_path: Pa
     here = str(Path(__file__).parent)
     ranks = [subprocess.Popen([sys.executable, "-c", RANK, str(rank), str(world), str(tmp_path / "init"),
                                str(tmp_path / f"rank{rank}.pt"), here]) for rank in range(world)]
-    assert [process.wait(timeout=300) for process in ranks] == [0] * world
+    try:
+        assert [process.wait(timeout=240) for process in ranks] == [0] * world
+    finally:
+        for process in ranks:  # a rank left waiting on its peer must not outlive the test
+            process.kill()
     results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(world)]
 
     alone = []
