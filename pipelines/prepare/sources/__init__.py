@@ -106,14 +106,8 @@ def stream_videos(
     ]
     for source in sources:
         for requests, failures in source:
-            kept: list[ClipRequest] = []
-            for request in requests:
-                problem = admit(request)
-                if problem is None:
-                    kept.append(request)
-                else:
-                    failures.append(problem)
-            yield kept, failures
+            kept, refused = admit.split(requests)
+            yield kept, failures + refused
 
 
 def _per_video(parsed: ParseResult) -> Iterator[VideoClips]:

@@ -149,31 +149,9 @@ def read_lines(path: Path) -> list[str]:
 
 def finish(requests: list[ClipRequest], failures: list[ParseFailure]) -> ParseResult:
     """Reject clips whose key a shard cannot hold, then drop duplicates."""
-    admit = ClipFilter()
-    kept: list[ClipRequest] = []
-    rejected: list[ParseFailure] = []
-    for request in requests:
-        problem = admit(request)
-        if problem is None:
-            kept.append(request)
-        else:
-            rejected.append(problem)
+    kept, rejected = ClipFilter().split(requests)
     unfit = [f for f in rejected if f.failure_class != DUPLICATE_CLIP]
     return kept, failures + unfit + [f for f in rejected if f.failure_class == DUPLICATE_CLIP]
-
-
-def drop_duplicates(requests: Iterable[ClipRequest]) -> ParseResult:
-    """Keep the first request per clip id and per (video, span); later ones become failures."""
-    admit = ClipFilter(check_keys=False)
-    kept: list[ClipRequest] = []
-    failures: list[ParseFailure] = []
-    for request in requests:
-        problem = admit(request)
-        if problem is None:
-            kept.append(request)
-        else:
-            failures.append(problem)
-    return kept, failures
 
 
 class ClipFilter:
@@ -184,17 +162,15 @@ class ClipFilter:
     streamed plan holds about 200 bytes per clip of the metadata, not the clips themselves.
     """
 
-    def __init__(self, check_keys: bool = True) -> None:
-        self.check_keys = check_keys
+    def __init__(self) -> None:
         self._origin_by_id: dict[str, str] = {}
         self._id_by_span: dict[tuple[str, float | None, float | None], str] = {}
 
     def __call__(self, request: ClipRequest) -> ParseFailure | None:
-        if self.check_keys:
-            try:
-                check_key(request.key, f"key of clip {request.clip_id!r}")
-            except ValueError as error:
-                return ParseFailure(request.origin, str(error))
+        try:
+            check_key(request.key, f"key of clip {request.clip_id!r}")
+        except ValueError as error:
+            return ParseFailure(request.origin, str(error))
         span = (request.video_id, request.start_s, request.end_s)
         first_id = request.clip_id if request.clip_id in self._origin_by_id else self._id_by_span.get(span)
         if first_id is not None:
@@ -207,3 +183,15 @@ class ClipFilter:
         self._origin_by_id[request.clip_id] = request.origin
         self._id_by_span[span] = request.clip_id
         return None
+
+    def split(self, requests: Iterable[ClipRequest]) -> ParseResult:
+        """The requests admitted, and a failure for each one refused (both in input order)."""
+        kept: list[ClipRequest] = []
+        refused: list[ParseFailure] = []
+        for request in requests:
+            problem = self(request)
+            if problem is None:
+                kept.append(request)
+            else:
+                refused.append(problem)
+        return kept, refused
