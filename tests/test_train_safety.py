@@ -15,16 +15,9 @@ import torch
 from dpe.checkpoint import load_checkpoint, save_checkpoint
 from dpe.config import ModelConfig
 from dpe.train_step import TrainConfig, make_train_state, train_step
+from train_support import random_batch
 
 TINY = ModelConfig.tiny()
-
-
-def _batch(n: int, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    frames = {f"frame_{side}": torch.rand(n, 3, TINY.size, TINY.size, generator=g) * 2 - 1 for side in "ab"}
-    pose = {f"pose_{side}": torch.randn(n, 6, generator=g) for side in "ab"}
-    expression = {f"expression_{side}": torch.randn(n, 68, 2, generator=g) for side in "ab"}
-    return {**frames, **pose, **expression}
 
 
 def _snapshot(state) -> dict[str, torch.Tensor]:
@@ -42,9 +35,9 @@ def _snapshot(state) -> dict[str, torch.Tensor]:
 def test_a_nan_in_the_batch_skips_the_step_and_changes_nothing() -> None:
     torch.manual_seed(0)
     state = make_train_state(TINY, TrainConfig(perceptual=False, ema_decay=0.9))
-    train_step(state, _batch(2, 0))  # optimiser moments exist from here on
+    train_step(state, random_batch(2, 0))  # optimiser moments exist from here on
     before = _snapshot(state)
-    poisoned = _batch(2, 1)
+    poisoned = random_batch(2, 1)
     poisoned["frame_a"][1, 0, 3, 3] = float("nan")
     logs = train_step(state, poisoned)
     assert logs["skipped"] == 1.0 and not math.isfinite(logs["g_grad_norm"])
@@ -53,7 +46,7 @@ def test_a_nan_in_the_batch_skips_the_step_and_changes_nothing() -> None:
     unchanged = [name for name in before if torch.equal(before[name], after[name])]
     assert unchanged == list(before), sorted(set(before) - set(unchanged))
     assert state.step == 2  # the step counter (and so the data of later steps) goes on
-    logs = train_step(state, _batch(2, 2))
+    logs = train_step(state, random_batch(2, 2))
     assert logs["skipped"] == 0.0
     assert all(torch.isfinite(t).all() for t in _snapshot(state).values())
 
@@ -63,7 +56,7 @@ def test_a_non_finite_value_anywhere_in_a_checkpoint_is_found() -> None:
 
     torch.manual_seed(0)
     state = make_train_state(TINY, TrainConfig(perceptual=False, ema_decay=0.9))
-    train_step(state, _batch(2, 0))
+    train_step(state, random_batch(2, 0))
     assert nonfinite_values(state) == []
     next(iter(state.d_optimizer.state.values()))["exp_avg_sq"].view(-1)[0] = float("inf")
     next(state.generator_ema.parameters()).data.view(-1)[0] = float("nan")
@@ -77,7 +70,7 @@ def test_gradient_norms_are_logged_before_clipping_and_clipping_bounds_them() ->
     for clip in (None, 1e-3):
         torch.manual_seed(0)
         state = make_train_state(TINY, TrainConfig(perceptual=False, grad_clip=clip))
-        logs = train_step(state, _batch(2, 0))
+        logs = train_step(state, random_batch(2, 0))
         grads = [p.grad for p in state.generator.parameters() if p.grad is not None]
         grads += [p.grad for p in state.probes.parameters() if p.grad is not None]
         norms.append((float(logs["g_grad_norm"]), float(torch.nn.utils.get_total_norm(grads))))
@@ -92,7 +85,7 @@ def test_the_ema_generator_averages_is_checkpointed_and_resumes_exactly(tmp_path
     torch.manual_seed(0)
     state = make_train_state(TINY, TrainConfig(perceptual=False, ema_decay=decay))
     initial = {name: p.detach().clone() for name, p in state.generator.named_parameters()}
-    train_step(state, _batch(2, 0))
+    train_step(state, random_batch(2, 0))
     for name, p in state.generator.named_parameters():
         average = dict(state.generator_ema.named_parameters())[name]
         torch.testing.assert_close(average, decay * initial[name] + (1 - decay) * p.detach())
@@ -106,7 +99,7 @@ def test_the_ema_generator_averages_is_checkpointed_and_resumes_exactly(tmp_path
     resumed.step = load_checkpoint(path, models=resumed.modules(), optimizers=resumed.optimizers())["step"]
     for s in (state, resumed):
         torch.manual_seed(5)
-        train_step(s, _batch(2, 3))
+        train_step(s, random_batch(2, 3))
     for (name, a), b in zip(state.generator_ema.state_dict().items(), resumed.generator_ema.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -117,11 +110,11 @@ def test_float16_trains_with_a_gradient_scaler_that_is_checkpointed(tmp_path: Pa
     assert state.amp_dtype == torch.float16 and "grad_scaler" in state.optimizers()
     before = {name: p.detach().clone() for name, p in state.generator.named_parameters()}
     # At the initial scale (2**16) the float16 gradients overflow: not applied, the scale halves.
-    logs = train_step(state, _batch(2, 0))
+    logs = train_step(state, random_batch(2, 0))
     assert (logs["overflow"], logs["skipped"], state.scaler.get_scale()) == (1.0, 0.0, 2.0**15)
     assert all(torch.equal(before[name], p) for name, p in state.generator.named_parameters())
     state.scaler = torch.amp.GradScaler("cpu", init_scale=16.0)  # as after a few halvings
-    logs = train_step(state, _batch(2, 1))
+    logs = train_step(state, random_batch(2, 1))
     assert (logs["overflow"], logs["skipped"]) == (0.0, 0.0) and math.isfinite(logs["g_grad_norm"])
     assert all(p.dtype == torch.float32 for p in state.generator.parameters())
     assert any(not torch.equal(before[name], p) for name, p in state.generator.named_parameters())
@@ -142,7 +135,8 @@ def test_bad_ema_decay_is_refused() -> None:
 RANK = r"""
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[5])
-from test_train_safety import TINY, _batch
+from test_train_safety import TINY
+from train_support import random_batch
 from dpe.train_step import TrainConfig, make_train_state, train_step
 rank, world, init, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 torch.set_num_threads(1)  # one core per rank, as a Ray Train worker gets: spinning OpenMP threads of two
@@ -152,11 +146,11 @@ torch.manual_seed(0)
 config = TrainConfig(perceptual=False, g_lr=0.0, d_lr=0.0, probe_lr=0.0, micro_batches=2)
 state = make_train_state(TINY, config, bucket_mb=0.05)
 assert len(state.g_reducer.buckets) > 2 and len(state.d_reducer.buckets) > 2
-train_step(state, _batch(4, 10 + rank))
+train_step(state, random_batch(4, 10 + rank))
 grads = {f"{owner}.{name}": p.grad.clone() for owner, module in state.modules().items()
          for name, p in module.named_parameters() if p.grad is not None}
 before = {name: p.detach().clone() for name, p in state.generator.named_parameters()}
-poisoned = _batch(4, 20)
+poisoned = random_batch(4, 20)
 if rank == 1:
     poisoned["expression_b"][0, 0, 0] = float("inf")  # a non-finite loss on one worker only
 skipped = float(train_step(state, poisoned)["skipped"])
@@ -183,7 +177,7 @@ def test_two_workers_average_gradients_in_buckets_and_skip_together(tmp_path: Pa
         torch.manual_seed(0)
         config = TrainConfig(perceptual=False, g_lr=0.0, d_lr=0.0, probe_lr=0.0, micro_batches=2)
         state = make_train_state(TINY, config)
-        train_step(state, _batch(4, 10 + rank))
+        train_step(state, random_batch(4, 10 + rank))
         alone.append({f"{owner}.{name}": p.grad for owner, module in state.modules().items()
                       for name, p in module.named_parameters() if p.grad is not None})
     assert results[0]["grads"].keys() == alone[0].keys()

@@ -17,6 +17,7 @@ from dpe.discriminator import Discriminator
 from dpe.landmarks import split_pose_expression
 from dpe.train_step import PAIR_WEIGHTS, TrainConfig, generator_objective, make_train_state, train_step
 from dpe.vgg import VGG19Features, VGGWeightsNotFoundError
+from train_support import random_batch
 
 TINY = ModelConfig.tiny()
 
@@ -185,14 +186,6 @@ def test_state_resumes_from_a_checkpoint(real_pair, tmp_path: Path) -> None:
 # --- the official objective ---------------------------------------------------------------
 
 
-def _random_batch(n: int, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    frames = {f"frame_{side}": torch.rand(n, 3, TINY.size, TINY.size, generator=g) * 2 - 1 for side in "ab"}
-    pose = {f"pose_{side}": torch.randn(n, 6, generator=g) for side in "ab"}
-    expression = {f"expression_{side}": torch.randn(n, 68, 2, generator=g) for side in "ab"}
-    return {**frames, **pose, **expression}
-
-
 def test_official_preset_is_plain_data_and_configures_every_switch(random_vgg_file) -> None:
     official = TrainConfig.official(vgg_weights=random_vgg_file, micro_batches=2)
     assert TrainConfig(**asdict(official)) == official  # survives a checkpoint's asdict round trip
@@ -203,7 +196,7 @@ def test_official_preset_is_plain_data_and_configures_every_switch(random_vgg_fi
     ours = make_train_state(TINY, TrainConfig(vgg_weights=random_vgg_file))
     assert ours.perceptual.pyramid == "area" and not ours.perceptual.detach_target
     torch.manual_seed(0)
-    logs = _floats(train_step(state, _random_batch(2, 0)))
+    logs = _floats(train_step(state, random_batch(2, 0)))
     assert all(math.isfinite(value) for value in logs.values()), logs
     assert logs["g_total"] == pytest.approx(
         logs["g_gan"] + sum(v * logs[f"vgg_{k}"] + l * logs[f"l1_{k}"] for k, (v, l) in PAIR_WEIGHTS.items()),
@@ -217,7 +210,7 @@ def test_generator_objective_is_the_official_graph_with_the_gan_term_summed(offi
     torch.manual_seed(0)
     config = TrainConfig.official(perceptual=False) if official else TrainConfig(perceptual=False)
     state = make_train_state(TINY, config)
-    batch = _random_batch(4, 1)
+    batch = random_batch(4, 1)
     _, terms, cycles = generator_objective(state, batch)
 
     G, D = state.generator, state.discriminator
@@ -244,7 +237,7 @@ def test_discriminator_calls_are_separate_per_image_set() -> None:
     torch.manual_seed(0)
     assert TINY.stddev_group > 1
     discriminator = Discriminator(TINY)
-    batch = _random_batch(4, 2)
+    batch = random_batch(4, 2)
     with torch.no_grad():
         joint = discriminator(torch.cat([batch["frame_a"], batch["frame_b"]]))
         separate = torch.cat([discriminator(batch["frame_a"]), discriminator(batch["frame_b"])])
@@ -262,7 +255,7 @@ def test_discriminator_calls_are_separate_per_image_set() -> None:
 
 
 def test_official_discriminator_loss_weight_scales_its_gradient() -> None:
-    batch = _random_batch(2, 3)
+    batch = random_batch(2, 3)
     grads = []
     for weight in (1.0, 10.0):
         torch.manual_seed(0)

@@ -5,6 +5,7 @@
   need no Ray or Prefect.
 * `prepared_sample`: the real output of `portrait prepare --sample --detector dlib`, made once
   per test session (kept under pytest's session folder, so every module that asks reuses it).
+* `random_batch`: a training batch of random frames, poses and expressions, for the step tests.
 * `add_damage`: a sample whose video is cut short and a shard that is not a tar, both recorded
   as prepared in the manifest, so a reader must skip and count them.
 """
@@ -19,7 +20,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
+from dpe.config import ModelConfig
 from dpe.landmarks import project_template, split_pose_expression
 from pipelines.dataset import manifest
 from pipelines.dataset.layout import SHARD_INDEX_PATH, shard_batch
@@ -124,3 +127,12 @@ def add_damage(dataset: Path, split: str = "train") -> dict[str, str]:
 def copy_dataset(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
     return target
+
+
+def random_batch(n: int, seed: int, size: int = ModelConfig.tiny().size) -> dict[str, torch.Tensor]:
+    """`n` pairs of random frames in [-1, 1] with random poses and expressions, the same for a seed."""
+    g = torch.Generator().manual_seed(seed)
+    frames = {f"frame_{side}": torch.rand(n, 3, size, size, generator=g) * 2 - 1 for side in "ab"}
+    pose = {f"pose_{side}": torch.randn(n, 6, generator=g) for side in "ab"}
+    expression = {f"expression_{side}": torch.randn(n, 68, 2, generator=g) for side in "ab"}
+    return {**frames, **pose, **expression}
