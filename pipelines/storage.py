@@ -71,6 +71,20 @@ def split_credentials(uri: str) -> tuple[str, dict[str, str]]:
     return urlunsplit((parts.scheme, netloc, parts.path, urlencode(kept), parts.fragment)), env
 
 
+STORE_VARIABLES = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS")
+"""The environment variables that configure object stores (endpoint, region, credentials)."""
+
+
+def store_environment(location: str) -> dict | None:
+    """A Ray runtime environment that lets a task reach `location` as this process does: the
+    driver's object-store variables go with the task (a cluster's workers were started before the
+    user set them); None for a local path."""
+    if "://" not in location:
+        return None
+    variables = {name: value for name, value in os.environ.items() if name.startswith(STORE_VARIABLES)}
+    return {"env_vars": variables} if variables else None
+
+
 class LocationNotVisible(RuntimeError):
     """A location the driver could read cannot be seen from this worker (another machine, no shared disk)."""
 

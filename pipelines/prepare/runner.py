@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from collections.abc import Sequence
 
@@ -18,6 +17,7 @@ from pipelines.dataset import manifest
 from pipelines.prepare.batch import Batch, VideoWork, prepare_batch
 from pipelines.prepare.worker import WorkerSettings
 from pipelines.runtime import stop_requested
+from pipelines.storage import store_environment
 
 LOG = logging.getLogger(__name__)
 
@@ -43,19 +43,6 @@ def _remote():
     return ray.remote(num_cpus=1)(prepare_batch)
 
 
-STORE_VARIABLES = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS")
-"""The driver's environment variables that configure object stores (endpoint, region, credentials)."""
-
-
-def _store_environment(output: str) -> dict | None:
-    """Workers write to the output store as the driver does: the driver's object-store settings go
-    with each task (a cluster's workers were started before the user set them)."""
-    if "://" not in output:
-        return None
-    variables = {name: value for name, value in os.environ.items() if name.startswith(STORE_VARIABLES)}
-    return {"env_vars": variables} if variables else None
-
-
 def run_on_workers(batches: Sequence[Batch], settings: WorkerSettings, output: str, shard_bytes: int, *,
                    writer_names: Sequence[str] | None = None, max_retries: int = 1,
                    work: VideoWork | None = None) -> list[list[manifest.ManifestRow] | Exception]:
@@ -65,7 +52,7 @@ def run_on_workers(batches: Sequence[Batch], settings: WorkerSettings, output: s
     from ray.exceptions import RayTaskError
 
     names = writer_names or [batch.name for batch in batches]
-    task = _remote().options(max_retries=max_retries, runtime_env=_store_environment(output))
+    task = _remote().options(max_retries=max_retries, runtime_env=store_environment(output))
     refs = [task.remote(batch, settings, output, shard_bytes, name, work) for batch, name in zip(batches, names)]
     deadline, running = None, list(refs)
     try:
