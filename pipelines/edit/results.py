@@ -148,9 +148,9 @@ def _tables(store: OutputStore, columns: list[str] | None = None) -> typing.Iter
     paths = [RESULTS_PATH] if store.exists(RESULTS_PATH) else []
     paths += [path for path in store.list(PARTS_PATH) if path.endswith(".parquet")]
     for path in paths:
-        table = pq.read_table(pa.BufferReader(store.read_bytes(path)))
-        known = [name for name in (columns or SCHEMA.names) if name in table.column_names]
-        yield table.select(known)
+        table = pq.ParquetFile(pa.BufferReader(store.read_bytes(path)))
+        known = [name for name in (columns or SCHEMA.names) if name in table.schema_arrow.names]
+        yield table.read(columns=known)  # only the columns asked for are decoded
 
 
 def has_results(store: OutputStore) -> bool:
