@@ -132,6 +132,41 @@ class TwoNodeCluster:
     def env(self) -> dict[str, str]:
         return {**os.environ, "RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "disabled"}
 
+    def node_count(self) -> int:
+        import subprocess
+        import sys
+
+        ray = str(Path(sys.executable).parent / "ray")
+        status = subprocess.run([ray, "status", f"--address={self.address}"], env=self.env(),
+                                capture_output=True, text=True)
+        return status.stdout.split("Pending:")[0].count(" node_")
+
+    def add_node(self, num_cpus: int = 1, resources: str = "{}"):
+        """Start one more worker node (sharing the machine's disk) and wait until it joins; for tests
+        that remove a node mid-run with `remove_node`."""
+        import subprocess
+        import sys
+        import time
+
+        ray = str(Path(sys.executable).parent / "ray")
+        before = self.node_count()
+        process = subprocess.Popen([ray, "start", f"--address={self.address}", f"--num-cpus={num_cpus}",
+                                    f"--resources={resources}", "--block"], env=self.env(),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        self.processes.append(process)
+        deadline = time.monotonic() + 60
+        while self.node_count() <= before:
+            assert time.monotonic() < deadline and process.poll() is None, "the added Ray node did not join"
+            time.sleep(1)
+        return process
+
+    def remove_node(self, process) -> None:
+        """Kill a node added by `add_node` as a lost machine goes: its raylet and every worker on it at once."""
+        import signal
+
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
     def stop(self) -> None:
         import signal
 
