@@ -269,7 +269,7 @@ def test_parquet_table_with_other_column_names_and_seconds(tmp_path):
     assert (yt.start_s, yt.end_s, yt.identity, yt.split) == (1.5, 3.0, "alice", "test")
     assert yt.boxes[0].w == pytest.approx(0.2)
     assert other.url == "https://cdn.example/talk.mp4" and other.video_id.startswith("talk-")
-    assert other.boxes == ()
+    assert len(other.boxes) == 0
 
 
 TABLE_ERRORS = {

@@ -40,7 +40,7 @@ entry name adds ``.expression.npy`` (15)."""
 _USTAR_NAME_LIMIT = 100
 assert MAX_KEY_LENGTH + max(len(f".{entry}") for entry in ENTRIES) <= _USTAR_NAME_LIMIT
 
-_SAFE_CHARACTER = re.compile(r"[A-Za-z0-9-]")
+_UNSAFE_CHARACTER = re.compile(r"[^A-Za-z0-9-]")
 _KEY = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 
 
@@ -53,7 +53,7 @@ def safe_key(text: str) -> str:
     """
     if not text:
         raise ValueError("cannot derive a key from an empty id")
-    return "k" + "".join(ch if _SAFE_CHARACTER.fullmatch(ch) else f"_{ord(ch):x}_" for ch in text)
+    return "k" + _UNSAFE_CHARACTER.sub(lambda match: f"_{ord(match.group()):x}_", text)
 
 
 def check_key(key: str, what: str = "sample key") -> str:

@@ -7,7 +7,6 @@ input, so one bad clip or video never takes the others down.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import time
@@ -28,7 +27,7 @@ from pipelines.prepare.download import (
     download_for_clips,
     find_section,
 )
-from pipelines.prepare.requests import ClipRequest, MetaBox
+from pipelines.prepare.requests import ClipRequest
 from pipelines.prepare.settings import DownloadOptions, SampleFormat
 
 LOG = logging.getLogger(__name__)
@@ -63,10 +62,6 @@ class ClipOutcome:
 def _detector(name: str) -> FaceDetector:
     """One detector per worker process: Ray reuses workers, so models load once, not per task."""
     return make_detector(name)
-
-
-def _shift_boxes(boxes: tuple[MetaBox, ...], offset_s: float) -> tuple[MetaBox, ...]:
-    return tuple(dataclasses.replace(b, t=b.t - offset_s) for b in boxes)
 
 
 def prepare_video(requests: list[ClipRequest], settings: WorkerSettings) -> list[ClipOutcome]:
@@ -122,7 +117,7 @@ def _prepare_clip(request: ClipRequest, download: Download, detector: FaceDetect
             infos[section.path] = section.info or probe(section.path)
         info = infos[section.path]
         start, end, note = _span_in_section(request, section, info, settings.sample_format)
-        processed = process_clip(section.path, start, end, _shift_boxes(request.boxes, section.start_s), detector,
+        processed = process_clip(section.path, start, end, request.boxes.shifted(section.start_s), detector,
                                  request.provenance(), settings.sample_format, info=info, offset_s=section.start_s,
                                  label=label)
     except RecordedFailure as exc:

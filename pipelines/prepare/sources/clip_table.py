@@ -8,7 +8,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from pipelines.prepare.requests import VOX_FPS, ClipRequest, MetaBox, clip_id_for
+from pipelines.prepare.requests import VOX_FPS, ClipRequest, MetaBoxes, clip_id_for
 from pipelines.prepare.settings import DEFAULT_URL_TEMPLATE
 from pipelines.prepare.sources.common import (
     ID_PATTERN,
@@ -165,7 +165,7 @@ def _table_span(row: Mapping[str, object], mapping: dict[str, str]) -> tuple[flo
     return start_s, end_s
 
 
-def _table_box(row: Mapping[str, object], mapping: dict[str, str], t: float) -> tuple[MetaBox, ...]:
+def _table_box(row: Mapping[str, object], mapping: dict[str, str], t: float) -> MetaBoxes:
     """The table's single box for the clip, given at the clip start; () if the row has none."""
     text = _cell(row, mapping, "bbox")
     if text is not None:
@@ -176,19 +176,19 @@ def _table_box(row: Mapping[str, object], mapping: dict[str, str], t: float) -> 
     elif "x0" in mapping:
         corners = [_cell(row, mapping, c) for c in ("x0", "y0", "x1", "y1")]
         if all(c is None for c in corners):
-            return ()
+            return MetaBoxes()
         x0, y0, x1, y1 = (_number(c, "box value") for c in corners)
     else:
-        return ()
+        return MetaBoxes()
     if x1 <= x0 or y1 <= y0 or min(x0, y0) < 0:
         raise InvalidInput(f"box ({x0}, {y0}, {x1}, {y1}) needs 0 <= x0 < x1 and 0 <= y0 < y1")
     if max(x1, y1) <= 1.0:
-        return (MetaBox(t, x0, y0, x1 - x0, y1 - y0, units="normalized"),)
+        return MetaBoxes([(t, x0, y0, x1 - x0, y1 - y0)], units="normalized")
     height = _cell(row, mapping, "height")
     reference = None if height is None else _number(height, "height")
     if reference is not None and (reference <= 0 or y0 >= reference):
         raise InvalidInput(f"box top {y0} lies outside a frame of height {height}")
-    return (MetaBox(t, x0, y0, x1 - x0, y1 - y0, units="pixels", reference_height=reference),)
+    return MetaBoxes([(t, x0, y0, x1 - x0, y1 - y0)], units="pixels", reference_height=reference)
 
 
 def _table_request(

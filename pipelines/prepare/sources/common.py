@@ -137,9 +137,10 @@ def check_split(value: str) -> str:
         raise InvalidInput(str(error)) from None
 
 
-def read_lines(path: Path) -> list[str]:
+def read_lines(path: str | Path) -> list[str]:
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
     except (OSError, UnicodeDecodeError) as error:
         raise InvalidInput(f"cannot read file: {error}") from error
     if not text.strip():

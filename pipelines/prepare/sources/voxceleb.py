@@ -13,7 +13,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.prepare.requests import VOX_FPS, ClipRequest, MetaBox, clip_id_for, resolve_url
+import numpy as np
+
+from pipelines.prepare.requests import VOX_FPS, ClipRequest, MetaBoxes, clip_id_for, resolve_url
 from pipelines.prepare.settings import DEFAULT_URL_TEMPLATE
 from pipelines.prepare.sources.common import (
     ID_PATTERN,
@@ -112,7 +114,7 @@ def parse_voxceleb_tree(
 
     `version` 1 (pixel boxes of the 360p video) or 2 (normalised boxes); None detects it per file
     (all values <= 1 means normalised). One `ClipRequest` per utterance, spanning its first to last
-    frame (inclusive) at 25 fps, with one `MetaBox` per row.
+    frame (inclusive) at 25 fps, with its rows as `MetaBoxes`.
     """
     if version not in (None, 1, 2):
         raise ValueError(f"VoxCeleb version must be 1, 2 or None (detect), got {version}")
@@ -144,41 +146,45 @@ def iter_voxceleb_videos(
         yield [], [ParseFailure(str(root), "holds no VoxCeleb tree txt/<identity>/<video>/<utterance>.txt")]
         return
 
-    def parse(paths: Iterable[Path]) -> tuple[list[ClipRequest], list[ParseFailure]]:
+    def parse(paths: Iterable[str], place: tuple[str, str] | None) -> tuple[list[ClipRequest], list[ParseFailure]]:
         requests: list[ClipRequest] = []
         failures: list[ParseFailure] = []
         for path in paths:
             try:
-                requests.append(_parse_utterance(path, txt_root, version, url_template, splits))
+                requests.append(_parse_utterance(path, place, version, url_template, splits))
             except InvalidInput as error:
-                origin = f"{path}:{error.line}" if error.line else str(path)
+                origin = f"{path}:{error.line}" if error.line else path
                 failures.append(ParseFailure(origin, str(error)))
         return requests, failures
 
-    for level_one in _sorted_entries(txt_root):
+    for level_one in _sorted_entries(str(txt_root)):
         if not level_one.is_dir():
-            if level_one.suffix == ".txt":
-                yield parse([level_one])
+            if level_one.name.endswith(".txt"):
+                yield parse([level_one.path], None)
             continue
-        for level_two in _sorted_entries(level_one):
+        for level_two in _sorted_entries(level_one.path):
             if level_two.is_dir():
-                yield parse(sorted(level_two.rglob("*.txt")))
-            elif level_two.suffix == ".txt":
-                yield parse([level_two])
+                entries = _sorted_entries(level_two.path)
+                utterances = [e.path for e in entries if e.name.endswith(".txt")]  # a folder fails to read
+                requests, failures = parse(utterances, (level_one.name, level_two.name))
+                for folder in (e for e in entries if e.is_dir()):  # deeper files are misplaced
+                    failures += parse(sorted(str(p) for p in Path(folder.path).rglob("*.txt")), None)[1]
+                yield requests, failures
+            elif level_two.name.endswith(".txt"):
+                yield parse([level_two.path], None)
 
 
-def _sorted_entries(folder: Path) -> list[Path]:
+def _sorted_entries(folder: str) -> list[os.DirEntry]:
     with os.scandir(folder) as entries:
-        return sorted(Path(entry.path) for entry in entries)
+        return sorted(entries, key=lambda entry: entry.name)
 
 
-def _parse_utterance(
-    path: Path, txt_root: Path, version: int | None, url_template: str, splits: SplitPolicy
-) -> ClipRequest:
-    parts = path.relative_to(txt_root).parts
-    if len(parts) != 3:
+def _parse_utterance(path: str, place: tuple[str, str] | None, version: int | None, url_template: str,
+                     splits: SplitPolicy) -> ClipRequest:
+    """One utterance file; `place` is its (identity, video) folders, None for a misplaced file."""
+    if place is None:
         raise InvalidInput("misplaced utterance file: expected txt/<identity>/<video>/<utterance>.txt")
-    identity, video_id, utterance = parts[0], parts[1], path.stem
+    (identity, video_id), utterance = place, os.path.basename(path)[:-4]
     for label, value in (("identity", identity), ("video id", video_id), ("utterance", utterance)):
         if not ID_PATTERN.fullmatch(value):
             raise InvalidInput(f"{label} {value!r} has characters outside [A-Za-z0-9_-]")
@@ -190,22 +196,20 @@ def _parse_utterance(
         raise InvalidInput(f"header reference {header['reference']!r} differs from directory {video_id!r}", 2)
     frames, values = _parse_vox_rows(lines, rows_start)
     units = _vox_units(values, version)
-    reference_height = VOX1_REFERENCE_HEIGHT if units == "pixels" else None
-    boxes = tuple(
-        MetaBox(frame / VOX_FPS, x, y, w, h, units=units, reference_height=reference_height)
-        for frame, (x, y, w, h) in zip(frames, values)
-    )
+    rows = np.empty((len(frames), 5))
+    rows[:, 0], rows[:, 1:] = frames / VOX_FPS, values
+    boxes = MetaBoxes(rows, units=units, reference_height=VOX1_REFERENCE_HEIGHT if units == "pixels" else None)
     return ClipRequest(
         clip_id=clip_id_for(identity, video_id, utterance),
         video_id=video_id,
         url=resolve_url(video_id, url_template),
         identity=identity,
         split=splits.split_for(identity),
-        start_s=frames[0] / VOX_FPS,
-        end_s=(frames[-1] + 1) / VOX_FPS,
+        start_s=int(frames[0]) / VOX_FPS,
+        end_s=int(frames[-1] + 1) / VOX_FPS,
         boxes=boxes,
         source="voxceleb1" if units == "pixels" else "voxceleb2",
-        origin=str(path),
+        origin=path,
     )
 
 
@@ -228,7 +232,31 @@ def _parse_vox_header(lines: list[str]) -> tuple[dict[str, str], int]:
     raise InvalidInput("no 'FRAME X Y W H' column header")
 
 
-def _parse_vox_rows(lines: list[str], start: int) -> tuple[list[int], list[tuple[float, float, float, float]]]:
+def _parse_vox_rows(lines: list[str], start: int) -> tuple[np.ndarray, np.ndarray]:
+    """The frame numbers (n,) and boxes (n, 4) of the rows from line `start` on.
+
+    A well-formed table (every line five cells, integer frames) is converted in one step; anything
+    else goes through `_checked_vox_rows`, which names the first bad line.
+    """
+    body = lines[start:]
+    if body and all(len(line.split()) == 5 for line in body):
+        cells = "\n".join(body).split()
+        frame_cells = cells[0::5]
+        if "".join(frame_cells).isdecimal():
+            try:
+                table = np.array(cells, dtype=np.float64).reshape(-1, 5)
+            except ValueError:  # a spelling numpy does not read: the checked path decides
+                pass
+            else:  # decimal frame numbers read exactly as floats (below 2**53)
+                frames, values = table[:, 0].astype(np.int64), table[:, 1:]
+                # a sum is finite only when every value is; frames must rise
+                if math.isfinite(values.sum()) and values[:, 2:].min() > 0 and (frames[1:] > frames[:-1]).all():
+                    return frames, values
+    return _checked_vox_rows(lines, start)
+
+
+def _checked_vox_rows(lines: list[str], start: int) -> tuple[np.ndarray, np.ndarray]:
+    """`_parse_vox_rows` one line at a time: raises `InvalidInput` at the first bad line."""
     frames: list[int] = []
     values: list[tuple[float, float, float, float]] = []
     for index in range(start, len(lines)):
@@ -252,17 +280,16 @@ def _parse_vox_rows(lines: list[str], start: int) -> tuple[list[int], list[tuple
         values.append((x, y, w, h))
     if not frames:
         raise InvalidInput("no frame rows after the column header")
-    return frames, values
+    return np.array(frames, dtype=np.int64), np.array(values, dtype=np.float64).reshape(-1, 4)
 
 
-def _vox_units(values: list[tuple[float, float, float, float]], version: int | None) -> str:
+def _vox_units(values: np.ndarray, version: int | None) -> str:
     """Pixels (VoxCeleb1) or normalised (VoxCeleb2), detected or checked against `version`."""
-    largest = max(max(row) for row in values)
-    smallest = min(min(row) for row in values)
+    largest, smallest = float(values.max()), float(values.min())
     units = "normalized" if version == 2 or (version is None and largest <= 1.0) else "pixels"
     if units == "normalized" and (largest > 1.0 or smallest < 0.0):
         raise InvalidInput(f"normalised (VoxCeleb2) box values must lie in [0, 1], found {smallest}..{largest}")
-    if units == "pixels" and any(x + w <= 0 or y + h <= 0 or y >= VOX1_REFERENCE_HEIGHT for x, y, w, h in values):
+    x, y, w, h = values.T
+    if units == "pixels" and ((x + w <= 0) | (y + h <= 0) | (y >= VOX1_REFERENCE_HEIGHT)).any():
         raise InvalidInput(f"a pixel box lies outside the {VOX1_REFERENCE_HEIGHT:.0f}p frame")
     return units
-
