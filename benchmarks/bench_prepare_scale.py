@@ -7,14 +7,16 @@ answers 404 for every id except a `--real-fraction` of them, which serve the pro
 talking-face video. Each size runs in a fresh process (its own local Ray and embedded Prefect
 server), for at most `--seconds` after its first recorded clip, then stops the way SIGTERM does
 (`runtime.request_stop`): the figures are rates, not totals. `--plan-only` sizes only read the
-metadata through the streamed planner.
+metadata through the streamed planner. `--rerun-state` sizes write a manifest of that many clips
+(parts of 56 rows, 70% ok) and measure what a rerun holds to decide what it skips.
 
 Baselines, measured in the same run: a new yt-dlp instance per video for the 404 cost; the smallest
 size for the rates: the ratio clips/s(size) / clips/s(smallest)
 should stay above 0.8 (clips/s does not fall as the metadata grows), and the time to the first
 clip should not grow with it. Run:
 
-    python benchmarks/bench_prepare_scale.py --sizes 2000 100000 --plan-only 1100000 [--real-fraction 0.01]
+    python benchmarks/bench_prepare_scale.py --sizes 2000 100000 --plan-only 1100000 --rerun-state 1100000
+        [--real-fraction 0.01]
 """
 
 from __future__ import annotations
@@ -124,6 +126,69 @@ def full_run(tree: Path, utterances: int, work: Path, real_fraction: float, seco
             "stopped": bool(summary.get("stopped")), "driver_peak_mb": round(driver_peak_mb())}
 
 
+def write_manifest(root: Path, clips: int, per_part: int = 56) -> Path:
+    """A dataset folder whose manifest parts record `clips` clips (a batch of 8 videos of 7 clips per
+    part; 70% ok in 20-clip shards, the rest failed as VoxCeleb's missing videos do), kept under `root`."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.dataset import manifest
+    from pipelines.dataset.layout import part_path
+
+    folder = root / f"manifest-{clips}"
+    if (folder / "done").exists():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    rng = np.random.default_rng(0)
+    for first in range(0, clips, per_part):
+        index = np.arange(first, min(clips, first + per_part))
+        videos = index // UTTERANCES_PER_VIDEO
+        ids = [f"id{v // VIDEOS_PER_IDENTITY:05d}/v{v:07d}/{i % UTTERANCES_PER_VIDEO:05d}" for v, i in zip(videos, index)]
+        ok = rng.random(len(index)) < 0.7
+        batch = f"r-{first // per_part:06d}"
+        columns = {
+            "clip_id": ids, "key": [f"k{i.replace('/', '_2f_')}" for i in ids],
+            "video_id": [f"v{v:07d}" for v in videos], "url": [f"https://www.youtube.com/watch?v=v{v:07d}" for v in videos],
+            "identity": [f"id{v // VIDEOS_PER_IDENTITY:05d}" for v in videos], "split": ["train"] * len(ids),
+            "start_s": index % 7 * 1.6, "end_s": index % 7 * 1.6 + 1.6,
+            "status": np.where(ok, "ok", "failed").tolist(),
+            "failure_class": [None if o else "not_found" for o in ok],
+            "message": ["" if o else f"clip {i}: HTTP Error 404: Not Found" for o, i in zip(ok, ids)],
+            "shard": [f"train/{batch}-{k // 20:04d}.tar" if o else None for k, o in enumerate(ok)],
+            "frames": np.where(ok, 40, 0), "seconds": np.where(ok, 1.6, 0.0),
+            "timings_json": ["{}"] * len(ids), "attempt": np.ones(len(ids), np.int32),
+            "source": ["voxceleb2"] * len(ids), "origin": [f"/data/vox2/txt/{i}.txt" for i in ids],
+            "updated_at": [time.time_ns() // 1000] * len(ids),
+        }
+        table = pa.table({name: columns.get(name, [None] * len(ids)) for name in manifest.SCHEMA.names},
+                         schema=manifest.SCHEMA)
+        path = folder / "out" / part_path(batch)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path)
+    (folder / "done").write_text("")
+    return folder
+
+
+def rerun_state(folder: Path, as_rows: bool) -> dict:
+    """Driver memory and time to learn what a rerun skips: the planner's column-wise read
+    (`manifest.read_states`) or, as the baseline, every part as `ManifestRow` objects."""
+    from pipelines.dataset import manifest
+    from pipelines.storage import OutputStore
+
+    store = OutputStore(str(folder / "out"))
+    before, started = driver_peak_mb(), time.perf_counter()
+    if as_rows:
+        state = manifest.load_state(store)
+        todo = sum(row.status == manifest.FAILED for row in state.values())
+    else:
+        attempts, again = manifest.read_states(store).attempts(retry_all=True)
+        todo = len(again)
+        state = attempts
+    return {"clips": len(state), "to_redo": todo, "seconds": round(time.perf_counter() - started, 1),
+            "driver_peak_mb": round(driver_peak_mb()), "added_mb": round(driver_peak_mb() - before)}
+
+
 def worker_cpu_per_404(videos: int = 20, fresh_downloader: bool = False) -> float:
     """Worker CPU of one 404 video on a warm worker (median, ms): thread CPU time around
     `prepare_video`. `fresh_downloader` builds a new yt-dlp instance per video (the baseline)."""
@@ -154,9 +219,12 @@ def worker_cpu_per_404(videos: int = 20, fresh_downloader: bool = False) -> floa
 def one(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="bps", dir="/tmp"))
     try:
-        tree = write_tree(Path(args.trees), args.one, args.rows)
-        result = plan_only(tree, work) if args.plan else full_run(tree, args.one, work, args.real_fraction,
-                                                                   args.seconds)
+        tree = None if args.state else write_tree(Path(args.trees), args.one, args.rows)
+        if args.state:
+            result = rerun_state(write_manifest(Path(args.trees), args.one), as_rows=args.state == "rows")
+        else:
+            result = plan_only(tree, work) if args.plan else full_run(tree, args.one, work, args.real_fraction,
+                                                                       args.seconds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print("RESULT " + json.dumps(result), flush=True)
@@ -168,10 +236,13 @@ def main() -> None:
     parser.add_argument("--plan-only", type=int, nargs="*", default=[1100000])
     parser.add_argument("--real-fraction", type=float, default=0.0, help="ids that serve a real clip (0.01: 1%%)")
     parser.add_argument("--seconds", type=float, default=60.0, help="run time measured after the first clip")
+    parser.add_argument("--rerun-state", type=int, nargs="*", default=[1100000],
+                        help="manifest sizes (clips) at which to measure a rerun's state, against reading rows")
     parser.add_argument("--rows", type=int, default=40, help="box rows per utterance file")
     parser.add_argument("--trees", default="/tmp/bench-prepare-scale", help="where generated trees are kept")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--plan", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--state", choices=("columns", "rows"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         return one(args)
@@ -189,6 +260,16 @@ def main() -> None:
             continue
         results[(size, plan)] = result = json.loads(lines[-1][7:])
         print(f"{size:>9} utterances {'plan only' if plan else 'run':>9}: {json.dumps(result)}", flush=True)
+    for size in args.rerun_state:
+        found = {}
+        for how in ("rows", "columns"):
+            command = [sys.executable, __file__, "--one", str(size), "--state", how, "--trees", args.trees]
+            done = subprocess.run(command, capture_output=True, text=True)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            found[how] = json.loads(lines[-1][7:]) if lines else None
+            print(f"{size:>9} clips rerun state as {how:>7}: {found[how] or done.stderr[-3000:]}", flush=True)
+        if all(found.values()):
+            print(f"rerun state memory, rows / columns: {found['rows']['added_mb'] / max(found['columns']['added_mb'], 1):.1f}x")
     runs = [(size, r) for (size, plan), r in results.items() if not plan]
     if len(runs) >= 2:
         (small, base), *rest = sorted(runs)

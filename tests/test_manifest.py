@@ -17,7 +17,10 @@ from pipelines.dataset.manifest import (
     load_state,
     next_attempt,
     read_parts,
+    read_states,
+    rows_to_table,
     summary,
+    table_summary,
     write_part,
 )
 from pipelines.errors import DUPLICATE_CLIP
@@ -114,6 +117,8 @@ def test_latest_row_per_clip_wins(store):
     state = load_state(store)
     assert state["id1/-video0001/a"].status == OK and state["id1/-video0001/a"].attempt == 2
     assert next_attempt(state, "id1/-video0001/a") == 3 and next_attempt(state, "never") == 1
+    latest = read_states(store).latest  # the same rule, counted in Arrow
+    assert latest["status"].to_pylist() == [OK] and latest["attempt"].to_pylist() == [2]
 
     consolidate(store)
     table = pq.read_table(store.local_path(MANIFEST_PATH))
@@ -134,13 +139,13 @@ def test_rerun_does_only_what_is_missing(store):
     )
     state = load_state(store)
     everything = [done, slow, gone, killed, new]
-    assert pending(everything, state) == [slow, killed, new]  # transient and machine failures come back
-    assert pending(everything, state, retry_all=True) == [slow, gone, killed, new]
+    assert pending(everything, *read_states(store).attempts()) == [slow, killed, new]  # transient and machine failures come back
+    assert pending(everything, *read_states(store).attempts(retry_all=True)) == [slow, gone, killed, new]
 
     write_part(store, "b2", [row_ok(slow, "train/b2-0000.tar", 10, 0.4, attempt=next_attempt(state, slow.clip_id))])
-    state = load_state(store)
-    assert pending(everything, state) == [killed, new]
-    assert state[slow.clip_id].attempt == 2
+    attempts, again = read_states(store).attempts()
+    assert pending(everything, attempts, again) == [killed, new]
+    assert attempts[slow.clip_id] == 2 and load_state(store)[slow.clip_id].attempt == 2
 
 
 def test_parse_failures_never_clobber_real_clips(store):
@@ -152,7 +157,7 @@ def test_parse_failures_never_clobber_real_clips(store):
     state = load_state(store)
     assert state[kept.clip_id].status == OK
     assert state[duplicate.record_id].failure_class == DUPLICATE_CLIP
-    assert pending([kept], state) == []
+    assert pending([kept], *read_states(store).attempts()) == []
 
 
 def test_summary_counts_by_status_and_failure_class():
@@ -169,6 +174,7 @@ def test_summary_counts_by_status_and_failure_class():
     assert lines[0].split() == ["clips", "7"]
     assert lines.index("  no_face" + " " * 15 + "2".rjust(10)) < lines.index("  timeout" + " " * 15 + "1".rjust(10))
     assert summary([]).total == 0
+    assert table_summary(rows_to_table(rows)) == result, "the Arrow count (finalize's) agrees"
 
 
 def test_a_later_attempt_wins_even_when_its_host_clock_is_behind(tmp_path):

@@ -121,7 +121,7 @@ def _clean_up_touches_only_its_own_files(store: OutputStore, foreign: dict[str, 
         store.write_bytes_atomic(relpath, data)
     leftover = store.open_output_atomic("train/r1-0001-0001.tar")  # a writer of ours that died
     leftover.file.write(b"half")
-    result = integrity.reconcile(store, manifest.read_parts(store), integrity.read_run_records(store), repair=True)
+    result = integrity.reconcile(store, manifest.read_states(store), integrity.read_run_records(store), repair=True)
     assert result.removed_shards == [orphan] and result.lost == {}
     assert len(result.removed_temporaries) == (1 if store.is_local else 0)  # object stores spool locally
     files = set(store.list(include_temporaries=True))

@@ -189,7 +189,7 @@ def _crash_then_resume(vox1: SourceInputs, vox1_and_stalled: SourceInputs, setti
     for batch in plan.batches:
         prepare.run_batch(batch, plan, settings)
     summary = prepare.finalize(plan, settings)
-    assert integrity.reconcile(store, manifest.read_parts(store), integrity.read_run_records(store),
+    assert integrity.reconcile(store, manifest.read_states(store), integrity.read_run_records(store),
                                repair=False).removed_shards == []
     keys = [s.key for s in _all_samples(Path(settings.output))]
     assert len(keys) == 1
@@ -234,8 +234,67 @@ def test_a_worker_killed_mid_shard_leaves_no_named_or_kept_partial_shard(ray_clu
         {"talk": "ok", "noface": "worker_failed", "other": "ok"}
     assert _temporaries(store), "the killed worker left its open shard behind"
     prepare.finalize(prepare.Run("run", "dlib"), settings)
-    check = integrity.reconcile(store, manifest.read_parts(store), integrity.read_run_records(store), repair=False)
+    check = integrity.reconcile(store, manifest.read_states(store), integrity.read_run_records(store), repair=False)
     assert check.lost == {} and check.removed_shards == [], "every shard the manifest names is whole and agrees"
     assert _temporaries(store) == [], "the half-written shard is gone"
     keys = [sample.key for sample in _all_samples(Path(settings.output))]
     assert sorted(keys) == sorted(r.key for r in requests if r.video_id != "noface")
+
+
+def _stopped_during_the_second_video(requests, settings):
+    """Stub work: the stop comes while 'second' is prepared (it still finishes); 'third' must not start."""
+    import time
+
+    import ray
+
+    if requests[0].video_id == "second":
+        (Path(settings.download_dir) / "second-started").touch()
+        deadline = time.monotonic() + 60
+        while not ray.get_runtime_context().is_canceled() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return [ClipOutcome(r, sample=_stub_sample(r), timings=dict.fromkeys(manifest.TIMING_COLUMNS, 0.1))
+            for r in requests]
+
+
+def test_a_stopped_batch_commits_the_videos_it_finished(ray_cluster, tmp_path):
+    import sys
+    import threading
+    import time
+
+    from ray import cloudpickle
+
+    from pipelines.runtime import clear_stop, request_stop
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import test modules
+    settings = _settings(tmp_path)
+    store = OutputStore(settings.output)
+    claim_output(store, settings.sample_format.record("dlib"))
+    requests = [ClipRequest(clip_id=f"{v}/c{k}", video_id=v, url=f"http://127.0.0.1:9/{v}.mp4", identity="i",
+                            start_s=float(k), end_s=k + 1.0) for v in ("first", "second", "third") for k in range(2)]
+    batch = Batch("run-00000", tuple(tuple(r for r in requests if r.video_id == v) for v in ("first", "second", "third")),
+                  {r.clip_id: 1 for r in requests})
+    integrity.write_run_record(store, integrity.RunRecord("run-window", (batch.name,), ("train",)))
+    started = Path(settings.work_path / "downloads" / "second-started")
+    started.parent.mkdir(parents=True, exist_ok=True)
+
+    def stop_once_the_second_video_runs() -> None:
+        deadline = time.monotonic() + 120
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        request_stop()
+
+    stopper = threading.Thread(target=stop_once_the_second_video_runs, daemon=True)
+    stopper.start()
+    try:
+        counts = prepare.run_batch(batch, prepare.Run("run", "dlib"), settings, work=_stopped_during_the_second_video)
+    finally:
+        stopper.join()
+        clear_stop()
+    assert counts == {"ok": 4, "failed": 0, "stopped": 1}
+    state = manifest.load_state(store)
+    assert sorted(state) == [r.clip_id for r in requests if r.video_id != "third"], "finished videos are committed"
+    check = integrity.reconcile(store, manifest.read_states(store), integrity.read_run_records(store), repair=False)
+    assert check.lost == {} and check.removed_shards == [] and _temporaries(store) == []
+    assert sorted(s.key for s in _all_samples(Path(settings.output))) == sorted(r.key for r in requests[:4])
+    attempts, again = manifest.read_states(store).attempts()
+    assert prepare.pending(requests, attempts, again) == requests[4:], "a rerun prepares only the video never started"

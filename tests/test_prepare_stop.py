@@ -55,7 +55,7 @@ def test_sigterm_stops_within_20_s_and_the_rerun_resumes_exactly(tmp_path, ray_c
         stderr.read_text()[-3000:]
 
     rows = manifest.read_parts(store)
-    check = integrity.reconcile(store, rows, integrity.read_run_records(store), repair=False)
+    check = integrity.reconcile(store, manifest.read_states(store), integrity.read_run_records(store), repair=False)
     assert check.lost == {} and check.missing_shards == [], "every clip recorded ok is in its shard"
     assert [p for p in store.list(include_temporaries=True) if is_temporary(p.rsplit("/", 1)[-1])] == [], "nothing half-written"
     stopped_state = manifest.latest_rows(rows)

@@ -93,8 +93,7 @@ def inspect_output(output: str, sheet: Path | None = None) -> int:
     Returns 0 for a healthy dataset, 1 when there is nothing to show or shards are missing.
     """
     store = OutputStore(output)
-    rows = manifest.read_parts(store)
-    state = manifest.latest_rows(rows)
+    state = manifest.load_state(store)
     if not state:
         print(f"{output}: no manifest yet (nothing prepared there)")
         return 1
@@ -106,7 +105,8 @@ def inspect_output(output: str, sheet: Path | None = None) -> int:
     failed = [row for row in state.values() if row.status == manifest.FAILED]
     for row in sorted(failed, key=lambda r: (r.failure_class or "", r.clip_id)):
         print(f"  {row.failure_class:<20} {row.clip_id}: {row.message[:160]}")
-    health = integrity.reconcile(store, rows, integrity.read_run_records(store), repair=False)
+    health = integrity.reconcile(store, manifest.read_states(store), integrity.read_run_records(store),
+                                repair=False)
     for shard in health.missing_shards:
         print(f"MISSING shard {shard}: its clips are recorded as prepared; rerun `portrait prepare` with the "
               f"same output to prepare them again")

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from pipelines.dataset import manifest
@@ -62,39 +60,31 @@ class Reconciliation:
     missing_shards: list[str] = field(default_factory=list)
 
 
-def our_splits(runs: Iterable[RunRecord], rows: Iterable[manifest.ManifestRow]) -> set[str]:
-    return {split for run in runs for split in run.splits} | {row.split for row in rows if row.shard}
-
-
-def reconcile(store: OutputStore, rows: list[manifest.ManifestRow], runs: list[RunRecord], *,
+def reconcile(store: OutputStore, states: manifest.ClipStates, runs: list[RunRecord], *,
               repair: bool) -> Reconciliation:
     """Check every ok clip's shard, find shards of batches that never committed, and (with `repair`)
     delete those shards, disagreeing shards and stale temporaries. Without `repair` nothing is
-    deleted (for `portrait inspect`)."""
+    deleted (for `portrait inspect`). `states` is the manifest as `manifest.read_states` reads it."""
     result = Reconciliation()
-    batches = {batch for run in runs for batch in run.batches} | {
-        shard_batch(row.shard) for row in rows if row.shard}
-    splits = our_splits(runs, rows)
+    batches = {batch for run in runs for batch in run.batches} | {shard_batch(shard) for shard in states.named_shards}
+    splits = {split for run in runs for split in run.splits} | states.shard_splits
     present: dict[str, int] = {}
     for split in sorted(splits):
         present.update({path: size for path, size in store.file_sizes(split).items()
                         if shard_batch(path) in batches})
-    ok_by_shard: dict[str, list[manifest.ManifestRow]] = defaultdict(list)
-    for row in manifest.latest_rows(rows).values():
-        if row.status == manifest.OK and row.shard:
-            ok_by_shard[row.shard].append(row)
+    ok_by_shard = states.ok_keys_by_shard()
 
     doomed: list[str] = []
-    for shard, shard_rows in sorted(ok_by_shard.items()):
-        reason = _disagreement(store, shard, shard_rows, present)
+    for shard, shard_clips in sorted(ok_by_shard.items()):
+        reason = _disagreement(store, shard, [key for _, key in shard_clips], present)
         if reason is None:
             continue
         if shard in present:
             doomed.append(shard)
         else:
             result.missing_shards.append(shard)
-        for row in shard_rows:
-            result.lost[row.clip_id] = reason
+        for clip_id, _ in shard_clips:
+            result.lost[clip_id] = reason
     doomed += [shard for shard in present if shard not in ok_by_shard]  # batches that never committed
     if repair:
         for shard in sorted(doomed):
@@ -110,15 +100,14 @@ def reconcile(store: OutputStore, rows: list[manifest.ManifestRow], runs: list[R
     return result
 
 
-def _disagreement(store: OutputStore, shard: str, rows: list[manifest.ManifestRow],
-                  present: dict[str, int]) -> str | None:
+def _disagreement(store: OutputStore, shard: str, keys: list[str], present: dict[str, int]) -> str | None:
     """Why the clips recorded in `shard` cannot be trusted, or None when shard and records agree."""
     if shard not in present:
         return f"its shard {shard} is missing"
     stats = read_stats(store, shard)
     if stats is None:
         return f"its shard {shard} has no readable stats file"
-    recorded = sorted(row.key for row in rows)
+    recorded = sorted(keys)
     if sorted(stats.keys) != recorded:
         return (f"its shard {shard} holds {stats.samples} samples but the manifest records {len(recorded)} "
                 "there (keys differ)")

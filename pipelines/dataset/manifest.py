@@ -14,10 +14,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.dataset.layout import MANIFEST_PATH, PARTS_PREFIX, part_path
+from pipelines.errors import REGISTRY
 from pipelines.errors import failure_class as registered
 from pipelines.storage import OutputStore
 
@@ -171,14 +174,84 @@ def latest_rows(rows: Iterable[ManifestRow]) -> dict[str, ManifestRow]:
 
 
 def load_state(store: OutputStore) -> dict[str, ManifestRow]:
-    """The latest row per clip id over every committed part."""
+    """The latest row per clip id over every committed part (as row objects: for small datasets and
+    tests; a run reads `read_states`)."""
     return latest_rows(read_parts(store))
 
 
-def consolidate(store: OutputStore, state: Mapping[str, ManifestRow] | None = None) -> str:
-    """Write ``manifest.parquet``: the latest row per clip (`state`, else read), sorted by clip id."""
-    state = load_state(store) if state is None else state
-    _write_table(store, MANIFEST_PATH, rows_to_table(state[c] for c in sorted(state)))
+DECIDING_COLUMNS = ("clip_id", "key", "split", "status", "failure_class", "shard", "attempt", "updated_at")
+"""The columns that decide what a rerun does with a clip and where its sample should be."""
+
+
+def read_table(store: OutputStore, columns: Sequence[str] | None = None) -> pa.Table:
+    """Every committed part as one Arrow table (part-name order), only `columns` decoded."""
+    names = list(columns or SCHEMA.names)
+    tables = [pq.read_table(pa.BufferReader(store.read_bytes(relpath)), columns=names)
+              for relpath in store.list(PARTS_PREFIX) if relpath.endswith(".parquet")]
+    return pa.concat_tables(tables) if tables else SCHEMA.empty_table().select(names)
+
+
+def latest_table(table: pa.Table) -> pa.Table:
+    """The latest row per clip id by the rule of `latest_rows` (highest attempt, then newest, then
+    last seen), sorted by clip id, computed in Arrow: no row objects."""
+    order = pa.array(np.arange(table.num_rows))
+    ranked = table.append_column("_order", order).sort_by(
+        [("clip_id", "ascending"), ("attempt", "descending"), ("updated_at", "descending"), ("_order", "descending")])
+    ids = ranked.column("clip_id").combine_chunks()
+    first = np.ones(ranked.num_rows, dtype=bool)
+    if ranked.num_rows > 1:
+        first[1:] = pc.not_equal(ids[1:], ids[:-1]).to_numpy(zero_copy_only=False)
+    return ranked.filter(pa.array(first)).drop_columns(["_order"])
+
+
+@dataclass(frozen=True)
+class ClipStates:
+    """What a rerun needs from the manifest, read column-wise (`DECIDING_COLUMNS`): a million
+    clips as Arrow columns take tens of MB where `ManifestRow` objects took a GB."""
+
+    latest: pa.Table
+    """The latest row of each clip, `DECIDING_COLUMNS` only, sorted by clip id."""
+    named_shards: frozenset[str]
+    """Every shard any row names (earlier attempts too)."""
+    shard_splits: frozenset[str]
+    """The splits of those rows."""
+
+    def __len__(self) -> int:
+        return self.latest.num_rows
+
+    def ok_keys_by_shard(self) -> dict[str, list[tuple[str, str]]]:
+        """Shard -> (clip id, key) of the clips whose latest row is ok there."""
+        ok = self.latest.filter(pc.and_(pc.equal(self.latest["status"], OK), pc.is_valid(self.latest["shard"])))
+        grouped: dict[str, list[tuple[str, str]]] = {}
+        for shard, clip_id, key in zip(ok["shard"].to_pylist(), ok["clip_id"].to_pylist(), ok["key"].to_pylist()):
+            grouped.setdefault(shard, []).append((clip_id, key))
+        return grouped
+
+    def attempts(self, *, retry_all: bool = False) -> tuple[dict[str, int], set[str]]:
+        """(clip id -> latest attempt) for every clip, and the clips a rerun tries again: failed with
+        a class a rerun retries (`errors.retried_on_rerun`), or failed at all with `retry_all`."""
+        latest = self.latest
+        failed = pc.equal(latest["status"], FAILED)
+        if not retry_all:
+            retried = pa.array([name for name, cls in REGISTRY.items() if cls.retried_on_rerun], pa.string())
+            failed = pc.and_(failed, pc.is_in(latest["failure_class"], value_set=retried))
+        again = set(latest.filter(failed)["clip_id"].to_pylist())
+        return dict(zip(latest["clip_id"].to_pylist(), latest["attempt"].to_pylist())), again
+
+
+def read_states(store: OutputStore) -> ClipStates:
+    """The manifest as a rerun needs it (`ClipStates`), from the deciding columns of every part."""
+    table = read_table(store, DECIDING_COLUMNS)
+    named = table.filter(pc.and_(pc.is_valid(table["shard"]), pc.not_equal(table["shard"], "")))
+    return ClipStates(latest_table(table), frozenset(pc.unique(named["shard"]).to_pylist()),
+                      frozenset(pc.unique(named["split"]).to_pylist()))
+
+
+def consolidate(store: OutputStore, latest: pa.Table | None = None) -> str:
+    """Write ``manifest.parquet``: the latest row per clip sorted by clip id (`latest`, a
+    `latest_table` of every column, else read)."""
+    latest = latest_table(read_table(store)) if latest is None else latest
+    _write_table(store, MANIFEST_PATH, latest.select(SCHEMA.names))
     return MANIFEST_PATH
 
 
@@ -221,3 +294,14 @@ def summary(rows: Iterable[ManifestRow]) -> Summary:
         by_failure_class=dict(Counter(row.failure_class or "unknown" for row in rows if row.status == FAILED)),
         ok_seconds=sum(row.seconds or 0.0 for row in rows if row.status == OK),
     )
+
+
+def table_summary(latest: pa.Table) -> Summary:
+    """`summary` of a `latest_table`, counted in Arrow."""
+    status, failure = latest["status"], pc.fill_null(latest["failure_class"], "unknown")
+    by_status = {row["values"]: row["counts"] for row in pc.value_counts(status).to_pylist()}
+    failed = pc.equal(status, FAILED)
+    by_class = {row["values"]: row["counts"] for row in pc.value_counts(failure.filter(failed)).to_pylist()}
+    ok_seconds = pc.sum(pc.fill_null(latest["seconds"].filter(pc.equal(status, OK)), 0.0)).as_py()
+    return Summary(total=latest.num_rows, by_status=by_status, by_failure_class=by_class,
+                   ok_seconds=float(ok_seconds or 0.0))

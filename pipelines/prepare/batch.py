@@ -9,7 +9,11 @@ the next reconciliation (`dataset.integrity`), which knows the batch from its ru
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Callable
 
@@ -80,18 +84,43 @@ class BatchWriter:
 
 def prepare_batch(batch: Batch, settings: WorkerSettings, output: str, shard_bytes: int,
                   writer_name: str | None = None, work: VideoWork | None = None) -> list[manifest.ManifestRow]:
-    """Prepare every video of `batch` here, write its clips into its shards on `output`, and return
+    """Prepare the videos of `batch` here, write their clips into its shards on `output`, and return
     the manifest rows (the Ray task of one batch). `work` is the per-video function (tests swap in
-    one that kills its worker)."""
+    one that kills its worker).
+
+    Interrupted (`ray.cancel` without force, which the driver sends when asked to stop), the batch
+    ends after the video in hand: its shards are committed and the rows returned cover only the
+    videos it finished, so the driver commits those and a rerun does the rest.
+    """
     store = OutputStore(output)
     require_visible(output, MARKER_PATH, "--output")
     writer = BatchWriter(batch, store, shard_bytes, writer_name or batch.name)
-    try:
-        for group in batch.groups:
-            for outcome in (work or prepare_video)(list(group), settings):
-                writer.add(outcome)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
+    with _interrupt_ends_after_the_video() as interrupted:
+        try:
+            for done, group in enumerate(batch.groups):
+                if interrupted():
+                    LOG.warning("batch %s: stopping after %d of %d videos", batch.name, done, len(batch.groups))
+                    break
+                for outcome in (work or prepare_video)(list(group), settings):
+                    writer.add(outcome)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
     return writer.rows
+
+
+@contextlib.contextmanager
+def _interrupt_ends_after_the_video() -> Iterator[Callable[[], bool]]:
+    """While the block runs, an interrupt of this thread (Ray delivers a non-forced `ray.cancel` as
+    SIGINT to the task's main thread) only sets a flag, read between videos: a KeyboardInterrupt in
+    the middle of a clip being written would lose the finished videos with it."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted.is_set
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
+    try:
+        yield interrupted.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)

@@ -22,9 +22,13 @@ import dataclasses
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines import errors
 from pipelines.dataset import integrity, manifest
@@ -75,17 +79,10 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
 
 
-def pending(requests: list[ClipRequest], state: dict[str, manifest.ManifestRow], *,
-            retry_all: bool = False) -> list[ClipRequest]:
-    """The requests a rerun still has to do: never tried, or failed with a class a rerun retries
-    (`errors.retried_on_rerun`); with `retry_all` every failure is tried again."""
-    todo = []
-    for request in requests:
-        row = state.get(request.clip_id)
-        if row is None or (row.status == manifest.FAILED
-                           and (retry_all or errors.retried_on_rerun(row.failure_class or ""))):
-            todo.append(request)
-    return todo
+def pending(requests: list[ClipRequest], attempts: Mapping[str, int], again: AbstractSet[str]) -> list[ClipRequest]:
+    """The requests a rerun still has to do: never tried (not in `attempts`), or in `again` (see
+    `manifest.ClipStates.attempts`)."""
+    return [request for request in requests if request.clip_id not in attempts or request.clip_id in again]
 
 
 class Planner:
@@ -104,11 +101,13 @@ class Planner:
         self.store = OutputStore(settings.output)
         claim_output(self.store, settings.sample_format.record(detector))
         self.run = Run(run_id or new_run_id(), detector)
-        rows = manifest.read_parts(self.store)
-        self._state = manifest.latest_rows(rows)
-        lost = _reconcile(self.store, rows, self.run.run_id, "verify")
-        self._state.update(lost)
-        del rows
+        states = manifest.read_states(self.store)
+        lost = _reconcile(self.store, states, self.run.run_id, "verify")
+        self._attempts, self._again = states.attempts(retry_all=settings.retry_failed)
+        del states
+        for row in lost.values():  # recorded as shard_lost: prepared again
+            self._attempts[row.clip_id] = row.attempt
+            self._again.add(row.clip_id)
         self.inputs, self.settings = inputs, settings
         self.redone = len(lost)
         self.requested = self.already_done = self.clips = self.videos = self.batch_count = 0
@@ -143,8 +142,8 @@ class Planner:
         for requests, failures in stream_videos(self.inputs, url_template=self.settings.download.url_template,
                                                 splits=SplitPolicy(test_fraction=self.settings.test_fraction)):
             self.requested += len(requests) + len(failures)
-            self.parse_failures += [f for f in failures if f.record_id not in self._state]
-            todo = pending(requests, self._state, retry_all=self.settings.retry_failed)
+            self.parse_failures += [f for f in failures if f.record_id not in self._attempts]
+            todo = pending(requests, self._attempts, self._again)
             self.already_done += len(requests) - len(todo)
             if todo:
                 groups.append(tuple(todo))
@@ -156,7 +155,7 @@ class Planner:
 
     def _batch(self, groups: list[tuple[ClipRequest, ...]]) -> Batch:
         batch = Batch(name=f"{self.run_id}-{self.batch_count:05d}", groups=tuple(groups),
-                      attempts={r.clip_id: manifest.next_attempt(self._state, r.clip_id) for g in groups for r in g})
+                      attempts={r.clip_id: self._attempts.get(r.clip_id, 0) + 1 for g in groups for r in g})
         self.batch_count += 1
         self.videos += len(groups)
         self.clips += batch.clips
@@ -179,24 +178,25 @@ def plan(inputs: SourceInputs, settings: PrepareSettings, run_id: str | None = N
                 parse_failures=tuple(planner.parse_failures), batches=batches)
 
 
-def _reconcile(store: OutputStore, rows: list[manifest.ManifestRow], run_id: str,
+def _reconcile(store: OutputStore, states: manifest.ClipStates, run_id: str,
                part: str) -> dict[str, manifest.ManifestRow]:
     """Check the dataset against its records, clean up after interrupted batches, and record every
     clip whose shard was lost as `shard_lost` (so it is prepared again); returns those rows."""
-    check = integrity.reconcile(store, rows, integrity.read_run_records(store), repair=True)
+    check = integrity.reconcile(store, states, integrity.read_run_records(store), repair=True)
     if check.removed_shards:
         LOG.warning("removed %d shard(s) this dataset wrote that no committed batch holds (an interrupted run, or "
                     "a shard that disagreed with its records): %s", len(check.removed_shards),
                     ", ".join(check.removed_shards[:5]))
     if not check.lost:
         return {}
-    latest = manifest.latest_rows(rows)
+    table = manifest.read_table(store)  # whole rows, of the lost clips only
+    latest = manifest.latest_table(table.filter(pc.is_in(table["clip_id"], value_set=pa.array(sorted(check.lost)))))
     lost = {}
-    for clip_id, reason in sorted(check.lost.items()):
-        LOG.warning("clip %s was recorded as prepared but %s: it will be prepared again", clip_id, reason)
-        row = latest[clip_id]
-        lost[clip_id] = dataclasses.replace(
-            row, status=manifest.FAILED, failure_class=errors.SHARD_LOST, message=f"clip {clip_id}: {reason}",
+    for row in manifest.rows_from_table(latest):
+        reason = check.lost[row.clip_id]
+        LOG.warning("clip %s was recorded as prepared but %s: it will be prepared again", row.clip_id, reason)
+        lost[row.clip_id] = dataclasses.replace(
+            row, status=manifest.FAILED, failure_class=errors.SHARD_LOST, message=f"clip {row.clip_id}: {reason}",
             shard=None, frames=None, seconds=None, delivered_start_s=None, delivered_end_s=None,
             attempt=row.attempt + 1, updated_at=datetime.now(timezone.utc),
             **manifest.timing_columns(None, required=False))
@@ -222,9 +222,11 @@ def run_batch(batch: Batch, run: Run, settings: PrepareSettings, work: VideoWork
     (the commit point). Ray is connected by the flow.
 
     When the task's worker dies (after a retry), each of its videos is run alone, so a video that
-    kills its worker takes no other video with it: it is recorded as `worker_failed`. A stop that
-    outlasts the grace period commits nothing for the batch; its shards are removed at the end of
-    the run and a rerun prepares it. A retry of the same batch rewrites its shards under the same names.
+    kills its worker takes no other video with it: it is recorded as `worker_failed`. A stopped
+    batch commits the videos it finished (their rows, after their shards); the rest have no row, so
+    a rerun prepares them. A stop that outlasts the grace period commits nothing for the batch; its
+    shards are removed at the end of the run. A retry of the same batch rewrites its shards under
+    the same names.
     """
     store = OutputStore(settings.output)
     worker = run.worker_settings(settings)
@@ -234,14 +236,19 @@ def run_batch(batch: Batch, run: Run, settings: PrepareSettings, work: VideoWork
             LOG.warning("batch %s: its worker died (%s); running its videos one by one", batch.name, result)
             result = _one_by_one(batch, worker, settings, store, work)
     except Stopped:
-        LOG.warning("batch %s: stopped before it finished; nothing of it is committed", batch.name)
+        result = Stopped()
+    if isinstance(result, Stopped):
+        LOG.warning("batch %s: stopped before it could commit a video; nothing of it is committed", batch.name)
         return {"ok": 0, "failed": 0, "stopped": 1}
     if isinstance(result, Exception):
         raise result
-    manifest.write_part(store, batch.name, result)
+    stopped = len(result) < batch.clips
+    if result:
+        manifest.write_part(store, batch.name, result)
     ok = sum(row.status == manifest.OK for row in result)
-    LOG.info("batch %s: %d clips ok, %d failed", batch.name, ok, len(result) - ok)
-    return {"ok": ok, "failed": len(result) - ok}
+    LOG.info("batch %s: %d clips ok, %d failed%s", batch.name, ok, len(result) - ok,
+             f"; stopped, {batch.clips - len(result)} clips left for a rerun" if stopped else "")
+    return {"ok": ok, "failed": len(result) - ok, **({"stopped": 1} if stopped else {})}
 
 
 def _one_by_one(batch: Batch, worker: WorkerSettings, settings: PrepareSettings, store: OutputStore,
@@ -261,6 +268,8 @@ def _one_by_one(batch: Batch, worker: WorkerSettings, settings: PrepareSettings,
             LOG.error("video %s: worker failed: %s", group[0].video_id, result)
             rows += [manifest_row(r, status=manifest.FAILED, attempt=single.attempts[r.clip_id],
                                   failure_class=errors.WORKER_FAILED, message=f"{clip_label(r)}: {result}") for r in group]
+        elif isinstance(result, Stopped):  # never started: a rerun prepares it
+            continue
         elif isinstance(result, Exception):
             raise result
         else:
@@ -270,20 +279,18 @@ def _one_by_one(batch: Batch, worker: WorkerSettings, settings: PrepareSettings,
 
 def finalize(run: Run | Planner, settings: PrepareSettings) -> dict:
     """Clean up after failed batches, consolidate the manifest, index the shards per split, and
-    write and return the summary."""
+    write and return the summary (all from Arrow columns: no row objects, whatever the size)."""
     store = OutputStore(settings.output)
-    rows = manifest.read_parts(store)
-    lost = _reconcile(store, rows, run.run_id, "final-check")
-    state = manifest.latest_rows(rows)
-    state.update(lost)
-    manifest.consolidate(store, state)
+    _reconcile(store, manifest.read_states(store), run.run_id, "final-check")
+    latest = manifest.latest_table(manifest.read_table(store))  # shard_lost rows outrank what they replace
+    manifest.consolidate(store, latest)
+    ok = latest.filter(pc.and_(pc.equal(latest["status"], manifest.OK), pc.is_valid(latest["shard"])))
     shards: dict[str, set[str]] = defaultdict(set)
-    for row in state.values():
-        if row.status == manifest.OK and row.shard:
-            shards[row.split].add(row.shard)
+    for split, shard in zip(ok["split"].to_pylist(), ok["shard"].to_pylist()):
+        shards[split].add(shard)
     store.write_bytes_atomic(SHARD_INDEX_PATH, json.dumps({k: sorted(v) for k, v in sorted(shards.items())},
                                                           indent=1).encode())
-    counts = manifest.summary(state.values())
+    counts = manifest.table_summary(latest)
     result = {
         "output": store.uri,
         "requested": counts.total,
