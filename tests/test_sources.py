@@ -78,6 +78,19 @@ def test_voxceleb2_file_gives_normalised_boxes(tmp_path):
     assert clip.start_s == pytest.approx(1 / 25) and clip.end_s == pytest.approx(3 / 25)
 
 
+def test_box_rows_are_one_array_and_odd_but_valid_tables_read_the_same(tmp_path):
+    put(tmp_path, "a/txt/id00012/21Uxsk56VDQ/00001.txt", VOX2_TEXT)
+    # a blank line and spaces instead of tabs: the one-step read refuses it, the checked one accepts it
+    odd = VOX2_TEXT.replace("\n00002\t", "\n\n00002 ").replace("\t0.153", "  0.153")
+    put(tmp_path, "b/txt/id00012/21Uxsk56VDQ/00001.txt", odd)
+    (fast,), _ = parse_voxceleb_tree(tmp_path / "a")
+    (checked,), _ = parse_voxceleb_tree(tmp_path / "b")
+    assert fast.boxes.rows.shape == (2, 5) and not fast.boxes.rows.flags.writeable
+    assert list(fast.boxes) == list(checked.boxes) and (fast.start_s, fast.end_s) == (checked.start_s, checked.end_s)
+    shifted = fast.boxes.shifted(0.04)  # times counted from a downloaded section's start
+    assert [b.t for b in shifted] == pytest.approx([0.0, 0.04]) and shifted[1].h == fast.boxes[1].h
+
+
 def test_explicit_version_rejects_boxes_in_the_wrong_units(tmp_path):
     put(tmp_path, "txt/id10001/1zcIwhmdeo4/00001.txt", VOX1_TEXT)
     requests, failures = parse_voxceleb_tree(tmp_path, version=2)
