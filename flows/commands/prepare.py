@@ -23,8 +23,9 @@ DESCRIPTION = (
     "Parquet manifest (one row per requested clip, with its status and failure class).\n\n"
     "The output must be a new or empty folder, or a dataset prepared before with the same sample "
     "settings: anything else is refused before work starts. A rerun with the same output completes "
-    "only what is missing. SIGINT or SIGTERM stops a run within 20 s (running videos get 10 s to "
-    "finish; what is finished is committed) with exit status 130, and a rerun resumes. Runs on a "
+    "only what is missing. SIGINT or SIGTERM stops a run within 20 s (each running batch finishes "
+    "its video in hand, 10 s at most, and commits the videos it finished) with exit status 130, and "
+    "a rerun resumes. Runs on a "
     "local Ray and Prefect's temporary server unless RAY_ADDRESS / "
     "PREFECT_API_URL point at a cluster.")
 

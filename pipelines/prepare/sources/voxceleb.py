@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,32 +148,73 @@ def iter_voxceleb_videos(
         yield [], [ParseFailure(str(root), "holds no VoxCeleb tree txt/<identity>/<video>/<utterance>.txt")]
         return
 
-    def parse(paths: Iterable[str], place: tuple[str, str] | None) -> tuple[list[ClipRequest], list[ParseFailure]]:
+    def parse(files: list[tuple[str, list[str] | InvalidInput]],
+              place: tuple[str, str] | None) -> tuple[list[ClipRequest], list[ParseFailure]]:
         requests: list[ClipRequest] = []
         failures: list[ParseFailure] = []
-        for path in paths:
+        for path, lines in files:
             try:
-                requests.append(_parse_utterance(path, place, version, url_template, splits))
+                requests.append(_parse_utterance(path, lines, place, version, url_template, splits))
             except InvalidInput as error:
                 origin = f"{path}:{error.line}" if error.line else path
                 failures.append(ParseFailure(origin, str(error)))
         return requests, failures
 
+    with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="vox-read") as pool:
+        ahead: deque[Future[_Folder]] = deque()
+        for place, path in _video_folders(txt_root):
+            ahead.append(pool.submit(_read_folder, place, path))
+            while len(ahead) > READ_AHEAD or (ahead and ahead[0].done()):
+                yield _parse_folder(ahead.popleft().result(), parse)
+        while ahead:
+            yield _parse_folder(ahead.popleft().result(), parse)
+
+
+READ_AHEAD = 256
+"""Video folders whose files threads read ahead of the parser: on a cold disk every small file is a
+random read, and reads overlap where parsing (which holds the GIL) cannot."""
+READ_THREADS = 8
+
+_Folder = tuple[tuple[str, str] | None, list[tuple[str, "list[str] | InvalidInput"]], list[str]]
+"""A video folder read: its (identity, video), its .txt files' lines (or why they cannot be read),
+and the misplaced files below it."""
+
+
+def _video_folders(txt_root: Path) -> Iterator[tuple[tuple[str, str] | None, str]]:
+    """``((identity, video), folder)`` in sorted order; ``(None, file)`` for a misplaced file."""
     for level_one in _sorted_entries(str(txt_root)):
         if not level_one.is_dir():
             if level_one.name.endswith(".txt"):
-                yield parse([level_one.path], None)
+                yield None, level_one.path
             continue
         for level_two in _sorted_entries(level_one.path):
             if level_two.is_dir():
-                entries = _sorted_entries(level_two.path)
-                utterances = [e.path for e in entries if e.name.endswith(".txt")]  # a folder fails to read
-                requests, failures = parse(utterances, (level_one.name, level_two.name))
-                for folder in (e for e in entries if e.is_dir()):  # deeper files are misplaced
-                    failures += parse(sorted(str(p) for p in Path(folder.path).rglob("*.txt")), None)[1]
-                yield requests, failures
+                yield (level_one.name, level_two.name), level_two.path
             elif level_two.name.endswith(".txt"):
-                yield parse([level_two.path], None)
+                yield None, level_two.path
+
+
+def _read_folder(place: tuple[str, str] | None, path: str) -> _Folder:
+    """Read one video folder's utterance files (in a reader thread)."""
+    if place is None:
+        return None, [(path, InvalidInput("misplaced"))], []
+    entries = _sorted_entries(path)
+    files: list[tuple[str, list[str] | InvalidInput]] = []
+    for entry in entries:
+        if entry.name.endswith(".txt"):  # a folder of that name fails to read
+            try:
+                files.append((entry.path, read_lines(entry.path)))
+            except InvalidInput as error:
+                files.append((entry.path, error))
+    misplaced = [str(p) for entry in entries if entry.is_dir() for p in sorted(Path(entry.path).rglob("*.txt"))]
+    return place, files, misplaced
+
+
+def _parse_folder(folder: _Folder, parse: Callable[..., tuple[list[ClipRequest], list[ParseFailure]]]
+                  ) -> tuple[list[ClipRequest], list[ParseFailure]]:
+    place, files, misplaced = folder
+    requests, failures = parse(files, place)
+    return requests, failures + parse([(path, InvalidInput("misplaced")) for path in misplaced], None)[1]
 
 
 def _sorted_entries(folder: str) -> list[os.DirEntry]:
@@ -179,16 +222,18 @@ def _sorted_entries(folder: str) -> list[os.DirEntry]:
         return sorted(entries, key=lambda entry: entry.name)
 
 
-def _parse_utterance(path: str, place: tuple[str, str] | None, version: int | None, url_template: str,
-                     splits: SplitPolicy) -> ClipRequest:
-    """One utterance file; `place` is its (identity, video) folders, None for a misplaced file."""
+def _parse_utterance(path: str, lines: list[str] | InvalidInput, place: tuple[str, str] | None,
+                     version: int | None, url_template: str, splits: SplitPolicy) -> ClipRequest:
+    """One utterance file read as `lines` (or why it could not be read); `place` is its (identity,
+    video) folders, None for a misplaced file."""
     if place is None:
         raise InvalidInput("misplaced utterance file: expected txt/<identity>/<video>/<utterance>.txt")
     (identity, video_id), utterance = place, os.path.basename(path)[:-4]
     for label, value in (("identity", identity), ("video id", video_id), ("utterance", utterance)):
         if not ID_PATTERN.fullmatch(value):
             raise InvalidInput(f"{label} {value!r} has characters outside [A-Za-z0-9_-]")
-    lines = read_lines(path)
+    if isinstance(lines, InvalidInput):
+        raise lines
     header, rows_start = _parse_vox_header(lines)
     if header.get("identity", identity) != identity:
         raise InvalidInput(f"header identity {header['identity']!r} differs from directory {identity!r}", 1)
