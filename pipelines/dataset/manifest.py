@@ -183,25 +183,43 @@ DECIDING_COLUMNS = ("clip_id", "key", "split", "status", "failure_class", "shard
 """The columns that decide what a rerun does with a clip and where its sample should be."""
 
 
+PARTS_PER_CHUNK = 256
+"""Parts read into one Arrow chunk: tens of thousands of small tables held at once cost far more
+than their data (each keeps its own buffers and schema)."""
+
+
 def read_table(store: OutputStore, columns: Sequence[str] | None = None) -> pa.Table:
     """Every committed part as one Arrow table (part-name order), only `columns` decoded."""
     names = list(columns or SCHEMA.names)
-    tables = [pq.read_table(pa.BufferReader(store.read_bytes(relpath)), columns=names)
-              for relpath in store.list(PARTS_PREFIX) if relpath.endswith(".parquet")]
-    return pa.concat_tables(tables) if tables else SCHEMA.empty_table().select(names)
+    chunks: list[pa.Table] = [SCHEMA.empty_table().select(names)]
+    parts: list[pa.Table] = []
+    for relpath in store.list(PARTS_PREFIX):
+        if relpath.endswith(".parquet"):
+            part = pq.ParquetFile(pa.BufferReader(store.read_bytes(relpath))).read(columns=names, use_threads=False)
+            parts.append(part.replace_schema_metadata(None))
+        if len(parts) == PARTS_PER_CHUNK:
+            chunks.append(pa.concat_tables(parts).combine_chunks())
+            parts = []
+    return pa.concat_tables([*chunks, *parts])
 
 
 def latest_table(table: pa.Table) -> pa.Table:
     """The latest row per clip id by the rule of `latest_rows` (highest attempt, then newest, then
-    last seen), sorted by clip id, computed in Arrow: no row objects."""
-    order = pa.array(np.arange(table.num_rows))
-    ranked = table.append_column("_order", order).sort_by(
+    last seen), computed in Arrow: no row objects. Only clips with several rows are sorted; a
+    table without any is returned as it is (a first run's manifest)."""
+    ids = table["clip_id"]
+    counts = pc.value_counts(ids)
+    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated) == 0:
+        return table
+    several = pc.is_in(ids, value_set=repeated)
+    ranked = table.filter(several).append_column("_order", pa.array(np.flatnonzero(several.to_numpy(
+        zero_copy_only=False)))).sort_by(
         [("clip_id", "ascending"), ("attempt", "descending"), ("updated_at", "descending"), ("_order", "descending")])
-    ids = ranked.column("clip_id").combine_chunks()
+    ranked_ids = ranked.column("clip_id").combine_chunks()
     first = np.ones(ranked.num_rows, dtype=bool)
-    if ranked.num_rows > 1:
-        first[1:] = pc.not_equal(ids[1:], ids[:-1]).to_numpy(zero_copy_only=False)
-    return ranked.filter(pa.array(first)).drop_columns(["_order"])
+    first[1:] = pc.not_equal(ranked_ids[1:], ranked_ids[:-1]).to_numpy(zero_copy_only=False)
+    return pa.concat_tables([table.filter(pc.invert(several)), ranked.filter(pa.array(first)).drop_columns(["_order"])])
 
 
 @dataclass(frozen=True)
@@ -210,7 +228,7 @@ class ClipStates:
     clips as Arrow columns take tens of MB where `ManifestRow` objects took a GB."""
 
     latest: pa.Table
-    """The latest row of each clip, `DECIDING_COLUMNS` only, sorted by clip id."""
+    """The latest row of each clip, `DECIDING_COLUMNS` only."""
     named_shards: frozenset[str]
     """Every shard any row names (earlier attempts too)."""
     shard_splits: frozenset[str]
@@ -251,7 +269,7 @@ def consolidate(store: OutputStore, latest: pa.Table | None = None) -> str:
     """Write ``manifest.parquet``: the latest row per clip sorted by clip id (`latest`, a
     `latest_table` of every column, else read)."""
     latest = latest_table(read_table(store)) if latest is None else latest
-    _write_table(store, MANIFEST_PATH, latest.select(SCHEMA.names))
+    _write_table(store, MANIFEST_PATH, latest.select(SCHEMA.names).sort_by("clip_id"))
     return MANIFEST_PATH
 
 
