@@ -72,13 +72,14 @@ def plan_only(tree: Path, work: Path) -> dict:
     from pipelines.prepare.settings import PrepareSettings, SourceInputs
 
     settings = PrepareSettings(output=str(work / "out"), workdir=str(work / "work"), detector="dlib")
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     planner = job.Planner(SourceInputs(vox2_txt=(str(tree),)), settings)
     first = None
     for _ in planner.batches():
         first = first or time.perf_counter() - started
-    return {"plan_s": round(time.perf_counter() - started, 2), "first_batch_s": round(first or 0, 3),
-            "clips": planner.clips, "batches": planner.batch_count, "driver_peak_mb": round(driver_peak_mb())}
+    return {"plan_s": round(time.perf_counter() - started, 2), "plan_cpu_s": round(time.process_time() - cpu, 1),
+            "first_batch_s": round(first or 0, 3), "clips": planner.clips, "batches": planner.batch_count,
+            "driver_peak_mb": round(driver_peak_mb())}
 
 
 def full_run(tree: Path, utterances: int, work: Path, real_fraction: float, seconds: float) -> dict:
