@@ -6,7 +6,9 @@ Ray task per video via `pipelines.prepare.runner`) -> writer (`pipelines.dataset
 
 Scale: the plan is a stream (`Planner`): metadata is read one video at a time and batched as it
 is read; the driver holds a window of batches and the ids of the clips it has seen, never the
-requests of the whole run, and each batch's Prefect task gets that batch and the small `Run`.
+requests of the whole run, and each batch's Prefect task gets that batch and the small `Run`. What
+a rerun skips comes from the manifest's deciding columns (`manifest.read_states`), and `finalize`
+consolidates and counts in Arrow: no row object per clip on the driver.
 
 Safety and resume: planning first claims the output (`dataset.layout.claim_output`: an empty folder
 or a dataset prepared with the same sample settings, nothing else), then checks every clip the
