@@ -202,6 +202,14 @@ class DecodedFrame:
             return self._image[max(0, top):max(0, bottom), max(0, left):max(0, right)]
         return self.view.region(self.frame, left, top, right, bottom)
 
+    def overlaid(self, overlay: Overlay | None) -> av.VideoFrame:
+        """The decoded picture with `overlay` (in the coordinates of `image`) blended into its own planes
+        (`pictures.blend_overlay`); the picture itself when there is none."""
+        if overlay is None:
+            return self.frame
+        left, top, pixels, weights = self.view.to_coded(*overlay)
+        return blend_overlay(self.frame, left, top, pixels, weights)
+
 
 @functools.lru_cache(maxsize=1)
 def ffmpeg_exe() -> str:
@@ -942,11 +950,7 @@ class SegmentWriter(VideoWriter):
 
     def write_frame(self, frame: DecodedFrame, overlay: Overlay | None = None) -> None:
         """Encode a decoded frame at its own pts, with `overlay` (in the coordinates of `frame.image`) blended in."""
-        picture = frame.frame
-        if overlay is not None:
-            left, top, pixels, weights = frame.view.to_coded(*overlay)
-            picture = blend_overlay(picture, left, top, pixels, weights)
-        self.write_picture(picture, frame.pts, frame.duration)
+        self.write_picture(frame.overlaid(overlay), frame.pts, frame.duration)
 
     def write(self, image: np.ndarray, pts: int, duration: int = 0) -> None:
         """Encode one (H, W, 3) uint8 RGB frame as analysis sees them (`info.view`) at `pts` (source time base)."""
