@@ -106,7 +106,7 @@ def track_video(info: VideoInfo, detector: FaceDetector, settings: EditSettings,
     last_duration = 0
     for frame in timed_iter(decode(info), timings, "decode_s"):
         with timed(timings, "track_s"):
-            tracker.update(frame.image)
+            tracker.update(frame)
         pts.append(frame.pts)
         last_duration = frame.duration
     if not pts:

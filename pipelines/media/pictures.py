@@ -42,6 +42,9 @@ SWS_MATRIX = {1: 1, 4: 4, 5: 5, 6: 5, 7: 7, 9: 9, 10: 9}
 """FFmpeg's AVColorSpace -> the swscale matrix (SWS_CS_*) that converts from and to it (bt709, fcc,
 bt470bg and smpte170m (both BT.601), smpte240m, bt2020); unspecified ones get swscale's default, BT.601."""
 
+CARRIER_SIZE = 16
+"""Side of a `View.carrier` frame."""
+
 REGION_MARGIN = 16
 """Pixels converted around a region (`View.region`): more than swscale's chroma interpolation reaches."""
 
@@ -194,14 +197,18 @@ class View:
             rgb = interpolate_field(rgb, self.field)
         return self.orientation.apply(rgb)
 
-    def region(self, frame: av.VideoFrame, left: int, top: int, right: int, bottom: int) -> np.ndarray:
+    def region(self, frame: av.VideoFrame, left: int, top: int, right: int, bottom: int,
+               like: av.VideoFrame | None = None) -> np.ndarray:
         """`picture(frame)[top:bottom, left:right]` (shown pixels, clipped to the picture), converting only
         that part of the frame and a margin around it: the crop and paste stages need the face's pixels,
         and converting a whole 1080p frame to RGB costs more than decoding it.
 
         Exact: the margin (`REGION_MARGIN`, whole chroma samples) covers swscale's chroma interpolation,
-        so every returned pixel equals the whole frame's. Anamorphic and one-field views, odd sizes of
-        subsampled formats and layouts without a plane per component convert the whole frame.
+        so every returned pixel equals the whole frame's, provided the part has the frame's chroma siting:
+        give a `carrier` of the frame's stream as `like` (PyAV cannot set the siting of a new frame, and
+        swscale places chroma by it: H.264's left-sited chroma read as centred is up to 12 levels off at
+        edges). Anamorphic and one-field views, odd sizes of subsampled formats and layouts without a plane
+        per component convert the whole frame.
         """
         shown_width, shown_height = self.shown_size
         left, top, right, bottom = max(0, left), max(0, top), min(shown_width, right), min(shown_height, bottom)
@@ -219,7 +226,9 @@ class View:
         part_y1 = min(frame.height, y1 + REGION_MARGIN)
         part_x1 += (-part_x1) % step_x
         part_y1 += (-part_y1) % step_y
-        part = av.VideoFrame(part_x1 - part_x0, part_y1 - part_y0, format_.name)
+        part_size = part_x1 - part_x0, part_y1 - part_y0
+        part = av.VideoFrame(*part_size, format_.name) if like is None else like.reformat(
+            *part_size, format=format_.name, interpolation=Interpolation.POINT)  # the siting of `like`
         for name in ("colorspace", "color_range", "color_primaries", "color_trc"):
             setattr(part, name, getattr(frame, name))
         for plane, (target, source) in enumerate(zip(plane_arrays(part), plane_arrays(frame))):
@@ -228,6 +237,12 @@ class View:
             target[:] = source[row:row + target.shape[0], column:column + target.shape[1]]
         rgb = part.reformat(format="rgb24", interpolation=CONVERSION).to_ndarray()
         return self.orientation.apply(rgb[y0 - part_y0:y1 - part_y0, x0 - part_x0:x1 - part_x0])
+
+    @staticmethod
+    def carrier(frame: av.VideoFrame) -> av.VideoFrame:
+        """A tiny frame with every property of `frame` (chroma siting included) for `region`'s `like`: one
+        per stream serves every frame of it."""
+        return frame.reformat(CARRIER_SIZE, CARRIER_SIZE, interpolation=Interpolation.POINT)
 
     def to_coded(self, left: int, top: int, pixels: np.ndarray, weights: np.ndarray) -> tuple[int, int, np.ndarray,
                                                                                               np.ndarray]:

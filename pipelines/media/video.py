@@ -182,11 +182,14 @@ class DecodedFrame:
     """One decoded frame: its index in the stream, pts and duration (time-base units), the decoded
     picture in its own format (`frame`) and, converted on first use, the RGB image analysis sees."""
 
-    __slots__ = ("index", "pts", "duration", "frame", "view", "_image")
+    __slots__ = ("index", "pts", "duration", "frame", "view", "_image", "_carrier")
 
-    def __init__(self, index: int, pts: int, duration: int, frame: av.VideoFrame, view: View) -> None:
+    def __init__(self, index: int, pts: int, duration: int, frame: av.VideoFrame, view: View,
+                 carrier: list[av.VideoFrame] | None = None) -> None:
         self.index, self.pts, self.duration, self.frame, self.view = index, pts, duration, frame, view
         self._image: np.ndarray | None = None
+        self._carrier = [] if carrier is None else carrier
+        """`View.carrier` of the stream, made once and shared by the frames of one `decode`."""
 
     @property
     def image(self) -> np.ndarray:
@@ -200,7 +203,9 @@ class DecodedFrame:
         """`image[top:bottom, left:right]` (clipped), converting only that part unless `image` is already made."""
         if self._image is not None:
             return self._image[max(0, top):max(0, bottom), max(0, left):max(0, right)]
-        return self.view.region(self.frame, left, top, right, bottom)
+        if not self._carrier:
+            self._carrier.append(View.carrier(self.frame))
+        return self.view.region(self.frame, left, top, right, bottom, like=self._carrier[0])
 
     def overlaid(self, overlay: Overlay | None) -> av.VideoFrame:
         """The decoded picture with `overlay` (in the coordinates of `image`) blended into its own planes
@@ -497,6 +502,7 @@ def decode(info: VideoInfo, start_index: int = 0, start_pts: int | None = None, 
     """
     decoder = _Decoder(info.path, NOT_A_VIDEO, threads)
     view = info.view
+    carrier: list[av.VideoFrame] = []
     try:
         seeked = start_pts is not None and start_index > 0
         index = start_index if seeked else 0
@@ -520,7 +526,7 @@ def decode(info: VideoInfo, start_index: int = 0, start_pts: int | None = None, 
                     raise VideoError(DAMAGED_VIDEO, f"{info.path}: timestamps go backwards at frame {index} "
                                                     f"({pts} after {last_pts})")
                 last_pts = pts
-                yield DecodedFrame(index, int(pts), int(frame.duration or 0), frame, view)
+                yield DecodedFrame(index, int(pts), int(frame.duration or 0), frame, view, carrier)
                 index += 1
                 produced += 1
                 if count is not None and produced >= count:
