@@ -25,10 +25,11 @@ as the source).
 
 `--per-frame` (on by default; `--per-frame-only` runs just this) reports the CPU milliseconds per
 1080p frame of every stage but the model (analysis, crop, paste + encode, each on one core as the Ray
-job runs them), this tree against the code of `--baseline-rev` (the commit before this work: whole
-frames converted to RGB for crop and paste, x264 `medium`), each in its own process in the same run,
-and the model stage alone in frames/s at the batch the
-device gets (`--model-batch 0`).
+job runs them, and within each its decode, RGB conversion + landmarks, crop, paste and encode, counted
+in CPU time), this tree against the code of `--baseline-rev` (before issue 16: whole frames converted
+to RGB for crop and paste, x264 `medium`) and of `--previous-rev` (its first round), each in its own
+process in the same run, the total without the CPU encoder (what a node encoding with NVENC pays), and
+the model stage alone in frames/s at the batch the device gets (`--model-batch 0`).
 
 Weights are random (official 256x256 architecture, or `--size`) unless `--checkpoint` names an official
 dpe.pt; the speed does not depend on the values. Where CUDA is present, the script also measures the
@@ -39,7 +40,7 @@ the measured GFLOP per output frame) and the whole job on Ray Data with the mode
     python benchmarks/bench_edit.py --frames 24 --no-memory
     python benchmarks/bench_edit.py --size 64 --frames 120
     python benchmarks/bench_edit.py --colour-only          # the colour report alone: seconds
-    python benchmarks/bench_edit.py --per-frame-only       # non-model CPU ms per 1080p frame: about 1 min
+    python benchmarks/bench_edit.py --per-frame-only       # non-model CPU ms per 1080p frame: about 1.5 min
 """
 
 from __future__ import annotations
