@@ -25,10 +25,11 @@ as the source).
 
 `--per-frame` (on by default; `--per-frame-only` runs just this) reports the CPU milliseconds per
 1080p frame of every stage but the model (analysis, crop, paste + encode, each on one core as the Ray
-job runs them), this tree against the code of `--baseline-rev` (the commit before this work: whole
-frames converted to RGB for crop and paste, x264 `medium`), each in its own process in the same run,
-and the model stage alone in frames/s at the batch the
-device gets (`--model-batch 0`).
+job runs them, and within each its decode, RGB conversion + landmarks, crop, paste and encode, counted
+in CPU time), this tree against the code of `--baseline-rev` (before issue 16: whole frames converted
+to RGB for crop and paste, x264 `medium`) and of `--previous-rev` (its first round), each in its own
+process in the same run, the total without the CPU encoder (what a node encoding with NVENC pays), and
+the model stage alone in frames/s at the batch the device gets (`--model-batch 0`).
 
 Weights are random (official 256x256 architecture, or `--size`) unless `--checkpoint` names an official
 dpe.pt; the speed does not depend on the values. Where CUDA is present, the script also measures the
@@ -39,7 +40,7 @@ the measured GFLOP per output frame) and the whole job on Ray Data with the mode
     python benchmarks/bench_edit.py --frames 24 --no-memory
     python benchmarks/bench_edit.py --size 64 --frames 120
     python benchmarks/bench_edit.py --colour-only          # the colour report alone: seconds
-    python benchmarks/bench_edit.py --per-frame-only       # non-model CPU ms per 1080p frame: about 1 min
+    python benchmarks/bench_edit.py --per-frame-only       # non-model CPU ms per 1080p frame: about 1.5 min
 """
 
 from __future__ import annotations
@@ -110,6 +111,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--per-frame-only", action="store_true", help="run only the per-frame report")
     p.add_argument("--hd-frames", type=int, default=60, help="1080p frames of the per-frame report")
     p.add_argument("--baseline-rev", default=BASELINE_REV, help="git revision whose code is the per-frame baseline")
+    p.add_argument("--previous-rev", default=PREVIOUS_REV, help="git revision whose code is the per-frame report's "
+                                                                "middle column (the previous round)")
+    p.add_argument("--preset", default=None, help="x264 preset of the per-frame report's later two columns "
+                                                  "(default: the job's default)")
     p.add_argument("--stage-costs", nargs=5, metavar=("SOURCE", "DRIVING", "WORK", "PRESET", "SIZE"),
                    help=argparse.SUPPRESS)  # one side of the per-frame report, in its own process
     p.add_argument("--model-frames", type=int, default=16, help="crops the model stage alone edits (at least two "
@@ -330,9 +335,21 @@ def gpu(args: argparse.Namespace, model: DPEGenerator, checkpoint: Path, inputs:
 
 PER_FRAME_STAGES = ("analysis", "crop", "paste + encode")
 
+PER_FRAME_PARTS = (("analysis", "decode_s", "decode"), ("analysis", "track_s", "RGB + landmarks + detection"),
+                   ("crop", "decode_s", "decode"), ("crop", "crop_s", "RGB of the box + resample"),
+                   ("paste + encode", "decode_s", "decode"),
+                   ("paste + encode", "paste_s", "mask + paste (incl. RGB -> YUV)"),
+                   ("paste + encode", "encode_s", "encode"))
+"""(stage, timing key, what it holds) of the per-stage breakdown: the stages' own timings, counted in CPU time.
+Before this work the blend into the frame's planes (RGB -> YUV of the face) was counted under encode."""
+
 BASELINE_REV = "80d1b30"
 """The commit before the per-frame work (issue 16): crop and paste converted whole frames to RGB, x264 ran
 at `medium` by default."""
+
+PREVIOUS_REV = "0e2ffba"
+"""The commit before the second round (issue 16, point 2): region-only RGB in crop and paste, `veryfast`, but
+whole frames converted to RGB for the tracker and the face's RGB -> YUV in float numpy."""
 
 
 def stage_costs_in(code: Path | None, source: Path, driving: Path, work: Path, preset: str, size: int) -> dict:
@@ -349,14 +366,19 @@ def stage_costs_in(code: Path | None, source: Path, driving: Path, work: Path, p
 
 def non_model_costs(source: Path, driving: Path, work: Path, preset: str, size: int) -> dict[str, float]:
     """CPU milliseconds per frame of every stage but the model, on one core (the stages run as the Ray job
-    runs them, one per core; the model stage is left out: the edited crops are the source crops)."""
+    runs them, one per core; the model stage is left out: the edited crops are the source crops), with
+    each stage's own timings (decode, track, crop, paste, encode) counted in CPU time too."""
+    import types
+
     from pipelines.edit import analyse
+    from pipelines.edit import chunks as chunk_module
     from pipelines.edit.chunks import JobWork
     from pipelines.edit.compose import cached_detector, compose_chunk
     from pipelines.edit.crops import crop_chunk
     from pipelines.edit.job_table import EditJob
 
     cv2.setNumThreads(1)
+    chunk_module.time = types.SimpleNamespace(perf_counter=time.process_time, time=time.time)  # CPU, not wall
     shutil.rmtree(work, ignore_errors=True)  # segments of an earlier run would be reused, not made
     settings = EditSettings(output=str(work), checkpoint="unused", detector="dlib", preset=preset,
                             executor="local", workdir=str(work / "scratch"))
@@ -365,28 +387,36 @@ def non_model_costs(source: Path, driving: Path, work: Path, preset: str, size: 
     store = OutputStore(str(work))
     detector = cached_detector("dlib")
     analyse._DRIVERS.clear()  # each path analyses its driver itself
-    costs = {}
-    started = time.process_time()
-    chunks = analyse.analyse_job(JobWork(edit, f"{preset:0<16}", 0, size), settings, detector, store)
-    costs["analysis"] = time.process_time() - started
-    started = time.process_time()
-    chunks = [crop_chunk(chunk, settings) for chunk in chunks]
-    costs["crop"] = time.process_time() - started
+    costs, parts = {}, {}
+
+    def stage(name: str, run, chunks: list) -> list:
+        before = [dict(chunk.timings) for chunk in chunks]
+        started = time.process_time()
+        done = run(chunks)
+        costs[name] = time.process_time() - started
+        for index, chunk in enumerate(done):
+            earlier = before[index] if index < len(before) else {}
+            for key, seconds in chunk.timings.items():
+                parts[f"{name}/{key}"] = parts.get(f"{name}/{key}", 0.0) + seconds - earlier.get(key, 0.0)
+        return done
+
+    chunks = stage("analysis", lambda _: analyse.analyse_job(JobWork(edit, f"{preset:0<16}", 0, size), settings,
+                                                               detector, store), [])
+    chunks = stage("crop", lambda items: [crop_chunk(chunk, settings) for chunk in items], chunks)
     for chunk in chunks:
         chunk.edited = chunk.source_crops
-    started = time.process_time()
-    chunks = [compose_chunk(chunk, settings, store) for chunk in chunks]
-    costs["paste + encode"] = time.process_time() - started
+    chunks = stage("paste + encode", lambda items: [compose_chunk(chunk, settings, store) for chunk in items], chunks)
     failed = [chunk.message for chunk in chunks if not chunk.ok]
     if failed:
         raise RuntimeError(f"the job failed: {failed}")
     frames = sum(chunk.frames for chunk in chunks)
-    return {stage: 1000 * seconds / frames for stage, seconds in costs.items()} | {"frames": frames}
+    return ({stage_name: 1000 * seconds / frames for stage_name, seconds in costs.items()}
+            | {key: 1000 * seconds / frames for key, seconds in parts.items()} | {"frames": frames})
 
 
 def per_frame_report(args: argparse.Namespace, work: Path) -> None:
-    """Non-model CPU ms per 1080p frame, today's path against the new one in this run, and the model stage's
-    frames/s at the batch the device gets."""
+    """Non-model CPU ms per 1080p frame, stage by stage, of the code of `--baseline-rev`, of `--previous-rev` and
+    of this tree in this run, and the model stage's frames/s at the batch the device gets."""
     sample = make_sample_media(work / "sample")
     source, driving = work / "hd_source.mp4", work / "hd_driver.png"
     frames = args.hd_frames
@@ -395,25 +425,39 @@ def per_frame_report(args: argparse.Namespace, work: Path) -> None:
            "-crf", "18", "-c:a", "copy", "-t", f"{frames * 1001 / 30000:.4f}", str(source))
     ffmpeg("-ss", "1", "-i", str(sample["talk.mp4"]), "-frames:v", "1", "-vf", "scale=1320:1080:flags=lanczos",
            str(driving))
+    preset = args.preset or EditSettings().preset
     print(f"\nnon-model CPU ms per 1080p frame (one core per stage; {frames} frames of the sample scaled into "
-          "1920x1080, a driving image, expression edit, edited crops = source crops); before: the code of "
-          f"{args.baseline_rev} with its default preset (medium), after: this tree with its default "
-          f"({EditSettings().preset}):")
-    baseline = work / f"baseline-{args.baseline_rev}"
-    if not baseline.exists():
-        archive = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "archive",
-                                  args.baseline_rev, "pipelines", "dpe"], capture_output=True, check=True).stdout
-        unpacked = Path(tempfile.mkdtemp(dir=work))
-        subprocess.run(["tar", "-x", "-C", str(unpacked)], input=archive, check=True)
-        unpacked.rename(baseline)
-    before = stage_costs_in(baseline, source, driving, work / "per-frame-before", "medium", args.size)
-    after = stage_costs_in(None, source, driving, work / "per-frame-after", EditSettings().preset, args.size)
-    print(f"  {'stage':16s} {'before':>8s} {'after':>8s}")
+          "1920x1080, a driving image, expression edit, edited crops = source crops); the code of "
+          f"{args.baseline_rev} with its default preset (medium), of {args.previous_rev} and of this tree with "
+          f"preset {preset}:")
+    runs = {}
+    for name, rev, run_preset in (("baseline", args.baseline_rev, "medium"), ("previous", args.previous_rev, preset),
+                                  ("this tree", None, preset)):
+        code = None
+        if rev is not None:
+            code = work / f"baseline-{rev}"
+            if not code.exists():
+                archive = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "archive", rev,
+                                          "pipelines", "dpe"], capture_output=True, check=True).stdout
+                unpacked = Path(tempfile.mkdtemp(dir=work))
+                subprocess.run(["tar", "-x", "-C", str(unpacked)], input=archive, check=True)
+                unpacked.rename(code)
+        runs[name] = stage_costs_in(code, source, driving, work / f"per-frame-{name.replace(' ', '-')}", run_preset,
+                                    args.size)
+    names = list(runs)
+    print(f"  {'stage':46s} " + " ".join(f"{name:>10s}" for name in names))
     for stage in PER_FRAME_STAGES:
-        print(f"  {stage:16s} {before[stage]:8.1f} {after[stage]:8.1f}")
-    total_before, total_after = (sum(costs[stage] for stage in PER_FRAME_STAGES) for costs in (before, after))
-    print(f"  {'total':16s} {total_before:8.1f} {total_after:8.1f}   -> {total_before / total_after:.2f}x less CPU "
-          f"per frame ({1000 / total_after:.1f} frames/s per core)")
+        print(f"  {stage:46s} " + " ".join(f"{runs[name][stage]:10.1f}" for name in names))
+        for part_stage, key, label in PER_FRAME_PARTS:
+            if part_stage == stage:
+                print(f"    {label:44s} " + " ".join(f"{runs[name].get(f'{stage}/{key}', 0.0):10.1f}" for name in names))
+    totals = {name: sum(runs[name][stage] for stage in PER_FRAME_STAGES) for name in names}
+    print(f"  {'total':46s} " + " ".join(f"{totals[name]:10.1f}" for name in names))
+    after = totals["this tree"]
+    print(f"  -> this tree uses {totals['baseline'] / after:.2f}x less CPU per frame than {args.baseline_rev}, "
+          f"{totals['previous'] / after:.2f}x less than {args.previous_rev} ({1000 / after:.1f} frames/s per core)")
+    encode = runs["this tree"].get("paste + encode/encode_s", 0.0)
+    print(f"  this tree without the CPU encoder (a node that encodes with NVENC): {after - encode:.1f} ms per frame")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = ModelConfig() if args.size == 256 else ModelConfig(size=args.size)
     weights = ModelWeights(config=config, state=DPEGenerator(config).state_dict(), kind="random", source="bench")

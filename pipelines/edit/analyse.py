@@ -5,7 +5,8 @@ Per video: probe (`video.probe`), decode every frame once with its pts while the
 tracker (`media.tracking`: sparse detection, landmark tracking, re-detection when the box jumps,
 as after a scene cut) follows every face, then choose which face to edit at each moment and frame
 it (`media.framing`, the official framing by default). Only per-frame numbers are kept (pts, 68
-landmarks: about 0.6 KB a frame), never frames. Frames are seen as a viewer sees them
+landmarks: about 0.6 KB a frame), never frames; a frame is converted to RGB whole only where the
+detector runs, elsewhere only around each face (`FaceDetector.landmarks_in`). Frames are seen as a viewer sees them
 (`media.pictures.View`: square pixels, upright, the first field of interlaced frames unless
 --deinterlace off). When no face is found upright, sampled frames are searched turned a quarter,
 three quarters and half a turn (a camera held sideways whose rotation tag was lost); the turn that
@@ -106,7 +107,7 @@ def track_video(info: VideoInfo, detector: FaceDetector, settings: EditSettings,
     last_duration = 0
     for frame in timed_iter(decode(info), timings, "decode_s"):
         with timed(timings, "track_s"):
-            tracker.update(frame.image)
+            tracker.update(frame)
         pts.append(frame.pts)
         last_duration = frame.duration
     if not pts:

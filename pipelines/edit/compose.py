@@ -138,15 +138,16 @@ def compose_chunk(chunk: ChunkWork, settings: EditSettings, store: OutputStore) 
             writer = SegmentWriter(path, info, output)
             try:
                 for offset, frame in enumerate(decode_chunk(chunk, info, timings)):
-                    overlay = None
+                    picture = frame.frame
                     if offset in position:
                         with timed(timings, "paste_s"):
                             overlay = paste_face(frame.view.shown_size, chunk.edited[position[offset]],
                                                  chunk.source_crops[position[offset]], chunk.boxes[offset],
                                                  chunk.landmarks[offset], float(chunk.weights[offset]),
                                                  settings.mask, settings.colour_match, detector)
+                            picture = frame.overlaid(overlay)
                     with timed(timings, "encode_s"):
-                        writer.write_frame(frame, overlay)
+                        writer.write_picture(picture, frame.pts, frame.duration)
                 with timed(timings, "encode_s"):
                     writer.close()
             except BaseException:

@@ -42,6 +42,9 @@ SWS_MATRIX = {1: 1, 4: 4, 5: 5, 6: 5, 7: 7, 9: 9, 10: 9}
 """FFmpeg's AVColorSpace -> the swscale matrix (SWS_CS_*) that converts from and to it (bt709, fcc,
 bt470bg and smpte170m (both BT.601), smpte240m, bt2020); unspecified ones get swscale's default, BT.601."""
 
+CARRIER_SIZE = 16
+"""Side of a `View.carrier` frame."""
+
 REGION_MARGIN = 16
 """Pixels converted around a region (`View.region`): more than swscale's chroma interpolation reaches."""
 
@@ -194,14 +197,18 @@ class View:
             rgb = interpolate_field(rgb, self.field)
         return self.orientation.apply(rgb)
 
-    def region(self, frame: av.VideoFrame, left: int, top: int, right: int, bottom: int) -> np.ndarray:
+    def region(self, frame: av.VideoFrame, left: int, top: int, right: int, bottom: int,
+               like: av.VideoFrame | None = None) -> np.ndarray:
         """`picture(frame)[top:bottom, left:right]` (shown pixels, clipped to the picture), converting only
         that part of the frame and a margin around it: the crop and paste stages need the face's pixels,
         and converting a whole 1080p frame to RGB costs more than decoding it.
 
         Exact: the margin (`REGION_MARGIN`, whole chroma samples) covers swscale's chroma interpolation,
-        so every returned pixel equals the whole frame's. Anamorphic and one-field views, odd sizes of
-        subsampled formats and layouts without a plane per component convert the whole frame.
+        so every returned pixel equals the whole frame's, provided the part has the frame's chroma siting:
+        give a `carrier` of the frame's stream as `like` (PyAV cannot set the siting of a new frame, and
+        swscale places chroma by it: H.264's left-sited chroma read as centred is up to 12 levels off at
+        edges). Anamorphic and one-field views, odd sizes of subsampled formats and layouts without a plane
+        per component convert the whole frame.
         """
         shown_width, shown_height = self.shown_size
         left, top, right, bottom = max(0, left), max(0, top), min(shown_width, right), min(shown_height, bottom)
@@ -219,7 +226,9 @@ class View:
         part_y1 = min(frame.height, y1 + REGION_MARGIN)
         part_x1 += (-part_x1) % step_x
         part_y1 += (-part_y1) % step_y
-        part = av.VideoFrame(part_x1 - part_x0, part_y1 - part_y0, format_.name)
+        part_size = part_x1 - part_x0, part_y1 - part_y0
+        part = av.VideoFrame(*part_size, format_.name) if like is None else like.reformat(
+            *part_size, format=format_.name, interpolation=Interpolation.POINT)  # the siting of `like`
         for name in ("colorspace", "color_range", "color_primaries", "color_trc"):
             setattr(part, name, getattr(frame, name))
         for plane, (target, source) in enumerate(zip(plane_arrays(part), plane_arrays(frame))):
@@ -228,6 +237,12 @@ class View:
             target[:] = source[row:row + target.shape[0], column:column + target.shape[1]]
         rgb = part.reformat(format="rgb24", interpolation=CONVERSION).to_ndarray()
         return self.orientation.apply(rgb[y0 - part_y0:y1 - part_y0, x0 - part_x0:x1 - part_x0])
+
+    @staticmethod
+    def carrier(frame: av.VideoFrame) -> av.VideoFrame:
+        """A tiny frame with every property of `frame` (chroma siting included) for `region`'s `like`: one
+        per stream serves every frame of it."""
+        return frame.reformat(CARRIER_SIZE, CARRIER_SIZE, interpolation=Interpolation.POINT)
 
     def to_coded(self, left: int, top: int, pixels: np.ndarray, weights: np.ndarray) -> tuple[int, int, np.ndarray,
                                                                                               np.ndarray]:
@@ -306,32 +321,39 @@ def rgb_to_planes(rgb: np.ndarray, format_: av.VideoFormat, colorspace: int,
     by the standard's equations; None for a matrix they do not cover (swscale converts those).
 
     The inverse of the decoding to RGB exactly, where swscale's own way back is not: its full-range
-    path comes back about 0.17 levels dark on average."""
+    path comes back about 0.17 levels dark on average. One affine transform per pixel (`cv2.transform`)
+    gives every component in its own levels at once."""
     components = list(format_.components)  # in component order: R, G, B or Y, Cb, Cr (then alpha)
-    colour = rgb.astype(np.float32) / 255.0
-    values: dict[int, np.ndarray] = {}
+    matrix = np.zeros((3, 4), np.float64)  # rows: the first three components from (R, G, B, 1), RGB in 0..255
     if format_.is_rgb:
         for index, c in enumerate(components[:3]):
-            values[c.plane] = colour[..., index] * ((1 << c.bits) - 1)
+            matrix[index, index] = ((1 << c.bits) - 1) / 255.0
     else:
         weights = LUMA_WEIGHTS.get(int(colorspace), LUMA_WEIGHTS[5] if int(colorspace) == 2 else None)
         if weights is None:
             return None
         kr, kb = weights
-        red, green, blue = colour[..., 0], colour[..., 1], colour[..., 2]
-        luma = kr * red + (1 - kr - kb) * green + kb * blue
-        signals = [luma, (blue - luma) / (2 * (1 - kb)), (red - luma) / (2 * (1 - kr))]
+        luma = np.array([kr, 1 - kr - kb, kb])
+        signals = [luma, (np.array([0.0, 0.0, 1.0]) - luma) / (2 * (1 - kb)),
+                   (np.array([1.0, 0.0, 0.0]) - luma) / (2 * (1 - kr))]
         for index, c in enumerate(components[:3]):
             top, scale = (1 << c.bits) - 1, 1 << (c.bits - 8)
             if index == 0:
-                values[c.plane] = signals[0] * top if full_range else 16 * scale + signals[0] * 219 * scale
+                gain, offset = (top, 0.0) if full_range else (219 * scale, 16 * scale)
             else:
-                values[c.plane] = (1 << (c.bits - 1)) + signals[index] * (top if full_range else 224 * scale)
+                gain, offset = (top if full_range else 224 * scale), 1 << (c.bits - 1)
+            matrix[index, :3], matrix[index, 3] = signals[index] * gain / 255.0, offset
+    colour = rgb.astype(np.float32)
+    values = [cv2.transform(colour, matrix[index:index + 1]) for index in range(3)]
+    plane_of = {c.plane: index for index, c in enumerate(components[:3])}
     sized = av.VideoFormat(format_.name, rgb.shape[1], rgb.shape[0]).components
     planes = []
     for c in sorted(sized, key=lambda c: c.plane):
-        plane = values.get(c.plane, np.zeros((1, 1), np.float32))  # alpha: never blended
-        if c.plane in values and (c.width, c.height) != (rgb.shape[1], rgb.shape[0]):
+        if c.plane not in plane_of:
+            planes.append(np.zeros((1, 1), np.float32))  # alpha: never blended
+            continue
+        plane = values[plane_of[c.plane]]
+        if (c.width, c.height) != (rgb.shape[1], rgb.shape[0]):
             plane = cv2.resize(plane, (c.width, c.height), interpolation=cv2.INTER_AREA)
         planes.append(plane)
     return planes
@@ -396,6 +418,7 @@ def blend_overlay(frame: av.VideoFrame, left: int, top: int, pixels: np.ndarray,
             dst_color_range=frame.color_range or None, interpolation=CONVERSION)
         sources = plane_arrays(region)
     targets = plane_arrays(frame)
+    weights_by_plane: dict[tuple, np.ndarray] = {}
     for plane, (target, source) in enumerate(zip(targets, sources)):
         component = next(c for c in format_.components if c.plane == plane)
         if component.is_alpha:
@@ -403,14 +426,20 @@ def blend_overlay(frame: av.VideoFrame, left: int, top: int, pixels: np.ndarray,
         sub_x, sub_y = steps[plane]
         px0, py0 = x0 // sub_x, y0 // sub_y
         area = target[py0:py0 + source.shape[0], px0:px0 + source.shape[1]]
-        weight = canvas if (sub_x, sub_y) == (1, 1) else cv2.resize(
-            canvas, (area.shape[1], area.shape[0]), interpolation=cv2.INTER_AREA)
-        weight = weight[: area.shape[0], : area.shape[1]]
-        changed = weight > 0
-        if not changed.any():
+        if (sub_x, sub_y, area.shape) not in weights_by_plane:  # both chroma planes share theirs
+            weight = canvas if (sub_x, sub_y) == (1, 1) else cv2.resize(
+                canvas, (area.shape[1], area.shape[0]), interpolation=cv2.INTER_AREA)
+            weights_by_plane[sub_x, sub_y, area.shape] = weight[: area.shape[0], : area.shape[1]]
+        weight = weights_by_plane[sub_x, sub_y, area.shape]
+        if not weight.any():
             continue
-        mixed = area.astype(np.float32) * (1.0 - weight) + source[: area.shape[0], : area.shape[1]] * weight
-        area[changed] = np.clip(np.rint(mixed[changed]), 0, (1 << component.bits) - 1).astype(area.dtype)
+        # where a weight is 0 this gives the sample back exactly (x * 1 + y * 0), so the whole area is written
+        original = area.astype(np.float32)
+        mixed = cv2.multiply(original, 1.0 - weight)
+        mixed += cv2.multiply(source[: area.shape[0], : area.shape[1]], weight)
+        np.rint(mixed, out=mixed)
+        np.clip(mixed, 0, (1 << component.bits) - 1, out=mixed)
+        area[:] = mixed
     return frame
 
 

@@ -27,7 +27,7 @@ from pipelines.errors import (
     TRACK_TOO_SHORT,
     ClipRejected,
 )
-from pipelines.media.faces import Box, FaceDetector
+from pipelines.media.faces import ArrayPicture, Box, FaceDetector, Picture
 
 
 @dataclass(frozen=True)
@@ -133,18 +133,21 @@ class FaceTracker:
         self.detections: list[list[Box]] = []
         """The face boxes of every detector call, so a choice can consider every face ever seen."""
 
-    def update(self, frame: np.ndarray) -> None:
-        """Follow every active face into this frame, detecting when due or when tracking got unsure."""
+    def update(self, frame: np.ndarray | Picture) -> None:
+        """Follow every active face into this frame, detecting when due or when tracking got unsure. A
+        `Picture` (a decoded frame) is converted to RGB whole only where the detector runs; elsewhere only
+        around each face (`FaceDetector.landmarks_in`)."""
+        picture = ArrayPicture(frame) if isinstance(frame, np.ndarray) else frame
         index = self._frame
         due = index % self.config.detect_stride == 0
         boxes = {id(track): self._propagated_box(track, track.landmarks[-1]) for track in self._active}
         detected: dict[int, Box] = {}
         if due or self._detect_next:
-            detected = self._detect(frame, index, boxes)
+            detected = self._detect(picture.image, index, boxes)
         self._detect_next = False
         for track in list(self._active):
             box = detected.get(id(track), boxes.get(id(track)))
-            points = self.detector.landmarks(frame, box)
+            points = self.detector.landmarks_in(picture, box)
             if id(track) in detected:
                 track.anchor = (box, *rigid_frame(points))
             elif iou(self._propagated_box(track, points), box) < self.config.redetect_below_iou:

@@ -182,11 +182,14 @@ class DecodedFrame:
     """One decoded frame: its index in the stream, pts and duration (time-base units), the decoded
     picture in its own format (`frame`) and, converted on first use, the RGB image analysis sees."""
 
-    __slots__ = ("index", "pts", "duration", "frame", "view", "_image")
+    __slots__ = ("index", "pts", "duration", "frame", "view", "_image", "_carrier")
 
-    def __init__(self, index: int, pts: int, duration: int, frame: av.VideoFrame, view: View) -> None:
+    def __init__(self, index: int, pts: int, duration: int, frame: av.VideoFrame, view: View,
+                 carrier: list[av.VideoFrame] | None = None) -> None:
         self.index, self.pts, self.duration, self.frame, self.view = index, pts, duration, frame, view
         self._image: np.ndarray | None = None
+        self._carrier = [] if carrier is None else carrier
+        """`View.carrier` of the stream, made once and shared by the frames of one `decode`."""
 
     @property
     def image(self) -> np.ndarray:
@@ -200,7 +203,17 @@ class DecodedFrame:
         """`image[top:bottom, left:right]` (clipped), converting only that part unless `image` is already made."""
         if self._image is not None:
             return self._image[max(0, top):max(0, bottom), max(0, left):max(0, right)]
-        return self.view.region(self.frame, left, top, right, bottom)
+        if not self._carrier:
+            self._carrier.append(View.carrier(self.frame))
+        return self.view.region(self.frame, left, top, right, bottom, like=self._carrier[0])
+
+    def overlaid(self, overlay: Overlay | None) -> av.VideoFrame:
+        """The decoded picture with `overlay` (in the coordinates of `image`) blended into its own planes
+        (`pictures.blend_overlay`); the picture itself when there is none."""
+        if overlay is None:
+            return self.frame
+        left, top, pixels, weights = self.view.to_coded(*overlay)
+        return blend_overlay(self.frame, left, top, pixels, weights)
 
 
 @functools.lru_cache(maxsize=1)
@@ -489,6 +502,7 @@ def decode(info: VideoInfo, start_index: int = 0, start_pts: int | None = None, 
     """
     decoder = _Decoder(info.path, NOT_A_VIDEO, threads)
     view = info.view
+    carrier: list[av.VideoFrame] = []
     try:
         seeked = start_pts is not None and start_index > 0
         index = start_index if seeked else 0
@@ -512,7 +526,7 @@ def decode(info: VideoInfo, start_index: int = 0, start_pts: int | None = None, 
                     raise VideoError(DAMAGED_VIDEO, f"{info.path}: timestamps go backwards at frame {index} "
                                                     f"({pts} after {last_pts})")
                 last_pts = pts
-                yield DecodedFrame(index, int(pts), int(frame.duration or 0), frame, view)
+                yield DecodedFrame(index, int(pts), int(frame.duration or 0), frame, view, carrier)
                 index += 1
                 produced += 1
                 if count is not None and produced >= count:
@@ -942,11 +956,7 @@ class SegmentWriter(VideoWriter):
 
     def write_frame(self, frame: DecodedFrame, overlay: Overlay | None = None) -> None:
         """Encode a decoded frame at its own pts, with `overlay` (in the coordinates of `frame.image`) blended in."""
-        picture = frame.frame
-        if overlay is not None:
-            left, top, pixels, weights = frame.view.to_coded(*overlay)
-            picture = blend_overlay(picture, left, top, pixels, weights)
-        self.write_picture(picture, frame.pts, frame.duration)
+        self.write_picture(frame.overlaid(overlay), frame.pts, frame.duration)
 
     def write(self, image: np.ndarray, pts: int, duration: int = 0) -> None:
         """Encode one (H, W, 3) uint8 RGB frame as analysis sees them (`info.view`) at `pts` (source time base)."""
