@@ -123,8 +123,8 @@ def test_edit_on_object_storage_spreads_over_nodes_and_survives_losing_one(two_n
             if 1 <= sum(e[0] == "end" for e in doomed) < sum(e[0] == "begin" for e in doomed):
                 break
             if driver.poll() is not None:
-                pytest.fail("the run ended before the added node took a second chunk: "
-                            f"{[e[:3] for e in doomed]}")
+                pytest.fail(f"the run ended before the added node took a second chunk ({[e[:3] for e in doomed]}): "
+                            f"{driver.communicate()[0][-2000:]}")
             assert time.monotonic() < deadline, "no chunk reached the added node"
             time.sleep(0.2)
         two_node_cluster.remove_node(added)
