@@ -75,11 +75,12 @@ STORE_VARIABLES = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS")
 """The environment variables that configure object stores (endpoint, region, credentials)."""
 
 
-def store_environment(location: str) -> dict | None:
+def store_environment(location: str | None = None) -> dict | None:
     """A Ray runtime environment that lets a task reach `location` as this process does: the
     driver's object-store variables go with the task (a cluster's workers were started before the
-    user set them); None for a local path."""
-    if "://" not in location:
+    user set them); None for a local path, or when this process sets none. Without a location (work
+    whose inputs may lie anywhere, as a job table's rows) they go whenever this process sets them."""
+    if location is not None and "://" not in location:
         return None
     variables = {name: value for name, value in os.environ.items() if name.startswith(STORE_VARIABLES)}
     return {"env_vars": variables} if variables else None
@@ -291,6 +292,14 @@ class OutputStore:
         if missing_ok and self.filesystem.get_file_info(full).type == pafs.FileType.NotFound:
             return
         self.filesystem.delete_file(full)
+
+    def delete_folder(self, relpath: str) -> None:
+        """Delete the folder `relpath` with everything in it; nothing when it is absent. On object stores one
+        listing and batch deletes, and no empty folder marker left behind (deleting a folder's last object
+        one by one leaves one)."""
+        full = self._full(clean_relpath(relpath))
+        if self.filesystem.get_file_info(full).type != pafs.FileType.NotFound:
+            self.filesystem.delete_dir(full)
 
     def list(self, prefix: str = "", *, include_temporaries: bool = False) -> list[str]:
         """Sorted relative paths of all files under the directory `prefix` (recursive).

@@ -32,7 +32,8 @@ DESCRIPTION = (
     "is missing or failed. The first Ctrl-C or SIGTERM stops feeding work, records what finishes and exits "
     "saying how to resume; a second stops at once. Runs on a local Ray and Prefect's temporary server unless "
     "RAY_ADDRESS / PREFECT_API_URL point at a cluster; on a cluster, local paths must be seen by every node "
-    "(else an object store: s3://, gs://).")
+    "(else an object store: s3://, gs://, whose AWS_* / GOOGLE_APPLICATION_CREDENTIALS settings go from this "
+    "command to every task). A node lost mid-run costs only the chunks it held: they are redone elsewhere.")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,8 +12,10 @@ not hold. Then the segments are deleted and the optional previews written.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import posixpath
 import tempfile
 import time
 from fractions import Fraction
@@ -79,15 +81,12 @@ def _segments_local(store: OutputStore, chunks: list[ChunkWork], scratch: Path) 
 
 
 def _delete_segments(store: OutputStore, chunks: list[ChunkWork]) -> None:
-    for chunk in chunks:
-        store.delete(chunk.segment, missing_ok=True)
+    """Delete the job's segment folder (it holds only this job's segments of this spec)."""
+    folder = posixpath.dirname(chunks[0].segment)
+    store.delete_folder(folder)
     if store.is_local:
-        folder = store.local_path(chunks[0].segment).parent
-        try:
-            folder.rmdir()
-            folder.parent.rmdir()  # `.segments` itself, when no other job has segments there
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            store.local_path(posixpath.dirname(folder)).rmdir()  # `.segments`, when no other job has segments there
 
 
 def _sheet_frames(chunks: list[ChunkWork], count: int) -> list[int]:

@@ -50,7 +50,7 @@ from pipelines.edit.settings import EditSettings
 from pipelines.edit.stage_io import from_columns, to_columns
 from pipelines.errors import RecordedFailure
 from pipelines.runtime import stop_requested
-from pipelines.storage import OutputStore
+from pipelines.storage import OutputStore, store_environment
 
 if TYPE_CHECKING:
     from ray.data import ActorPoolStrategy
@@ -178,6 +178,14 @@ class _ModelStage:
                              self.settings.max_chunk_attempts) for chunk in _unpack(batch))
 
 
+def _store_access() -> dict:
+    """Remote arguments that let a stage reach object stores as the driver does: sources, drivers and the
+    output may each lie in one, and a cluster's workers were started without the user's AWS_* / GCS
+    variables (`storage.store_environment`)."""
+    environment = store_environment()
+    return {"runtime_env": environment} if environment else {}
+
+
 def _task_retries(retries: int) -> dict:
     """Remote arguments of the CPU stages' tasks (a function: Ray Data takes `max_retries` only this way)."""
     return {"max_retries": retries}
@@ -290,7 +298,7 @@ def run_ray(windows: list, total: int, weights, settings: EditSettings, model: s
     # one job per block from the start: the windows' rows are split as they stream (no barrier), so
     # every job, and below every chunk of a long video, goes to its own task
     dataset = ray.data.from_arrow_refs(windows).repartition(target_num_rows_per_block=1)
-    common = dict(batch_size=1, batch_format="numpy", zero_copy_batch=True)
+    common = dict(batch_size=1, batch_format="numpy", zero_copy_batch=True, **_store_access())
     # CPU tasks: enough retries after worker deaths for the ledger to turn the last one into a record,
     # still bounded if a process dies outside a guarded stage. (Differing from the model stage's
     # arguments, this also keeps Ray Data from fusing the crop stage into the model actors on CPU-only
@@ -305,7 +313,7 @@ def run_ray(windows: list, total: int, weights, settings: EditSettings, model: s
                                   compute=compute, num_cpus=settings.model_cpus, **model_resources, **common)
     dataset = dataset.map_batches(_compose_batch, fn_kwargs=stage_args, **cpu)
 
-    finisher = ray.remote(num_cpus=1, max_retries=1)(_finish_guarded)
+    finisher = ray.remote(num_cpus=1, max_retries=1, **_store_access())(_finish_guarded)
     in_flight: dict = {}
     most_in_flight = max(2, int(ray.cluster_resources().get("CPU", 1)))
 
