@@ -41,7 +41,33 @@ COMMON = textwrap.dedent("""
         return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
 """)
 
-RUN = COMMON + textwrap.dedent("""
+THREADS = textwrap.dedent("""
+    import threading
+    thread_cpu = {}
+    def sample_threads():
+        # CPU seconds per driver thread, by name; sampled every second so that threads which end before
+        # the run does (Ray Data's executor) are still counted
+        names = {t.native_id: t.name.split("-")[0] for t in threading.enumerate()}
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                stat = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+                name = names.get(int(tid)) or open(f"/proc/self/task/{tid}/comm").read().strip()
+            except OSError:
+                continue
+            thread_cpu[tid] = (name, (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK"))
+    def sampler(stop):
+        while not stop.wait(1.0):
+            sample_threads()
+    def cpu_by_thread(since):
+        # CPU seconds per thread name spent after `since` (an earlier copy of thread_cpu)
+        sample_threads()
+        total = {}
+        for tid, (name, seconds) in thread_cpu.items():
+            total[name] = total.get(name, 0.0) + seconds - since.get(tid, (name, 0.0))[1]
+        return dict(sorted(((n, round(s, 2)) for n, s in total.items() if s >= 0.05), key=lambda kv: -kv[1]))
+""")
+
+RUN = COMMON + THREADS + textwrap.dedent("""
     import ray
     from pipelines.edit import job, results
     from pipelines.edit.settings import EditSettings
@@ -53,6 +79,10 @@ RUN = COMMON + textwrap.dedent("""
     from pipelines.edit.model import load_weights
     weights = load_weights(checkpoint)
     gc.collect()
+    stop_sampling = threading.Event()
+    threading.Thread(target=sampler, args=(stop_sampling,), daemon=True).start()
+    sample_threads()
+    at_start = dict(thread_cpu)
     before, cpu0, wall0 = rss_mb(), time.process_time(), time.monotonic()
     edit_plan, weights = job.plan(job.EditInputs(jobs=table), settings, weights=weights)
     planned = time.monotonic()
@@ -66,12 +96,15 @@ RUN = COMMON + textwrap.dedent("""
     tally = job.run(edit_plan, weights, settings)
     summary, _ = job.finalize(edit_plan, tally, settings)
     cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+    stop_sampling.set()
+    by_thread = cpu_by_thread(at_start)
     del edit_plan, tally
     gc.collect()
     print(json.dumps({"jobs": summary["jobs"], "ok": summary["ok"], "failed": summary["failed"],
                       "by_failure_class": summary["by_failure_class"], "driver_cpu_s": cpu, "wall_s": wall,
                       "plan_s": planned - wall0, "first_row_s": (first[0] - planned) if first else None,
-                      "retained_mb": rss_mb() - before, "peak_growth_mb": peak_mb() - before}))
+                      "retained_mb": rss_mb() - before, "peak_growth_mb": peak_mb() - before,
+                      "driver_cpu_s_by_thread": by_thread}))
 """)
 
 PLAN = COMMON + textwrap.dedent("""
@@ -152,7 +185,8 @@ def main() -> None:
         figures["retained_kb_per_job"] = 1024 * figures["retained_mb"] / n
         print(f"{n:>7} jobs: {figures['ok']} ok, driver CPU {figures['cpu_ms_per_job']:.2f} ms/job, retained "
               f"{figures['retained_kb_per_job']:.2f} KB/job (peak +{figures['peak_growth_mb']:.0f} MB), first row "
-              f"{figures['first_row_s']:.1f} s after the run started, wall {figures['wall_s']:.0f} s", flush=True)
+              f"{figures['first_row_s']:.1f} s after the run started, wall {figures['wall_s']:.0f} s; driver CPU s by "
+              f"thread {figures['driver_cpu_s_by_thread']}", flush=True)
     small, large = (report[f"jobs_{n}"] for n in sizes)
     extra = sizes[1] - sizes[0]
     marginal_cpu_ms = 1000 * (large["driver_cpu_s"] - small["driver_cpu_s"]) / extra
