@@ -71,9 +71,9 @@ RUN = COMMON + THREADS + textwrap.dedent("""
     import ray
     from pipelines.edit import job, results
     from pipelines.edit.settings import EditSettings
-    table, output, checkpoint, workdir, executor = sys.argv[1:6]
+    table, output, checkpoint, workdir, executor, cpus = sys.argv[1:7]
     if executor == "ray":
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=int(cpus), include_dashboard=False, log_to_driver=False)
     settings = EditSettings(output=output, checkpoint=checkpoint, detector="dlib", preset="ultrafast",
                             chunk_frames=16, model_cpus=0.5, executor=executor, workdir=workdir)
     from pipelines.edit.model import load_weights
@@ -171,6 +171,9 @@ def main() -> None:
     parser.add_argument("--jobs", default="50,1000", help="small,large numbers of real jobs")
     parser.add_argument("--missing", default="200,2000", help="small,large numbers of rows with missing sources")
     parser.add_argument("--plan-rows", type=int, default=1_000_000)
+    parser.add_argument("--cpus", type=int, default=2,
+                        help="CPUs the local Ray declares (more than the machine has shows how Ray Data schedules "
+                             "the stages on a larger cluster; the work then shares the real cores)")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench-edit-scale-"))
     clip, checkpoint = _clip_and_checkpoint(folder)
@@ -180,7 +183,7 @@ def main() -> None:
     for n in sizes:
         table = _table(folder / f"jobs{n}.parquet", [(str(clip), str(clip), f"v{i:07d}.mp4") for i in range(n)])
         report[f"jobs_{n}"] = figures = _python(RUN, table, str(folder / f"out{n}"), str(checkpoint),
-                                                str(folder / "work"), "ray")
+                                                str(folder / "work"), "ray", str(args.cpus))
         figures["cpu_ms_per_job"] = 1000 * figures["driver_cpu_s"] / n
         figures["retained_kb_per_job"] = 1024 * figures["retained_mb"] / n
         print(f"{n:>7} jobs: {figures['ok']} ok, driver CPU {figures['cpu_ms_per_job']:.2f} ms/job, retained "
@@ -202,7 +205,7 @@ def main() -> None:
         table = _table(folder / f"missing{n}.parquet",
                        [(str(folder / f"gone{i}.mp4"), str(clip), f"m{i:07d}.mp4") for i in range(n)])
         report[f"missing_{n}"] = _python(RUN, table, str(folder / f"missing-out{n}"), str(checkpoint),
-                                         str(folder / "work"), "ray")
+                                         str(folder / "work"), "ray", str(args.cpus))
     a, b = (report[f"missing_{n}"] for n in counts)
     marginal_ms = 1000 * (b["wall_s"] - a["wall_s"]) / (counts[1] - counts[0])
     print(f"rows with a missing source: {counts[0]} in {a['wall_s']:.2f} s, {counts[1]} in {b['wall_s']:.2f} s: "
