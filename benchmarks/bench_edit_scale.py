@@ -8,7 +8,10 @@ Three measurements, each in a fresh process (so memory figures are that process'
    Ray's driver threads included), driver memory retained per job (resident memory after finalize
    minus before plan, over N) and peak growth, and the time from the start of `run` to the first
    recorded row; then the same at the margin (large minus small, over the extra jobs), and the driver's
-   CPU as a share of one core (Ray Data's executor loop runs in the driver for the whole run).
+   CPU as a share of one core (Ray Data's executor loop runs in the driver for the whole run) and per
+   thread (the executor's, the main thread's, Ray core's). `--cpus` sets the CPUs the local Ray
+   declares: Ray Data reserves each stage's minimum upstream first, so below about 6 CPUs the later
+   stages wait for analysis to drain the queue and the first row comes late.
 2. Rows that fail before media work (`--missing 200,2000`): a job table whose sources do not exist;
    the marginal planning-and-recording time per row between the two sizes (every such row is
    recorded while planning, without passing through a stage).
