@@ -8,7 +8,10 @@ Three measurements, each in a fresh process (so memory figures are that process'
    Ray's driver threads included), driver memory retained per job (resident memory after finalize
    minus before plan, over N) and peak growth, and the time from the start of `run` to the first
    recorded row; then the same at the margin (large minus small, over the extra jobs), and the driver's
-   CPU as a share of one core (Ray Data's executor loop runs in the driver for the whole run).
+   CPU as a share of one core (Ray Data's executor loop runs in the driver for the whole run) and per
+   thread (the executor's, the main thread's, Ray core's). `--cpus` sets the CPUs the local Ray
+   declares: Ray Data reserves each stage's minimum upstream first, so below about 6 CPUs the later
+   stages wait for analysis to drain the queue and the first row comes late.
 2. Rows that fail before media work (`--missing 200,2000`): a job table whose sources do not exist;
    the marginal planning-and-recording time per row between the two sizes (every such row is
    recorded while planning, without passing through a stage).
@@ -41,18 +44,48 @@ COMMON = textwrap.dedent("""
         return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
 """)
 
-RUN = COMMON + textwrap.dedent("""
+THREADS = textwrap.dedent("""
+    import threading
+    thread_cpu = {}
+    def sample_threads():
+        # CPU seconds per driver thread, by name; sampled every second so that threads which end before
+        # the run does (Ray Data's executor) are still counted
+        names = {t.native_id: t.name.split("-")[0] for t in threading.enumerate()}
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                stat = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+                name = names.get(int(tid)) or open(f"/proc/self/task/{tid}/comm").read().strip()
+            except OSError:
+                continue
+            thread_cpu[tid] = (name, (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK"))
+    def sampler(stop):
+        while not stop.wait(1.0):
+            sample_threads()
+    def cpu_by_thread(since):
+        # CPU seconds per thread name spent after `since` (an earlier copy of thread_cpu)
+        sample_threads()
+        total = {}
+        for tid, (name, seconds) in thread_cpu.items():
+            total[name] = total.get(name, 0.0) + seconds - since.get(tid, (name, 0.0))[1]
+        return dict(sorted(((n, round(s, 2)) for n, s in total.items() if s >= 0.05), key=lambda kv: -kv[1]))
+""")
+
+RUN = COMMON + THREADS + textwrap.dedent("""
     import ray
     from pipelines.edit import job, results
     from pipelines.edit.settings import EditSettings
-    table, output, checkpoint, workdir, executor = sys.argv[1:6]
+    table, output, checkpoint, workdir, executor, cpus = sys.argv[1:7]
     if executor == "ray":
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=int(cpus), include_dashboard=False, log_to_driver=False)
     settings = EditSettings(output=output, checkpoint=checkpoint, detector="dlib", preset="ultrafast",
                             chunk_frames=16, model_cpus=0.5, executor=executor, workdir=workdir)
     from pipelines.edit.model import load_weights
     weights = load_weights(checkpoint)
     gc.collect()
+    stop_sampling = threading.Event()
+    threading.Thread(target=sampler, args=(stop_sampling,), daemon=True).start()
+    sample_threads()
+    at_start = dict(thread_cpu)
     before, cpu0, wall0 = rss_mb(), time.process_time(), time.monotonic()
     edit_plan, weights = job.plan(job.EditInputs(jobs=table), settings, weights=weights)
     planned = time.monotonic()
@@ -66,12 +99,15 @@ RUN = COMMON + textwrap.dedent("""
     tally = job.run(edit_plan, weights, settings)
     summary, _ = job.finalize(edit_plan, tally, settings)
     cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+    stop_sampling.set()
+    by_thread = cpu_by_thread(at_start)
     del edit_plan, tally
     gc.collect()
     print(json.dumps({"jobs": summary["jobs"], "ok": summary["ok"], "failed": summary["failed"],
                       "by_failure_class": summary["by_failure_class"], "driver_cpu_s": cpu, "wall_s": wall,
                       "plan_s": planned - wall0, "first_row_s": (first[0] - planned) if first else None,
-                      "retained_mb": rss_mb() - before, "peak_growth_mb": peak_mb() - before}))
+                      "retained_mb": rss_mb() - before, "peak_growth_mb": peak_mb() - before,
+                      "driver_cpu_s_by_thread": by_thread}))
 """)
 
 PLAN = COMMON + textwrap.dedent("""
@@ -138,6 +174,9 @@ def main() -> None:
     parser.add_argument("--jobs", default="50,1000", help="small,large numbers of real jobs")
     parser.add_argument("--missing", default="200,2000", help="small,large numbers of rows with missing sources")
     parser.add_argument("--plan-rows", type=int, default=1_000_000)
+    parser.add_argument("--cpus", type=int, default=2,
+                        help="CPUs the local Ray declares (more than the machine has shows how Ray Data schedules "
+                             "the stages on a larger cluster; the work then shares the real cores)")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench-edit-scale-"))
     clip, checkpoint = _clip_and_checkpoint(folder)
@@ -147,12 +186,13 @@ def main() -> None:
     for n in sizes:
         table = _table(folder / f"jobs{n}.parquet", [(str(clip), str(clip), f"v{i:07d}.mp4") for i in range(n)])
         report[f"jobs_{n}"] = figures = _python(RUN, table, str(folder / f"out{n}"), str(checkpoint),
-                                                str(folder / "work"), "ray")
+                                                str(folder / "work"), "ray", str(args.cpus))
         figures["cpu_ms_per_job"] = 1000 * figures["driver_cpu_s"] / n
         figures["retained_kb_per_job"] = 1024 * figures["retained_mb"] / n
         print(f"{n:>7} jobs: {figures['ok']} ok, driver CPU {figures['cpu_ms_per_job']:.2f} ms/job, retained "
               f"{figures['retained_kb_per_job']:.2f} KB/job (peak +{figures['peak_growth_mb']:.0f} MB), first row "
-              f"{figures['first_row_s']:.1f} s after the run started, wall {figures['wall_s']:.0f} s", flush=True)
+              f"{figures['first_row_s']:.1f} s after the run started, wall {figures['wall_s']:.0f} s; driver CPU s by "
+              f"thread {figures['driver_cpu_s_by_thread']}", flush=True)
     small, large = (report[f"jobs_{n}"] for n in sizes)
     extra = sizes[1] - sizes[0]
     marginal_cpu_ms = 1000 * (large["driver_cpu_s"] - small["driver_cpu_s"]) / extra
@@ -168,7 +208,7 @@ def main() -> None:
         table = _table(folder / f"missing{n}.parquet",
                        [(str(folder / f"gone{i}.mp4"), str(clip), f"m{i:07d}.mp4") for i in range(n)])
         report[f"missing_{n}"] = _python(RUN, table, str(folder / f"missing-out{n}"), str(checkpoint),
-                                         str(folder / "work"), "ray")
+                                         str(folder / "work"), "ray", str(args.cpus))
     a, b = (report[f"missing_{n}"] for n in counts)
     marginal_ms = 1000 * (b["wall_s"] - a["wall_s"]) / (counts[1] - counts[0])
     print(f"rows with a missing source: {counts[0]} in {a['wall_s']:.2f} s, {counts[1]} in {b['wall_s']:.2f} s: "
