@@ -30,7 +30,7 @@ from typing import Any
 
 from pipelines import runs
 from pipelines.runtime import require_shared
-from pipelines.storage import LocationNotVisible, OutputStore
+from pipelines.storage import LocationNotVisible, OutputStore, store_environment
 from pipelines.train.clips import Catalogue, TrainingDataError, load_catalogue
 from pipelines.train.loop import NonFiniteTraining
 from pipelines.train.model import ModelPlan, plan_model, read_init
@@ -139,7 +139,8 @@ def run_training(settings: TrainSettings, prepared: PreparedRun | None = None) -
         run_config=RunConfig(name=settings.name, storage_path=str(store.local_path()) if store.is_local
                              else settings.run_dir,
                              failure_config=FailureConfig(max_failures=settings.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=settings.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=settings.keep_checkpoints),
+                             worker_runtime_env=_worker_environment(settings)),
     )
     with _ProgressBar(store, settings, start):
         try:
@@ -147,6 +148,12 @@ def run_training(settings: TrainSettings, prepared: PreparedRun | None = None) -
         except ray.train.WorkerGroupError as error:
             raise _input_problem(error) or error
     return summarise(settings)
+
+
+def _worker_environment(settings: TrainSettings) -> dict | None:
+    """The driver's object-store variables for every worker (a cluster's nodes were started before the
+    user set them) when the data or the run lives in an object store."""
+    return next(filter(None, (store_environment(location) for location in (settings.run_dir, settings.data))), None)
 
 
 def _input_problem(error: Exception) -> Exception | None:
