@@ -29,7 +29,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -107,7 +107,7 @@ def train_worker(config: dict[str, Any]) -> None:
     interval = _Interval()
     guard = SkipGuard(settings.max_skipped_steps)
     upload = checkpoints.upload_checkpoint(settings.run_dir, settings.name)
-    last_checkpoint = time.monotonic()
+    schedule = CheckpointSchedule(settings)
     batches = iter(loader)
     for step in range(start, settings.steps):
         began = time.perf_counter()
@@ -120,22 +120,20 @@ def train_worker(config: dict[str, Any]) -> None:
         interval.add(logs, loaded - began, time.perf_counter() - began)
         done = step + 1
         last = done == settings.steps
-        checkpoint_due = done % settings.checkpoint_every == 0 or last
-        if done % settings.log_every == 0 or last:
-            overdue = (settings.checkpoint_minutes is not None
-                       and time.monotonic() - last_checkpoint >= 60 * settings.checkpoint_minutes)
-            gathered = _gather({"losses": interval.means(), "skipped": dict(loader.skipped), "overdue": overdue},
-                               world_size)
-            checkpoint_due = checkpoint_due or gathered[0]["overdue"]  # rank 0's clock decides for all
+        overdue = False
+        if schedule.is_log_step(done):
+            gathered = _gather({"losses": interval.means(), "skipped": dict(loader.skipped),
+                                "overdue": schedule.overdue()}, world_size)
+            overdue = gathered[0]["overdue"]  # rank 0's clock decides for all
             if outputs is not None:
                 _log(outputs, state, settings, done, interval, gathered)
             interval = _Interval()
         if outputs is not None:
             _visualise(outputs, evaluator, state.evaluated_generator(), done,
                        grid=done % settings.grid_every == 0 or last, evaluate=done % settings.eval_every == 0 or last)
-        if checkpoint_due:
+        if schedule.due(done, overdue):
             _checkpoint(state, settings, plan, done, rank, world_size, upload, outputs)
-            last_checkpoint = time.monotonic()
+            schedule.checkpointed()
     if outputs is not None:
         outputs.finish(settings.steps)
 
@@ -175,6 +173,33 @@ def _shared_tensors(state) -> list:
     modules = [state.generator, state.discriminator,
                *([state.generator_ema] if state.generator_ema is not None else [])]
     return [*(t for m in modules for t in (*m.parameters(), *m.buffers())), *state.probes.parameters()]
+
+
+class CheckpointSchedule:
+    """When a checkpoint is due: every `--checkpoint-every` steps, at the run's last step, and with
+    `--checkpoint-minutes` at the first log step that many minutes after the last checkpoint (or the
+    start). The time rule is read on rank 0's clock, which travels in the log gather (`overdue`), so
+    every rank decides alike; `clock` is injectable for tests."""
+
+    def __init__(self, settings: TrainSettings, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every, self.minutes = settings.checkpoint_every, settings.checkpoint_minutes
+        self.steps, self.log_every = settings.steps, settings.log_every
+        self.clock = clock
+        self.last = clock()
+
+    def is_log_step(self, step: int) -> bool:
+        return step % self.log_every == 0 or step == self.steps
+
+    def overdue(self) -> bool:
+        """Whether this rank's clock says the time rule is due."""
+        return self.minutes is not None and self.clock() - self.last >= 60 * self.minutes
+
+    def due(self, step: int, rank0_overdue: bool) -> bool:
+        """Whether `step` (finished steps) ends with a checkpoint, given rank 0's `overdue` at this log step."""
+        return step % self.every == 0 or step == self.steps or (self.is_log_step(step) and rank0_overdue)
+
+    def checkpointed(self) -> None:
+        self.last = self.clock()
 
 
 class SkipGuard:
