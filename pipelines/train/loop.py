@@ -9,6 +9,9 @@ losses and skipped samples every `log_every` steps, and `ray.train.report` at ea
 (a barrier). Rank 0 alone writes the run's files (`outputs.RunOutputs`), grids and evaluations
 (of the moving-average generator when `--ema-decay` keeps one).
 
+Stop: when the driver is asked to stop (`job.run_training`), rank 0 sees its request at the next log
+step and every rank checkpoints that step and returns (a rerun resumes from it).
+
 Safety: a step with a non-finite loss or gradient on any rank is skipped by every rank
 (`dpe.train_step`); `SkipGuard` logs each and stops the run after `--max-skipped-steps` in a row,
 and a checkpoint holding a non-finite value is refused. Checkpoints come every `--checkpoint-every`
@@ -120,20 +123,24 @@ def train_worker(config: dict[str, Any]) -> None:
         interval.add(logs, loaded - began, time.perf_counter() - began)
         done = step + 1
         last = done == settings.steps
-        overdue = False
+        overdue = stop = False
         if schedule.is_log_step(done):
             gathered = _gather({"losses": interval.means(), "skipped": dict(loader.skipped),
-                                "overdue": schedule.overdue()}, world_size)
-            overdue = gathered[0]["overdue"]  # rank 0's clock decides for all
+                                "overdue": schedule.overdue(), "stop": outputs is not None and outputs.stop_requested()},
+                               world_size)
+            overdue, stop = gathered[0]["overdue"], gathered[0]["stop"]  # rank 0's clock and view decide for all
             if outputs is not None:
                 _log(outputs, state, settings, done, interval, gathered)
             interval = _Interval()
         if outputs is not None:
             _visualise(outputs, evaluator, state.evaluated_generator(), done,
                        grid=done % settings.grid_every == 0 or last, evaluate=done % settings.eval_every == 0 or last)
-        if schedule.due(done, overdue):
+        if schedule.due(done, overdue) or stop:
             _checkpoint(state, settings, plan, done, rank, world_size, upload, outputs)
             schedule.checkpointed()
+        if stop:
+            LOG.warning("rank %d: stop requested: stopped after step %d, checkpointed", rank, done)
+            return
     if outputs is not None:
         outputs.finish(settings.steps)
 
