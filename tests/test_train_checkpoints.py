@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +14,7 @@ from dpe.model import DPEGenerator
 from flows.cli import main
 from pipelines.runs import CHECKPOINT_FILE, checkpoint_dir_name, latest_checkpoint, point_latest, resolve_checkpoint
 from pipelines.train import checkpoints
-from pipelines.train.loop import CheckpointSchedule
+from pipelines.train.loop import BackgroundVisuals, CheckpointSchedule
 from pipelines.train.model import INIT_LIA, INIT_OFFICIAL, apply_init, build_state, detect_init, plan_model
 from pipelines.train.settings import TrainSettings, model_shape
 
@@ -203,3 +206,28 @@ def test_checkpoint_minutes_checkpoints_at_the_first_log_step_after_the_interval
     assert taken[0] == taken[1] == [10, 20, 30, 40, 50]  # log steps only; every rank alike; the last step too
     without = CheckpointSchedule(TrainSettings(steps=50, checkpoint_every=20, log_every=5), clock=lambda: 1e9)
     assert not without.overdue() and [step for step in range(1, 51) if without.due(step, False)] == [20, 40, 50]
+
+
+def test_grids_and_evaluations_made_beside_training_equal_those_made_between_steps(state):
+    from pipelines.train.clips import Pair
+    from pipelines.train.evaluation import Evaluator, grid_png, transfers
+
+    rng = np.random.default_rng(0)
+    face = np.stack(np.meshgrid(np.linspace(8, 24, 17), np.linspace(8, 24, 4)), -1).reshape(-1, 2)[:68]
+    pairs = [Pair(key=f"k{i}", a=0, b=1, frames=rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8),
+                  pose=np.zeros((2, 6), np.float32), expression=np.zeros((2, 68, 2), np.float32),
+                  landmarks=np.stack([face, face]).astype(np.float32)) for i in range(2)]
+    evaluator = Evaluator(pairs, pairs)
+    images = transfers(state.generator, pairs)
+    between_steps = (grid_png(images), evaluator.evaluate(state.generator, images))
+    written: dict = {}
+    outputs = SimpleNamespace(grid=lambda step, png: written.update(grid=(step, png)),
+                              evaluation=lambda step, metrics: written.update(evaluation=(step, metrics)))
+    visuals = BackgroundVisuals(outputs, evaluator, state.model_config, "cpu")
+    visuals.submit(state.generator, 7, grid=True, evaluate=True)
+    with torch.no_grad():  # training goes on at once: what is evaluated is the weights of step 7
+        for parameter in state.generator.parameters():
+            parameter.add_(1.0)
+    visuals.close()
+    assert written == {"grid": (7, between_steps[0]), "evaluation": (7, between_steps[1])}
+    assert "train_self_l1" in between_steps[1] and "l1" in between_steps[1]
