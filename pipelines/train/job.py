@@ -33,7 +33,7 @@ from typing import Any
 
 from pipelines import runs
 from pipelines.runtime import require_shared, stop_requested
-from pipelines.storage import LocationNotVisible, OutputStore, store_environment
+from pipelines.storage import LocationNotVisible, OutputStore, portable_filesystem, store_environment
 from pipelines.train.clips import Catalogue, TrainingDataError, load_catalogue
 from pipelines.train.loop import NonFiniteTraining
 from pipelines.train.model import ModelPlan, plan_model, read_init
@@ -143,8 +143,7 @@ def run_training(settings: TrainSettings, prepared: PreparedRun | None = None) -
                            "eval_catalogue": evaluation, "init_content": init_content},
         scaling_config=ScalingConfig(num_workers=settings.workers, use_gpu=settings.gpus_per_worker > 0,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=settings.name, storage_path=str(store.local_path()) if store.is_local
-                             else settings.run_dir,
+        run_config=RunConfig(name=settings.name, **_ray_train_storage(settings, store),
                              failure_config=FailureConfig(max_failures=settings.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=settings.keep_checkpoints),
                              worker_runtime_env=_worker_environment(settings)),
@@ -182,6 +181,15 @@ def _fit_until_stopped(trainer, store: OutputStore, settings: TrainSettings) -> 
             LOG.warning("stop requested: the workers checkpoint at their next log step and stop")
     if failure:
         raise failure[0]
+
+
+def _ray_train_storage(settings: TrainSettings, store: OutputStore) -> dict[str, Any]:
+    """RunConfig's storage: a local folder, or the object store as a file system that carries the driver's
+    endpoint and credentials (Ray Train's controller resolves its storage in a process of its own)."""
+    if store.is_local:
+        return {"storage_path": str(store.local_path())}
+    filesystem, path = portable_filesystem(settings.run_dir)
+    return {"storage_path": path, "storage_filesystem": filesystem}
 
 
 def _worker_environment(settings: TrainSettings) -> dict | None:

@@ -111,7 +111,8 @@ def train_worker(config: dict[str, Any]) -> None:
 
     interval = _Interval()
     guard = SkipGuard(settings.max_skipped_steps)
-    upload = checkpoints.upload_checkpoint(settings.run_dir, settings.name)
+    upload = checkpoints.upload_checkpoint(settings.run_dir, settings.name,
+                                           context.get_storage().storage_filesystem)
     schedule = CheckpointSchedule(settings)
     batches = iter(loader)
     stop = False
