@@ -4,7 +4,8 @@ Its parameters are the options of `portrait train` (`TrainSettings`, one field e
 shown as a form in Prefect's UI, so a deployment can start or resume a run). The training itself
 runs on Ray Train, which restarts failed workers from the newest checkpoint; the Prefect task is
 therefore not retried. Its summary artifact records the run's location, steps, samples/s and last
-evaluation.
+evaluation. The first SIGTERM or SIGINT asks the workers to checkpoint the step they are at and stop
+(`flows.services.stop_on_signals`); the summary then says `stopped`, and the same command resumes.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.services import take_over
+from flows.services import stop_on_signals, take_over
 from pipelines.options import build
-from pipelines.runtime import ensure_ray
+from pipelines.runtime import clear_stop, ensure_ray
 from pipelines.train.job import run_training, summary_markdown, summary_text
 from pipelines.train.settings import TrainSettings
 
@@ -73,8 +74,10 @@ def train_model(
     skipped samples, newest checkpoint).
     """
     settings = build(TrainSettings, locals())
+    clear_stop()  # a stop asked of an earlier run in this process is not this run's
     ensure_ray(settings.ray_address)  # on the flow's main thread, not inside the task's thread
-    summary = train_task(settings)
+    with stop_on_signals("train"):
+        summary = train_task(settings)
     create_markdown_artifact(key="train-model-summary", markdown=summary_markdown(summary),
                              description=f"Training run {summary['run']}")
     print(summary_text(summary))

@@ -86,6 +86,21 @@ def store_environment(location: str | None = None) -> dict | None:
     return {"env_vars": variables} if variables else None
 
 
+def portable_filesystem(location: str) -> tuple[pafs.FileSystem, str]:
+    """(file system, path in it) for an object-store `location` that reaches it as this process does from
+    any process it is pickled to: an S3 file system resolved here (endpoint, region) carries the
+    credentials of this process's AWS_* variables, which a process started elsewhere (Ray Train's
+    controller, whose runtime environment the caller cannot set) does not have."""
+    filesystem, path = pafs.FileSystem.from_uri(location)
+    if isinstance(filesystem, pafs.S3FileSystem):
+        reconstruct, (options,) = filesystem.__reduce__()
+        for option, variable in _SECRET_PARAMETERS.items():
+            if os.environ.get(variable) and not options.get(option):
+                options[option] = os.environ[variable]
+        filesystem = reconstruct(options)
+    return filesystem, path
+
+
 class LocationNotVisible(RuntimeError):
     """A location the driver could read cannot be seen from this worker (another machine, no shared disk)."""
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +14,7 @@ from dpe.model import DPEGenerator
 from flows.cli import main
 from pipelines.runs import CHECKPOINT_FILE, checkpoint_dir_name, latest_checkpoint, point_latest, resolve_checkpoint
 from pipelines.train import checkpoints
+from pipelines.train.loop import BackgroundVisuals, CheckpointSchedule
 from pipelines.train.model import INIT_LIA, INIT_OFFICIAL, apply_init, build_state, detect_init, plan_model
 from pipelines.train.settings import TrainSettings, model_shape
 
@@ -184,3 +188,46 @@ def test_an_object_store_run_gets_atomic_checkpoints_outputs_and_export(state, s
         f"{runs}/demo/checkpoint_00000005/model.pt", 5)
     loaded = load_official_generator(output, DPEGenerator(state.model_config))
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.generator.state_dict().items())
+
+
+def test_checkpoint_minutes_checkpoints_at_the_first_log_step_after_the_interval_on_rank_0s_clock():
+    settings = TrainSettings(steps=50, checkpoint_every=100, checkpoint_minutes=0.5, log_every=5)
+    clocks = [0.0, 0.0]  # seconds on rank 0's node and on rank 1's, whose clock runs faster
+    schedules = [CheckpointSchedule(settings, clock=lambda rank=rank: clocks[rank]) for rank in (0, 1)]
+    taken: list[list[int]] = [[], []]
+    for step in range(1, settings.steps + 1):
+        clocks[0] += 4.0  # 4 s per step: 30 s are over at step 8, and at 18, 28, ... after a checkpoint at 10, 20, ...
+        clocks[1] += 9.0
+        gathered = [schedule.overdue() for schedule in schedules] if schedules[0].is_log_step(step) else [False] * 2
+        for rank, schedule in enumerate(schedules):
+            if schedule.due(step, gathered[0]):
+                taken[rank].append(step)
+                schedule.checkpointed()
+    assert taken[0] == taken[1] == [10, 20, 30, 40, 50]  # log steps only; every rank alike; the last step too
+    without = CheckpointSchedule(TrainSettings(steps=50, checkpoint_every=20, log_every=5), clock=lambda: 1e9)
+    assert not without.overdue() and [step for step in range(1, 51) if without.due(step, False)] == [20, 40, 50]
+
+
+def test_grids_and_evaluations_made_beside_training_equal_those_made_between_steps(state):
+    from pipelines.train.clips import Pair
+    from pipelines.train.evaluation import Evaluator, grid_png, transfers
+
+    rng = np.random.default_rng(0)
+    face = np.stack(np.meshgrid(np.linspace(8, 24, 17), np.linspace(8, 24, 4)), -1).reshape(-1, 2)[:68]
+    pairs = [Pair(key=f"k{i}", a=0, b=1, frames=rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8),
+                  pose=np.zeros((2, 6), np.float32), expression=np.zeros((2, 68, 2), np.float32),
+                  landmarks=np.stack([face, face]).astype(np.float32)) for i in range(2)]
+    evaluator = Evaluator(pairs, pairs)
+    images = transfers(state.generator, pairs)
+    between_steps = (grid_png(images), evaluator.evaluate(state.generator, images))
+    written: dict = {}
+    outputs = SimpleNamespace(grid=lambda step, png: written.update(grid=(step, png)),
+                              evaluation=lambda step, metrics: written.update(evaluation=(step, metrics)))
+    visuals = BackgroundVisuals(outputs, evaluator, state.model_config, "cpu")
+    visuals.submit(state.generator, 7, grid=True, evaluate=True)
+    with torch.no_grad():  # training goes on at once: what is evaluated is the weights of step 7
+        for parameter in state.generator.parameters():
+            parameter.add_(1.0)
+    visuals.close()
+    assert written == {"grid": (7, between_steps[0]), "evaluation": (7, between_steps[1])}
+    assert "train_self_l1" in between_steps[1] and "l1" in between_steps[1]

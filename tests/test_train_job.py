@@ -5,9 +5,11 @@ Two runs of the same settings on the sample, damaged as archives get damaged: it
 so two workers share one readable shard:
 
 * `straight`: 12 steps through `portrait train` (the Prefect flow), uninterrupted;
-* `interrupted`: 4 steps, then the same command again with 12 steps (a rerun resumes), during
-  which one worker process is killed with SIGKILL once Ray Train has registered checkpoint 6 or
-  a later one before the end (it then restarts the group from that checkpoint).
+* `interrupted`: a real `portrait train` process with 12 steps, stopped with SIGTERM after its first
+  step (it checkpoints the step it is at and exits 130 saying how to resume), then the same run again
+  (a rerun resumes), during which one worker process is killed with SIGKILL once Ray Train has
+  registered checkpoint 6 or a later one before the end (it then restarts the group from that
+  checkpoint).
 
 The interrupted run must end with the same weights and the same per-step losses as the straight
 one: resume is exact, in weights and in data order.
@@ -19,7 +21,10 @@ import csv
 import json
 import math
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -39,6 +44,7 @@ from pipelines.train.job import RunRefused, run_training
 from pipelines.train.settings import TrainSettings
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
 
 STEPS = 12
 KILL_AFTER = 6
@@ -64,10 +70,7 @@ def _settings(data: Path, runs: Path, name: str, steps: int) -> TrainSettings:
 @pytest.fixture(scope="module")
 def straight(train_data, runs) -> Path:
     data, _ = train_data
-    argv = ["train", "--data", str(data), "--run-dir", str(runs), "--name", "straight", "--steps", str(STEPS)]
-    for name, value in OPTIONS.items():
-        argv += [f"--{name.replace('_', '-')}", str(value)]
-    assert main(argv) == 0
+    assert main(_argv(data, runs, "straight")) == 0
     return runs / "straight"
 
 
@@ -105,12 +108,50 @@ def _registered_step(run: Path) -> int:
     return int(((snapshot.get("latest_checkpoint_result") or {}).get("metrics") or {}).get("step", 0))
 
 
+def _argv(data: Path, runs: Path, name: str) -> list[str]:
+    argv = ["train", "--data", str(data), "--run-dir", str(runs), "--name", name, "--steps", str(STEPS)]
+    for option, value in OPTIONS.items():
+        argv += [f"--{option.replace('_', '-')}", str(value)]
+    return argv
+
+
+def _stop_with_sigterm(data: Path, runs: Path, tmp_path: Path) -> dict:
+    """Run `portrait train` as its own process (on the session's Ray and Prefect API), send it SIGTERM
+    once its first step is logged; returns its exit code, seconds from the signal to its exit and stderr."""
+    import ray
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+           "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    stderr = tmp_path / "stderr.txt"
+    with open(stderr, "w") as errors:
+        command = subprocess.Popen([sys.executable, "-m", "flows.cli", *_argv(data, runs, "interrupted")],
+                                   cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=errors)
+    progress = runs / "interrupted" / "progress.json"
+    deadline = time.monotonic() + 300
+    while command.poll() is None and not (progress.exists() and json.loads(progress.read_text())["step"] >= 1):
+        assert time.monotonic() < deadline, stderr.read_text()[-3000:]
+        time.sleep(0.05)
+    assert command.poll() is None, stderr.read_text()[-3000:]
+    command.send_signal(signal.SIGTERM)  # as Kubernetes or `ray job stop` would
+    signalled = time.monotonic()
+    try:
+        code = command.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        command.kill()
+        pytest.fail(f"still running 60 s after SIGTERM: {stderr.read_text()[-3000:]}")
+    return {"code": code, "seconds": time.monotonic() - signalled, "stderr": stderr.read_text()}
+
+
 @pytest.fixture(scope="module")
-def interrupted(train_data, runs) -> dict:
+def interrupted(train_data, runs, tmp_path_factory) -> dict:
     data, _ = train_data
-    first = run_training(_settings(data, runs, "interrupted", 4))
-    assert first["step"] == 4
-    outcome: dict = {}
+    stopped = _stop_with_sigterm(data, runs, tmp_path_factory.mktemp("stopped"))
+    found = re.search(r"portrait train: stopped at step (\d+) ", stopped["stderr"])
+    assert found, stopped["stderr"][-3000:]
+    stopped_step = int(found.group(1))
+    assert 1 <= stopped_step < KILL_AFTER, "the stop came at the first log step after the signal"
+    outcome: dict = {"stopped": stopped, "stopped_step": stopped_step}
     rerun = threading.Thread(target=lambda: outcome.update(summary=run_training(_settings(data, runs, "interrupted",
                                                                                           STEPS))))
     rerun.start()
@@ -182,11 +223,24 @@ def test_the_flow_records_a_summary_artifact(straight):
     assert "Last evaluation (step 12)" in text
 
 
+def test_sigterm_checkpoints_the_step_reached_and_exits_saying_how_to_resume(interrupted):
+    stopped = interrupted["stopped"]
+    lines = [line for line in stopped["stderr"].splitlines() if line.startswith("portrait train: stopped")]
+    assert stopped["code"] == 130 and len(lines) == 1, stopped["stderr"][-3000:]
+    assert stopped["seconds"] < 20, "the run ends within 20 s of SIGTERM"
+    step = interrupted["stopped_step"]
+    assert lines[0] == (f"portrait train: stopped at step {step} of {STEPS}; newest checkpoint "
+                        f"{interrupted['run']}/checkpoint_{step:08d}/model.pt: run the same command again to resume "
+                        "from it")
+    starts = [start["step"] for start in json.loads((interrupted["run"] / "starts.json").read_text())]
+    assert starts[:2] == [0, step], "the rerun resumed from the stop's checkpoint"
+
+
 def test_a_killed_worker_is_replaced_and_the_run_finishes_from_its_last_checkpoint(interrupted):
     run = interrupted["run"]
     assert not Path(f"/proc/{interrupted['killed']}").exists()
     starts = [start["step"] for start in json.loads((run / "starts.json").read_text())]
-    assert starts[:2] == [0, 4] and len(starts) == 3  # first run, rerun, restart after the kill
+    assert starts[:2] == [0, interrupted["stopped_step"]] and len(starts) == 3  # stopped run, rerun, restart
     assert interrupted["registered"] <= starts[2] < STEPS  # from the newest registered checkpoint, not from 4
     assert interrupted["summary"]["step"] == STEPS
     assert [int(row["step"]) for row in _rows(run)] == list(range(1, STEPS + 1))  # every step once

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flows.commands.prepare import STOPPED
 from pipelines.train.settings import TrainSettings
 
 NAME = "train"
@@ -24,7 +25,9 @@ DESCRIPTION = (
     "sees (else it is refused): give s3:// or gs://.\n\n"
     "A step with a non-finite loss or gradient is skipped (logged; --max-skipped-steps in a row stop "
     "the run); gradient norms are logged (--grad-clip clips them); --ema-decay keeps an averaged "
-    "generator for evaluation and export; checkpoints are uploaded in the background.\n\n"
+    "generator for evaluation and export; checkpoints are uploaded in the background. The first SIGTERM "
+    "or Ctrl-C checkpoints the step the workers are at (at their next log step) and exits with status 130; "
+    "the same command resumes; a second one stops at once.\n\n"
     "  portrait train --data out/sample --run-dir runs --name demo --steps 200 --size 64 --workers 2\n"
     "  portrait train --export runs/demo/latest dpe.pt      # the generator in the official format")
 
@@ -59,6 +62,10 @@ def run(args: argparse.Namespace) -> int:
     except (TrainingDataError, LocationNotVisible, LocationNotShared, NonFiniteTraining) as error:  # not a crash
         print(f"portrait train: {error}", file=sys.stderr)
         return 1
+    if summary.get("stopped"):
+        print(f"portrait train: stopped at step {summary['step']} of {summary['steps']}; newest checkpoint "
+              f"{summary.get('checkpoint')}: run the same command again to resume from it", file=sys.stderr)
+        return STOPPED
     return 0 if summary["step"] >= summary["steps"] else 1
 
 

@@ -27,12 +27,15 @@ from pipelines.runs import CHECKPOINT_FILE, point_latest, resolve_checkpoint
 from pipelines.storage import OutputStore, local_copy
 
 
-def upload_checkpoint(run_dir: str, name: str) -> Callable[[Any, str], Any]:
+def upload_checkpoint(run_dir: str, name: str, registered_filesystem: Any = None) -> Callable[[Any, str], Any]:
     """A Ray Train `checkpoint_upload_fn` that writes `model.pt` into the run atomically, then points
-    `latest` at it (it runs in the background on rank 0: nothing waits for it but the next upload)."""
+    `latest` at it (it runs in the background on rank 0: nothing waits for it but the next upload).
+    `registered_filesystem`: Ray Train's own storage file system, which the returned checkpoint must name
+    to count as inside the run (default: the run folder's)."""
     from ray.train import Checkpoint
 
     store = OutputStore(run_dir)
+    registered_filesystem = registered_filesystem or store.filesystem
 
     def upload(checkpoint: Checkpoint, dir_name: str) -> Checkpoint:
         relpath = posixpath.join(name, dir_name, CHECKPOINT_FILE)
@@ -40,7 +43,7 @@ def upload_checkpoint(run_dir: str, name: str) -> Callable[[Any, str], Any]:
                 store.open_output_atomic(relpath) as target:
             shutil.copyfileobj(source, target.file, length=8 << 20)
         point_latest(run_dir, name, dir_name)
-        return Checkpoint(filesystem=store.filesystem, path=posixpath.join(store.base, name, dir_name))
+        return Checkpoint(filesystem=registered_filesystem, path=posixpath.join(store.base, name, dir_name))
 
     return upload
 

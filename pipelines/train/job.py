@@ -15,6 +15,9 @@ On a cluster of several nodes a local `--run-dir` must be visible from every nod
 (`runtime.require_shared`): rank 0, which writes the run's files and checkpoints, and every rank
 that restores one, may be on any node.
 
+A stop asked of the command (SIGTERM, SIGINT: `runtime.request_stop`) reaches the workers as a file
+in the run folder; they checkpoint the step they are at and return, and the summary says `stopped`.
+
 While the workers train, a progress bar on the driver follows the run's progress file (worker
 output need not reach the driver). The summary is read back from the run's files.
 """
@@ -29,16 +32,18 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pipelines import runs
-from pipelines.runtime import require_shared
-from pipelines.storage import LocationNotVisible, OutputStore
+from pipelines.runtime import require_shared, stop_requested
+from pipelines.storage import LocationNotVisible, OutputStore, portable_filesystem, store_environment
 from pipelines.train.clips import Catalogue, TrainingDataError, load_catalogue
 from pipelines.train.loop import NonFiniteTraining
 from pipelines.train.model import ModelPlan, plan_model, read_init
+from pipelines.train.outputs import STOP_REQUEST
 from pipelines.train.settings import MODEL_SHAPING, TrainSettings
 
 LOG = logging.getLogger(__name__)
 
 PROGRESS_POLL_S = 2.0
+STOP_POLL_S = 0.2
 
 
 class RunRefused(ValueError):
@@ -106,6 +111,8 @@ def run_training(settings: TrainSettings, prepared: PreparedRun | None = None) -
     or a failed run. `prepared`: what `prepare_run` returned for these settings, if already done."""
     settings, plan, train, evaluation, start = prepared or prepare_run(settings)
     location = run_location(settings)
+    if stop_requested():  # asked to stop while the command was starting
+        return summarise(settings, stopped=True)
     if start >= settings.steps:
         LOG.info("run %s is already at step %d (asked for %d): nothing to train; raise --steps to continue",
                  location, start, settings.steps)
@@ -136,17 +143,59 @@ def run_training(settings: TrainSettings, prepared: PreparedRun | None = None) -
                            "eval_catalogue": evaluation, "init_content": init_content},
         scaling_config=ScalingConfig(num_workers=settings.workers, use_gpu=settings.gpus_per_worker > 0,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=settings.name, storage_path=str(store.local_path()) if store.is_local
-                             else settings.run_dir,
+        run_config=RunConfig(name=settings.name, **_ray_train_storage(settings, store),
                              failure_config=FailureConfig(max_failures=settings.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=settings.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=settings.keep_checkpoints),
+                             worker_runtime_env=_worker_environment(settings)),
     )
+    store.delete(f"{settings.name}/{STOP_REQUEST}", missing_ok=True)  # a stop asked of an earlier launch
     with _ProgressBar(store, settings, start):
         try:
-            trainer.fit()
+            _fit_until_stopped(trainer, store, settings)
         except ray.train.WorkerGroupError as error:
             raise _input_problem(error) or error
-    return summarise(settings)
+    return summarise(settings, stopped=stop_requested())
+
+
+def _fit_until_stopped(trainer, store: OutputStore, settings: TrainSettings) -> None:
+    """`trainer.fit()` on a helper thread while this thread relays a stop request (`runtime.request_stop`,
+    set by the command's SIGTERM/SIGINT handlers) to the workers as the run's stop file; rank 0 sees it at
+    the next log step and every rank checkpoints and returns. This thread keeps waiting, so the command's
+    handlers (not Ray Train's own SIGINT handler, which only the main thread installs) answer the signals."""
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as error:  # handed to the waiting thread
+            failure.append(error)
+
+    thread = threading.Thread(target=fit, name="train-fit", daemon=True)
+    thread.start()
+    relayed = False
+    while thread.is_alive():
+        thread.join(STOP_POLL_S)
+        if stop_requested() and not relayed:
+            store.write_bytes_atomic(f"{settings.name}/{STOP_REQUEST}", b"asked to stop by the driver\n")
+            relayed = True
+            LOG.warning("stop requested: the workers checkpoint at their next log step and stop")
+    if failure:
+        raise failure[0]
+
+
+def _ray_train_storage(settings: TrainSettings, store: OutputStore) -> dict[str, Any]:
+    """RunConfig's storage: a local folder, or the object store as a file system that carries the driver's
+    endpoint and credentials (Ray Train's controller resolves its storage in a process of its own)."""
+    if store.is_local:
+        return {"storage_path": str(store.local_path())}
+    filesystem, path = portable_filesystem(settings.run_dir)
+    return {"storage_path": path, "storage_filesystem": filesystem}
+
+
+def _worker_environment(settings: TrainSettings) -> dict | None:
+    """The driver's object-store variables for every worker (a cluster's nodes were started before the
+    user set them) when the data or the run lives in an object store."""
+    return next(filter(None, (store_environment(location) for location in (settings.run_dir, settings.data))), None)
 
 
 def _input_problem(error: Exception) -> Exception | None:
@@ -160,12 +209,14 @@ def _input_problem(error: Exception) -> Exception | None:
     return None
 
 
-def summarise(settings: TrainSettings) -> dict[str, Any]:
-    """The run's location, step, throughput, last evaluation, skipped samples and newest checkpoint."""
+def summarise(settings: TrainSettings, stopped: bool = False) -> dict[str, Any]:
+    """The run's location, step (that of its newest checkpoint when it stopped before its end), throughput,
+    last evaluation, skipped samples and newest checkpoint; `stopped`: the run was asked to stop."""
     store = OutputStore(settings.run_dir)
     final = runs.read_json(store, f"{settings.name}/{runs.FINAL_METRICS}", {})
     latest = runs.latest_checkpoint(settings.run_dir, settings.name)
-    return {"run": run_location(settings), "step": final.get("step", latest[0] if latest else 0),
+    step = max(final.get("step", 0), latest[0] if latest else 0)  # metrics.json is written at the end only
+    return {"run": run_location(settings), "step": step, "stopped": stopped and step < settings.steps,
             "steps": settings.steps, "pairs_per_s": final.get("pairs_per_s"),
             "last_evaluation": final.get("last_evaluation"), "losses": final.get("losses", {}),
             "skipped": final.get("skipped", {}),
@@ -184,6 +235,8 @@ def summary_text(summary: dict[str, Any]) -> str:
     for name, count in (summary.get("skipped") or {}).items():
         lines.append(f"  {'skipped ' + name:<30}{count}")
     lines.append(f"  {'checkpoint':<30}{summary.get('checkpoint')}")
+    if summary.get("stopped"):
+        lines.append(f"  {'stopped':<30}asked to stop; the same command resumes")
     return "\n".join(lines)
 
 

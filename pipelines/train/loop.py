@@ -7,7 +7,11 @@ own pairs (`pairs.PairSampler`), prepared ahead of the step by its loader proces
 same collective calls: the gradient all-reduce inside the step, a gather of the interval's
 losses and skipped samples every `log_every` steps, and `ray.train.report` at each checkpoint
 (a barrier). Rank 0 alone writes the run's files (`outputs.RunOutputs`), grids and evaluations
-(of the moving-average generator when `--ema-decay` keeps one).
+(of the moving-average generator when `--ema-decay` keeps one); grids and evaluations are made on a
+copy of the weights by a helper thread (`BackgroundVisuals`), so no rank waits for them.
+
+Stop: when the driver is asked to stop (`job.run_training`), rank 0 sees its request at the next log
+step and every rank checkpoints that step and returns (a rerun resumes from it).
 
 Safety: a step with a non-finite loss or gradient on any rank is skipped by every rank
 (`dpe.train_step`); `SkipGuard` logs each and stops the run after `--max-skipped-steps` in a row,
@@ -29,7 +33,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -92,7 +96,7 @@ def train_worker(config: dict[str, Any]) -> None:
     LOG.info("rank %d/%d on %s: steps %d..%d, %d pairs per step, data %s", rank, world_size, device, start,
              settings.steps, settings.per_worker_batch, train_catalogue.describe())
 
-    outputs = evaluator = None
+    outputs = visuals = None
     if rank == 0:
         from pipelines.train.evaluation import Evaluator
         from pipelines.train.outputs import RunOutputs
@@ -101,14 +105,17 @@ def train_worker(config: dict[str, Any]) -> None:
         eval_reader = ClipReader(settings.data, settings.size, cache_bytes=settings.clip_cache_mb << 20)
         evaluator = Evaluator(fixed_pairs(eval_catalogue, eval_reader, settings.eval_pairs, settings.seed),
                               fixed_pairs(train_catalogue, eval_reader, TRAIN_PAIRS_FOR_EVALUATION, settings.seed))
+        visuals = BackgroundVisuals(outputs, evaluator, state.model_config, device)
         if start == 0:
-            _visualise(outputs, evaluator, state.evaluated_generator(), 0, grid=True, evaluate=True)
+            visuals.submit(state.evaluated_generator(), 0, grid=True, evaluate=True)
 
     interval = _Interval()
     guard = SkipGuard(settings.max_skipped_steps)
-    upload = checkpoints.upload_checkpoint(settings.run_dir, settings.name)
-    last_checkpoint = time.monotonic()
+    upload = checkpoints.upload_checkpoint(settings.run_dir, settings.name,
+                                           context.get_storage().storage_filesystem)
+    schedule = CheckpointSchedule(settings)
     batches = iter(loader)
+    stop = False
     for step in range(start, settings.steps):
         began = time.perf_counter()
         loaded_step, batch = next(batches)
@@ -120,24 +127,29 @@ def train_worker(config: dict[str, Any]) -> None:
         interval.add(logs, loaded - began, time.perf_counter() - began)
         done = step + 1
         last = done == settings.steps
-        checkpoint_due = done % settings.checkpoint_every == 0 or last
-        if done % settings.log_every == 0 or last:
-            overdue = (settings.checkpoint_minutes is not None
-                       and time.monotonic() - last_checkpoint >= 60 * settings.checkpoint_minutes)
-            gathered = _gather({"losses": interval.means(), "skipped": dict(loader.skipped), "overdue": overdue},
+        overdue = False
+        if schedule.is_log_step(done):
+            gathered = _gather({"losses": interval.means(), "skipped": dict(loader.skipped),
+                                "overdue": schedule.overdue(), "stop": outputs is not None and outputs.stop_requested()},
                                world_size)
-            checkpoint_due = checkpoint_due or gathered[0]["overdue"]  # rank 0's clock decides for all
+            overdue, stop = gathered[0]["overdue"], gathered[0]["stop"]  # rank 0's clock and view decide for all
             if outputs is not None:
                 _log(outputs, state, settings, done, interval, gathered)
             interval = _Interval()
-        if outputs is not None:
-            _visualise(outputs, evaluator, state.evaluated_generator(), done,
-                       grid=done % settings.grid_every == 0 or last, evaluate=done % settings.eval_every == 0 or last)
-        if checkpoint_due:
+        if visuals is not None:
+            visuals.collect()
+            visuals.submit(state.evaluated_generator(), done, grid=done % settings.grid_every == 0 or last,
+                           evaluate=done % settings.eval_every == 0 or last)
+        if schedule.due(done, overdue) or stop:
             _checkpoint(state, settings, plan, done, rank, world_size, upload, outputs)
-            last_checkpoint = time.monotonic()
-    if outputs is not None:
-        outputs.finish(settings.steps)
+            schedule.checkpointed()
+        if stop:
+            LOG.warning("rank %d: stop requested: stopped after step %d, checkpointed", rank, done)
+            break
+    if visuals is not None:
+        visuals.close()
+        if not stop:
+            outputs.finish(settings.steps)
 
 
 def _restore_or_initialise(state, checkpoint, plan: ModelPlan, init_content: Any, rank: int) -> int:
@@ -175,6 +187,33 @@ def _shared_tensors(state) -> list:
     modules = [state.generator, state.discriminator,
                *([state.generator_ema] if state.generator_ema is not None else [])]
     return [*(t for m in modules for t in (*m.parameters(), *m.buffers())), *state.probes.parameters()]
+
+
+class CheckpointSchedule:
+    """When a checkpoint is due: every `--checkpoint-every` steps, at the run's last step, and with
+    `--checkpoint-minutes` at the first log step that many minutes after the last checkpoint (or the
+    start). The time rule is read on rank 0's clock, which travels in the log gather (`overdue`), so
+    every rank decides alike; `clock` is injectable for tests."""
+
+    def __init__(self, settings: TrainSettings, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every, self.minutes = settings.checkpoint_every, settings.checkpoint_minutes
+        self.steps, self.log_every = settings.steps, settings.log_every
+        self.clock = clock
+        self.last = clock()
+
+    def is_log_step(self, step: int) -> bool:
+        return step % self.log_every == 0 or step == self.steps
+
+    def overdue(self) -> bool:
+        """Whether this rank's clock says the time rule is due."""
+        return self.minutes is not None and self.clock() - self.last >= 60 * self.minutes
+
+    def due(self, step: int, rank0_overdue: bool) -> bool:
+        """Whether `step` (finished steps) ends with a checkpoint, given rank 0's `overdue` at this log step."""
+        return step % self.every == 0 or step == self.steps or (self.is_log_step(step) and rank0_overdue)
+
+    def checkpointed(self) -> None:
+        self.last = self.clock()
 
 
 class SkipGuard:
@@ -291,14 +330,73 @@ def _duration(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
-def _visualise(outputs, evaluator, generator, step: int, *, grid: bool, evaluate: bool) -> None:
+class BackgroundVisuals:
+    """Rank 0's grids and evaluations, made on a copy of the evaluated generator by a helper thread.
+
+    They used to run between steps while every other rank waited at the next collective; now rank 0
+    copies the weights (one `load_state_dict`), hands the work to the thread and trains on. The copy
+    is an uncompiled generator of the same configuration, so the numbers are those of evaluating the
+    generator itself at that step. Results are written by the training thread (`collect`, between
+    steps), so `RunOutputs` is never used from two threads; a new request first waits for the one
+    before (evaluations come every `--eval-every` steps, far apart), and `close` waits for the last.
+    """
+
+    def __init__(self, outputs, evaluator, model_config, device) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        import torch
+
+        from dpe.model import DPEGenerator
+
+        self.outputs, self.evaluator = outputs, evaluator
+        self.copy = DPEGenerator(model_config).to(device).requires_grad_(False)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluation")
+        self.pending = None
+        # On a GPU the copy is evaluated on a stream of its own, beside the training kernels.
+        self.stream = torch.cuda.Stream(device) if torch.device(device).type == "cuda" else None
+
+    def submit(self, generator, step: int, *, grid: bool, evaluate: bool) -> None:
+        if not (grid or evaluate):
+            return
+        import torch
+
+        self.collect(wait=True)
+        with torch.no_grad():
+            self.copy.load_state_dict(generator.state_dict())
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))  # the copy is complete
+        self.pending = self.executor.submit(self._run, step, grid, evaluate)
+
+    def _run(self, step: int, grid: bool, evaluate: bool) -> tuple[int, bytes | None, dict | None]:
+        import contextlib
+
+        import torch
+
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            return _visuals(self.evaluator, self.copy, step, grid, evaluate)
+
+    def collect(self, wait: bool = False) -> None:
+        """Write the finished request's grid and evaluation (waiting for it with `wait`)."""
+        if self.pending is None or not (wait or self.pending.done()):
+            return
+        step, png, metrics = self.pending.result()
+        self.pending = None
+        if png is not None:
+            self.outputs.grid(step, png)
+        if metrics is not None:
+            self.outputs.evaluation(step, metrics)
+
+    def close(self) -> None:
+        self.collect(wait=True)
+        self.executor.shutdown()
+
+
+def _visuals(evaluator, generator, step: int, grid: bool, evaluate: bool) -> tuple[int, bytes | None, dict | None]:
     from pipelines.train.evaluation import grid_png, transfers
 
-    images = transfers(generator, evaluator.pairs) if (grid or evaluate) and evaluator.pairs else None
-    if grid and images is not None:
-        outputs.grid(step, grid_png(images))
-    if evaluate:
-        outputs.evaluation(step, evaluator.evaluate(generator, images))
+    images = transfers(generator, evaluator.pairs) if evaluator.pairs else None
+    png = grid_png(images) if grid and images is not None else None
+    return step, png, evaluator.evaluate(generator, images) if evaluate else None
 
 
 def _checkpoint(state, settings: TrainSettings, plan: ModelPlan, step: int, rank: int, world_size: int,

@@ -14,6 +14,8 @@ are `pipelines/runs.py`'s).
                  skipped.json        samples skipped: key -> failure class and message, counts by class
                  starts.json         every start of the worker group (first start, restarts, resumes)
                  metrics.json        at the end: steps, pairs/s, last losses, last evaluation, skips
+                 stop-requested      while a stop is asked (written by the driver on SIGTERM/SIGINT; rank 0
+                                     looks for it at each log step; removed when the run is launched again)
 ```
 
 A resumed run (after a worker failure or a rerun) starts from its last checkpoint: rows and
@@ -53,6 +55,9 @@ from pipelines.runs import (
 from pipelines.storage import OutputStore
 
 LOG = logging.getLogger(__name__)
+
+STOP_REQUEST = "stop-requested"
+"""The file in the run folder by which the driver asks the workers to checkpoint and stop."""
 
 
 def _now() -> str:
@@ -128,6 +133,10 @@ class RunOutputs:
         writer.writeheader()
         writer.writerows(self.rows)
         self.store.write_bytes_atomic(self._path(METRICS_CSV), buffer.getvalue().encode())
+
+    def stop_requested(self) -> bool:
+        """Whether the driver asked the run to stop (one existence check: a HEAD request on object stores)."""
+        return self.store.exists(self._path(STOP_REQUEST))
 
     def skip(self, samples: dict[str, tuple[str, str]]) -> None:
         """Record skipped samples (key -> (failure class, message)); each is logged once."""
