@@ -112,3 +112,27 @@ def test_colour_matching_removes_a_colour_cast_seen_around_the_face(offset):
 def test_colour_matching_is_a_no_op_without_a_transition_band():
     edited = np.full((16, 16, 3), 50, np.uint8)
     assert match_colour(edited, np.zeros_like(edited), np.zeros((16, 16), np.float32)) is edited
+
+
+def test_a_pose_edits_mask_is_the_union_of_the_source_face_and_the_edited_one(carphone_frames):
+    """The paste of a pose edit (a detector given) masks the source face and the face found in the edited
+    crop: never less than the source face's mask, and more where the edited face moved."""
+    from pipelines.edit.compose import paste_face
+    from pipelines.media.faces import make_detector
+
+    detector = make_detector("dlib")
+    frame = np.ascontiguousarray(carphone_frames[0])
+    landmarks = detector.landmarks(frame, detector.detect(frame)[0].box)
+    low, high = landmarks.min(axis=0), landmarks.max(axis=0)
+    centre, side = (low + high) / 2, 2.2 * float((high - low).max())
+    box = np.array([*(centre - side / 2), *(centre + side / 2)])
+    source = crop_frame(frame, box, 128)
+    moved = np.roll(source, 6, axis=1)  # the edited face, 6 crop pixels to the right
+    frame_size = (frame.shape[1], frame.shape[0])
+    source_only = paste_face(frame_size, moved, source, box, landmarks, 1.0, MaskConfig(), False, None)
+    union = paste_face(frame_size, moved, source, box, landmarks, 1.0, MaskConfig(), False, detector)
+    assert (union.left, union.top) == (source_only.left, source_only.top)
+    assert np.all(union.weights >= source_only.weights - 1e-6)
+    right_of_source = np.zeros_like(union.weights, bool)
+    right_of_source[:, int(np.ceil(landmarks[:, 0].max())) - union.left:] = True
+    assert union.weights[right_of_source].sum() > 1.2 * source_only.weights[right_of_source].sum()

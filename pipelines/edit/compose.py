@@ -101,6 +101,17 @@ def output_format(info: VideoInfo, output: str, settings: EditSettings) -> Outpu
         raise RecordedFailure(UNSUPPORTED_OUTPUT, f"{output}: {error}") from None
 
 
+def edited_landmarks(detector: FaceDetector, crop: np.ndarray, source_points: np.ndarray) -> np.ndarray:
+    """68 landmarks of the face in an edited crop (crop pixels), searched where the source face was: a pose
+    edit moves the face, and the mask must cover where it went as well as where it was."""
+    scale = max(1.0, LANDMARK_INPUT_SIZE / crop.shape[0])
+    image = cv2.resize(crop, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC) if scale > 1 else crop
+    low, high = source_points.min(axis=0) * scale, source_points.max(axis=0) * scale
+    margin = 0.1 * (high - low)
+    box = (*(low - margin), *(high + margin))
+    return detector.landmarks(np.ascontiguousarray(image), tuple(float(v) for v in box)) / scale
+
+
 def paste_face(frame_size: tuple[int, int], edited: np.ndarray, source: np.ndarray, box: np.ndarray,
                landmarks: np.ndarray, weight: float, mask_config: MaskConfig, colour_match: bool,
                detector: FaceDetector | None) -> Overlay | None:
