@@ -4,7 +4,7 @@ Part 1 (about 3 min on 2 cores): the demo's training (64 px, small model, batch 
 in one process with one torch thread, on a prepared sample dataset, evaluated every `--every`
 steps on the demo's held-out pairs (`l1`: both-transfer against the driver frame). Two runs: the
 official schedule (GAN from step 0) as the baseline, then the demo's recipe (`--gan-start` beyond
-the run). Prints both curves, whether the recipe's last evaluation is its lowest (within 0.01)
+the run); both start from `dpe.layers.ToFlow`'s identity-warp, open-mask flow heads. Prints both curves, whether the recipe's last evaluation is its lowest (within 0.01)
 and below 0.2, and the ratio of the two final errors.
 
 Part 2 (`--demo DIR`, after `portrait demo --output DIR`): dlib's frontal face detector on
@@ -92,8 +92,10 @@ def main() -> None:
         print(f"final held-out L1, baseline / recipe = {baseline[-1] / recipe[-1]:.2f}x")
     if args.demo:
         root = Path(args.demo)
-        for video in [root / "media" / "source.mp4", *sorted((root / "edited").rglob("*.mp4"))]:
-            print(f"{video.relative_to(root)}: face in {face_share(video, args.frames):.0%} of {args.frames} frames")
+        for video in [root / "media" / "source.mp4", *sorted((root / "edited").glob("*.mp4"))]:
+            share = face_share(video, args.frames)
+            target = "" if video.parent == root / "media" else f" (>= 90%: {share >= 0.9})"
+            print(f"{video.relative_to(root)}: face in {share:.0%} of {args.frames} frames{target}")
 
 
 if __name__ == "__main__":

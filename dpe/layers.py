@@ -323,7 +323,18 @@ class ToFlow(nn.Module):
     upsampled raw output of the previous scale; channels 0-1 (tanh) are added to the identity
     grid and sample the encoder feature (``grid_sample``, bilinear, zeros, align_corners=False),
     channel 2 (sigmoid) is a mask. Returns ``(warped * mask, warped * mask + x * (1 - mask), raw)``.
+
+    A fresh head starts at (nearly) the identity warp with the mask open (conv weight scaled by
+    ``INIT_GAIN``, mask logit ``OPEN_MASK_LOGIT``): the generator starts by passing the encoder's features through, and
+    learns motion from there. With the random initialisation of the official code, ``tanh`` of
+    the accumulated raw flows sends each scale's samples far across the image (a quarter of
+    them saturated at 64 px), the warped features are noise and training closes the masks: the
+    decoder then paints from the latent alone (grey blobs at small scale; README, training
+    recipe). Loaded weights (official or ours) replace this initialisation.
     """
+
+    INIT_GAIN = 0.01  # small, not zero: the modulation still gets a gradient at the first step
+    OPEN_MASK_LOGIT = 3.0  # sigmoid(3) = 0.95
 
     def __init__(self, in_channel: int, style_dim: int, size: int, upsample: bool = True,
                  blur_kernel: Sequence[int] = (1, 3, 3, 1)):
@@ -331,7 +342,9 @@ class ToFlow(nn.Module):
         if upsample:
             self.upsample = Upsample(blur_kernel)
         self.conv = ModulatedConv2d(in_channel, 3, 1, style_dim, demodulate=False, blur_kernel=blur_kernel)
-        self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
+        with torch.no_grad():
+            self.conv.weight.mul_(self.INIT_GAIN)
+        self.bias = nn.Parameter(torch.tensor([0.0, 0.0, self.OPEN_MASK_LOGIT]).view(1, 3, 1, 1))
         self.register_buffer("grid", identity_grid(size), persistent=False)
 
     def forward(self, x: torch.Tensor, style: torch.Tensor, feat: torch.Tensor,

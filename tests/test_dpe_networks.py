@@ -211,3 +211,22 @@ def test_bf16_autocast_runs_and_stays_close(tiny):
     # Random weights give rough features, so bf16 flow errors of ~1% move samples visibly; the
     # bound only catches gross breakage (a dtype bug gives errors of order 1).
     assert (out.float() - ref).abs().mean() / ref.abs().mean() < 0.2
+
+
+def test_a_fresh_generator_passes_the_encoder_features_through():
+    """Fresh to-flow heads warp by (nearly) nothing with their masks open (README, training recipe):
+    random heads sent samples across the image and training closed the masks (blurred faces)."""
+    torch.manual_seed(0)
+    gen = DPEGenerator(TINY)
+    raws = []
+    hooks = [head.register_forward_hook(lambda module, inputs, output: raws.append(output[2]))
+             for head in gen.expression_generator.to_flows]
+    with torch.no_grad():
+        code = gen.encode(_images(2))
+        gen.render_expression(code.latent, code.features)
+    for hook in hooks:
+        hook.remove()
+    assert len(raws) == len(TINY.feature_resolutions)
+    for raw in raws:
+        assert torch.tanh(raw[:, :2]).abs().max() < 0.05  # grid units: the image spans [-1, 1]
+        assert torch.sigmoid(raw[:, 2]).min() > 0.9
