@@ -17,6 +17,9 @@ from typing import Any
 
 from pipelines.options import OptionField, options_of
 
+STOPPED = 130
+"""Exit status of a job stopped by SIGINT/SIGTERM (what a shell reports for Ctrl-C), every job's."""
+
 
 def add_command(subcommands: Any, module: ModuleType) -> argparse.ArgumentParser:
     """The parser of one command module: its NAME, SUMMARY and DESCRIPTION, the common options, the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flows.commands import STOPPED
 from pipelines.edit.settings import EditInputs, EditSettings, inputs_and_settings
 
 NAME = "edit"
@@ -30,7 +31,7 @@ DESCRIPTION = (
     "The output folder gets results.parquet (one row per job: status, failure class, frames, fps, "
     "timings; appended as results.parts/ while the run goes, compacted at its end); a rerun does only what "
     "is missing or failed. The first Ctrl-C or SIGTERM stops feeding work, records what finishes and exits "
-    "saying how to resume; a second stops at once. Runs on a local Ray and Prefect's temporary server unless "
+    "with status 130 saying how to resume; a second stops at once. Runs on a local Ray and Prefect's temporary server unless "
     "RAY_ADDRESS / PREFECT_API_URL point at a cluster; on a cluster, local paths must be seen by every node "
     "(else an object store: s3://, gs://, whose AWS_* / GOOGLE_APPLICATION_CREDENTIALS settings go from this "
     "command to every task). A node lost mid-run costs only the chunks it held: they are redone elsewhere.")
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"portrait {NAME}: stopped before the end; what finished is recorded in "
               f"{summary['output'].rstrip('/')}/results.parquet: run the same command again to resume "
               "(finished jobs are skipped)", file=sys.stderr)
-        return 1
+        return STOPPED
     return 0 if summary.get("failed", 0) == 0 else 1
 
 

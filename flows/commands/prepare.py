@@ -7,12 +7,11 @@ import logging
 import os
 import sys
 
+from flows.commands import STOPPED
 from pipelines.prepare.settings import PrepareSettings, SourceInputs
 
 LOG = logging.getLogger(__name__)
 NAME = "prepare"
-STOPPED = 130
-"""Exit status of a run stopped by SIGINT/SIGTERM (what a shell reports for Ctrl-C)."""
 OPTIONS = (SourceInputs, PrepareSettings)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flows.commands.prepare import STOPPED
+from flows.commands import STOPPED
 from pipelines.train.settings import TrainSettings
 
 NAME = "train"
