@@ -82,3 +82,16 @@ def test_config_file_values_are_checked_like_flags(tmp_path, capsys, line, compl
         _apply_config_file(build_parser(), ["--config", str(config), "prepare"])
     assert done.value.code == 2
     assert complaint in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("failed", [0, 1])
+def test_a_demo_that_lost_an_edit_says_so_and_exits_1(failed, monkeypatch, tmp_path, capsys):
+    # The demo's own work is stood in for: what is under test is how its result becomes the exit status.
+    from flows import services
+
+    edits = {"output": f"{tmp_path}/edited/", "jobs": 3, "ok": 3 - failed, "failed": failed}
+    monkeypatch.setattr(services, "run_with_services",
+                        lambda name, address, work: {"report": f"{tmp_path}/report/index.html", "edits": edits})
+    assert main(["demo", "--output", str(tmp_path)]) == failed
+    complaint = capsys.readouterr().err
+    assert (f"{tmp_path}/edited/results.parquet" in complaint) == bool(failed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 
 from pipelines.options import at_least, build, check, option, values_of
@@ -40,7 +41,8 @@ DESCRIPTION = (
     "(with sound) through the Ray Data editing job, and writes OUTPUT/report/index.html: the dataset summary "
     "and failures, the contact sheet, loss curves, training grids, evaluation metrics, and every edited video "
     "beside its source and driver. A model trained for minutes shows the pipeline, not DPE's quality: give "
-    "--checkpoint dpe.pt to skip training and edit with the official weights. A rerun reuses what is done.")
+    "--checkpoint dpe.pt to skip training and edit with the official weights. A rerun reuses what is done; "
+    "the command exits 1 when an edit failed (the report and results.parquet say why).")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,4 +57,10 @@ def run(args: argparse.Namespace) -> int:
 
     result = run_with_services(NAME, None, demo)
     print(f"open the report: {result['report']}")
+    failed = result["edits"].get("failed", 0)
+    if failed:  # the report shows them, but a demo that lost an edit did not show the pipeline working
+        print(f"portrait {NAME}: {failed} of the demo's edits failed; their failure class and message are in "
+              f"{result['edits']['output'].rstrip('/')}/results.parquet "
+              "(`portrait inspect` prints them)", file=sys.stderr)
+        return 1
     return 0
