@@ -4,7 +4,6 @@ says how to resume, and the rerun completes with no clip in two shards."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from process_support import sigterm_and_wait
 
 from flows.cli import main
 from pipelines.dataset import integrity, manifest
@@ -42,14 +42,8 @@ def test_sigterm_stops_within_20_s_and_the_rerun_resumes_exactly(tmp_path, ray_c
         time.sleep(0.2)
     assert command.poll() is None, stderr.read_text()[-3000:]
     committed_before = _batch_parts(store)
-    command.send_signal(signal.SIGTERM)
-    signalled = time.monotonic()
-    try:
-        code = command.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        command.kill()
-        pytest.fail(f"still running 20 s after SIGTERM: {stderr.read_text()[-3000:]}")
-    assert time.monotonic() - signalled < 20
+    code, seconds = sigterm_and_wait(command, stderr, 20)
+    assert seconds < 20
     lines = [line for line in stderr.read_text().splitlines() if line.startswith("portrait prepare: stopped")]
     assert code == 130 and len(lines) == 1 and "run the same command again to resume" in lines[0], \
         stderr.read_text()[-3000:]

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from process_support import sigterm_and_wait
 from train_support import add_damage, copy_dataset, prepared_sample  # noqa: F401 (a fixture)
 
 from dpe.checkpoint import config_from_checkpoint, load_checkpoint
@@ -133,14 +134,8 @@ def _stop_with_sigterm(data: Path, runs: Path, tmp_path: Path) -> dict:
         assert time.monotonic() < deadline, stderr.read_text()[-3000:]
         time.sleep(0.05)
     assert command.poll() is None, stderr.read_text()[-3000:]
-    command.send_signal(signal.SIGTERM)  # as Kubernetes or `ray job stop` would
-    signalled = time.monotonic()
-    try:
-        code = command.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        command.kill()
-        pytest.fail(f"still running 60 s after SIGTERM: {stderr.read_text()[-3000:]}")
-    return {"code": code, "seconds": time.monotonic() - signalled, "stderr": stderr.read_text()}
+    code, seconds = sigterm_and_wait(command, stderr, 60)
+    return {"code": code, "seconds": seconds, "stderr": stderr.read_text()}
 
 
 @pytest.fixture(scope="module")
