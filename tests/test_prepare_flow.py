@@ -206,6 +206,23 @@ def _stub_sample(request: ClipRequest) -> ClipSample:
                       expression=np.zeros((frames, 68, 2)), meta=meta)
 
 
+def _one_batch_on_ray(tmp_path: Path, requests: list[ClipRequest]) -> tuple[PrepareSettings, OutputStore, Batch]:
+    """A claimed output, and one batch of `requests` (a video per group, in order) recorded in its run."""
+    import sys
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import test modules
+    settings = _settings(tmp_path)
+    store = OutputStore(settings.output)
+    claim_output(store, settings.sample_format.record("dlib"))
+    videos = list(dict.fromkeys(r.video_id for r in requests))
+    batch = Batch("run-00000", tuple(tuple(r for r in requests if r.video_id == v) for v in videos),
+                  {r.clip_id: 1 for r in requests})
+    integrity.write_run_record(store, integrity.RunRecord("run-window", (batch.name,), ("train",)))
+    return settings, store, batch
+
+
 def _sigkill_on_noface(requests, settings):
     """Clips of 'talk' are prepared (into the batch's open shard); 'noface' SIGKILLs its worker mid-shard."""
     if requests[0].video_id == "noface":
@@ -215,18 +232,9 @@ def _sigkill_on_noface(requests, settings):
 
 
 def test_a_worker_killed_mid_shard_leaves_no_named_or_kept_partial_shard(ray_cluster, tmp_path):
-    import sys
-
-    from ray import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import test modules
-    settings = _settings(tmp_path)
-    store = OutputStore(settings.output)
-    claim_output(store, settings.sample_format.record("dlib"))
     requests = [ClipRequest(clip_id=f"{v}/c", video_id=v, url=f"http://127.0.0.1:9/{v}.mp4", identity="i")
                 for v in ("talk", "noface", "other")]
-    batch = Batch("run-00000", tuple((r,) for r in requests), {r.clip_id: 1 for r in requests})
-    integrity.write_run_record(store, integrity.RunRecord("run-window", (batch.name,), ("train",)))
+    settings, store, batch = _one_batch_on_ray(tmp_path, requests)
     assert prepare.run_batch(batch, prepare.Run("run", "dlib"), settings, work=_sigkill_on_noface) == \
         {"ok": 2, "failed": 1}
     state = manifest.load_state(store)
@@ -257,23 +265,14 @@ def _stopped_during_the_second_video(requests, settings):
 
 
 def test_a_stopped_batch_commits_the_videos_it_finished(ray_cluster, tmp_path):
-    import sys
     import threading
     import time
 
-    from ray import cloudpickle
-
     from pipelines.runtime import clear_stop, request_stop
 
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import test modules
-    settings = _settings(tmp_path)
-    store = OutputStore(settings.output)
-    claim_output(store, settings.sample_format.record("dlib"))
     requests = [ClipRequest(clip_id=f"{v}/c{k}", video_id=v, url=f"http://127.0.0.1:9/{v}.mp4", identity="i",
                             start_s=float(k), end_s=k + 1.0) for v in ("first", "second", "third") for k in range(2)]
-    batch = Batch("run-00000", tuple(tuple(r for r in requests if r.video_id == v) for v in ("first", "second", "third")),
-                  {r.clip_id: 1 for r in requests})
-    integrity.write_run_record(store, integrity.RunRecord("run-window", (batch.name,), ("train",)))
+    settings, store, batch = _one_batch_on_ray(tmp_path, requests)
     started = Path(settings.work_path / "downloads" / "second-started")
     started.parent.mkdir(parents=True, exist_ok=True)
 
