@@ -298,7 +298,8 @@ def run_ray(windows: list, total: int, weights, settings: EditSettings, model: s
     # one job per block from the start: the windows' rows are split as they stream (no barrier), so
     # every job, and below every chunk of a long video, goes to its own task
     dataset = ray.data.from_arrow_refs(windows).repartition(target_num_rows_per_block=1)
-    common = dict(batch_size=1, batch_format="numpy", zero_copy_batch=True, **_store_access())
+    access = _store_access()
+    common = dict(batch_size=1, batch_format="numpy", zero_copy_batch=True, **access)
     # CPU tasks: enough retries after worker deaths for the ledger to turn the last one into a record,
     # still bounded if a process dies outside a guarded stage. (Differing from the model stage's
     # arguments, this also keeps Ray Data from fusing the crop stage into the model actors on CPU-only
@@ -313,7 +314,7 @@ def run_ray(windows: list, total: int, weights, settings: EditSettings, model: s
                                   compute=compute, num_cpus=settings.model_cpus, **model_resources, **common)
     dataset = dataset.map_batches(_compose_batch, fn_kwargs=stage_args, **cpu)
 
-    finisher = ray.remote(num_cpus=1, max_retries=1, **_store_access())(_finish_guarded)
+    finisher = ray.remote(num_cpus=1, max_retries=1, **access)(_finish_guarded)
     in_flight: dict = {}
     most_in_flight = max(2, int(ray.cluster_resources().get("CPU", 1)))
 

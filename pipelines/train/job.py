@@ -195,7 +195,7 @@ def _ray_train_storage(settings: TrainSettings, store: OutputStore) -> dict[str,
 def _worker_environment(settings: TrainSettings) -> dict | None:
     """The driver's object-store variables for every worker (a cluster's nodes were started before the
     user set them) when the data or the run lives in an object store."""
-    return next(filter(None, (store_environment(location) for location in (settings.run_dir, settings.data))), None)
+    return store_environment(settings.run_dir) or store_environment(settings.data)
 
 
 def _input_problem(error: Exception) -> Exception | None:
