@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from urllib.parse import quote
 
@@ -24,7 +25,8 @@ from pipelines.prepare.sources import (
     parse_voxceleb_tree,
 )
 from pipelines.prepare.sources.common import assign_split
-from pipelines.prepare.sources.voxceleb import VoxUtterance, write_voxceleb_tree
+from pipelines.prepare.sources import voxceleb
+from pipelines.prepare.sources.voxceleb import VoxUtterance, iter_voxceleb_videos, write_voxceleb_tree
 
 VOX1_TEXT = (
     "Identity  : \tid10001 \nReference : \t1zcIwhmdeo4 \nOffset    : \t1 \nFV Conf   : \t17.734 (1)\n"
@@ -170,6 +172,56 @@ def test_same_video_and_span_under_two_utterances_is_a_duplicate(tmp_path):
     assert [f.failure_class for f in failures] == [DUPLICATE_CLIP]
     assert failures[0].origin.endswith("00002.txt")
     assert failures[0].record_id != requests[0].clip_id
+
+
+def _parsing_processes() -> set[int]:
+    """This process's children that parse metadata (read from /proc)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            ppid = next(line for line in (entry / "status").read_text().splitlines() if line.startswith("PPid:"))
+            command = (entry / "cmdline").read_bytes()
+        except (OSError, StopIteration):
+            continue
+        if int(ppid.split()[1]) == os.getpid() and b"_serve_parsing" in command:
+            found.add(int(entry.name))
+    return found
+
+
+def test_a_tree_parsed_by_processes_equals_the_tree_parsed_here(tmp_path, monkeypatch):
+    """Past its first folders a large tree is parsed by worker processes: the same videos in the same
+    order, the same boxes, the same failures naming the same files and lines; and closing the stream
+    early ends the processes."""
+    for index in range(9):  # VoxCeleb1 (pixels) and VoxCeleb2 (normalised) videos of 2 utterances
+        version = 2 if index % 3 == 0 else 1
+        box = (0.3, 0.2, 0.35, 0.45) if version == 2 else (86.0, 32.0, 107.0, 107.0)
+        write_voxceleb_tree(tmp_path, [VoxUtterance(f"id{10001 + index % 2}", f"video{index:06d}", f"{u:05d}",
+                                                    [40 * u + 1, 40 * u + 2], [box, box]) for u in (1, 2)], version)
+    bad = MALFORMED["non_numeric"][0].replace("id00012", "id10002").replace("21Uxsk56VDQ", "video000005")
+    put(tmp_path, "txt/id10002/video000005/00003.txt", bad)
+    put(tmp_path, "txt/id10001/video000006/00003.txt", b"\xff\xfe\x00garbage")
+    put(tmp_path, "txt/id10001/video000004/deeper/00001.txt", VOX2_TEXT)
+    put(tmp_path, "txt/id10002/stray.txt", VOX2_TEXT)
+    here = list(iter_voxceleb_videos(tmp_path, processes=1))
+    monkeypatch.setattr(voxceleb, "IN_LINE_FOLDERS", 2)
+    monkeypatch.setattr(voxceleb, "CHUNK_FOLDERS", 2)
+    there = list(iter_voxceleb_videos(tmp_path, processes=2))
+
+    assert there == here and len(there) == 10  # requests compare without their boxes: those below
+    assert [[(r.boxes.rows.tolist(), r.boxes.units, r.boxes.reference_height) for r in found] for found, _ in there] \
+        == [[(r.boxes.rows.tolist(), r.boxes.units, r.boxes.reference_height) for r in found] for found, _ in here]
+    assert {r.source for found, _ in there for r in found} == {"voxceleb1", "voxceleb2"}
+    assert all(not r.boxes.rows.flags.writeable for found, _ in there for r in found)
+    assert sorted(f.origin.removeprefix(str(tmp_path / "txt")) for _, bad in there for f in bad) == [
+        "/id10001/video000004/deeper/00001.txt", "/id10001/video000006/00003.txt",
+        "/id10002/stray.txt", "/id10002/video000005/00003.txt:10"]
+
+    stream = iter_voxceleb_videos(tmp_path, processes=2)
+    for _ in range(4):  # past the two folders parsed here
+        next(stream)
+    assert len(_parsing_processes()) == 2
+    stream.close()
+    assert _parsing_processes() == set()
 
 
 def test_vox1_test_identities_set_the_split(tmp_path):

@@ -7,12 +7,17 @@ so tests and the sample can describe a video the way VoxCeleb would.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
+import pickle
+import signal
+import subprocess
+import sys
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -134,11 +139,17 @@ def iter_voxceleb_videos(
     version: int | None = None,
     url_template: str = DEFAULT_URL_TEMPLATE,
     splits: SplitPolicy = SplitPolicy(),
+    processes: int | None = None,
 ) -> Iterator[tuple[list[ClipRequest], list[ParseFailure]]]:
     """The tree one video folder at a time, in sorted order: ``(that video's clips, failures)``.
 
     The tree is walked, never listed whole, so a plan over VoxCeleb2's 1.1M files starts yielding
     work at once and holds one video's clips at a time. Misplaced files are failures of their own.
+
+    Parsing is CPU-bound, so past its first `IN_LINE_FOLDERS` folders (parsed here: a small tree
+    starts no process, a large one yields its first videos at once) a tree is parsed by `processes`
+    worker processes (default `plan_processes()`), `CHUNK_FOLDERS` folders per task and a bounded
+    number of tasks ahead, and yielded in the same order with the same content as parsed here.
     """
     if version not in (None, 1, 2):
         raise ValueError(f"VoxCeleb version must be 1, 2 or None (detect), got {version}")
@@ -147,37 +158,227 @@ def iter_voxceleb_videos(
     if txt_root is None:
         yield [], [ParseFailure(str(root), "holds no VoxCeleb tree txt/<identity>/<video>/<utterance>.txt")]
         return
-
-    def parse(files: list[tuple[str, list[str] | InvalidInput]],
-              place: tuple[str, str] | None) -> tuple[list[ClipRequest], list[ParseFailure]]:
-        requests: list[ClipRequest] = []
-        failures: list[ParseFailure] = []
-        for path, lines in files:
-            try:
-                requests.append(_parse_utterance(path, lines, place, version, url_template, splits))
-            except InvalidInput as error:
-                origin = f"{path}:{error.line}" if error.line else path
-                failures.append(ParseFailure(origin, str(error)))
-        return requests, failures
-
-    with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="vox-read") as pool:
-        ahead: deque[Future[_Folder]] = deque()
-        for place, path in _video_folders(txt_root):
-            ahead.append(pool.submit(_read_folder, place, path))
-            while len(ahead) > READ_AHEAD or (ahead and ahead[0].done()):
-                yield _parse_folder(ahead.popleft().result(), parse)
-        while ahead:
-            yield _parse_folder(ahead.popleft().result(), parse)
+    parse = _UtteranceParser(version, url_template, splits)
+    folders = _video_folders(txt_root)
+    head = list(itertools.islice(folders, IN_LINE_FOLDERS))
+    following = next(folders, None)
+    processes = plan_processes() if processes is None else processes
+    if following is None or processes <= 1:
+        yield from _parse_in_threads(itertools.chain(head, [following] if following else [], folders), parse)
+        return
+    chunks = _chunks(itertools.chain([following], folders))
+    with _ParsingProcesses(processes, parse) as pool:
+        for chunk in itertools.islice(chunks, CHUNKS_AHEAD_PER_PROCESS * processes):
+            pool.submit(chunk)  # the processes start and parse these while the head is parsed here
+        yield from _parse_in_threads(head, parse)
+        while pool.pending:
+            parsed = pool.next_result()
+            for chunk in itertools.islice(chunks, 1):
+                pool.submit(chunk)
+            yield from parsed.videos()
 
 
 READ_AHEAD = 256
 """Video folders whose files threads read ahead of the parser: on a cold disk every small file is a
 random read, and reads overlap where parsing (which holds the GIL) cannot."""
 READ_THREADS = 8
+IN_LINE_FOLDERS = 1024
+"""Video folders parsed in the planning process before parsing processes take over: about 7,000
+utterances, more than the first window of a plan (64 batches of 8 videos), in under a second."""
+CHUNK_FOLDERS = 64
+"""Video folders per task of a parsing process: about 450 utterances, some 30 ms of work, so a
+task's own cost (pickling, a round trip) is small against it."""
+CHUNK_PATH_CHARS = 8_000
+"""At most this many characters of folder paths per task (fewer folders where paths are long)."""
+CHUNKS_AHEAD_PER_PROCESS = 4
+"""Tasks in flight per parsing process: enough to keep it busy, few enough to bound the memory of
+results the plan has not consumed yet (under 1 MB per task)."""
+MAX_PLAN_PROCESSES = 4
+"""More do not help: the planning process itself then bounds the rate, building the requests,
+dropping duplicates and batching (about 10 us per utterance)."""
+
+
+def plan_processes() -> int:
+    """Processes that parse a large tree: the cores this process may use, at most `MAX_PLAN_PROCESSES`."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(MAX_PLAN_PROCESSES, cores))
+
 
 _Folder = tuple[tuple[str, str] | None, list[tuple[str, "list[str] | InvalidInput"]], list[str]]
 """A video folder read: its (identity, video), its .txt files' lines (or why they cannot be read),
 and the misplaced files below it."""
+_Place = tuple[tuple[str, str] | None, str]
+"""``((identity, video), folder)``, or ``(None, file)`` for a misplaced file."""
+_VideoClips = tuple[list[ClipRequest], list[ParseFailure]]
+
+
+@dataclass(frozen=True)
+class _UtteranceParser:
+    """Turns the files of one folder into requests and failures (here or in a parsing process)."""
+
+    version: int | None
+    url_template: str
+    splits: SplitPolicy
+
+    def __call__(self, files: list[tuple[str, list[str] | InvalidInput]],
+                 place: tuple[str, str] | None) -> _VideoClips:
+        requests: list[ClipRequest] = []
+        failures: list[ParseFailure] = []
+        for path, lines in files:
+            try:
+                requests.append(_parse_utterance(path, lines, place, self.version, self.url_template, self.splits))
+            except InvalidInput as error:
+                origin = f"{path}:{error.line}" if error.line else path
+                failures.append(ParseFailure(origin, str(error)))
+        return requests, failures
+
+    def folder(self, folder: _Folder) -> _VideoClips:
+        place, files, misplaced = folder
+        requests, failures = self(files, place)
+        return requests, failures + self([(path, InvalidInput("misplaced")) for path in misplaced], None)[1]
+
+
+def _parse_in_threads(places: Iterable[_Place], parse: _UtteranceParser) -> Iterator[_VideoClips]:
+    """Parse folders here, in order, their files read ahead by `READ_THREADS` threads."""
+    with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="vox-read") as pool:
+        ahead: deque[Future[_Folder]] = deque()
+        for place, path in places:
+            ahead.append(pool.submit(_read_folder, place, path))
+            while len(ahead) > READ_AHEAD or (ahead and ahead[0].done()):
+                yield parse.folder(ahead.popleft().result())
+        while ahead:
+            yield parse.folder(ahead.popleft().result())
+
+
+def _chunks(places: Iterator[_Place]) -> Iterator[list[_Place]]:
+    """`CHUNK_FOLDERS` folders at a time, fewer where their paths pass `CHUNK_PATH_CHARS`."""
+    chunk: list[_Place] = []
+    chars = 0
+    for place in places:
+        chunk.append(place)
+        chars += len(place[1])
+        if len(chunk) == CHUNK_FOLDERS or chars >= CHUNK_PATH_CHARS:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
+        yield chunk
+
+
+class _ParsingProcesses:
+    """Worker processes that parse chunks of folders, results read back in the order submitted.
+
+    Plain child interpreters (`python -c`) that speak pickles over their stdin and stdout, not a
+    `multiprocessing` pool: those re-run the caller's `__main__` in every child (spawn, forkserver)
+    or fork a process that holds Ray's and Prefect's threads (fork). A child ignores SIGINT and
+    SIGTERM (the planning process handles them and stops the run gracefully) and ends when its
+    stdin closes, so it never outlives the planning process. Chunk `k` goes to process `k mod n`,
+    which works in order; requests are small (`CHUNK_PATH_CHARS`) and few (`CHUNKS_AHEAD_PER_PROCESS`),
+    so they fit a pipe's buffer and writing one never waits on a process that waits to be read.
+    """
+
+    def __init__(self, count: int, parse: _UtteranceParser) -> None:
+        package_root = str(Path(__file__).resolve().parents[3])
+        path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+        command = [sys.executable, "-c", "from pipelines.prepare.sources.voxceleb import _serve_parsing; _serve_parsing()"]
+        self.processes = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                           env={**os.environ, "PYTHONPATH": path}) for _ in range(count)]
+        self.parse = parse
+        self.submitted = 0
+        self.order: deque[subprocess.Popen] = deque()
+
+    @property
+    def pending(self) -> int:
+        return len(self.order)
+
+    def submit(self, chunk: list[_Place]) -> None:
+        process = self.processes[self.submitted % len(self.processes)]
+        assert process.stdin is not None
+        pickle.dump((chunk, self.parse), process.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+        process.stdin.flush()
+        self.order.append(process)
+        self.submitted += 1
+
+    def next_result(self) -> _ParsedChunk:
+        process = self.order.popleft()
+        assert process.stdout is not None
+        try:
+            result = pickle.load(process.stdout)
+        except EOFError:
+            raise RuntimeError(f"a metadata parsing process ended (exit code {process.wait()}); "
+                               "its error is above") from None
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def __enter__(self) -> _ParsingProcesses:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for process in self.processes:  # a parser holds no state worth a graceful end
+            process.kill()
+            process.wait()
+            for pipe in (process.stdin, process.stdout):
+                if pipe is not None:
+                    pipe.close()
+
+
+def _serve_parsing() -> None:
+    """The loop of a parsing process: parse each chunk read from stdin, write the result to stdout."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    requests, results = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # nothing else may write into the results
+    while True:
+        try:
+            places, parse = pickle.load(requests)
+        except EOFError:
+            return
+        try:
+            result: _ParsedChunk | Exception = _parse_chunk(places, parse)
+        except Exception as error:  # raised again in the planning process
+            result = error
+        pickle.dump(result, results, protocol=pickle.HIGHEST_PROTOCOL)
+        results.flush()
+
+
+_REQUEST_COLUMNS = tuple(f.name for f in fields(ClipRequest) if f.name != "boxes")
+
+
+@dataclass(frozen=True)
+class _ParsedChunk:
+    """Parsed folders as columns, what a parsing process sends back: the box rows of all its clips
+    as one array and a tuple of fields per clip, not objects per clip (pickled, those cost more to
+    rebuild than the parse saves)."""
+
+    clips_per_folder: list[int]
+    failures_per_folder: list[list[ParseFailure]]
+    columns: list[tuple]
+    units: list[tuple[str, float | None]]
+    rows: np.ndarray
+    row_ends: list[int]
+
+    @classmethod
+    def of(cls, parsed: list[_VideoClips]) -> _ParsedChunk:
+        requests = [request for found, _ in parsed for request in found]
+        return cls(clips_per_folder=[len(found) for found, _ in parsed],
+                   failures_per_folder=[failures for _, failures in parsed],
+                   columns=[tuple(getattr(r, name) for name in _REQUEST_COLUMNS) for r in requests],
+                   units=[(r.boxes.units, r.boxes.reference_height) for r in requests],
+                   rows=np.concatenate([r.boxes.rows for r in requests]) if requests else np.empty((0, 5)),
+                   row_ends=list(itertools.accumulate(len(r.boxes) for r in requests)))
+
+    def videos(self) -> Iterator[_VideoClips]:
+        """The folders' requests and failures, equal to what `_UtteranceParser.folder` gave."""
+        clips = zip(self.columns, self.units, [0, *self.row_ends], self.row_ends)
+        for count, failures in zip(self.clips_per_folder, self.failures_per_folder):
+            yield [ClipRequest(**dict(zip(_REQUEST_COLUMNS, values)),
+                               boxes=MetaBoxes(self.rows[start:end], units, reference_height))
+                   for values, (units, reference_height), start, end in itertools.islice(clips, count)], failures
+
+
+def _parse_chunk(places: list[_Place], parse: _UtteranceParser) -> _ParsedChunk:
+    """Read and parse a chunk of folders (the task of a parsing process)."""
+    return _ParsedChunk.of([parse.folder(_read_folder(place, path)) for place, path in places])
 
 
 def _video_folders(txt_root: Path) -> Iterator[tuple[tuple[str, str] | None, str]]:
@@ -208,13 +409,6 @@ def _read_folder(place: tuple[str, str] | None, path: str) -> _Folder:
                 files.append((entry.path, error))
     misplaced = [str(p) for entry in entries if entry.is_dir() for p in sorted(Path(entry.path).rglob("*.txt"))]
     return place, files, misplaced
-
-
-def _parse_folder(folder: _Folder, parse: Callable[..., tuple[list[ClipRequest], list[ParseFailure]]]
-                  ) -> tuple[list[ClipRequest], list[ParseFailure]]:
-    place, files, misplaced = folder
-    requests, failures = parse(files, place)
-    return requests, failures + parse([(path, InvalidInput("misplaced")) for path in misplaced], None)[1]
 
 
 def _sorted_entries(folder: str) -> list[os.DirEntry]:
