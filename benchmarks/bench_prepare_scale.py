@@ -67,19 +67,43 @@ def driver_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def children_rss_mb() -> float:
+    """The resident memory of this process's children now (the plan's parsing processes)."""
+    total = 0
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+        except OSError:
+            continue
+        if int(fields.get("PPid", "0")) == os.getpid():
+            total += int(fields.get("VmRSS", "0 kB").split()[0])
+    return total / 1024
+
+
 def plan_only(tree: Path, work: Path) -> dict:
     from pipelines.prepare import job
     from pipelines.prepare.settings import PrepareSettings, SourceInputs
+    from pipelines.prepare.sources.voxceleb import plan_processes
 
     settings = PrepareSettings(output=str(work / "out"), workdir=str(work / "work"), detector="dlib")
+    peak_children, done = [0.0], threading.Event()
+
+    def sample() -> None:  # the children's memory, every half second (their RSS includes shared pages)
+        while not done.wait(0.5):
+            peak_children[0] = max(peak_children[0], children_rss_mb())
+
+    threading.Thread(target=sample, daemon=True).start()
     started, cpu = time.perf_counter(), time.process_time()
     planner = job.Planner(SourceInputs(vox2_txt=(str(tree),)), settings)
     first = None
     for _ in planner.batches():
         first = first or time.perf_counter() - started
+    done.set()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {"plan_s": round(time.perf_counter() - started, 2), "plan_cpu_s": round(time.process_time() - cpu, 1),
+            "children_cpu_s": round(children.ru_utime + children.ru_stime, 1), "processes": plan_processes(),
             "first_batch_s": round(first or 0, 3), "clips": planner.clips, "batches": planner.batch_count,
-            "driver_peak_mb": round(driver_peak_mb())}
+            "driver_peak_mb": round(driver_peak_mb()), "children_peak_mb": round(peak_children[0])}
 
 
 def full_run(tree: Path, utterances: int, work: Path, real_fraction: float, seconds: float) -> dict:

@@ -11,9 +11,11 @@ import itertools
 import math
 import os
 import pickle
+import queue
 import signal
 import subprocess
 import sys
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -188,8 +190,6 @@ utterances, more than the first window of a plan (64 batches of 8 videos), in un
 CHUNK_FOLDERS = 64
 """Video folders per task of a parsing process: about 450 utterances, some 30 ms of work, so a
 task's own cost (pickling, a round trip) is small against it."""
-CHUNK_PATH_CHARS = 8_000
-"""At most this many characters of folder paths per task (fewer folders where paths are long)."""
 CHUNKS_AHEAD_PER_PROCESS = 4
 """Tasks in flight per parsing process: enough to keep it busy, few enough to bound the memory of
 results the plan has not consumed yet (under 1 MB per task)."""
@@ -251,16 +251,7 @@ def _parse_in_threads(places: Iterable[_Place], parse: _UtteranceParser) -> Iter
 
 
 def _chunks(places: Iterator[_Place]) -> Iterator[list[_Place]]:
-    """`CHUNK_FOLDERS` folders at a time, fewer where their paths pass `CHUNK_PATH_CHARS`."""
-    chunk: list[_Place] = []
-    chars = 0
-    for place in places:
-        chunk.append(place)
-        chars += len(place[1])
-        if len(chunk) == CHUNK_FOLDERS or chars >= CHUNK_PATH_CHARS:
-            yield chunk
-            chunk, chars = [], 0
-    if chunk:
+    while chunk := list(itertools.islice(places, CHUNK_FOLDERS)):
         yield chunk
 
 
@@ -272,8 +263,8 @@ class _ParsingProcesses:
     or fork a process that holds Ray's and Prefect's threads (fork). A child ignores SIGINT and
     SIGTERM (the planning process handles them and stops the run gracefully) and ends when its
     stdin closes, so it never outlives the planning process. Chunk `k` goes to process `k mod n`,
-    which works in order; requests are small (`CHUNK_PATH_CHARS`) and few (`CHUNKS_AHEAD_PER_PROCESS`),
-    so they fit a pipe's buffer and writing one never waits on a process that waits to be read.
+    which works in order; a thread per process takes its results off the pipe as they come, so a
+    process goes on to its next chunk without waiting for the plan to consume the last one.
     """
 
     def __init__(self, count: int, parse: _UtteranceParser) -> None:
@@ -282,30 +273,35 @@ class _ParsingProcesses:
         command = [sys.executable, "-c", "from pipelines.prepare.sources.voxceleb import _serve_parsing; _serve_parsing()"]
         self.processes = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                            env={**os.environ, "PYTHONPATH": path}) for _ in range(count)]
+        self.results: list[queue.SimpleQueue[_ParsedChunk | BaseException | None]] = [
+            queue.SimpleQueue() for _ in self.processes]
+        self.receivers = [threading.Thread(target=_receive, args=(process, results), daemon=True,
+                                           name="vox-parsed") for process, results in zip(self.processes, self.results)]
+        for receiver in self.receivers:
+            receiver.start()
         self.parse = parse
         self.submitted = 0
-        self.order: deque[subprocess.Popen] = deque()
+        self.order: deque[int] = deque()
 
     @property
     def pending(self) -> int:
         return len(self.order)
 
     def submit(self, chunk: list[_Place]) -> None:
-        process = self.processes[self.submitted % len(self.processes)]
-        assert process.stdin is not None
-        pickle.dump((chunk, self.parse), process.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-        process.stdin.flush()
-        self.order.append(process)
+        index = self.submitted % len(self.processes)
+        stdin = self.processes[index].stdin
+        assert stdin is not None
+        pickle.dump((chunk, self.parse), stdin, protocol=pickle.HIGHEST_PROTOCOL)
+        stdin.flush()
+        self.order.append(index)
         self.submitted += 1
 
     def next_result(self) -> _ParsedChunk:
-        process = self.order.popleft()
-        assert process.stdout is not None
-        try:
-            result = pickle.load(process.stdout)
-        except EOFError:
-            raise RuntimeError(f"a metadata parsing process ended (exit code {process.wait()}); "
-                               "its error is above") from None
+        index = self.order.popleft()
+        result = self.results[index].get()
+        if result is None:
+            raise RuntimeError(f"a metadata parsing process ended (exit code {self.processes[index].wait()}); "
+                               "its error is above")
         if isinstance(result, BaseException):
             raise result
         return result
@@ -317,9 +313,22 @@ class _ParsingProcesses:
         for process in self.processes:  # a parser holds no state worth a graceful end
             process.kill()
             process.wait()
+        for process, receiver in zip(self.processes, self.receivers):
+            receiver.join()
             for pipe in (process.stdin, process.stdout):
                 if pipe is not None:
                     pipe.close()
+
+
+def _receive(process: subprocess.Popen, results: queue.SimpleQueue) -> None:
+    """Put each result `process` writes on `results`, then None when it ends."""
+    assert process.stdout is not None
+    while True:
+        try:
+            results.put(pickle.load(process.stdout))
+        except (EOFError, OSError, pickle.UnpicklingError):
+            results.put(None)
+            return
 
 
 def _serve_parsing() -> None:
