@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -188,24 +190,33 @@ def _parsing_processes() -> set[int]:
     return found
 
 
-def test_a_tree_parsed_by_processes_equals_the_tree_parsed_here(tmp_path, monkeypatch):
-    """Past its first folders a large tree is parsed by worker processes: the same videos in the same
-    order, the same boxes, the same failures naming the same files and lines; and closing the stream
-    early ends the processes."""
+def _vox1_and_vox2_tree(root: Path) -> None:
+    """Ten video folders: VoxCeleb1 and VoxCeleb2 utterances, a bad line, an unreadable file, misplaced files."""
     for index in range(9):  # VoxCeleb1 (pixels) and VoxCeleb2 (normalised) videos of 2 utterances
         version = 2 if index % 3 == 0 else 1
         box = (0.3, 0.2, 0.35, 0.45) if version == 2 else (86.0, 32.0, 107.0, 107.0)
-        write_voxceleb_tree(tmp_path, [VoxUtterance(f"id{10001 + index % 2}", f"video{index:06d}", f"{u:05d}",
+        write_voxceleb_tree(root, [VoxUtterance(f"id{10001 + index % 2}", f"video{index:06d}", f"{u:05d}",
                                                     [40 * u + 1, 40 * u + 2], [box, box]) for u in (1, 2)], version)
     bad = MALFORMED["non_numeric"][0].replace("id00012", "id10002").replace("21Uxsk56VDQ", "video000005")
-    put(tmp_path, "txt/id10002/video000005/00003.txt", bad)
-    put(tmp_path, "txt/id10001/video000006/00003.txt", b"\xff\xfe\x00garbage")
-    put(tmp_path, "txt/id10001/video000004/deeper/00001.txt", VOX2_TEXT)
-    put(tmp_path, "txt/id10002/stray.txt", VOX2_TEXT)
+    put(root, "txt/id10002/video000005/00003.txt", bad)
+    put(root, "txt/id10001/video000006/00003.txt", b"\xff\xfe\x00garbage")
+    put(root, "txt/id10001/video000004/deeper/00001.txt", VOX2_TEXT)
+    put(root, "txt/id10002/stray.txt", VOX2_TEXT)
+
+
+def test_a_tree_parsed_by_processes_equals_the_tree_parsed_here(tmp_path, monkeypatch):
+    """Past its first folders a large tree is parsed by worker processes: the same videos in the same
+    order, the same boxes, the same failures naming the same files and lines; the processes end with
+    the stream."""
+    _vox1_and_vox2_tree(tmp_path)
     here = list(iter_voxceleb_videos(tmp_path, processes=1))
     monkeypatch.setattr(voxceleb, "IN_LINE_FOLDERS", 2)
     monkeypatch.setattr(voxceleb, "CHUNK_FOLDERS", 2)
-    there = list(iter_voxceleb_videos(tmp_path, processes=2))
+    stream = iter_voxceleb_videos(tmp_path, processes=2)
+    there = [next(stream), next(stream)]  # the processes start after the first
+    assert len(_parsing_processes()) == 2
+    there += stream
+    assert _parsing_processes() == set()
 
     assert there == here and len(there) == 10  # requests compare without their boxes: those below
     assert [[(r.boxes.rows.tolist(), r.boxes.units, r.boxes.reference_height) for r in found] for found, _ in there] \
@@ -216,11 +227,22 @@ def test_a_tree_parsed_by_processes_equals_the_tree_parsed_here(tmp_path, monkey
         "/id10001/video000004/deeper/00001.txt", "/id10001/video000006/00003.txt",
         "/id10002/stray.txt", "/id10002/video000005/00003.txt:10"]
 
+
+def test_a_parsing_process_that_dies_stops_the_plan_with_an_error(tmp_path, monkeypatch):
+    """A killed parsing process (the OOM killer) ends the stream with an error naming it, never a
+    hang or a plan that silently lacks its videos."""
+    _vox1_and_vox2_tree(tmp_path)
+    monkeypatch.setattr(voxceleb, "IN_LINE_FOLDERS", 2)
+    monkeypatch.setattr(voxceleb, "CHUNK_FOLDERS", 1)
+    monkeypatch.setattr(voxceleb, "CHUNKS_AHEAD_PER_PROCESS", 1)
     stream = iter_voxceleb_videos(tmp_path, processes=2)
-    for _ in range(4):  # past the two folders parsed here
-        next(stream)
-    assert len(_parsing_processes()) == 2
-    stream.close()
+    next(stream), next(stream)  # the processes start after the first
+    victim = min(_parsing_processes())
+    os.kill(victim, signal.SIGKILL)
+    while (Path(f"/proc/{victim}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z":
+        time.sleep(0.01)  # dead, not yet reaped: more chunks than are in flight are left for it
+    with pytest.raises(RuntimeError, match="parsing process ended .exit code -9"):
+        list(stream)
     assert _parsing_processes() == set()
 
 

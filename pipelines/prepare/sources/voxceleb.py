@@ -296,8 +296,11 @@ class _ParsingProcesses:
         index = self.submitted % len(self.processes)
         stdin = self.processes[index].stdin
         assert stdin is not None
-        pickle.dump((chunk, self.parse), stdin, protocol=pickle.HIGHEST_PROTOCOL)
-        stdin.flush()
+        try:
+            pickle.dump((chunk, self.parse), stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            stdin.flush()
+        except BrokenPipeError:
+            raise self._ended(index) from None
         self.order.append(index)
         self.submitted += 1
 
@@ -305,11 +308,14 @@ class _ParsingProcesses:
         index = self.order.popleft()
         result = self.results[index].get()
         if result is None:
-            raise RuntimeError(f"a metadata parsing process ended (exit code {self.processes[index].wait()}); "
-                               "its error is above")
+            raise self._ended(index)
         if isinstance(result, BaseException):
             raise result
         return result
+
+    def _ended(self, index: int) -> RuntimeError:
+        return RuntimeError(f"a metadata parsing process ended (exit code {self.processes[index].wait()}); "
+                            "its error, if it had time to write one, is above")
 
     def __enter__(self) -> _ParsingProcesses:
         return self
