@@ -94,8 +94,9 @@ def stream_videos(
     """Every input as a stream of videos, each with all of its clips in that input, duplicates
     across inputs dropped as `parse_sources` drops them.
 
-    VoxCeleb trees (the inputs that reach a million files) are walked one video folder at a time;
-    clip tables and URL lists are read whole and then grouped per video, in input order.
+    VoxCeleb trees (the inputs that reach a million files) are walked one video folder at a time,
+    large ones parsed by worker processes (`iter_voxceleb_videos`); clip tables and URL lists are
+    read whole and then grouped per video, in input order.
     """
     admit = ClipFilter()
     sources: list[Iterable[VideoClips]] = [
