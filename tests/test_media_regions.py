@@ -118,13 +118,30 @@ def test_a_region_of_a_decoded_frame_equals_the_whole_pictures_pixels(sample_med
                                           whole[max(0, top):bottom, max(0, left):right])
 
 
-def test_landmarks_read_around_the_box_equal_landmarks_on_the_whole_picture():
+class RgbOnly:
+    """A decoded frame seen only through its RGB image and regions (no grey levels)."""
+
+    def __init__(self, frame) -> None:
+        self.frame = frame
+
+    @property
+    def image(self):
+        return self.frame.image
+
+    def region(self, *rectangle):
+        return self.frame.region(*rectangle)
+
+
+def test_landmarks_read_around_the_box_match_landmarks_on_the_whole_picture(sample_media):
     from pipelines.media.faces import make_detector
     from pipelines.media.tracking import FaceTracker, TrackingConfig
     from pipelines.sample.media import source_clip_path
 
+    # an anamorphic view has no grey levels of its own (its picture is resampled): the RGB path serves it
+    assert decoded_frames(source_clip_path(), 1)[0].grey_region(0, 0, 50, 50) is None
     detector = make_detector("dlib")
-    frames = decoded_frames(source_clip_path(), 30)
+    frames = decoded_frames(sample_media["talk.mp4"], 30)
+    grey_errors = []
     for frame in frames[::10]:
         whole = frame.view.picture(frame.frame)
         x0, y0, x1, y1 = detector.detect(whole)[0].box
@@ -132,12 +149,23 @@ def test_landmarks_read_around_the_box_equal_landmarks_on_the_whole_picture():
             side = (x1 - x0) * scale
             centre_x, centre_y = (x0 + x1) / 2 + shift * side, (y0 + y1) / 2 + 0.37
             box = (centre_x - side / 2, centre_y - side / 2, centre_x + side / 2, centre_y + side / 2)
-            np.testing.assert_array_equal(detector.landmarks_in(frame, box), detector.landmarks(whole, box))
-    # the tracker given decoded frames (RGB around the face only) finds what it finds in whole pictures
-    trackers = [FaceTracker(detector, TrackingConfig(detect_stride=7)) for _ in range(2)]
+            expected = detector.landmarks(whole, box)
+            # the RGB of the box's surroundings: the same points bit for bit
+            np.testing.assert_array_equal(detector.landmarks_in(RgbOnly(frame), box), expected)
+            # the luma of the same part (no colour conversion): measured 1.3 px on average on this 100 px face
+            # with these boxes, some far off the face (where the model is least sure), 0.5 px as tracked below
+            grey_errors.append(np.linalg.norm(detector.landmarks_in(frame, box) - expected, axis=1))
+    grey_errors = np.concatenate(grey_errors)
+    assert 0 < grey_errors.mean() < 2.0 and grey_errors.max() < 15, (grey_errors.mean(), grey_errors.max())
+    # the tracker given decoded frames (grey levels around the face) follows the same face as in whole pictures
+    trackers = [FaceTracker(detector, TrackingConfig(detect_stride=7)) for _ in range(3)]
     for frame in frames:
         trackers[0].update(frame.view.picture(frame.frame))
-        trackers[1].update(frame)
-    assert [track.start for track in trackers[0].tracks] == [track.start for track in trackers[1].tracks]
-    for ours, whole in zip(trackers[1].tracks, trackers[0].tracks, strict=True):
-        np.testing.assert_array_equal(np.stack(ours.landmarks), np.stack(whole.landmarks))
+        trackers[1].update(RgbOnly(frame))
+        trackers[2].update(frame)
+    starts = [[track.start for track in tracker.tracks] for tracker in trackers]
+    assert starts[0] == starts[1] == starts[2]
+    for whole, rgb, grey in zip(*(tracker.tracks for tracker in trackers), strict=True):
+        np.testing.assert_array_equal(np.stack(rgb.landmarks), np.stack(whole.landmarks))
+        drift = np.linalg.norm(np.stack(grey.landmarks) - np.stack(whole.landmarks), axis=-1)
+        assert drift.mean() < 1.0 and drift.max() < 6, (drift.mean(), drift.max())

@@ -57,6 +57,9 @@ it covers to the centre of those it covers: MPEG-2/H.264/HEVC video is left-site
 JPEG-range (yuvj) centred both ways. A stream's own siting tag is not exposed by PyAV; these are FFmpeg's
 defaults for such streams (`View.crop`)."""
 
+LIMITED_TO_FULL = np.clip(np.round((np.arange(256) - 16) * 255 / 219), 0, 255).astype(np.uint8)
+"""Limited-range luma levels (16-235) to full range (0-255), as a lookup table."""
+
 def sws_matrix(colorspace: int) -> int | None:
     """The swscale matrix for an AVColorSpace; None (swscale's own default, BT.601) when untagged."""
     return SWS_MATRIX.get(int(colorspace))
@@ -288,6 +291,24 @@ class View:
         if colour.dtype != np.uint8:
             colour = np.minimum(colour, 255).astype(np.uint8)
         return colour
+
+    def grey(self, frame: av.VideoFrame, left: int, top: int, right: int, bottom: int) -> np.ndarray | None:
+        """The luma of `picture(frame)[top:bottom, left:right]` (clipped) in full-range 8-bit levels, read from
+        the decoded plane without converting colour: a grey image for the landmark model, which reads RGB as
+        the mean of R, G and B (luma weighs them differently: see `faces.DlibDetector.landmarks_in`). Adding
+        chroma to match that mean cost 2.2 ms more per 1080p face for 0.15 px less landmark drift. None where the
+        view turns, resamples or interpolates the picture, or the format has no 8-bit luma plane."""
+        format_ = frame.format
+        components = list(format_.components)
+        if (not self.orientation.identity or self.square != self.width or self.field is not None
+                or not editable(format_) or format_.is_rgb or len(components) < 3 or components[0].bits != 8):
+            return None
+        width, height = self.shown_size
+        luma = plane_arrays(frame)[components[0].plane]
+        part = luma[max(0, top):min(height, bottom), max(0, left):min(width, right)]
+        if frame.color_range == FULL_RANGE or format_.name.startswith("yuvj"):
+            return np.ascontiguousarray(part)
+        return cv2.LUT(part, LIMITED_TO_FULL)
 
     @staticmethod
     def carrier(frame: av.VideoFrame) -> av.VideoFrame:

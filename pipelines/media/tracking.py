@@ -135,8 +135,8 @@ class FaceTracker:
 
     def update(self, frame: np.ndarray | Picture) -> None:
         """Follow every active face into this frame, detecting when due or when tracking got unsure. A
-        `Picture` (a decoded frame) is converted to RGB whole only where the detector runs; elsewhere only
-        around each face (`FaceDetector.landmarks_in`)."""
+        `Picture` (a decoded frame) is converted to RGB whole only where the detector runs; elsewhere the
+        landmark model reads only each face's surroundings (`FaceDetector.landmarks_in`)."""
         picture = ArrayPicture(frame) if isinstance(frame, np.ndarray) else frame
         index = self._frame
         due = index % self.config.detect_stride == 0

@@ -208,6 +208,11 @@ class DecodedFrame:
             self._carrier.append(View.carrier(self.frame))
         return self.view.region(self.frame, left, top, right, bottom, like=self._carrier[0])
 
+    def grey_region(self, left: int, top: int, right: int, bottom: int) -> np.ndarray | None:
+        """The luma of `image[top:bottom, left:right]` as full-range grey levels, read from the decoded plane
+        (`pictures.View.grey`); None where the view does not allow it."""
+        return self.view.grey(self.frame, left, top, right, bottom)
+
     def crop(self, box: np.ndarray | tuple[float, float, float, float], size: int) -> np.ndarray:
         """`crop.crop_frame(image, box, size)`, resampled from the decoded planes and converted to RGB at the
         crop's size where the view allows (`pictures.View.crop`), else from the box's RGB region."""
