@@ -169,3 +169,21 @@ def test_landmarks_read_around_the_box_match_landmarks_on_the_whole_picture(samp
         np.testing.assert_array_equal(np.stack(rgb.landmarks), np.stack(whole.landmarks))
         drift = np.linalg.norm(np.stack(grey.landmarks) - np.stack(whole.landmarks), axis=-1)
         assert drift.mean() < 1.0 and drift.max() < 6, (drift.mean(), drift.max())
+
+
+def test_the_detector_finds_the_same_face_in_a_frame_converted_at_its_detection_size():
+    from skimage.data import astronaut
+
+    from pipelines.media.faces import make_detector
+    from pipelines.media.video import DecodedFrame
+
+    frame = av.VideoFrame.from_ndarray(astronaut(), format="rgb24").reformat(format="yuv420p")
+    frame.colorspace, frame.color_range = 1, 1
+    decoded = DecodedFrame(0, 0, 1, frame, View(512, 512, 512))  # short side 512: the detector looks at 480
+    detector = make_detector("dlib")
+    whole = detector.detect(decoded.image)
+    decoded = DecodedFrame(0, 0, 1, frame, View(512, 512, 512))  # no RGB image made yet
+    shrunk = detector.detect_in(decoded)
+    assert len(whole) == len(shrunk) == 1
+    np.testing.assert_allclose(shrunk[0].box, whole[0].box, atol=3)
+    assert decoded._image is None  # the whole frame was never converted

@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 import av
+import cv2
 import numpy as np
 
 from pipelines.errors import (
@@ -212,6 +213,17 @@ class DecodedFrame:
         """The luma of `image[top:bottom, left:right]` as full-range grey levels, read from the decoded plane
         (`pictures.View.grey`); None where the view does not allow it."""
         return self.view.grey(self.frame, left, top, right, bottom)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of `image`."""
+        return self.view.shown_size
+
+    def shrunk(self, width: int, height: int) -> np.ndarray:
+        """`image` scaled down to width x height with area averaging, converted at that size in one step."""
+        if self._image is not None:
+            return cv2.resize(self._image, (width, height), interpolation=cv2.INTER_AREA)
+        return self.view.picture(self.frame, size=(width, height))
 
     def crop(self, box: np.ndarray | tuple[float, float, float, float], size: int) -> np.ndarray:
         """`crop.crop_frame(image, box, size)`, resampled from the decoded planes and converted to RGB at the
