@@ -446,24 +446,25 @@ def rgb_to_planes(rgb: np.ndarray, format_: av.VideoFormat, colorspace: int,
 
     The inverse of the decoding to RGB exactly, where swscale's own way back is not: its full-range
     path comes back about 0.17 levels dark on average. One affine transform per pixel (`cv2.transform`)
-    gives every component in its own levels at once."""
+    gives each component in its own levels; a subsampled component is computed from the RGB area-averaged
+    to its size (the same values, the map being affine, at a quarter of the pixels for 4:2:0)."""
     matrix = rgb_matrix(format_, colorspace, full_range)
     if matrix is None:
         return None
     components = list(format_.components)  # in component order: R, G, B or Y, Cb, Cr (then alpha)
     colour = rgb.astype(np.float32)
-    values = [cv2.transform(colour, matrix[index:index + 1]) for index in range(3)]
     plane_of = {c.plane: index for index, c in enumerate(components[:3])}
     sized = av.VideoFormat(format_.name, rgb.shape[1], rgb.shape[0]).components
+    averaged: dict[tuple[int, int], np.ndarray] = {(rgb.shape[1], rgb.shape[0]): colour}
     planes = []
     for c in sorted(sized, key=lambda c: c.plane):
         if c.plane not in plane_of:
             planes.append(np.zeros((1, 1), np.float32))  # alpha: never blended
             continue
-        plane = values[plane_of[c.plane]]
-        if (c.width, c.height) != (rgb.shape[1], rgb.shape[0]):
-            plane = cv2.resize(plane, (c.width, c.height), interpolation=cv2.INTER_AREA)
-        planes.append(plane)
+        if (c.width, c.height) not in averaged:  # both chroma planes share theirs
+            averaged[c.width, c.height] = cv2.resize(colour, (c.width, c.height), interpolation=cv2.INTER_AREA)
+        index = plane_of[c.plane]
+        planes.append(cv2.transform(averaged[c.width, c.height], matrix[index:index + 1]))
     return planes
 
 
@@ -541,10 +542,10 @@ def blend_overlay(frame: av.VideoFrame, left: int, top: int, pixels: np.ndarray,
         weight = weights_by_plane[sub_x, sub_y, area.shape]
         if not weight.any():
             continue
-        # where a weight is 0 this gives the sample back exactly (x * 1 + y * 0), so the whole area is written
+        # where a weight is 0 this gives the sample back exactly (x + (y - x) * 0), so the whole area is written
         original = area.astype(np.float32)
-        mixed = cv2.multiply(original, 1.0 - weight)
-        mixed += cv2.multiply(source[: area.shape[0], : area.shape[1]], weight)
+        mixed = cv2.add(original, cv2.multiply(cv2.subtract(source[: area.shape[0], : area.shape[1]], original),
+                                               weight))
         np.rint(mixed, out=mixed)
         np.clip(mixed, 0, (1 << component.bits) - 1, out=mixed)
         area[:] = mixed
