@@ -50,7 +50,6 @@ CARRIER_SIZE = 16
 REGION_MARGIN = 16
 """Pixels converted around a region (`View.region`): more than swscale's chroma interpolation reaches."""
 
-
 CHROMA_SITING = {"mpeg": (0.0, 1.0), "jpeg": (1.0, 1.0)}
 """Where subsampled chroma lies, as (horizontal, vertical) fractions of the way from the first luma sample
 it covers to the centre of those it covers: MPEG-2/H.264/HEVC video is left-sited and vertically centred,
@@ -59,6 +58,7 @@ defaults for such streams (`View.crop`)."""
 
 LIMITED_TO_FULL = np.clip(np.round((np.arange(256) - 16) * 255 / 219), 0, 255).astype(np.uint8)
 """Limited-range luma levels (16-235) to full range (0-255), as a lookup table."""
+
 
 def sws_matrix(colorspace: int) -> int | None:
     """The swscale matrix for an AVColorSpace; None (swscale's own default, BT.601) when untagged."""
