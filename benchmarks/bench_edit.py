@@ -27,7 +27,7 @@ as the source).
 1080p frame of every stage but the model (analysis, crop, paste + encode, each on one core as the Ray
 job runs them, and within each its decode, RGB conversion + landmarks, crop, paste and encode, counted
 in CPU time), this tree against the code of `--baseline-rev` (before issue 16: whole frames converted
-to RGB for crop and paste, x264 `medium`) and of `--previous-rev` (its first round), each in its own
+to RGB for crop and paste, x264 `medium`) and of `--previous-rev` (its second round), each in its own
 process in the same run, the total without the CPU encoder (what a node encoding with NVENC pays), and
 the model stage alone in frames/s at the batch the device gets (`--model-batch 0`).
 
@@ -335,8 +335,8 @@ def gpu(args: argparse.Namespace, model: DPEGenerator, checkpoint: Path, inputs:
 
 PER_FRAME_STAGES = ("analysis", "crop", "paste + encode")
 
-PER_FRAME_PARTS = (("analysis", "decode_s", "decode"), ("analysis", "track_s", "RGB + landmarks + detection"),
-                   ("crop", "decode_s", "decode"), ("crop", "crop_s", "RGB of the box + resample"),
+PER_FRAME_PARTS = (("analysis", "decode_s", "decode"), ("analysis", "track_s", "track (landmarks + detection)"),
+                   ("crop", "decode_s", "decode"), ("crop", "crop_s", "crop (resample + RGB)"),
                    ("paste + encode", "decode_s", "decode"),
                    ("paste + encode", "paste_s", "mask + paste (incl. RGB -> YUV)"),
                    ("paste + encode", "encode_s", "encode"))
@@ -347,9 +347,9 @@ BASELINE_REV = "80d1b30"
 """The commit before the per-frame work (issue 16): crop and paste converted whole frames to RGB, x264 ran
 at `medium` by default."""
 
-PREVIOUS_REV = "0e2ffba"
-"""The commit before the second round (issue 16, point 2): region-only RGB in crop and paste, `veryfast`, but
-whole frames converted to RGB for the tracker and the face's RGB -> YUV in float numpy."""
+PREVIOUS_REV = "d47f1d6"
+"""The commit before the third round (issue 16, point 2): the tracker's landmarks on the RGB of the face's
+surroundings, the detector's frame converted to RGB whole, the crop's box converted to RGB and then resampled."""
 
 
 def stage_costs_in(code: Path | None, source: Path, driving: Path, work: Path, preset: str, size: int) -> dict:

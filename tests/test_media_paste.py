@@ -136,3 +136,27 @@ def test_a_pose_edits_mask_is_the_union_of_the_source_face_and_the_edited_one(ca
     right_of_source = np.zeros_like(union.weights, bool)
     right_of_source[:, int(np.ceil(landmarks[:, 0].max())) - union.left:] = True
     assert union.weights[right_of_source].sum() > 1.2 * source_only.weights[right_of_source].sum()
+
+
+def test_blending_into_the_frames_planes_keeps_every_sample_outside_the_weights_exactly():
+    import av
+
+    from pipelines.media.pictures import blend_overlay, plane_arrays
+
+    frame = av.VideoFrame(64, 48, "yuv420p")
+    frame.colorspace, frame.color_range = 1, 1
+    rng = np.random.default_rng(3)
+    for plane in plane_arrays(frame):
+        plane[:] = rng.integers(16, 236, plane.shape)
+    before = [plane.copy() for plane in plane_arrays(frame)]
+    weights = np.zeros((20, 24), np.float32)
+    weights[4:16, 8:20] = 1.0  # samples (chroma too) at x 18..29, y 14..25 of the frame
+    pixels = np.full((20, 24, 3), (200, 30, 90), np.uint8)
+    after = plane_arrays(blend_overlay(frame, 10, 10, pixels, weights))
+    for plane, (old, new) in enumerate(zip(before, after)):
+        step = 1 if plane == 0 else 2
+        inside = np.zeros(old.shape, bool)
+        inside[14 // step:26 // step, 18 // step:30 // step] = True
+        np.testing.assert_array_equal(new[~inside], old[~inside])
+    luma = after[0][14:26, 18:30].astype(float)  # inside, luma takes the colour (BT.709, limited range)
+    assert np.abs(luma - (16 + 219 * (0.2126 * 200 + 0.7152 * 30 + 0.0722 * 90) / 255)).max() <= 0.5

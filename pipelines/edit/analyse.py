@@ -6,7 +6,8 @@ tracker (`media.tracking`: sparse detection, landmark tracking, re-detection whe
 as after a scene cut) follows every face, then choose which face to edit at each moment and frame
 it (`media.framing`, the official framing by default). Only per-frame numbers are kept (pts, 68
 landmarks: about 0.6 KB a frame), never frames; a frame is converted to RGB whole only where the
-detector runs, elsewhere only around each face (`FaceDetector.landmarks_in`). Frames are seen as a viewer sees them
+detector runs; elsewhere the landmark model reads the luma around each face, with no colour conversion
+(`FaceDetector.landmarks_in`, `DecodedFrame.grey_region`). Frames are seen as a viewer sees them
 (`media.pictures.View`: square pixels, upright, the first field of interlaced frames unless
 --deinterlace off). When no face is found upright, sampled frames are searched turned a quarter,
 three quarters and half a turn (a camera held sideways whose rotation tag was lost); the turn that

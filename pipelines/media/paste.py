@@ -146,8 +146,9 @@ def paste_overlay(frame_size: tuple[int, int], crop: np.ndarray, mask: np.ndarra
     big_crop = cv2.resize(crop, (side, side), interpolation=interpolation)
     big_mask = cv2.resize(mask, (side, side), interpolation=cv2.INTER_LINEAR)
     window = (slice(top - y0, bottom - y0), slice(left - x0, right - x0))
-    weight = big_mask[window]
-    weight = np.where(weight < MIN_WEIGHT, np.float32(0), np.clip(weight, 0, 1)).astype(np.float32)
+    weight = big_mask[window].astype(np.float32, copy=False)  # a new array's part: changed in place
+    weight[weight < MIN_WEIGHT] = 0
+    np.clip(weight, 0, 1, out=weight)
     if not weight.any():
         return None
     return Overlay(left, top, np.ascontiguousarray(big_crop[window]), weight)

@@ -135,15 +135,16 @@ class FaceTracker:
 
     def update(self, frame: np.ndarray | Picture) -> None:
         """Follow every active face into this frame, detecting when due or when tracking got unsure. A
-        `Picture` (a decoded frame) is converted to RGB whole only where the detector runs; elsewhere only
-        around each face (`FaceDetector.landmarks_in`)."""
+        `Picture` (a decoded frame) is converted to RGB whole only where the detector runs, at the size it
+        looks at (`FaceDetector.detect_in`); elsewhere the landmark model reads only each face's surroundings
+        (`FaceDetector.landmarks_in`)."""
         picture = ArrayPicture(frame) if isinstance(frame, np.ndarray) else frame
         index = self._frame
         due = index % self.config.detect_stride == 0
         boxes = {id(track): self._propagated_box(track, track.landmarks[-1]) for track in self._active}
         detected: dict[int, Box] = {}
         if due or self._detect_next:
-            detected = self._detect(picture.image, index, boxes)
+            detected = self._detect(picture, index, boxes)
         self._detect_next = False
         for track in list(self._active):
             box = detected.get(id(track), boxes.get(id(track)))
@@ -159,9 +160,9 @@ class FaceTracker:
         """The landmarks of every face followed into the last frame given to `update`."""
         return [track.landmarks[-1] for track in self._active]
 
-    def _detect(self, frame: np.ndarray, index: int, boxes: dict[int, Box]) -> dict[int, Box]:
+    def _detect(self, picture: Picture, index: int, boxes: dict[int, Box]) -> dict[int, Box]:
         self.detector_calls += 1
-        faces = self.detector.detect(frame)
+        faces = self.detector.detect_in(picture)
         detections = [face.box for face in faces]
         self.detections.append(detections)
         matches = associate([boxes[id(t)] for t in self._active], detections, self.config.match_iou)

@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 import av
+import cv2
 import numpy as np
 
 from pipelines.errors import (
@@ -69,6 +70,7 @@ from pipelines.errors import (
     SPAN_OUTSIDE_VIDEO,
     VideoError,
 )
+from pipelines.media.crop import crop_frame, crop_region, pixel_box
 from pipelines.media.formats import CONTAINERS, OutputFormat, choose_output
 from pipelines.media.paste import Overlay
 from pipelines.media.pictures import (
@@ -206,6 +208,30 @@ class DecodedFrame:
         if not self._carrier:
             self._carrier.append(View.carrier(self.frame))
         return self.view.region(self.frame, left, top, right, bottom, like=self._carrier[0])
+
+    def grey_region(self, left: int, top: int, right: int, bottom: int) -> np.ndarray | None:
+        """The luma of `image[top:bottom, left:right]` as full-range grey levels, read from the decoded plane
+        (`pictures.View.grey`); None where the view does not allow it."""
+        return self.view.grey(self.frame, left, top, right, bottom)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of `image`."""
+        return self.view.shown_size
+
+    def shrunk(self, width: int, height: int) -> np.ndarray:
+        """`image` scaled down to width x height with area averaging, converted at that size in one step."""
+        if self._image is not None:
+            return cv2.resize(self._image, (width, height), interpolation=cv2.INTER_AREA)
+        return self.view.picture(self.frame, size=(width, height))
+
+    def crop(self, box: np.ndarray | tuple[float, float, float, float], size: int) -> np.ndarray:
+        """`crop.crop_frame(image, box, size)`, resampled from the decoded planes and converted to RGB at the
+        crop's size where the view allows (`pictures.View.crop`), else from the box's RGB region."""
+        if self._image is not None:
+            return crop_frame(self._image, box, size)
+        crop = self.view.crop(self.frame, *pixel_box(box), size)
+        return crop if crop is not None else crop_region(self.region, self.view.shown_size, box, size)
 
     def overlaid(self, overlay: Overlay | None) -> av.VideoFrame:
         """The decoded picture with `overlay` (in the coordinates of `image`) blended into its own planes
