@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import pickle
 from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
@@ -42,7 +41,7 @@ from tqdm import tqdm
 from pipelines import errors
 from pipelines.edit.analyse import analyse_job
 from pipelines.edit.assemble import finish_job
-from pipelines.edit.chunks import ChunkWork, JobWork
+from pipelines.edit.chunks import ChunkBundle, ChunkWork, JobWork, bundle_chunks
 from pipelines.edit.compose import cached_detector, compose_chunk
 from pipelines.edit.crops import crop_chunk
 from pipelines.edit.results import ResultRow
@@ -93,6 +92,16 @@ def _unpack(batch: dict[str, np.ndarray]) -> list:
     return from_columns(batch)
 
 
+def _chunks(batch: dict[str, np.ndarray]) -> list[ChunkWork]:
+    """Every chunk of a batch of bundles."""
+    return [chunk for bundle in _unpack(batch) for chunk in bundle.unbundle()]
+
+
+def _each_chunk(batch: dict[str, np.ndarray], stage: Callable[[ChunkWork], ChunkWork]) -> dict[str, np.ndarray]:
+    """A batch of bundles with `stage` applied to each chunk, bundled as they came."""
+    return _pack(ChunkBundle.of([stage(chunk) for chunk in bundle.unbundle()]) for bundle in _unpack(batch))
+
+
 def guarded(stage: str, chunk: ChunkWork, work: Callable[[ChunkWork], ChunkWork], ledger=None,
             max_attempts: int = 2) -> ChunkWork:
     """Run one stage on one chunk: errors become the chunk's recorded failure, crashes are bounded."""
@@ -139,24 +148,27 @@ def analyse_guarded(work: JobWork, settings: EditSettings, store: OutputStore, l
     return produced
 
 
-def _analyse_batch(batch: dict[str, np.ndarray], settings: EditSettings, ledger) -> dict[str, np.ndarray]:
+def _analyse_batch(batch: dict[str, np.ndarray], settings: EditSettings, ledger,
+                   bundle_frames: int) -> dict[str, np.ndarray]:
+    """Jobs in, their chunks out in bundles of about `bundle_frames` frames of work (0: a chunk each)."""
     _limit_threads()
     store = OutputStore(settings.output)
-    return _pack(chunk for work in _unpack(batch) for chunk in analyse_guarded(work, settings, store, ledger))
+    chunks = (chunk for work in _unpack(batch) for chunk in analyse_guarded(work, settings, store, ledger))
+    return _pack(bundle_chunks(chunks, bundle_frames))
 
 
 def _crop_batch(batch: dict[str, np.ndarray], settings: EditSettings, ledger,
                 crop: Callable[[ChunkWork, EditSettings], ChunkWork]) -> dict[str, np.ndarray]:
     _limit_threads()
-    return _pack(guarded("crop", chunk, lambda c: crop(c, settings), ledger, settings.max_chunk_attempts)
-                 for chunk in _unpack(batch))
+    return _each_chunk(batch, lambda chunk: guarded("crop", chunk, lambda c: crop(c, settings), ledger,
+                                                    settings.max_chunk_attempts))
 
 
 def _compose_batch(batch: dict[str, np.ndarray], settings: EditSettings, ledger) -> dict[str, np.ndarray]:
     _limit_threads()
     store = OutputStore(settings.output)
-    return _pack(guarded("paste", chunk, lambda c: compose_chunk(c, settings, store), ledger,
-                         settings.max_chunk_attempts).slim() for chunk in _unpack(batch))
+    return _each_chunk(batch, lambda chunk: guarded("paste", chunk, lambda c: compose_chunk(c, settings, store),
+                                                    ledger, settings.max_chunk_attempts).slim())
 
 
 class _ModelStage:
@@ -174,8 +186,8 @@ class _ModelStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from pipelines.edit.model import edit_chunk
 
-        return _pack(guarded("model", chunk, lambda c: edit_chunk(c, self.editor), self.ledger,
-                             self.settings.max_chunk_attempts) for chunk in _unpack(batch))
+        return _each_chunk(batch, lambda chunk: guarded("model", chunk, lambda c: edit_chunk(c, self.editor),
+                                                        self.ledger, self.settings.max_chunk_attempts))
 
 
 def _store_access() -> dict:
@@ -207,19 +219,18 @@ def _model_gpus(settings: EditSettings) -> float:
 
 
 class JobCollector:
-    """Gathers chunk results per job on the driver and finishes each job once all its chunks are back."""
+    """Gathers chunk results per job on the driver: a job is complete once all its chunks are back."""
 
-    def __init__(self, finish: Callable[[list[ChunkWork]], object]) -> None:
-        self.finish = finish
+    def __init__(self) -> None:
         self.groups: dict[str, list[ChunkWork]] = {}
 
-    def add(self, chunk: ChunkWork) -> object | None:
-        """Add a chunk; returns what `finish` returned when this completed its job."""
+    def add(self, chunk: ChunkWork) -> list[ChunkWork] | None:
+        """Add a chunk; returns its job's chunks when this completed them."""
         group = self.groups.setdefault(chunk.job.job_id, [])
         group.append(chunk)
         if chunk.index == -1 or len(group) == chunk.total:
             del self.groups[chunk.job.job_id]
-            return self.finish(group)
+            return group
         return None
 
 
@@ -255,6 +266,32 @@ def _finish_guarded(chunks: list[ChunkWork], settings: EditSettings, store: Outp
         return finish_job([failed], settings, store, model)
 
 
+def _finish_jobs(groups: list[list[ChunkWork]], settings: EditSettings, store: OutputStore,
+                 model: str) -> list[ResultRow]:
+    """One finishing task's work: several finished jobs joined one after another (one task per job would
+    cost the driver a task per short video)."""
+    return [_finish_guarded(chunks, settings, store, model) for chunks in groups]
+
+
+JOBS_PER_CPU_UNPACKED = 8
+"""Below this many queued jobs per CPU of the cluster every job and chunk gets its own block."""
+MAX_JOBS_PER_BLOCK = 16
+"""Jobs one analysis task takes at most (and one finishing task joins at most)."""
+
+
+def block_sizes(todo: int, cpus: int, chunk_frames: int) -> tuple[int, int]:
+    """(jobs per analysis block, frames of work per later block; 0: one chunk per block).
+
+    With few jobs per CPU, every job and every chunk is a block of its own, so a small run spreads over
+    the whole cluster. With a long queue, Ray Data's per-block costs (a few ms of the driver's scheduling
+    loop per block and stage) would outweigh short videos' work: an analysis task then takes several jobs
+    and short chunks travel packed up to one chunk's worth of frames (`chunks.bundle_chunks`); a full
+    chunk of a long video is still a block of its own, so long videos spread over tasks as before.
+    """
+    jobs = max(1, min(MAX_JOBS_PER_BLOCK, todo // (JOBS_PER_CPU_UNPACKED * max(1, cpus))))
+    return jobs, (chunk_frames if jobs > 1 else 0)
+
+
 def model_pool(settings: EditSettings) -> tuple[ActorPoolStrategy, dict]:
     """The model stage's actor pool and each actor's resources: with GPUs, an autoscaling pool from one
     actor up to one per GPU share of the whole cluster (or `model_actors` when set); without, a fixed
@@ -286,7 +323,7 @@ def run_ray(windows: list, total: int, weights, settings: EditSettings, model: s
     `job.pack_window`); `record` receives each job's results row.
 
     A stop request (`runtime.request_stop`) stops feeding work: no further chunk is taken from the
-    dataset, the jobs being finished are recorded, and the function returns.
+    dataset, the jobs whose chunks are all back are finished and recorded, and the function returns.
     `crop` is the crop stage's per-chunk function (tests swap in one that kills its worker).
     """
     import ray
@@ -295,11 +332,12 @@ def run_ray(windows: list, total: int, weights, settings: EditSettings, model: s
     ledger = ray.remote(AttemptLedger).options(**_head_pinned()).remote()
     weights_ref = [ray.put(weights)]
     compute, model_resources = model_pool(settings)
-    # one job per block from the start: the windows' rows are split as they stream (no barrier), so
-    # every job, and below every chunk of a long video, goes to its own task
-    dataset = ray.data.from_arrow_refs(windows).repartition(target_num_rows_per_block=1)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    jobs_per_block, bundle_frames = block_sizes(total, cpus, settings.chunk_frames)
+    # the windows' rows are split as they stream (no barrier) into blocks of `jobs_per_block` jobs
+    dataset = ray.data.from_arrow_refs(windows).repartition(target_num_rows_per_block=jobs_per_block)
     access = _store_access()
-    common = dict(batch_size=1, batch_format="numpy", zero_copy_batch=True, **access)
+    common = dict(batch_size=None, batch_format="numpy", zero_copy_batch=True, **access)
     # CPU tasks: enough retries after worker deaths for the ledger to turn the last one into a record,
     # still bounded if a process dies outside a guarded stage. (Differing from the model stage's
     # arguments, this also keeps Ray Data from fusing the crop stage into the model actors on CPU-only
@@ -307,57 +345,67 @@ def run_ray(windows: list, total: int, weights, settings: EditSettings, model: s
     cpu = dict(num_cpus=1, ray_remote_args_fn=functools.partial(_task_retries, 4 * settings.max_chunk_attempts),
                **common)
     stage_args = {"settings": settings, "ledger": ledger}
-    dataset = dataset.map_batches(_analyse_batch, fn_kwargs=stage_args, **cpu)
-    dataset = dataset.repartition(target_num_rows_per_block=1)  # chunks of one video spread over tasks
+    dataset = dataset.map_batches(_analyse_batch, fn_kwargs={**stage_args, "bundle_frames": bundle_frames}, **cpu)
+    dataset = dataset.repartition(target_num_rows_per_block=1)  # a bundle per block: chunks spread over tasks
     dataset = dataset.map_batches(_crop_batch, fn_kwargs={**stage_args, "crop": crop}, **cpu)
     dataset = dataset.map_batches(_ModelStage, fn_constructor_args=(settings, ledger, weights_ref),
                                   compute=compute, num_cpus=settings.model_cpus, **model_resources, **common)
     dataset = dataset.map_batches(_compose_batch, fn_kwargs=stage_args, **cpu)
 
-    finisher = ray.remote(num_cpus=1, max_retries=1, **access)(_finish_guarded)
-    in_flight: dict = {}
-    most_in_flight = max(2, int(ray.cluster_resources().get("CPU", 1)))
+    finisher = ray.remote(num_cpus=1, max_retries=1, **access)(_finish_jobs)
+    in_flight: dict = {}  # finishing task -> the first chunk of each of its jobs
+    waiting: list[list[ChunkWork]] = []  # jobs whose chunks are all back, not yet handed to a finishing task
+    most_in_flight = max(2, cpus)
+    collector = JobCollector()
 
-    def finish(chunks: list[ChunkWork]):
-        in_flight[finisher.remote(chunks, settings, store, model)] = chunks[0]
-        return None
+    def submit() -> None:
+        """Hand waiting jobs to finishing tasks, `jobs_per_block` at most each, while fewer than
+        `most_in_flight` run (the first job is handed over as soon as it is complete)."""
+        while waiting and len(in_flight) < most_in_flight:
+            taken = waiting[:jobs_per_block]
+            del waiting[:jobs_per_block]
+            in_flight[finisher.remote(taken, settings, store, model)] = [group[0] for group in taken]
 
-    collector = JobCollector(finish)
-
-    def collect(wait: bool, progress: tqdm, keep: int = 0) -> None:
-        """Record finished jobs: those ready now, or (wait) until at most `keep` are still finishing."""
-        while len(in_flight) > (keep if wait else 0):
-            ready, _ = ray.wait(list(in_flight), num_returns=1 if wait else len(in_flight),
-                                timeout=None if wait else 0)
-            if not ready:
-                return
-            for ref in ready:
-                chunk = in_flight.pop(ref)
-                try:
-                    row = ray.get(ref)
-                except Exception as error:  # the finishing worker died twice
-                    row = finish_job([chunk.fail(errors.WORKER_FAILED, f"{chunk.job.source}: joining the output: "
-                                                                       f"{type(error).__name__}: {error}")],
-                                     settings, store, model)
+    def collect(wait: bool, progress: tqdm) -> None:
+        """Record finished jobs: those ready now, or (wait) at least one finishing task's."""
+        if not in_flight:
+            return
+        ready, _ = ray.wait(list(in_flight), num_returns=1 if wait else len(in_flight),
+                            timeout=None if wait else 0)
+        for ref in ready:
+            firsts = in_flight.pop(ref)
+            try:
+                rows = ray.get(ref)
+            except Exception as error:  # the finishing worker died twice
+                rows = [finish_job([chunk.fail(errors.WORKER_FAILED, f"{chunk.job.source}: joining the output: "
+                                                                     f"{type(error).__name__}: {error}")],
+                                   settings, store, model) for chunk in firsts]
+            for row in rows:
                 record(row)
-                progress.update(1)
+            progress.update(len(rows))
 
-    batches = iter(dataset.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=1))  # a generator
+    batches = iter(dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1))  # a generator
     with tqdm(total=total, desc="edit", unit="video") as progress:
         try:
             for batch in batches:
-                for chunk in _unpack(batch):
-                    collector.add(chunk)
+                for chunk in _chunks(batch):
+                    complete = collector.add(chunk)
+                    if complete:
+                        waiting.append(complete)
                 collect(False, progress)
-                if len(in_flight) >= most_in_flight:  # finishing is bounded: the dataset waits meanwhile
-                    collect(True, progress, keep=most_in_flight - 1)
+                submit()
+                while len(waiting) >= jobs_per_block * most_in_flight:  # finishing is bounded: the dataset waits
+                    collect(True, progress)
+                    submit()
                 if stop_requested():
                     LOG.warning("stop requested: no further work is started; finishing %d job(s) in hand",
-                                len(in_flight))
+                                len(waiting) + sum(len(firsts) for firsts in in_flight.values()))
                     break
         finally:
             batches.close()  # ends the dataset's execution: its tasks and actors are released
-        collect(True, progress)
+        while in_flight or waiting:
+            submit()
+            collect(True, progress)
     if collector.groups and not stop_requested():
         raise RuntimeError(f"chunks of {len(collector.groups)} job(s) never all came back: "
                            f"{sorted(collector.groups)[:5]}")
