@@ -1,17 +1,24 @@
 """Executing the editing stages: a Ray Data job, or the same stages one after another in this process.
 
-Ray Data pipeline (rows are jobs, then chunks of videos; never frames):
+Ray Data pipeline (rows are jobs, then bundles of chunks of videos; never frames):
 
-    windows of jobs (one object each, from `job.pack_window`) --split: one job per block-->
-         --analyse (CPU task: probe, track, plan chunks)--> chunks --split: one chunk per block-->
+    windows of jobs (one object each, from `job.pack_window`) --split: blocks of jobs-->
+         --analyse (CPU task: probe, track, plan chunks; chunks packed into bundles, one block each)-->
          --crop (CPU task)--> --model (actor pool: one generator per actor, GPU or CPU threads)-->
-         --paste + encode (CPU task)--> chunk results streamed back to the driver
+         --paste + encode (CPU task)--> bundles streamed back to the driver
     driver: when every chunk of a job is back, a Ray task joins its segments with the audio,
-            checks the output and writes previews (at most one such task per CPU of the cluster in
-            flight: the driver stops pulling chunks meanwhile); the job's results row is recorded.
+            checks the output and writes previews (several jobs per task, at most one task per CPU
+            of the cluster in flight: the driver stops pulling chunks meanwhile); the job's results
+            row is recorded.
 
-The splits are Ray Data's streaming repartition (no barrier): a window's jobs and a long video's
-chunks spread over many tasks from the start. CPU stages and the model stage scale separately: an
+Blocks are sized by work, not by job (`block_sizes`): Ray Data's driver-side scheduling costs a few
+ms per block and stage, more than a short video's work. A small run (few jobs per CPU) has one job
+per analysis block and one chunk per bundle, so it spreads over the whole cluster; a long queue has
+several jobs per analysis task and short chunks packed into bundles of about one chunk's worth of
+frames (`chunks.bundle_chunks`), while a full chunk of a long video is still a bundle of its own.
+The split of the windows is Ray Data's streaming repartition (no barrier); after it every stage's
+output block is one bundle (`_schedule`), so a window's jobs and a long video's chunks spread over
+many tasks from the start. CPU stages and the model stage scale separately: an
 actor pool that, with GPUs, grows from one actor to one per GPU share of the cluster as work waits
 (`model_pool`), against as many CPU tasks as the cluster has cores. A stop request
 (`runtime.request_stop`, from the command's signal handlers) stops pulling chunks: the dataset's
@@ -33,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
@@ -150,10 +158,11 @@ def analyse_guarded(work: JobWork, settings: EditSettings, store: OutputStore, l
 
 def _analyse_batch(batch: dict[str, np.ndarray], settings: EditSettings, ledger,
                    bundle_frames: int) -> dict[str, np.ndarray]:
-    """Jobs in, their chunks out in bundles of about `bundle_frames` frames of work (0: a chunk each)."""
+    """Groups of jobs in, their chunks out in bundles of about `bundle_frames` frames of work (0: a chunk each)."""
     _limit_threads()
     store = OutputStore(settings.output)
-    chunks = (chunk for work in _unpack(batch) for chunk in analyse_guarded(work, settings, store, ledger))
+    chunks = (chunk for works in _unpack(batch) for work in works
+              for chunk in analyse_guarded(work, settings, store, ledger))
     return _pack(bundle_chunks(chunks, bundle_frames))
 
 
@@ -292,6 +301,27 @@ def block_sizes(todo: int, cpus: int, chunk_frames: int) -> tuple[int, int]:
     return jobs, (chunk_frames if jobs > 1 else 0)
 
 
+def _stage_cpus(cpus: int, settings: EditSettings) -> float:
+    """CPUs each CPU stage's task asks for: one, except on a cluster too small to run a task of each of the
+    three CPU stages beside a model actor at once, where each asks for the share that fits.
+
+    Ray Data reserves each stage's minimum resources, upstream stages first: with whole CPUs on such a
+    cluster the later stages would get nothing until analysis had drained the whole queue (the first
+    result after nearly all the work). A task asking for half a CPU still runs on one core; the
+    operating system shares the cores between the stages.
+    """
+    spare = cpus - settings.model_cpus
+    if spare >= 3 or spare <= 0:
+        return 1.0
+    return max(0.01, math.floor(100 * spare / 3) / 100)
+
+
+def _split_windows(batch: dict[str, np.ndarray], jobs_per_block: int) -> dict[str, np.ndarray]:
+    """A window of jobs as rows of `jobs_per_block` jobs each (one block each: see `run_ray`)."""
+    works = _unpack(batch)
+    return _pack(works[start:start + jobs_per_block] for start in range(0, len(works), jobs_per_block))
+
+
 def model_pool(settings: EditSettings) -> tuple[ActorPoolStrategy, dict]:
     """The model stage's actor pool and each actor's resources: with GPUs, an autoscaling pool from one
     actor up to one per GPU share of the whole cluster (or `model_actors` when set); without, a fixed
@@ -334,19 +364,24 @@ def run_ray(windows: list, total: int, weights, settings: EditSettings, model: s
     compute, model_resources = model_pool(settings)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     jobs_per_block, bundle_frames = block_sizes(total, cpus, settings.chunk_frames)
-    # the windows' rows are split as they stream (no barrier) into blocks of `jobs_per_block` jobs
-    dataset = ray.data.from_arrow_refs(windows).repartition(target_num_rows_per_block=jobs_per_block)
+    dataset = ray.data.from_arrow_refs(windows)
+    # every stage's output block is one row (a group of jobs, then a bundle of chunks): the next stage's
+    # task takes a row, not a whole window or a whole analysis task's output, so jobs and the chunks of a
+    # long video spread over tasks from the start, without a repartition stage (whose streaming tasks
+    # would each hold a CPU while waiting for their output to be taken)
+    dataset.context.target_max_block_size = 1
     access = _store_access()
     common = dict(batch_size=None, batch_format="numpy", zero_copy_batch=True, **access)
     # CPU tasks: enough retries after worker deaths for the ledger to turn the last one into a record,
     # still bounded if a process dies outside a guarded stage. (Differing from the model stage's
     # arguments, this also keeps Ray Data from fusing the crop stage into the model actors on CPU-only
     # clusters, where their resources would be equal, so CPU work would run inside the model pool.)
-    cpu = dict(num_cpus=1, ray_remote_args_fn=functools.partial(_task_retries, 4 * settings.max_chunk_attempts),
+    cpu = dict(num_cpus=_stage_cpus(cpus, settings), ray_remote_args_fn=functools.partial(_task_retries, 4 * settings.max_chunk_attempts),
                **common)
     stage_args = {"settings": settings, "ledger": ledger}
+    dataset = dataset.map_batches(_split_windows, fn_kwargs={"jobs_per_block": jobs_per_block}, num_cpus=0,
+                                  **common)
     dataset = dataset.map_batches(_analyse_batch, fn_kwargs={**stage_args, "bundle_frames": bundle_frames}, **cpu)
-    dataset = dataset.repartition(target_num_rows_per_block=1)  # a bundle per block: chunks spread over tasks
     dataset = dataset.map_batches(_crop_batch, fn_kwargs={**stage_args, "crop": crop}, **cpu)
     dataset = dataset.map_batches(_ModelStage, fn_constructor_args=(settings, ledger, weights_ref),
                                   compute=compute, num_cpus=settings.model_cpus, **model_resources, **common)
