@@ -107,10 +107,13 @@ RUN = COMMON + THREADS + textwrap.dedent("""
     by_thread = cpu_by_thread(at_start)
     del edit_plan, tally
     gc.collect()
-    traced = {}
+    retained_mb = rss_mb() - before
+    import ctypes  # what is left once the C allocator returns its free pages: memory still in use
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    traced = {"retained_after_trim_mb": rss_mb() - before}
     if trace == "1":
         growth = tracemalloc.take_snapshot().compare_to(traced_before, "traceback")
-        traced = {"traced_retained_kb": sum(g.size_diff for g in growth) / 1024,
+        traced |= {"traced_retained_kb": sum(g.size_diff for g in growth) / 1024,
                   "traced_top": [(f"{g.size_diff / 1024:.1f} KB in {g.count_diff} blocks",
                                   [f"{f.filename.split('site-packages/')[-1]}:{f.lineno}" for f in g.traceback][-4:])
                                  for g in sorted(growth, key=lambda g: -g.size_diff)[:8]]}
@@ -118,7 +121,7 @@ RUN = COMMON + THREADS + textwrap.dedent("""
     print(json.dumps({**traced, "jobs": summary["jobs"], "ok": summary["ok"], "failed": summary["failed"],
                       "by_failure_class": summary["by_failure_class"], "driver_cpu_s": cpu, "wall_s": wall,
                       "plan_s": planned - wall0, "first_row_s": (first[0] - planned) if first else None,
-                      "retained_mb": rss_mb() - before, "peak_growth_mb": peak_mb() - before,
+                      "retained_mb": retained_mb, "peak_growth_mb": peak_mb() - before,
                       "driver_cpu_s_by_thread": by_thread}))
 """)
 
@@ -216,9 +219,15 @@ def main() -> None:
     extra = sizes[1] - sizes[0]
     marginal_cpu_ms = 1000 * (large["driver_cpu_s"] - small["driver_cpu_s"]) / extra
     marginal_kb = 1024 * (large["retained_mb"] - small["retained_mb"]) / extra
-    report["marginal"] = {"cpu_ms_per_job": marginal_cpu_ms, "retained_kb_per_job": marginal_kb}
+    marginal_trimmed_kb = 1024 * (large["retained_after_trim_mb"] - small["retained_after_trim_mb"]) / extra
+    report["marginal"] = {"cpu_ms_per_job": marginal_cpu_ms, "retained_kb_per_job": marginal_kb,
+                          "retained_after_trim_kb_per_job": marginal_trimmed_kb}
+    if args.tracemalloc:
+        report["marginal"]["traced_kb_per_job"] = (large["traced_retained_kb"] - small["traced_retained_kb"]) / extra
     print(f"at the margin ({sizes[0]} -> {sizes[1]} jobs): driver CPU {marginal_cpu_ms:.2f} ms/job, retained "
-          f"{marginal_kb:.2f} KB/job; driver CPU as a share of one core: {small['driver_cpu_s'] / small['wall_s']:.0%}"
+          f"{marginal_kb:.2f} KB/job ({marginal_trimmed_kb:.2f} KB/job after malloc_trim"
+          + (f", Python allocations {report['marginal']['traced_kb_per_job']:.3f} KB/job" if args.tracemalloc else "")
+          + f"); driver CPU as a share of one core: {small['driver_cpu_s'] / small['wall_s']:.0%}"
           f" / {large['driver_cpu_s'] / large['wall_s']:.0%}; time to first row {sizes[1]} / {sizes[0]} jobs: "
           f"{large['first_row_s'] / small['first_row_s']:.2f}x")
 

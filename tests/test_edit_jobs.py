@@ -23,7 +23,7 @@ from pipelines.edit.job_table import (
     jobs_from_table,
     single_job,
 )
-from pipelines.edit.runner import MAX_JOBS_PER_BLOCK, _stage_cpus, block_sizes
+from pipelines.edit.runner import MAX_JOBS_PER_BLOCK, stage_cpus, block_sizes
 from pipelines.edit.settings import EditSettings, JobDefaults, split_output
 from pipelines.edit.stage_io import from_columns, to_columns
 from pipelines.storage import OutputStore
@@ -350,6 +350,6 @@ def test_blocks_are_sized_by_the_queue_a_small_run_spreads_and_a_long_one_is_pac
     assert block_sizes(todo=50, cpus=2, chunk_frames=16) == (3, 16)
     assert block_sizes(todo=10**6, cpus=2000, chunk_frames=240)[0] == MAX_JOBS_PER_BLOCK
     # a CPU stage's task asks for the share of a small cluster that lets one task of every stage run at once
-    assert _stage_cpus(2, EditSettings(model_cpus=0.5)) == 0.5
-    assert _stage_cpus(2, EditSettings(model_cpus=1.0)) == 0.33
-    assert _stage_cpus(8, EditSettings(model_cpus=1.0)) == _stage_cpus(4, EditSettings(model_cpus=0.5)) == 1.0
+    assert stage_cpus(2, EditSettings(model_cpus=0.5)) == 0.5
+    assert stage_cpus(2, EditSettings(model_cpus=1.0)) == 0.33
+    assert stage_cpus(8, EditSettings(model_cpus=1.0)) == stage_cpus(4, EditSettings(model_cpus=0.5)) == 1.0

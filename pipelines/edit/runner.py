@@ -301,7 +301,7 @@ def block_sizes(todo: int, cpus: int, chunk_frames: int) -> tuple[int, int]:
     return jobs, (chunk_frames if jobs > 1 else 0)
 
 
-def _stage_cpus(cpus: int, settings: EditSettings) -> float:
+def stage_cpus(cpus: int, settings: EditSettings) -> float:
     """CPUs each CPU stage's task asks for: one, except on a cluster too small to run a task of each of the
     three CPU stages beside a model actor at once, where each asks for the share that fits.
 
@@ -376,7 +376,7 @@ def run_ray(windows: list, total: int, weights, settings: EditSettings, model: s
     # still bounded if a process dies outside a guarded stage. (Differing from the model stage's
     # arguments, this also keeps Ray Data from fusing the crop stage into the model actors on CPU-only
     # clusters, where their resources would be equal, so CPU work would run inside the model pool.)
-    cpu = dict(num_cpus=_stage_cpus(cpus, settings), ray_remote_args_fn=functools.partial(_task_retries, 4 * settings.max_chunk_attempts),
+    cpu = dict(num_cpus=stage_cpus(cpus, settings), ray_remote_args_fn=functools.partial(_task_retries, 4 * settings.max_chunk_attempts),
                **common)
     stage_args = {"settings": settings, "ledger": ledger}
     dataset = dataset.map_batches(_split_windows, fn_kwargs={"jobs_per_block": jobs_per_block}, num_cpus=0,
