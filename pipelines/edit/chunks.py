@@ -3,9 +3,10 @@
 A job enters as `JobWork`; the analysis stage turns it into one `ChunkWork` per chunk of frames
 (or a single failed one), and packs consecutive chunks into `ChunkBundle`s: the unit a Ray Data
 block carries, about one chunk's worth of frames (several short videos' chunks, or one chunk of a
-long video), so the scheduler's per-block costs are paid per block of work, not per job. Each later stage fills in its part of a chunk (crops, edited crops,
-segment) or records why it failed; a failed chunk passes through the remaining stages untouched,
-so every chunk of every job comes out at the end with a status. Everything here is plain data
+long video), so the scheduler's per-block costs are paid per block of work, not per job. Each later
+stage fills in its part of a chunk (crops, edited crops, segment) or records why it failed; a failed
+chunk passes through the remaining stages untouched, so every chunk of every job comes out at the end
+with a status. Everything here is plain data
 (numpy arrays, dataclasses) that pickles between Ray workers.
 """
 

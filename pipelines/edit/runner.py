@@ -16,11 +16,14 @@ ms per block and stage, more than a short video's work. A small run (few jobs pe
 per analysis block and one chunk per bundle, so it spreads over the whole cluster; a long queue has
 several jobs per analysis task and short chunks packed into bundles of about one chunk's worth of
 frames (`chunks.bundle_chunks`), while a full chunk of a long video is still a bundle of its own.
-The split of the windows is Ray Data's streaming repartition (no barrier); after it every stage's
-output block is one bundle (`_schedule`), so a window's jobs and a long video's chunks spread over
-many tasks from the start. CPU stages and the model stage scale separately: an
+Every stage's output block is one row (a group of jobs from the CPU-free split of the windows, then
+a bundle), so a window's jobs and a long video's chunks spread over many tasks from the start, as
+they stream (no barrier). CPU stages and the model stage scale separately: an
 actor pool that, with GPUs, grows from one actor to one per GPU share of the cluster as work waits
-(`model_pool`), against as many CPU tasks as the cluster has cores. A stop request
+(`model_pool`), against as many CPU tasks as the cluster has cores; on a cluster too small for one
+task of every stage at once the CPU stages ask for a share of a CPU (`stage_cpus`), since Ray Data
+reserves each stage's minimum upstream first and would otherwise hold the later stages back until
+analysis had drained the queue (the first result would wait for nearly all the work). A stop request
 (`runtime.request_stop`, from the command's signal handlers) stops pulling chunks: the dataset's
 execution is shut down, the jobs being joined are recorded, and the rest waits for a rerun.
 
@@ -371,16 +374,16 @@ def run_ray(windows: list, total: int, weights, settings: EditSettings, model: s
     # would each hold a CPU while waiting for their output to be taken)
     dataset.context.target_max_block_size = 1
     access = _store_access()
-    common = dict(batch_size=None, batch_format="numpy", zero_copy_batch=True, **access)
+    common = dict(batch_size=1, batch_format="numpy", zero_copy_batch=True, **access)  # a block is one row
     # CPU tasks: enough retries after worker deaths for the ledger to turn the last one into a record,
     # still bounded if a process dies outside a guarded stage. (Differing from the model stage's
     # arguments, this also keeps Ray Data from fusing the crop stage into the model actors on CPU-only
     # clusters, where their resources would be equal, so CPU work would run inside the model pool.)
-    cpu = dict(num_cpus=stage_cpus(cpus, settings), ray_remote_args_fn=functools.partial(_task_retries, 4 * settings.max_chunk_attempts),
-               **common)
+    cpu = dict(num_cpus=stage_cpus(cpus, settings),
+               ray_remote_args_fn=functools.partial(_task_retries, 4 * settings.max_chunk_attempts), **common)
     stage_args = {"settings": settings, "ledger": ledger}
     dataset = dataset.map_batches(_split_windows, fn_kwargs={"jobs_per_block": jobs_per_block}, num_cpus=0,
-                                  **common)
+                                  **{**common, "batch_size": None})  # a whole window
     dataset = dataset.map_batches(_analyse_batch, fn_kwargs={**stage_args, "bundle_frames": bundle_frames}, **cpu)
     dataset = dataset.map_batches(_crop_batch, fn_kwargs={**stage_args, "crop": crop}, **cpu)
     dataset = dataset.map_batches(_ModelStage, fn_constructor_args=(settings, ledger, weights_ref),
