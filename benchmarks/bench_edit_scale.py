@@ -2,7 +2,7 @@
 
 Three measurements, each in a fresh process (so memory figures are that process's own):
 
-1. Jobs (`--jobs 50,1000`): the Ray Data job with a tiny model (32 px, random weights) on a local Ray
+1. Jobs (`--jobs 50,2000`): the Ray Data job with a tiny model (32 px, random weights) on a local Ray
    over N short synthetic jobs (a 4-frame cut of the sample talking-face clip, one output each).
    Per size: driver CPU seconds per job (the driver process's CPU time over plan + run + finalize,
    Ray's driver threads included), driver memory retained per job (resident memory after finalize
@@ -74,7 +74,8 @@ RUN = COMMON + THREADS + textwrap.dedent("""
     import ray
     from pipelines.edit import job, results
     from pipelines.edit.settings import EditSettings
-    table, output, checkpoint, workdir, executor, cpus = sys.argv[1:7]
+    table, output, checkpoint, workdir, executor, cpus, trace = sys.argv[1:8]
+    import tracemalloc
     if executor == "ray":
         ray.init(num_cpus=int(cpus), include_dashboard=False, log_to_driver=False)
     settings = EditSettings(output=output, checkpoint=checkpoint, detector="dlib", preset="ultrafast",
@@ -82,6 +83,9 @@ RUN = COMMON + THREADS + textwrap.dedent("""
     from pipelines.edit.model import load_weights
     weights = load_weights(checkpoint)
     gc.collect()
+    if trace == "1":  # Python allocations still held after the run, by the line that made them
+        tracemalloc.start(8)
+        traced_before = tracemalloc.take_snapshot()
     stop_sampling = threading.Event()
     threading.Thread(target=sampler, args=(stop_sampling,), daemon=True).start()
     sample_threads()
@@ -103,10 +107,21 @@ RUN = COMMON + THREADS + textwrap.dedent("""
     by_thread = cpu_by_thread(at_start)
     del edit_plan, tally
     gc.collect()
-    print(json.dumps({"jobs": summary["jobs"], "ok": summary["ok"], "failed": summary["failed"],
+    retained_mb = rss_mb() - before
+    import ctypes  # what is left once the C allocator returns its free pages: memory still in use
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    traced = {"retained_after_trim_mb": rss_mb() - before}
+    if trace == "1":
+        growth = tracemalloc.take_snapshot().compare_to(traced_before, "traceback")
+        traced |= {"traced_retained_kb": sum(g.size_diff for g in growth) / 1024,
+                  "traced_top": [(f"{g.size_diff / 1024:.1f} KB in {g.count_diff} blocks",
+                                  [f"{f.filename.split('site-packages/')[-1]}:{f.lineno}" for f in g.traceback][-4:])
+                                 for g in sorted(growth, key=lambda g: -g.size_diff)[:8]]}
+        tracemalloc.stop()
+    print(json.dumps({**traced, "jobs": summary["jobs"], "ok": summary["ok"], "failed": summary["failed"],
                       "by_failure_class": summary["by_failure_class"], "driver_cpu_s": cpu, "wall_s": wall,
                       "plan_s": planned - wall0, "first_row_s": (first[0] - planned) if first else None,
-                      "retained_mb": rss_mb() - before, "peak_growth_mb": peak_mb() - before,
+                      "retained_mb": retained_mb, "peak_growth_mb": peak_mb() - before,
                       "driver_cpu_s_by_thread": by_thread}))
 """)
 
@@ -171,12 +186,15 @@ def _clip_and_checkpoint(folder: Path) -> tuple[Path, Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--jobs", default="50,1000", help="small,large numbers of real jobs")
+    parser.add_argument("--jobs", default="50,2000", help="small,large numbers of real jobs")
     parser.add_argument("--missing", default="200,2000", help="small,large numbers of rows with missing sources")
     parser.add_argument("--plan-rows", type=int, default=1_000_000)
     parser.add_argument("--cpus", type=int, default=2,
                         help="CPUs the local Ray declares (more than the machine has shows how Ray Data schedules "
                              "the stages on a larger cluster; the work then shares the real cores)")
+    parser.add_argument("--tracemalloc", action="store_true",
+                        help="also trace the driver's Python allocations in each jobs run and print what is still "
+                             "held after it, by place (slows the driver: its CPU figures are then not comparable)")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench-edit-scale-"))
     clip, checkpoint = _clip_and_checkpoint(folder)
@@ -186,20 +204,30 @@ def main() -> None:
     for n in sizes:
         table = _table(folder / f"jobs{n}.parquet", [(str(clip), str(clip), f"v{i:07d}.mp4") for i in range(n)])
         report[f"jobs_{n}"] = figures = _python(RUN, table, str(folder / f"out{n}"), str(checkpoint),
-                                                str(folder / "work"), "ray", str(args.cpus))
+                                                str(folder / "work"), "ray", str(args.cpus),
+                                                "1" if args.tracemalloc else "0")
         figures["cpu_ms_per_job"] = 1000 * figures["driver_cpu_s"] / n
         figures["retained_kb_per_job"] = 1024 * figures["retained_mb"] / n
         print(f"{n:>7} jobs: {figures['ok']} ok, driver CPU {figures['cpu_ms_per_job']:.2f} ms/job, retained "
               f"{figures['retained_kb_per_job']:.2f} KB/job (peak +{figures['peak_growth_mb']:.0f} MB), first row "
               f"{figures['first_row_s']:.1f} s after the run started, wall {figures['wall_s']:.0f} s; driver CPU s by "
               f"thread {figures['driver_cpu_s_by_thread']}", flush=True)
+        if args.tracemalloc:
+            print(f"{'':>13}Python allocations still held after the run: {figures['traced_retained_kb'] / n:.2f} "
+                  f"KB/job; largest: {json.dumps(figures['traced_top'], indent=1)}", flush=True)
     small, large = (report[f"jobs_{n}"] for n in sizes)
     extra = sizes[1] - sizes[0]
     marginal_cpu_ms = 1000 * (large["driver_cpu_s"] - small["driver_cpu_s"]) / extra
     marginal_kb = 1024 * (large["retained_mb"] - small["retained_mb"]) / extra
-    report["marginal"] = {"cpu_ms_per_job": marginal_cpu_ms, "retained_kb_per_job": marginal_kb}
+    marginal_trimmed_kb = 1024 * (large["retained_after_trim_mb"] - small["retained_after_trim_mb"]) / extra
+    report["marginal"] = {"cpu_ms_per_job": marginal_cpu_ms, "retained_kb_per_job": marginal_kb,
+                          "retained_after_trim_kb_per_job": marginal_trimmed_kb}
+    if args.tracemalloc:
+        report["marginal"]["traced_kb_per_job"] = (large["traced_retained_kb"] - small["traced_retained_kb"]) / extra
     print(f"at the margin ({sizes[0]} -> {sizes[1]} jobs): driver CPU {marginal_cpu_ms:.2f} ms/job, retained "
-          f"{marginal_kb:.2f} KB/job; driver CPU as a share of one core: {small['driver_cpu_s'] / small['wall_s']:.0%}"
+          f"{marginal_kb:.2f} KB/job ({marginal_trimmed_kb:.2f} KB/job after malloc_trim"
+          + (f", Python allocations {report['marginal']['traced_kb_per_job']:.3f} KB/job" if args.tracemalloc else "")
+          + f"); driver CPU as a share of one core: {small['driver_cpu_s'] / small['wall_s']:.0%}"
           f" / {large['driver_cpu_s'] / large['wall_s']:.0%}; time to first row {sizes[1]} / {sizes[0]} jobs: "
           f"{large['first_row_s'] / small['first_row_s']:.2f}x")
 
@@ -208,7 +236,7 @@ def main() -> None:
         table = _table(folder / f"missing{n}.parquet",
                        [(str(folder / f"gone{i}.mp4"), str(clip), f"m{i:07d}.mp4") for i in range(n)])
         report[f"missing_{n}"] = _python(RUN, table, str(folder / f"missing-out{n}"), str(checkpoint),
-                                         str(folder / "work"), "ray", str(args.cpus))
+                                         str(folder / "work"), "ray", str(args.cpus), "0")
     a, b = (report[f"missing_{n}"] for n in counts)
     marginal_ms = 1000 * (b["wall_s"] - a["wall_s"]) / (counts[1] - counts[0])
     print(f"rows with a missing source: {counts[0]} in {a['wall_s']:.2f} s, {counts[1]} in {b['wall_s']:.2f} s: "

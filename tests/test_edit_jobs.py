@@ -14,6 +14,7 @@ import pytest
 from pipelines import errors
 from pipelines.edit import results
 from pipelines.edit.analyse import driving_indices, edit_weights
+from pipelines.edit.chunks import ChunkWork, JobWork, bundle_chunks
 from pipelines.edit.job_table import (
     EditJob,
     InputError,
@@ -22,7 +23,9 @@ from pipelines.edit.job_table import (
     jobs_from_table,
     single_job,
 )
+from pipelines.edit.runner import MAX_JOBS_PER_BLOCK, stage_cpus, block_sizes
 from pipelines.edit.settings import EditSettings, JobDefaults, split_output
+from pipelines.edit.stage_io import from_columns, to_columns
 from pipelines.storage import OutputStore
 
 DEFAULTS = JobDefaults()
@@ -312,3 +315,41 @@ def test_rows_that_cannot_run_are_recorded_while_planning_and_never_become_work(
     assert [r.message for r in recorded if r.failure_class == errors.MISSING_VIDEO] == [
         f"{tmp_path / 'gone.mp4'}: no such file", f"driving {tmp_path / 'nowhere.png'}: no such file"]
     assert f"{table}:2" in by_class[errors.DUPLICATE_OUTPUT].message, "the duplicate names the row it collides with"
+
+
+def _chunk(job_id: str, frames: int, index: int = 0, total: int = 1, **pixels) -> ChunkWork:
+    job = EditJob(source=f"{job_id}.mp4", driving="d.png", output=f"{job_id}.mp4", mode="expression", strength=1.0,
+                  motion="relative", driving_policy="hold", face="largest")
+    return ChunkWork(JobWork(job, "0" * 16, 0, 8), index=index, total=total, pts=np.arange(frames), **pixels)
+
+
+def test_short_chunks_travel_packed_to_one_chunks_worth_of_frames_and_come_back_with_their_crops():
+    rng = np.random.default_rng(5)
+    crops = {name: rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8) for name, n in (("a", 4), ("b", 3), ("c", 16))}
+    chunks = [_chunk("a", 4, source_crops=crops["a"], driving_crops=crops["a"][:1]),
+              _chunk("b", 3, source_crops=crops["b"]),
+              _chunk("bad", 9).fail(errors.MISSING_VIDEO, "gone"),  # no work: it rides along
+              _chunk("long", 16, 0, 2, source_crops=crops["c"]), _chunk("long", 16, 1, 2), _chunk("d", 5)]
+    bundles = list(bundle_chunks(chunks, frames=16))
+    assert [[c.job.job_id for c in b.chunks] for b in bundles] == [["a.mp4", "b.mp4", "bad.mp4"], ["long.mp4"],
+                                                                   ["long.mp4"], ["d.mp4"]]
+    assert all(c.source_crops is None for b in bundles for c in b.chunks), "the pixels travel in the bundle's columns"
+    back = [c for bundle in from_columns(to_columns(bundles)) for c in bundle.unbundle()]
+    assert [(c.job.job_id, c.index) for c in back] == [(c.job.job_id, c.index) for c in chunks]
+    np.testing.assert_array_equal(back[0].source_crops, crops["a"])
+    np.testing.assert_array_equal(back[0].driving_crops, crops["a"][:1])
+    np.testing.assert_array_equal(back[1].source_crops, crops["b"])
+    assert back[1].driving_crops is None and back[2].source_crops is None and not back[2].ok
+    np.testing.assert_array_equal(back[3].source_crops, crops["c"])
+    assert len(list(bundle_chunks(chunks, frames=0))) == len(chunks), "no packing: a chunk per bundle"
+
+
+def test_blocks_are_sized_by_the_queue_a_small_run_spreads_and_a_long_one_is_packed():
+    assert block_sizes(todo=6, cpus=3, chunk_frames=240) == (1, 0)
+    assert block_sizes(todo=2000, cpus=2, chunk_frames=16) == (MAX_JOBS_PER_BLOCK, 16)
+    assert block_sizes(todo=50, cpus=2, chunk_frames=16) == (3, 16)
+    assert block_sizes(todo=10**6, cpus=2000, chunk_frames=240)[0] == MAX_JOBS_PER_BLOCK
+    # a CPU stage's task asks for the share of a small cluster that lets one task of every stage run at once
+    assert stage_cpus(2, EditSettings(model_cpus=0.5)) == 0.5
+    assert stage_cpus(2, EditSettings(model_cpus=1.0)) == 0.33
+    assert stage_cpus(8, EditSettings(model_cpus=1.0)) == stage_cpus(4, EditSettings(model_cpus=0.5)) == 1.0

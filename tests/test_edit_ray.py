@@ -37,7 +37,11 @@ def instants(path) -> list[Fraction]:
 
 @pytest.mark.slow
 def test_a_video_that_kills_its_worker_is_recorded_and_the_archive_completes(edit_clips, tiny_checkpoint, tmp_path,
-                                                                             ray_cluster):
+                                                                             ray_cluster, monkeypatch):
+    """With blocks packed as for a long queue: the three jobs in one analysis task and one joining task, all
+    their chunks in one bundle, so the poisoned video's chunks share every crop task with the others' chunks
+    (which are redone after each crash, not lost)."""
+    monkeypatch.setattr(runner, "block_sizes", lambda todo, cpus, chunk_frames: (3, 8 * chunk_frames))
     archive = tmp_path / "archive"
     archive.mkdir()
     for name in ("a.mp4", "poison.mp4"):

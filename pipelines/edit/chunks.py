@@ -1,9 +1,12 @@
 """The units of work that travel between the editing stages, and their timing helpers.
 
 A job enters as `JobWork`; the analysis stage turns it into one `ChunkWork` per chunk of frames
-(or a single failed one). Each later stage fills in its part of a chunk (crops, edited crops,
-segment) or records why it failed; a failed chunk passes through the remaining stages untouched,
-so every chunk of every job comes out at the end with a status. Everything here is plain data
+(or a single failed one), and packs consecutive chunks into `ChunkBundle`s: the unit a Ray Data
+block carries, about one chunk's worth of frames (several short videos' chunks, or one chunk of a
+long video), so the scheduler's per-block costs are paid per block of work, not per job. Each later
+stage fills in its part of a chunk (crops, edited crops, segment) or records why it failed; a failed
+chunk passes through the remaining stages untouched, so every chunk of every job comes out at the end
+with a status. Everything here is plain data
 (numpy arrays, dataclasses) that pickles between Ray workers.
 """
 
@@ -14,7 +17,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, TypeVar
+from typing import Iterable, Iterator, TypeVar
 
 import numpy as np
 
@@ -125,6 +128,72 @@ class ChunkWork:
         name = f"{socket.gethostname()}:{os.getpid()}"
         if name not in self.workers:
             self.workers.append(name)
+
+
+BUNDLED_PIXELS = ("source_crops", "driving_crops", "reference_crop", "edited")
+"""The `ChunkWork` fields holding crops, which a bundle carries concatenated (as tensor columns)."""
+
+MAX_CHUNKS_PER_BUNDLE = 64
+"""Chunks in one bundle at most, whatever their frames (failed and reused chunks carry no work)."""
+
+
+@dataclass
+class ChunkBundle:
+    """Consecutive chunks travelling as one row: each crop field holds the chunks' crops concatenated (one
+    array, so the stage I/O keeps them as a tensor column), `counts` how many rows of it are each chunk's
+    (-1: none)."""
+
+    chunks: list[ChunkWork]
+    counts: dict[str, list[int]] = field(default_factory=dict)
+    source_crops: np.ndarray | None = None
+    driving_crops: np.ndarray | None = None
+    reference_crop: np.ndarray | None = None
+    edited: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, chunks: list[ChunkWork]) -> ChunkBundle:
+        """A bundle of `chunks`, their crops moved into its own fields."""
+        bundle = cls(chunks)
+        for name in BUNDLED_PIXELS:
+            arrays = [getattr(chunk, name) for chunk in chunks]
+            bundle.counts[name] = [-1 if array is None else len(array) for array in arrays]
+            present = [array for array in arrays if array is not None]
+            if present:
+                setattr(bundle, name, present[0] if len(present) == 1 else np.concatenate(present))
+            for chunk in chunks:
+                setattr(chunk, name, None)
+        return bundle
+
+    def unbundle(self) -> list[ChunkWork]:
+        """The chunks, each with its crops back (views of the bundle's arrays)."""
+        for name in BUNDLED_PIXELS:
+            array, start = getattr(self, name), 0
+            for chunk, count in zip(self.chunks, self.counts.get(name, ())):
+                if count >= 0 and array is not None:
+                    setattr(chunk, name, array[start:start + count])
+                    start += count
+        return self.chunks
+
+
+def chunk_work(chunk: ChunkWork) -> int:
+    """Frames a later stage works on in this chunk (none when it failed or an earlier run's segment is reused)."""
+    return chunk.frames if chunk.ok and not chunk.reused else 0
+
+
+def bundle_chunks(chunks: Iterable[ChunkWork], frames: int) -> Iterator[ChunkBundle]:
+    """Consecutive chunks in bundles of at most `frames` frames of work (a chunk with more travels alone) and
+    `MAX_CHUNKS_PER_BUNDLE` chunks; `frames` 0: one chunk per bundle."""
+    bundle: list[ChunkWork] = []
+    work = 0
+    for chunk in chunks:
+        size = chunk_work(chunk)
+        if bundle and (work + size > frames or len(bundle) >= MAX_CHUNKS_PER_BUNDLE):
+            yield ChunkBundle.of(bundle)
+            bundle, work = [], 0
+        bundle.append(chunk)
+        work += size
+    if bundle:
+        yield ChunkBundle.of(bundle)
 
 
 @contextlib.contextmanager

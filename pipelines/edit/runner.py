@@ -1,19 +1,29 @@
 """Executing the editing stages: a Ray Data job, or the same stages one after another in this process.
 
-Ray Data pipeline (rows are jobs, then chunks of videos; never frames):
+Ray Data pipeline (rows are jobs, then bundles of chunks of videos; never frames):
 
-    windows of jobs (one object each, from `job.pack_window`) --split: one job per block-->
-         --analyse (CPU task: probe, track, plan chunks)--> chunks --split: one chunk per block-->
+    windows of jobs (one object each, from `job.pack_window`) --split: blocks of jobs-->
+         --analyse (CPU task: probe, track, plan chunks; chunks packed into bundles, one block each)-->
          --crop (CPU task)--> --model (actor pool: one generator per actor, GPU or CPU threads)-->
-         --paste + encode (CPU task)--> chunk results streamed back to the driver
+         --paste + encode (CPU task)--> bundles streamed back to the driver
     driver: when every chunk of a job is back, a Ray task joins its segments with the audio,
-            checks the output and writes previews (at most one such task per CPU of the cluster in
-            flight: the driver stops pulling chunks meanwhile); the job's results row is recorded.
+            checks the output and writes previews (several jobs per task, at most one task per CPU
+            of the cluster in flight: the driver stops pulling chunks meanwhile); the job's results
+            row is recorded.
 
-The splits are Ray Data's streaming repartition (no barrier): a window's jobs and a long video's
-chunks spread over many tasks from the start. CPU stages and the model stage scale separately: an
+Blocks are sized by work, not by job (`block_sizes`): Ray Data's driver-side scheduling costs a few
+ms per block and stage, more than a short video's work. A small run (few jobs per CPU) has one job
+per analysis block and one chunk per bundle, so it spreads over the whole cluster; a long queue has
+several jobs per analysis task and short chunks packed into bundles of about one chunk's worth of
+frames (`chunks.bundle_chunks`), while a full chunk of a long video is still a bundle of its own.
+Every stage's output block is one row (a group of jobs from the CPU-free split of the windows, then
+a bundle), so a window's jobs and a long video's chunks spread over many tasks from the start, as
+they stream (no barrier). CPU stages and the model stage scale separately: an
 actor pool that, with GPUs, grows from one actor to one per GPU share of the cluster as work waits
-(`model_pool`), against as many CPU tasks as the cluster has cores. A stop request
+(`model_pool`), against as many CPU tasks as the cluster has cores; on a cluster too small for one
+task of every stage at once the CPU stages ask for a share of a CPU (`stage_cpus`), since Ray Data
+reserves each stage's minimum upstream first and would otherwise hold the later stages back until
+analysis had drained the queue (the first result would wait for nearly all the work). A stop request
 (`runtime.request_stop`, from the command's signal handlers) stops pulling chunks: the dataset's
 execution is shut down, the jobs being joined are recorded, and the rest waits for a rerun.
 
@@ -33,7 +43,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import pickle
+import math
 from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
@@ -42,7 +52,7 @@ from tqdm import tqdm
 from pipelines import errors
 from pipelines.edit.analyse import analyse_job
 from pipelines.edit.assemble import finish_job
-from pipelines.edit.chunks import ChunkWork, JobWork
+from pipelines.edit.chunks import ChunkBundle, ChunkWork, JobWork, bundle_chunks
 from pipelines.edit.compose import cached_detector, compose_chunk
 from pipelines.edit.crops import crop_chunk
 from pipelines.edit.results import ResultRow
@@ -93,6 +103,16 @@ def _unpack(batch: dict[str, np.ndarray]) -> list:
     return from_columns(batch)
 
 
+def _chunks(batch: dict[str, np.ndarray]) -> list[ChunkWork]:
+    """Every chunk of a batch of bundles."""
+    return [chunk for bundle in _unpack(batch) for chunk in bundle.unbundle()]
+
+
+def _each_chunk(batch: dict[str, np.ndarray], stage: Callable[[ChunkWork], ChunkWork]) -> dict[str, np.ndarray]:
+    """A batch of bundles with `stage` applied to each chunk, bundled as they came."""
+    return _pack(ChunkBundle.of([stage(chunk) for chunk in bundle.unbundle()]) for bundle in _unpack(batch))
+
+
 def guarded(stage: str, chunk: ChunkWork, work: Callable[[ChunkWork], ChunkWork], ledger=None,
             max_attempts: int = 2) -> ChunkWork:
     """Run one stage on one chunk: errors become the chunk's recorded failure, crashes are bounded."""
@@ -139,24 +159,28 @@ def analyse_guarded(work: JobWork, settings: EditSettings, store: OutputStore, l
     return produced
 
 
-def _analyse_batch(batch: dict[str, np.ndarray], settings: EditSettings, ledger) -> dict[str, np.ndarray]:
+def _analyse_batch(batch: dict[str, np.ndarray], settings: EditSettings, ledger,
+                   bundle_frames: int) -> dict[str, np.ndarray]:
+    """Groups of jobs in, their chunks out in bundles of about `bundle_frames` frames of work (0: a chunk each)."""
     _limit_threads()
     store = OutputStore(settings.output)
-    return _pack(chunk for work in _unpack(batch) for chunk in analyse_guarded(work, settings, store, ledger))
+    chunks = (chunk for works in _unpack(batch) for work in works
+              for chunk in analyse_guarded(work, settings, store, ledger))
+    return _pack(bundle_chunks(chunks, bundle_frames))
 
 
 def _crop_batch(batch: dict[str, np.ndarray], settings: EditSettings, ledger,
                 crop: Callable[[ChunkWork, EditSettings], ChunkWork]) -> dict[str, np.ndarray]:
     _limit_threads()
-    return _pack(guarded("crop", chunk, lambda c: crop(c, settings), ledger, settings.max_chunk_attempts)
-                 for chunk in _unpack(batch))
+    return _each_chunk(batch, lambda chunk: guarded("crop", chunk, lambda c: crop(c, settings), ledger,
+                                                    settings.max_chunk_attempts))
 
 
 def _compose_batch(batch: dict[str, np.ndarray], settings: EditSettings, ledger) -> dict[str, np.ndarray]:
     _limit_threads()
     store = OutputStore(settings.output)
-    return _pack(guarded("paste", chunk, lambda c: compose_chunk(c, settings, store), ledger,
-                         settings.max_chunk_attempts).slim() for chunk in _unpack(batch))
+    return _each_chunk(batch, lambda chunk: guarded("paste", chunk, lambda c: compose_chunk(c, settings, store),
+                                                    ledger, settings.max_chunk_attempts).slim())
 
 
 class _ModelStage:
@@ -174,8 +198,8 @@ class _ModelStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from pipelines.edit.model import edit_chunk
 
-        return _pack(guarded("model", chunk, lambda c: edit_chunk(c, self.editor), self.ledger,
-                             self.settings.max_chunk_attempts) for chunk in _unpack(batch))
+        return _each_chunk(batch, lambda chunk: guarded("model", chunk, lambda c: edit_chunk(c, self.editor),
+                                                        self.ledger, self.settings.max_chunk_attempts))
 
 
 def _store_access() -> dict:
@@ -207,19 +231,18 @@ def _model_gpus(settings: EditSettings) -> float:
 
 
 class JobCollector:
-    """Gathers chunk results per job on the driver and finishes each job once all its chunks are back."""
+    """Gathers chunk results per job on the driver: a job is complete once all its chunks are back."""
 
-    def __init__(self, finish: Callable[[list[ChunkWork]], object]) -> None:
-        self.finish = finish
+    def __init__(self) -> None:
         self.groups: dict[str, list[ChunkWork]] = {}
 
-    def add(self, chunk: ChunkWork) -> object | None:
-        """Add a chunk; returns what `finish` returned when this completed its job."""
+    def add(self, chunk: ChunkWork) -> list[ChunkWork] | None:
+        """Add a chunk; returns its job's chunks when this completed them."""
         group = self.groups.setdefault(chunk.job.job_id, [])
         group.append(chunk)
         if chunk.index == -1 or len(group) == chunk.total:
             del self.groups[chunk.job.job_id]
-            return self.finish(group)
+            return group
         return None
 
 
@@ -255,6 +278,53 @@ def _finish_guarded(chunks: list[ChunkWork], settings: EditSettings, store: Outp
         return finish_job([failed], settings, store, model)
 
 
+def _finish_jobs(groups: list[list[ChunkWork]], settings: EditSettings, store: OutputStore,
+                 model: str) -> list[ResultRow]:
+    """One finishing task's work: several finished jobs joined one after another (one task per job would
+    cost the driver a task per short video)."""
+    return [_finish_guarded(chunks, settings, store, model) for chunks in groups]
+
+
+JOBS_PER_CPU_UNPACKED = 8
+"""Below this many queued jobs per CPU of the cluster every job and chunk gets its own block."""
+MAX_JOBS_PER_BLOCK = 16
+"""Jobs one analysis task takes at most (and one finishing task joins at most)."""
+
+
+def block_sizes(todo: int, cpus: int, chunk_frames: int) -> tuple[int, int]:
+    """(jobs per analysis block, frames of work per later block; 0: one chunk per block).
+
+    With few jobs per CPU, every job and every chunk is a block of its own, so a small run spreads over
+    the whole cluster. With a long queue, Ray Data's per-block costs (a few ms of the driver's scheduling
+    loop per block and stage) would outweigh short videos' work: an analysis task then takes several jobs
+    and short chunks travel packed up to one chunk's worth of frames (`chunks.bundle_chunks`); a full
+    chunk of a long video is still a block of its own, so long videos spread over tasks as before.
+    """
+    jobs = max(1, min(MAX_JOBS_PER_BLOCK, todo // (JOBS_PER_CPU_UNPACKED * max(1, cpus))))
+    return jobs, (chunk_frames if jobs > 1 else 0)
+
+
+def stage_cpus(cpus: int, settings: EditSettings) -> float:
+    """CPUs each CPU stage's task asks for: one, except on a cluster too small to run a task of each of the
+    three CPU stages beside a model actor at once, where each asks for the share that fits.
+
+    Ray Data reserves each stage's minimum resources, upstream stages first: with whole CPUs on such a
+    cluster the later stages would get nothing until analysis had drained the whole queue (the first
+    result after nearly all the work). A task asking for half a CPU still runs on one core; the
+    operating system shares the cores between the stages.
+    """
+    spare = cpus - settings.model_cpus
+    if spare >= 3 or spare <= 0:
+        return 1.0
+    return max(0.01, math.floor(100 * spare / 3) / 100)
+
+
+def _split_windows(batch: dict[str, np.ndarray], jobs_per_block: int) -> dict[str, np.ndarray]:
+    """A window of jobs as rows of `jobs_per_block` jobs each (one block each: see `run_ray`)."""
+    works = _unpack(batch)
+    return _pack(works[start:start + jobs_per_block] for start in range(0, len(works), jobs_per_block))
+
+
 def model_pool(settings: EditSettings) -> tuple[ActorPoolStrategy, dict]:
     """The model stage's actor pool and each actor's resources: with GPUs, an autoscaling pool from one
     actor up to one per GPU share of the whole cluster (or `model_actors` when set); without, a fixed
@@ -286,7 +356,7 @@ def run_ray(windows: list, total: int, weights, settings: EditSettings, model: s
     `job.pack_window`); `record` receives each job's results row.
 
     A stop request (`runtime.request_stop`) stops feeding work: no further chunk is taken from the
-    dataset, the jobs being finished are recorded, and the function returns.
+    dataset, the jobs whose chunks are all back are finished and recorded, and the function returns.
     `crop` is the crop stage's per-chunk function (tests swap in one that kills its worker).
     """
     import ray
@@ -295,69 +365,85 @@ def run_ray(windows: list, total: int, weights, settings: EditSettings, model: s
     ledger = ray.remote(AttemptLedger).options(**_head_pinned()).remote()
     weights_ref = [ray.put(weights)]
     compute, model_resources = model_pool(settings)
-    # one job per block from the start: the windows' rows are split as they stream (no barrier), so
-    # every job, and below every chunk of a long video, goes to its own task
-    dataset = ray.data.from_arrow_refs(windows).repartition(target_num_rows_per_block=1)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    jobs_per_block, bundle_frames = block_sizes(total, cpus, settings.chunk_frames)
+    dataset = ray.data.from_arrow_refs(windows)
+    # every stage's output block is one row (a group of jobs, then a bundle of chunks): the next stage's
+    # task takes a row, not a whole window or a whole analysis task's output, so jobs and the chunks of a
+    # long video spread over tasks from the start, without a repartition stage (whose streaming tasks
+    # would each hold a CPU while waiting for their output to be taken)
+    dataset.context.target_max_block_size = 1
     access = _store_access()
-    common = dict(batch_size=1, batch_format="numpy", zero_copy_batch=True, **access)
+    common = dict(batch_size=1, batch_format="numpy", zero_copy_batch=True, **access)  # a block is one row
     # CPU tasks: enough retries after worker deaths for the ledger to turn the last one into a record,
     # still bounded if a process dies outside a guarded stage. (Differing from the model stage's
     # arguments, this also keeps Ray Data from fusing the crop stage into the model actors on CPU-only
     # clusters, where their resources would be equal, so CPU work would run inside the model pool.)
-    cpu = dict(num_cpus=1, ray_remote_args_fn=functools.partial(_task_retries, 4 * settings.max_chunk_attempts),
-               **common)
+    cpu = dict(num_cpus=stage_cpus(cpus, settings),
+               ray_remote_args_fn=functools.partial(_task_retries, 4 * settings.max_chunk_attempts), **common)
     stage_args = {"settings": settings, "ledger": ledger}
-    dataset = dataset.map_batches(_analyse_batch, fn_kwargs=stage_args, **cpu)
-    dataset = dataset.repartition(target_num_rows_per_block=1)  # chunks of one video spread over tasks
+    dataset = dataset.map_batches(_split_windows, fn_kwargs={"jobs_per_block": jobs_per_block}, num_cpus=0,
+                                  **{**common, "batch_size": None})  # a whole window
+    dataset = dataset.map_batches(_analyse_batch, fn_kwargs={**stage_args, "bundle_frames": bundle_frames}, **cpu)
     dataset = dataset.map_batches(_crop_batch, fn_kwargs={**stage_args, "crop": crop}, **cpu)
     dataset = dataset.map_batches(_ModelStage, fn_constructor_args=(settings, ledger, weights_ref),
                                   compute=compute, num_cpus=settings.model_cpus, **model_resources, **common)
     dataset = dataset.map_batches(_compose_batch, fn_kwargs=stage_args, **cpu)
 
-    finisher = ray.remote(num_cpus=1, max_retries=1, **access)(_finish_guarded)
-    in_flight: dict = {}
-    most_in_flight = max(2, int(ray.cluster_resources().get("CPU", 1)))
+    finisher = ray.remote(num_cpus=1, max_retries=1, **access)(_finish_jobs)
+    in_flight: dict = {}  # finishing task -> the first chunk of each of its jobs
+    waiting: list[list[ChunkWork]] = []  # jobs whose chunks are all back, not yet handed to a finishing task
+    most_in_flight = max(2, cpus)
+    collector = JobCollector()
 
-    def finish(chunks: list[ChunkWork]):
-        in_flight[finisher.remote(chunks, settings, store, model)] = chunks[0]
-        return None
+    def submit() -> None:
+        """Hand waiting jobs to finishing tasks, `jobs_per_block` at most each, while fewer than
+        `most_in_flight` run (the first job is handed over as soon as it is complete)."""
+        while waiting and len(in_flight) < most_in_flight:
+            taken = waiting[:jobs_per_block]
+            del waiting[:jobs_per_block]
+            in_flight[finisher.remote(taken, settings, store, model)] = [group[0] for group in taken]
 
-    collector = JobCollector(finish)
-
-    def collect(wait: bool, progress: tqdm, keep: int = 0) -> None:
-        """Record finished jobs: those ready now, or (wait) until at most `keep` are still finishing."""
-        while len(in_flight) > (keep if wait else 0):
-            ready, _ = ray.wait(list(in_flight), num_returns=1 if wait else len(in_flight),
-                                timeout=None if wait else 0)
-            if not ready:
-                return
-            for ref in ready:
-                chunk = in_flight.pop(ref)
-                try:
-                    row = ray.get(ref)
-                except Exception as error:  # the finishing worker died twice
-                    row = finish_job([chunk.fail(errors.WORKER_FAILED, f"{chunk.job.source}: joining the output: "
-                                                                       f"{type(error).__name__}: {error}")],
-                                     settings, store, model)
+    def collect(wait: bool, progress: tqdm) -> None:
+        """Record finished jobs: those ready now, or (wait) at least one finishing task's."""
+        if not in_flight:
+            return
+        ready, _ = ray.wait(list(in_flight), num_returns=1 if wait else len(in_flight),
+                            timeout=None if wait else 0)
+        for ref in ready:
+            firsts = in_flight.pop(ref)
+            try:
+                rows = ray.get(ref)
+            except Exception as error:  # the finishing worker died twice
+                rows = [finish_job([chunk.fail(errors.WORKER_FAILED, f"{chunk.job.source}: joining the output: "
+                                                                     f"{type(error).__name__}: {error}")],
+                                   settings, store, model) for chunk in firsts]
+            for row in rows:
                 record(row)
-                progress.update(1)
+            progress.update(len(rows))
 
-    batches = iter(dataset.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=1))  # a generator
+    batches = iter(dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1))  # a generator
     with tqdm(total=total, desc="edit", unit="video") as progress:
         try:
             for batch in batches:
-                for chunk in _unpack(batch):
-                    collector.add(chunk)
+                for chunk in _chunks(batch):
+                    complete = collector.add(chunk)
+                    if complete:
+                        waiting.append(complete)
                 collect(False, progress)
-                if len(in_flight) >= most_in_flight:  # finishing is bounded: the dataset waits meanwhile
-                    collect(True, progress, keep=most_in_flight - 1)
+                submit()
+                while len(waiting) >= jobs_per_block * most_in_flight:  # finishing is bounded: the dataset waits
+                    collect(True, progress)
+                    submit()
                 if stop_requested():
                     LOG.warning("stop requested: no further work is started; finishing %d job(s) in hand",
-                                len(in_flight))
+                                len(waiting) + sum(len(firsts) for firsts in in_flight.values()))
                     break
         finally:
             batches.close()  # ends the dataset's execution: its tasks and actors are released
-        collect(True, progress)
+        while in_flight or waiting:
+            submit()
+            collect(True, progress)
     if collector.groups and not stop_requested():
         raise RuntimeError(f"chunks of {len(collector.groups)} job(s) never all came back: "
                            f"{sorted(collector.groups)[:5]}")
