@@ -275,7 +275,7 @@ class _ParsingProcesses:
     def __init__(self, count: int, parse: _UtteranceParser) -> None:
         package_root = str(Path(__file__).resolve().parents[3])
         path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
-        command = [sys.executable, "-c", "from pipelines.prepare.sources.voxceleb import _serve_parsing; _serve_parsing()"]
+        command = [sys.executable, "-c", f"from {__name__} import _serve_parsing; _serve_parsing()"]
         self.processes = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                            env={**os.environ, "PYTHONPATH": path}) for _ in range(count)]
         self.results: list[queue.SimpleQueue[_ParsedChunk | BaseException | None]] = [
