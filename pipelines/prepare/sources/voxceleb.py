@@ -367,8 +367,8 @@ _REQUEST_COLUMNS = tuple(f.name for f in fields(ClipRequest) if f.name != "boxes
 @dataclass(frozen=True)
 class _ParsedChunk:
     """Parsed folders as columns, what a parsing process sends back: the box rows of all its clips
-    as one array and a tuple of fields per clip, not objects per clip (pickled, those cost more to
-    rebuild than the parse saves)."""
+    as one array and a tuple of fields per clip, not objects (a `ClipRequest` pickled whole costs
+    the driver about 15 us to rebuild, from these columns about 3.5 us)."""
 
     clips_per_folder: list[int]
     failures_per_folder: list[list[ParseFailure]]
