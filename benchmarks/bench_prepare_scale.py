@@ -7,8 +7,9 @@ answers 404 for every id except a `--real-fraction` of them, which serve the pro
 talking-face video. Each size runs in a fresh process (its own local Ray and embedded Prefect
 server), for at most `--seconds` after its first recorded clip, then stops the way SIGTERM does
 (`runtime.request_stop`): the figures are rates, not totals. `--plan-only` sizes only read the
-metadata through the streamed planner. `--rerun-state` sizes write a manifest of that many clips
-(parts of 56 rows, 70% ok) and measure what a rerun holds to decide what it skips.
+metadata through the streamed planner (the driver's and its parsing processes' CPU and memory).
+`--rerun-state` sizes write a manifest of that many clips (parts of 56 rows, 70% ok) and measure
+what a rerun holds to decide what it skips.
 
 Baselines, measured in the same run: a new yt-dlp instance per video for the 404 cost; the smallest
 size for the rates: the ratio clips/s(size) / clips/s(smallest)

@@ -26,8 +26,8 @@ from pipelines.prepare.sources import (
     parse_url_list,
     parse_voxceleb_tree,
 )
-from pipelines.prepare.sources.common import assign_split
 from pipelines.prepare.sources import voxceleb
+from pipelines.prepare.sources.common import assign_split
 from pipelines.prepare.sources.voxceleb import VoxUtterance, iter_voxceleb_videos, write_voxceleb_tree
 
 VOX1_TEXT = (

