@@ -10,8 +10,10 @@ Three measurements, each in a fresh process (so memory figures are that process'
    recorded row; then the same at the margin (large minus small, over the extra jobs), and the driver's
    CPU as a share of one core (Ray Data's executor loop runs in the driver for the whole run) and per
    thread (the executor's, the main thread's, Ray core's). `--cpus` sets the CPUs the local Ray
-   declares: Ray Data reserves each stage's minimum upstream first, so below about 6 CPUs the later
-   stages wait for analysis to drain the queue and the first row comes late.
+   declares (Ray Data reserves each stage's minimum upstream first: the runner's `stage_cpus` keeps
+   that from holding the later stages back on small clusters). The retained memory is also given
+   after `malloc_trim` (what the C allocator still holds in use); `--tracemalloc` also traces the
+   driver's Python allocations and prints what is still held after the run, by place.
 2. Rows that fail before media work (`--missing 200,2000`): a job table whose sources do not exist;
    the marginal planning-and-recording time per row between the two sizes (every such row is
    recorded while planning, without passing through a stage).
@@ -19,7 +21,7 @@ Three measurements, each in a fresh process (so memory figures are that process'
    row and its peak memory growth, and the bytes per job of the windows of work the Ray Data job
    would read from the object store.
 
-    python benchmarks/bench_edit_scale.py                           # about 8 min on 2 cores
+    python benchmarks/bench_edit_scale.py                           # about 6 min on 2 cores
     python benchmarks/bench_edit_scale.py --jobs 20,60 --missing 100,1000 --plan-rows 100000   # a quick look
 """
 
