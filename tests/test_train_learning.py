@@ -7,7 +7,7 @@ spin-wait: measured 38 CPU-s per step instead of 0.46). Measured here (seed 0, 2
 about 14 s): L1 1.101 at step 0, 0.626 at step 10, 0.443 at 20, 0.414 at 30, 0.428 at 40 (0.39x;
 the flow heads start as a pass-through with open masks, so step 0 copies raw encoder features; with
 the official random heads it read 0.735, 0.414, 0.359, 0.334, 0.303). The test asks for under 0.5x
-after 40 steps.
+after 40 steps. The tests after it check the mechanisms of the demo's recipe (README, training recipe).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ BATCH = 2
 
 @pytest.mark.slow
 def test_self_reconstruction_falls_under_half_its_initial_value(prepared_sample):  # noqa: F811
-    settings = TrainSettings(data=str(prepared_sample), size=64, batch=BATCH, perceptual="off", seed=0)
+    settings = TrainSettings(data=str(prepared_sample), size=64, batch=BATCH, perceptual="off", seed=0,
+                             sharpness=0.0)  # L1 alone, as the curve above was measured
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
