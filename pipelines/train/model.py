@@ -51,7 +51,8 @@ def plan_model(settings: TrainSettings) -> ModelPlan:
         except VGGWeightsNotFoundError as error:
             if settings.perceptual == "on":
                 raise ValueError(f"perceptual: {error}") from None
-            LOG.warning("training WITHOUT the VGG19 perceptual term: %s", error)
+            LOG.warning("training WITHOUT the VGG19 perceptual term (the image-gradient term of --sharpness stands "
+                        "in with our objective): %s", error)
             perceptual, vgg_weights = False, None
     options = dict(perceptual=perceptual, vgg_weights=vgg_weights, micro_batches=settings.micro_batches,
                    bf16=settings.bf16, grad_clip=settings.grad_clip, ema_decay=settings.ema_decay,
