@@ -22,6 +22,11 @@ default objective departs from it and why):
   Pyramid levels smaller than 16 px are skipped: VGG19 pools four times before relu5_1, so
   smaller inputs vanish (this only affects tiny test models).
 * ``l1_distance``: mean absolute error per sample.
+* ``gradient_l1_distance``: mean absolute error of the images' horizontal and vertical
+  differences, per sample: an offline stand-in for the VGG term's pull towards sharp edges
+  (``TrainConfig.sharpness_weight``). L1 alone rewards a blurred mean of the plausible outputs;
+  a blurred image has weak differences where the target has strong ones, so this term charges
+  for the lost edges at full price (it is 0 for identical images).
 * Non-saturating GAN losses for generator and discriminator (softplus form), one mean per
   call; the training step sums them over the two cycle outputs, as the official trainer does.
 * ``r1_penalty``: optional. The official optimiser constants (D lr 0.002*16/17, betas
@@ -177,6 +182,14 @@ def _integer_step(scale: float) -> int:
 def l1_distance(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``(B,)`` mean absolute error per sample."""
     return (output.float() - target.float()).abs().flatten(1).mean(dim=1)
+
+
+def gradient_l1_distance(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` mean absolute error of horizontal and vertical neighbour differences, per sample."""
+    difference = output.float() - target.float()
+    horizontal = (difference[..., :, 1:] - difference[..., :, :-1]).abs().flatten(1).mean(dim=1)
+    vertical = (difference[..., 1:, :] - difference[..., :-1, :]).abs().flatten(1).mean(dim=1)
+    return horizontal + vertical
 
 
 def generator_gan_loss(fake_logits: torch.Tensor) -> torch.Tensor:

@@ -98,6 +98,7 @@ from .losses import (
     PerceptualLoss,
     discriminator_gan_loss,
     generator_gan_loss,
+    gradient_l1_distance,
     l1_distance,
     r1_penalty,
 )
@@ -125,6 +126,7 @@ class TrainConfig:
     """Optimisation settings and objective switches: our objective by default (module docstring)."""
 
     g_lr: float = 0.0016
+    to_rgb_lr_mul: float = 1.0  # the generators' to-RGB convs learn at g_lr times this (1: one rate, as official)
     g_betas: tuple[float, float] = (0.0, 0.99**0.8)
     d_lr: float = 0.002 * 16 / 17
     d_betas: tuple[float, float] = (0.0, 0.99 ** (16 / 17))
@@ -135,7 +137,9 @@ class TrainConfig:
     perceptual_detach_target: bool = False  # official: True
     readout_weight: float = READOUT_WEIGHT  # official: 0
     leakage_weight: float = LEAKAGE_WEIGHT  # official: 0
+    sharpness_weight: float = 0.0  # image-gradient L1 per pair, times the pair's VGG weight (0: off, as official)
     gan_weight: float = 1.0
+    flow_warmup: int = 0  # steps during which the flow/mask heads keep their weights (an identity warp; 0: none)
     gan_start: int = 0  # steps trained on reconstruction alone before the GAN term and D updates begin
     d_gan_weight: float = 1.0  # official: 10
     r1_weight: float = 0.0  # StyleGAN2 uses 10; the official DPE trainer none
@@ -238,7 +242,8 @@ def make_train_state(
         discriminator=discriminator,
         probes=probes,
         perceptual=perceptual,
-        g_optimizer=torch.optim.Adam(_trainable(generator), lr=train_config.g_lr, betas=train_config.g_betas),
+        g_optimizer=torch.optim.Adam(_generator_groups(generator, train_config), lr=train_config.g_lr,
+                                     betas=train_config.g_betas),
         d_optimizer=torch.optim.Adam(_trainable(discriminator), lr=train_config.d_lr, betas=train_config.d_betas),
         probe_optimizer=torch.optim.Adam(probes.parameters(), lr=train_config.probe_lr),
         model_config=model_config,
@@ -249,6 +254,21 @@ def make_train_state(
         g_reducer=GradientReducer([*_trainable(generator), *_trainable(probes)], bucket_mb),
         d_reducer=GradientReducer(_trainable(discriminator), bucket_mb),
     )
+
+
+def _generator_groups(generator: DPEGenerator, train_config: TrainConfig) -> list[dict]:
+    """One Adam group, or two when the to-RGB convs have their own rate (``to_rgb_lr_mul``).
+
+    The equalised learning rate divides every weight by sqrt(fan_in) at run time, so a 1x1 to-RGB
+    conv over C channels moves its colours at g_lr / sqrt(C) per step; from a random start its
+    colour mix then lags the rest of the renderer (README, training recipe).
+    """
+    named = [(name, p) for name, p in generator.named_parameters() if p.requires_grad]
+    if train_config.to_rgb_lr_mul == 1.0:
+        return [{"params": [p for _, p in named]}]
+    to_rgb = [p for name, p in named if ".to_rgbs." in name]
+    return [{"params": [p for name, p in named if ".to_rgbs." not in name]},
+            {"params": to_rgb, "lr": train_config.g_lr * train_config.to_rgb_lr_mul}]
 
 
 def _autocast_type(train_config: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -308,6 +328,9 @@ def train_step(state: TrainState, batch: Mapping[str, torch.Tensor]) -> dict[str
         for name, value in terms.items():
             logs[name] = logs.get(name, 0.0) + share * value
     state.g_reducer.finish()
+    if state.step < cfg.flow_warmup:  # the renderer learns on an identity warp before the flows may move
+        for parameter in _flow_head_parameters(state.generator):
+            parameter.grad = None
 
     # ---- discriminator: gradients (D's update does not depend on G's, so both step together below)
     # Before --gan-start the discriminator neither judges nor learns (a reconstruction warm-up).
@@ -410,6 +433,10 @@ def generator_objective(
         vgg = state.perceptual(outputs, targets).view(pairs, -1).mean(dim=1)
         terms.update({f"vgg_{name}": vgg[i] for i, name in enumerate(PAIR_WEIGHTS)})
         total = total + (vgg_weights * vgg).sum()
+    if cfg.sharpness_weight > 0:
+        sharpness = gradient_l1_distance(outputs, targets).view(pairs, -1).mean(dim=1)
+        terms.update({f"sharp_{name}": sharpness[i] for i, name in enumerate(PAIR_WEIGHTS)})
+        total = total + cfg.sharpness_weight * (vgg_weights * sharpness).sum()
 
     cycles = {"cycle_b": cycle_b, "cycle_a": cycle_a}
     if adversarial:
@@ -463,6 +490,10 @@ def _set_requires_grad(params: Iterable[nn.Parameter], flag: bool) -> None:
 
 def _g_parameters(state: TrainState) -> list[nn.Parameter]:
     return [*_trainable(state.generator), *_trainable(state.probes)]
+
+
+def _flow_head_parameters(generator: DPEGenerator) -> list[nn.Parameter]:
+    return [p for name, p in generator.named_parameters() if ".to_flows." in name]
 
 
 def _d_parameters(state: TrainState) -> list[nn.Parameter]:

@@ -7,21 +7,24 @@ spin-wait: measured 38 CPU-s per step instead of 0.46). Measured here (seed 0, 2
 about 14 s): L1 1.101 at step 0, 0.626 at step 10, 0.443 at 20, 0.414 at 30, 0.428 at 40 (0.39x;
 the flow heads start as a pass-through with open masks, so step 0 copies raw encoder features; with
 the official random heads it read 0.735, 0.414, 0.359, 0.334, 0.303). The test asks for under 0.5x
-after 40 steps.
+after 40 steps. The tests after it check the mechanisms of the demo's recipe (README, training recipe).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from train_support import prepared_sample  # noqa: F401 (a fixture)
+import torch.nn.functional as F
+from train_support import prepared_sample, random_batch  # noqa: F401 (a fixture)
 
-from dpe.train_step import train_step
+from dpe.config import ModelConfig
+from dpe.losses import gradient_l1_distance, l1_distance
+from dpe.train_step import TrainConfig, make_train_state, train_step
 from pipelines.train.clips import ClipReader, load_catalogue
 from pipelines.train.evaluation import self_reconstruction_l1
-from pipelines.train.model import build_state, plan_model
+from pipelines.train.model import build_state, plan_model, sharpness_weight
 from pipelines.train.pairs import PairSampler, fixed_pairs
-from pipelines.train.settings import TrainSettings
+from pipelines.train.settings import SHARPNESS_WITHOUT_VGG, TrainSettings
 
 STEPS = 40
 BATCH = 2
@@ -29,7 +32,8 @@ BATCH = 2
 
 @pytest.mark.slow
 def test_self_reconstruction_falls_under_half_its_initial_value(prepared_sample):  # noqa: F811
-    settings = TrainSettings(data=str(prepared_sample), size=64, batch=BATCH, perceptual="off", seed=0)
+    settings = TrainSettings(data=str(prepared_sample), size=64, batch=BATCH, perceptual="off", seed=0,
+                             sharpness=0.0)  # L1 alone, as the curve above was measured
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -47,3 +51,44 @@ def test_self_reconstruction_falls_under_half_its_initial_value(prepared_sample)
         torch.set_num_threads(threads)
     assert curve[-1] < 0.5 * curve[0], curve
     assert curve[-1] < min(curve[:-1]) * 1.1, curve  # still at its lowest, not a lucky dip
+
+
+def test_the_sharpness_term_is_zero_for_the_image_and_charges_a_blurred_copy_more_than_l1_does():
+    image = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    blurred = F.avg_pool2d(F.pad(image, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    shifted = image + 0.2  # the same edges, a colour offset
+    assert gradient_l1_distance(image, image).tolist() == [0.0, 0.0]
+    assert (gradient_l1_distance(blurred, image) > l1_distance(blurred, image)).all()
+    assert gradient_l1_distance(shifted, image).abs().max() < 1e-6 < l1_distance(shifted, image).min()
+
+
+def test_flow_heads_hold_their_start_during_the_warmup_and_the_to_rgb_convs_get_their_own_rate():
+    torch.manual_seed(0)
+    state = make_train_state(ModelConfig.tiny(), TrainConfig(perceptual=False, flow_warmup=2, to_rgb_lr_mul=4.0,
+                                                             sharpness_weight=2.0))
+    assert [group["lr"] for group in state.g_optimizer.param_groups] == [0.0016, 0.0064]
+
+    def flows_and_rgb() -> tuple[torch.Tensor, torch.Tensor]:
+        generator = state.generator.pose_generator
+        return generator.to_flows[-1].conv.weight.clone(), generator.to_rgbs[-1].conv[0].weight.clone()
+
+    flow_start, rgb_start = flows_and_rgb()
+    for step in range(2):
+        logs = train_step(state, random_batch(2, seed=step))
+    flow_warm, rgb_warm = flows_and_rgb()
+    assert "sharp_cycle_b" in logs
+    assert torch.equal(flow_warm, flow_start) and not torch.equal(rgb_warm, rgb_start)
+    train_step(state, random_batch(2, seed=2))
+    assert not torch.equal(flows_and_rgb()[0], flow_warm)  # released after the warm-up
+
+
+def test_the_sharpness_term_is_on_by_default_only_for_our_objective_without_vgg():
+    def weight(**options) -> float:
+        settings = TrainSettings(**options)
+        return sharpness_weight(settings, perceptual=settings.perceptual == "on")
+
+    assert weight(perceptual="off") == SHARPNESS_WITHOUT_VGG
+    assert weight(perceptual="on") == 0.0
+    assert weight(perceptual="off", objective="official") == 0.0
+    assert weight(perceptual="on", sharpness=0.5) == 0.5
+    assert TrainConfig.official().sharpness_weight == 0.0 and TrainConfig.official().flow_warmup == 0

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pipelines.storage import OutputStore
-from pipelines.train.settings import TrainSettings, model_shape
+from pipelines.train.settings import SHARPNESS_WITHOUT_VGG, TrainSettings, model_shape
 
 if TYPE_CHECKING:
     from dpe.config import ModelConfig
@@ -51,16 +51,25 @@ def plan_model(settings: TrainSettings) -> ModelPlan:
         except VGGWeightsNotFoundError as error:
             if settings.perceptual == "on":
                 raise ValueError(f"perceptual: {error}") from None
-            LOG.warning("training WITHOUT the VGG19 perceptual term: %s", error)
+            LOG.warning("training WITHOUT the VGG19 perceptual term (the image-gradient term of --sharpness stands "
+                        "in with our objective): %s", error)
             perceptual, vgg_weights = False, None
     options = dict(perceptual=perceptual, vgg_weights=vgg_weights, micro_batches=settings.micro_batches,
                    bf16=settings.bf16, grad_clip=settings.grad_clip, ema_decay=settings.ema_decay,
-                   compile=settings.compile, gan_start=settings.gan_start)
+                   compile=settings.compile, gan_start=settings.gan_start, flow_warmup=settings.flow_warmup,
+                   to_rgb_lr_mul=settings.to_rgb_lr_mul, sharpness_weight=sharpness_weight(settings, perceptual))
     train = TrainConfig.official(**options) if settings.objective == "official" else TrainConfig(**options)
     init_kind = detect_init(settings.init, model) if settings.init else None
     if settings.objective == "official":
         _warn_official_departures(settings, init_kind)
     return ModelPlan(model, train, init_kind)
+
+
+def sharpness_weight(settings: TrainSettings, perceptual: bool) -> float:
+    """`--sharpness`, or its default: the offline stand-in for VGG when our objective trains without it."""
+    if settings.sharpness is not None:
+        return settings.sharpness
+    return SHARPNESS_WITHOUT_VGG if settings.objective == "ours" and not perceptual else 0.0
 
 
 def _warn_official_departures(settings: TrainSettings, init_kind: str | None) -> None:

@@ -26,6 +26,10 @@ PERCEPTUAL_MODES = ("auto", "on", "off")
 OFFICIAL_FRAME_WINDOW = 500
 """The official sampler draws both frames of a pair from the first 500 frames of a clip."""
 
+SHARPNESS_WITHOUT_VGG = 2.0
+"""`--sharpness` when the VGG term is off with `--objective ours`: the image-gradient L1 per pair,
+times the pair's VGG weight, about as large as the L1 terms on the sample at 64 px."""
+
 DEFAULT_BATCH = 8
 OFFICIAL_BATCH = 64
 """The official trainer's batch: `--batch` when it is not given with `--objective official`."""
@@ -92,6 +96,14 @@ class TrainSettings:
     gan_start: int = option(0, "steps of reconstruction alone before the GAN term and the discriminator start "
                                "(0: from the first step, as the official trainer; see README, training recipe)",
                             group=_MODEL, metavar="STEP", rules=(NOT_NEGATIVE,))
+    sharpness: float | None = option(None, "weight of the image-gradient L1 term, a sharpness term that stands in for "
+                                           f"VGG offline (default: {SHARPNESS_WITHOUT_VGG:g} when training without the "
+                                           "VGG term with --objective ours, else 0; see README, training recipe)",
+                                     group=_MODEL, metavar="WEIGHT", rules=(NOT_NEGATIVE,))
+    flow_warmup: int = option(0, "steps during which the flow/mask heads keep their identity-warp start while the "
+                                 "renderer learns (0: none)", group=_MODEL, metavar="STEP", rules=(NOT_NEGATIVE,))
+    to_rgb_lr_mul: float = option(1.0, "learning-rate multiplier of the generators' to-RGB convs (1: one rate, as "
+                                       "the official trainer)", group=_MODEL, metavar="X", rules=(POSITIVE,))
     seed: int = option(0, "seed of the weights and of every pair drawn", group=_MODEL)
     workers: int = option(1, "Ray Train workers", group=_WORKERS, rules=(at_least(1),))
     cpus_per_worker: float = option(1.0, "CPUs reserved per worker (its torch threads on CPU)", group=_WORKERS,
