@@ -328,7 +328,10 @@ class _ParsingProcesses:
             receiver.join()
             for pipe in (process.stdin, process.stdout):
                 if pipe is not None:
-                    pipe.close()
+                    try:
+                        pipe.close()
+                    except BrokenPipeError:  # a chunk still buffered for a process that died: nothing to do
+                        pass
 
 
 def _receive(process: subprocess.Popen, results: queue.SimpleQueue) -> None:
