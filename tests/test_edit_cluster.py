@@ -136,7 +136,8 @@ def test_edit_on_object_storage_spreads_over_nodes_and_survives_losing_one(two_n
         if driver.poll() is None:
             driver.kill()
     assert driver.returncode == 0, err[-4000:]
-    rows = json.loads(out.strip().splitlines()[-1])
+    # Ray's log monitor may print workers' lines to the driver's stdout after the results line
+    rows = json.loads(next(line for line in reversed(out.splitlines()) if line.startswith("[{")))
     assert sorted(row["job_id"] for row in rows) == [f"v{n}.mp4" for n in range(VIDEOS)], "one row per video"
     assert all(row["status"] == "ok" and row["frames"] == 45 for row in rows), [row["message"] for row in rows]
     assert _objects(s3_server, bucket, "edited/v") == [f"edited/v{n}.mp4" for n in range(VIDEOS)]
@@ -157,5 +158,7 @@ def test_edit_on_object_storage_spreads_over_nodes_and_survives_losing_one(two_n
             assert len(tries) == 2 and not tries[1][4], tries
         elif chunk in began_on_lost:  # finished there; redone once elsewhere only if its output was lost with the node
             assert len(tries) <= 2 and not any(t[4] for t in tries[1:]), tries
-        else:  # run on the node that is left: never redone
-            assert len(tries) == 1, tries
+        else:  # cropped on the node that is left: redone at most once, when the model actor that held its
+            # edited crops ran on the lost node (Ray Data frees a consumed block, so the lost output is rebuilt
+            # from the crop up), never twice
+            assert len(tries) <= 2 and not any(t[4] for t in tries), tries
