@@ -2,6 +2,7 @@
 resampled in the decoded planes is within rounding of the crop of the RGB picture."""
 
 import av
+import cv2
 import numpy as np
 import pytest
 
@@ -130,6 +131,16 @@ class RgbOnly:
 
     def region(self, *rectangle):
         return self.frame.region(*rectangle)
+
+    def grey_region(self, *rectangle):
+        return None
+
+    @property
+    def size(self):
+        return self.frame.size
+
+    def shrunk(self, width, height):  # from the RGB image, as the detector shrinks an image itself
+        return cv2.resize(self.image, (width, height), interpolation=cv2.INTER_AREA)
 
 
 def test_landmarks_read_around_the_box_match_landmarks_on_the_whole_picture(sample_media):

@@ -172,14 +172,11 @@ class DlibDetector(FaceDetector):
         """A frame larger than `detect_max_side` is converted to RGB at the detection size in one step
         (`Picture.shrunk`): a 1080p frame's conversion and shrink cost 19 ms that way round, 3 ms this way
         (area averaging both, 0.08 levels apart on average)."""
-        shrink = getattr(picture, "shrunk", None)
-        if shrink is None:
-            return self.detect(picture.image)
         width, height = picture.size
         scale = detection_scale((height, width), self.detect_min_side, self.detect_max_side)
         if scale >= 1.0:
             return self.detect(picture.image)
-        return self._detect_scaled(shrink(max(1, round(width * scale)), max(1, round(height * scale))), scale)
+        return self._detect_scaled(picture.shrunk(max(1, round(width * scale)), max(1, round(height * scale))), scale)
 
     def _detect_scaled(self, image: np.ndarray, scale: float) -> list[Face]:
         rectangles, scores, _ = self._detector.run(np.ascontiguousarray(image), 0, self.min_score)
@@ -193,9 +190,8 @@ class DlibDetector(FaceDetector):
         levels (the mean of R, G and B), and converting the part to RGB cost about 4.6 ms per 1080p face, twice
         the model. Luma weighs the channels differently: the points move by about 1.3 px on average on a 380 px
         face at 1080p, 0.5 px on the 100 px sample face (`tests/test_media_regions.py`); elsewhere the RGB part."""
-        grey = getattr(picture, "grey_region", None)
         left, top, right, bottom = self._reach(box)
-        part = grey(left, top, right, bottom) if grey is not None else None
+        part = picture.grey_region(left, top, right, bottom)
         if part is None:
             return super().landmarks_in(picture, box)
         return self._landmarks_in_part(part, picture, box, left, top)
