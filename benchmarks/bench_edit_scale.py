@@ -1,13 +1,13 @@
 """Driver cost of `portrait edit` as the archive grows: the real plan -> run -> finalize path, small vs large.
 
-Three measurements, each in a fresh process (so memory figures are that process's own):
+Four measurements, each in a fresh process (so memory figures are that process's own):
 
 1. Jobs (`--jobs 50,2000`): the Ray Data job with a tiny model (32 px, random weights) on a local Ray
    over N short synthetic jobs (a 4-frame cut of the sample talking-face clip, one output each).
    Per size: driver CPU seconds per job (the driver process's CPU time over plan + run + finalize,
    Ray's driver threads included), driver memory retained per job (resident memory after finalize
    minus before plan, over N) and peak growth, and the time from the start of `run` to the first
-   recorded row; then the same at the margin (large minus small, over the extra jobs), and the driver's
+   recorded row (and from the start of `plan`); then the same at the margin (large minus small, over the extra jobs), and the driver's
    CPU as a share of one core (Ray Data's executor loop runs in the driver for the whole run) and per
    thread (the executor's, the main thread's, Ray core's). `--cpus` sets the CPUs the local Ray
    declares (Ray Data reserves each stage's minimum upstream first: the runner's `stage_cpus` keeps
@@ -17,12 +17,17 @@ Three measurements, each in a fresh process (so memory figures are that process'
 2. Rows that fail before media work (`--missing 200,2000`): a job table whose sources do not exist;
    the marginal planning-and-recording time per row between the two sizes (every such row is
    recorded while planning, without passing through a stage).
-3. Planning alone over `--plan-rows` (1,000,000) table rows (no media, no Ray): the driver's CPU per
+3. The first result of a large archive (`--archive-rows 1000000`): a job table of that many real jobs,
+   the run stopped (as by SIGTERM) once its first row is recorded: the time from the start of `plan`
+   to that row, against the small jobs run's (issue 16: the first result does not depend on the
+   archive's size, planning included).
+4. Planning alone over `--plan-rows` (1,000,000) table rows (no media, no Ray): the driver's CPU per
    row and its peak memory growth, and the bytes per job of the windows of work the Ray Data job
    would read from the object store.
 
     python benchmarks/bench_edit_scale.py                           # about 6 min on 2 cores
-    python benchmarks/bench_edit_scale.py --jobs 20,60 --missing 100,1000 --plan-rows 100000   # a quick look
+    python benchmarks/bench_edit_scale.py --jobs 20,60 --missing 100,1000 --plan-rows 100000 --archive-rows 100000
+    python benchmarks/bench_edit_scale.py --jobs 50,2000 --archive-rows 1000000 --missing '' --plan-rows 0
 """
 
 from __future__ import annotations
@@ -76,7 +81,7 @@ RUN = COMMON + THREADS + textwrap.dedent("""
     import ray
     from pipelines.edit import job, results
     from pipelines.edit.settings import EditSettings
-    table, output, checkpoint, workdir, executor, cpus, trace = sys.argv[1:8]
+    table, output, checkpoint, workdir, executor, cpus, trace, stop_at_first = sys.argv[1:9]
     import tracemalloc
     if executor == "ray":
         ray.init(num_cpus=int(cpus), include_dashboard=False, log_to_driver=False)
@@ -100,6 +105,9 @@ RUN = COMMON + THREADS + textwrap.dedent("""
     def timed_record(row):
         if not first:
             first.append(time.monotonic())
+            if stop_at_first == "1":  # as a SIGTERM would: the rest of the archive is left for a rerun
+                from pipelines.runtime import request_stop
+                request_stop()
         record(row)
     edit_plan.table.record = timed_record
     tally = job.run(edit_plan, weights, settings)
@@ -123,6 +131,7 @@ RUN = COMMON + THREADS + textwrap.dedent("""
     print(json.dumps({**traced, "jobs": summary["jobs"], "ok": summary["ok"], "failed": summary["failed"],
                       "by_failure_class": summary["by_failure_class"], "driver_cpu_s": cpu, "wall_s": wall,
                       "plan_s": planned - wall0, "first_row_s": (first[0] - planned) if first else None,
+                      "first_row_from_start_s": (first[0] - wall0) if first else None,
                       "retained_mb": retained_mb, "peak_growth_mb": peak_mb() - before,
                       "driver_cpu_s_by_thread": by_thread}))
 """)
@@ -168,6 +177,20 @@ def _table(path: Path, rows: list[tuple[str, str, str]]) -> str:
     return str(path)
 
 
+def _archive_table(path: Path, rows: int, clip: Path) -> Path:
+    """A job table of `rows` real jobs (the clip, each to its own output), written 100,000 rows at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with pq.ParquetWriter(path, pa.schema([("source", pa.string()), ("driving", pa.string()),
+                                           ("output", pa.string())])) as writer:
+        for first in range(0, rows, 100_000):
+            count = min(100_000, rows - first)
+            writer.write_table(pa.table({"source": [str(clip)] * count, "driving": [str(clip)] * count,
+                                         "output": [f"archive/{i:08d}.mp4" for i in range(first, first + count)]}))
+    return path
+
+
 def _clip_and_checkpoint(folder: Path) -> tuple[Path, Path]:
     import torch
 
@@ -189,8 +212,12 @@ def _clip_and_checkpoint(folder: Path) -> tuple[Path, Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", default="50,2000", help="small,large numbers of real jobs")
-    parser.add_argument("--missing", default="200,2000", help="small,large numbers of rows with missing sources")
-    parser.add_argument("--plan-rows", type=int, default=1_000_000)
+    parser.add_argument("--missing", default="200,2000",
+                        help="small,large numbers of rows with missing sources ('': none)")
+    parser.add_argument("--plan-rows", type=int, default=1_000_000, help="0: no planning-only run")
+    parser.add_argument("--archive-rows", type=int, default=1_000_000,
+                        help="a job table of this many real jobs, the run stopped (as by SIGTERM) once its first row "
+                             "is recorded: the time from the start to that row against the small jobs run (0: none)")
     parser.add_argument("--cpus", type=int, default=2,
                         help="CPUs the local Ray declares (more than the machine has shows how Ray Data schedules "
                              "the stages on a larger cluster; the work then shares the real cores)")
@@ -207,12 +234,13 @@ def main() -> None:
         table = _table(folder / f"jobs{n}.parquet", [(str(clip), str(clip), f"v{i:07d}.mp4") for i in range(n)])
         report[f"jobs_{n}"] = figures = _python(RUN, table, str(folder / f"out{n}"), str(checkpoint),
                                                 str(folder / "work"), "ray", str(args.cpus),
-                                                "1" if args.tracemalloc else "0")
+                                                "1" if args.tracemalloc else "0", "0")
         figures["cpu_ms_per_job"] = 1000 * figures["driver_cpu_s"] / n
         figures["retained_kb_per_job"] = 1024 * figures["retained_mb"] / n
         print(f"{n:>7} jobs: {figures['ok']} ok, driver CPU {figures['cpu_ms_per_job']:.2f} ms/job, retained "
               f"{figures['retained_kb_per_job']:.2f} KB/job (peak +{figures['peak_growth_mb']:.0f} MB), first row "
-              f"{figures['first_row_s']:.1f} s after the run started, wall {figures['wall_s']:.0f} s; driver CPU s by "
+              f"{figures['first_row_s']:.1f} s after the run started ({figures['first_row_from_start_s']:.1f} s after the "
+              f"start), wall {figures['wall_s']:.0f} s; driver CPU s by "
               f"thread {figures['driver_cpu_s_by_thread']}", flush=True)
         if args.tracemalloc:
             print(f"{'':>13}Python allocations still held after the run: {figures['traced_retained_kb'] / n:.2f} "
@@ -233,28 +261,35 @@ def main() -> None:
           f" / {large['driver_cpu_s'] / large['wall_s']:.0%}; time to first row {sizes[1]} / {sizes[0]} jobs: "
           f"{large['first_row_s'] / small['first_row_s']:.2f}x")
 
+    if args.archive_rows:
+        table = _archive_table(folder / "archive.parquet", args.archive_rows, clip)
+        report["archive"] = big = _python(RUN, str(table), str(folder / "archive-out"), str(checkpoint),
+                                          str(folder / "work"), "ray", str(args.cpus), "0", "1")
+        print(f"an archive of {args.archive_rows:,} jobs (stopped after its first row): first row "
+              f"{big['first_row_from_start_s']:.1f} s after the start (planning returned after {big['plan_s']:.1f} s), "
+              f"{sizes[0]} jobs: {small['first_row_from_start_s']:.1f} s: "
+              f"{big['first_row_from_start_s'] / small['first_row_from_start_s']:.2f}x; driver peak "
+              f"+{big['peak_growth_mb']:.0f} MB, wall {big['wall_s']:.0f} s", flush=True)
+
+    if not args.missing:
+        print(json.dumps(report, indent=1, default=str))
+        return
     counts = [int(n) for n in args.missing.split(",")]
     for n in counts:
         table = _table(folder / f"missing{n}.parquet",
                        [(str(folder / f"gone{i}.mp4"), str(clip), f"m{i:07d}.mp4") for i in range(n)])
         report[f"missing_{n}"] = _python(RUN, table, str(folder / f"missing-out{n}"), str(checkpoint),
-                                         str(folder / "work"), "ray", str(args.cpus), "0")
+                                         str(folder / "work"), "ray", str(args.cpus), "0", "0")
     a, b = (report[f"missing_{n}"] for n in counts)
     marginal_ms = 1000 * (b["wall_s"] - a["wall_s"]) / (counts[1] - counts[0])
     print(f"rows with a missing source: {counts[0]} in {a['wall_s']:.2f} s, {counts[1]} in {b['wall_s']:.2f} s: "
           f"{marginal_ms:.3f} ms per row at the margin ({b['by_failure_class']})")
     report["missing_marginal_ms"] = marginal_ms
 
-    table = folder / "plan.parquet"
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    with pq.ParquetWriter(table, pa.schema([("source", pa.string()), ("driving", pa.string()),
-                                            ("output", pa.string())])) as writer:
-        for first in range(0, args.plan_rows, 100_000):
-            count = min(100_000, args.plan_rows - first)
-            writer.write_table(pa.table({"source": [str(clip)] * count, "driving": [str(clip)] * count,
-                                         "output": [f"archive/{i:08d}.mp4" for i in range(first, first + count)]}))
+    if not args.plan_rows:
+        print(json.dumps(report, indent=1, default=str))
+        return
+    table = _archive_table(folder / "plan.parquet", args.plan_rows, clip)
     report["plan"] = planned = _python(PLAN, str(table), str(folder / "plan-out"), str(clip))
     print(f"planning {planned['rows']:,} rows on the driver: {1e6 * planned['driver_cpu_s'] / planned['rows']:.1f} "
           f"us CPU per row ({planned['driver_cpu_s']:.0f} s), peak +{planned['peak_growth_mb']:.0f} MB "

@@ -1,10 +1,11 @@
 """The `edit_videos` Prefect flow: orchestration only, the work lives in `pipelines.edit.job`.
 
-One task plans (checks the checkpoint before any video is touched, streams the inputs into windows
-of work, records rows that can never run, subtracts what earlier runs finished), one runs the Ray
-Data job (rows are videos and chunks of videos, never Prefect tasks per video or frame: Prefect sees
-three tasks whatever the archive's size), one compacts the results table and summarises; the summary
-is also a Markdown artifact. The first SIGINT/SIGTERM stops feeding work and the summary says the
+One task prepares the plan (checks the checkpoint before any video is touched, reads what earlier
+runs finished), one runs the Ray Data job while planning streams the inputs into it window by window
+(records rows that can never run, subtracts what earlier runs finished; the first jobs start whatever
+the archive's size; rows are videos and chunks of videos, never Prefect tasks per video or frame:
+Prefect sees three tasks whatever the archive's size), one compacts the results table and
+summarises; the summary is also a Markdown artifact. The first SIGINT/SIGTERM stops feeding work and the summary says the
 run stopped (`flows.services.stop_on_signals`); a local path some node of a cluster cannot see stops
 the flow before any work. Without PREFECT_API_URL the flow starts Prefect's temporary local server;
 without RAY_ADDRESS a local Ray. Its parameters are the options of `portrait edit` (`EditInputs` and
@@ -29,15 +30,16 @@ _DEFAULTS = EditSettings()
 
 @task(name="plan", cache_policy=NO_CACHE)
 def plan_task(inputs: EditInputs, settings: EditSettings):
-    """Load and check the checkpoint (unless the command did before starting the services), stream the
-    inputs into windows of work, record rows that can never run, and subtract what earlier runs settled."""
+    """Load and check the checkpoint (unless the command did before starting the services), check the
+    locations, and read what earlier runs settled; the inputs are planned as the edit task takes them."""
     return job.plan(inputs, settings, *(take_over(settings) or ()))
 
 
 @task(name="edit", cache_policy=NO_CACHE)
 def edit_task(edit_plan: job.EditPlan, weights, settings: EditSettings) -> results.Tally:
-    """Edit every pending job (Ray Data, or in-process with executor='local'); returns the run's tally.
-    The first SIGINT/SIGTERM stops feeding work (`flows.services.stop_on_signals`)."""
+    """Plan and edit every pending job (Ray Data, or in-process with executor='local'), each window of the
+    inputs as it is planned; returns the run's tally. The first SIGINT/SIGTERM stops planning and feeding
+    work (`flows.services.stop_on_signals`)."""
     return job.run(edit_plan, weights, settings)
 
 
@@ -107,8 +109,8 @@ def edit_videos(
         ensure_ray(settings.ray_address)  # here, on the flow's main thread, not inside a task's thread
     with stop_on_signals("edit"):
         edit_plan, weights = plan_task(inputs, settings)
-        get_run_logger().info(edit_plan.describe())
         tally = edit_task(edit_plan, weights, settings) if not stop_requested() else results.Tally()
+        get_run_logger().info(edit_plan.describe())  # planning goes with the run: its counts are complete now
         summary, rows = finalize_task(edit_plan, tally, settings)
     if stop_requested():
         summary["stopped"] = True

@@ -1,6 +1,6 @@
 """The units of work that travel between the editing stages, and their timing helpers.
 
-A job enters as `JobWork`; the analysis stage turns it into one `ChunkWork` per chunk of frames
+A job enters as `JobWork` (in a `JobGroup`: the jobs one analysis task takes); the analysis stage turns it into one `ChunkWork` per chunk of frames
 (or a single failed one), and packs consecutive chunks into `ChunkBundle`s: the unit a Ray Data
 block carries, about one chunk's worth of frames (several short videos' chunks, or one chunk of a
 long video), so the scheduler's per-block costs are paid per block of work, not per job. Each later
@@ -39,6 +39,15 @@ class JobWork:
     """Of everything that decides the output (`EditJob.digest`): recorded as the results row's `spec`."""
     attempt: int
     model_size: int
+
+
+@dataclass(frozen=True)
+class JobGroup:
+    """Jobs one analysis task takes (one Ray Data row), with the frames of work its chunks are bundled up to
+    (0: a chunk per bundle); both sized by the runner as the plan streams in (`runner.block_sizes`)."""
+
+    works: list[JobWork]
+    bundle_frames: int
 
 
 @dataclass

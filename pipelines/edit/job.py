@@ -1,16 +1,18 @@
 """Bulk editing as plain functions: plan -> run -> finalize (the Prefect flow only sequences these).
 
 `plan` loads and checks the checkpoint (a missing file or the wrong architecture stops here, before
-any video is touched), then streams the inputs (`job_windows`: a job table or a listing of sources,
-a window of rows at a time, never held whole) through a `Planner`, which keeps per job only what
-decides later rows (a hash of each claimed output with its origin): a row that can never run (a bad
-value, a duplicate output, an output that is its own source, a missing local file) is recorded in
-the results table at once and goes no further; a job an earlier run settled is counted; every other
-job becomes a `JobWork` in a window that the Ray Data job reads as a dataset (one object per window
-of jobs, not one per job). Earlier results are read once as a few fields per job, and ok outputs are
-checked against one listing of the output folder. `run` executes the windows (`runner.run_ray`, or
-`runner.run_local`) and appends each job's row as it finishes; `finalize` compacts the table once
-and returns the run's summary.
+any video is touched), reads what earlier runs settled, and sets up a `Planner` over the inputs
+(`job_windows`: a job table or a listing of sources, a window of rows at a time, never held whole).
+Planning itself happens as `run` takes the work, window by window, so the first jobs start whatever
+the archive's size (`runner.WorkFeed` plans on a thread of the driver while the Ray Data job runs).
+The planner keeps per job only what decides later rows (a hash of each claimed output with its
+origin): a row that can never run (a bad value, a duplicate output, an output that is its own source,
+a missing local file) is recorded in the results table at once and goes no further; a job an earlier
+run settled is counted; every other job becomes a `JobWork` in its window's work, which the Ray Data
+job reads as one object per window (not one per job). Earlier results are read once as a few fields
+per job, and ok outputs are checked against one listing of the output folder. `run` executes the
+windows (`runner.run_ray`, or `runner.run_local`) and appends each job's row as it finishes;
+`finalize` compacts the table once and returns the run's summary.
 """
 
 from __future__ import annotations
@@ -18,11 +20,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import pickle
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from pipelines import errors
 from pipelines.edit import results
@@ -182,22 +183,44 @@ class Planner:
         return works
 
 
+    def stream(self, windows: Iterable[Window]) -> Iterator[list[JobWork]]:
+        """The work of each window as it is planned (possibly none: a consumer can stop between windows)."""
+        for window in windows:
+            yield self.window(window)
+        if self.left_out:
+            LOG.info("--sources: %d file(s) inside the output folder %s left out", self.left_out, self.folder)
+
+
 @dataclass
 class EditPlan:
-    """A run's work in windows, what it recorded or skipped while planning, and the checked model."""
+    """A run's work, planned window by window as the run takes it (`windows`), with what planning has recorded
+    or skipped so far (complete once `windows` is exhausted), and the checked model."""
 
     run_id: str
     model: str
     model_size: int
-    pending: results.Pending
-    rejected: list[RejectedJob]
-    """The first `MAX_LISTED_REJECTIONS` rejected rows (all are in the results table)."""
-    rejected_count: int
-    settled: results.Tally
-    """What earlier runs settled of this run's jobs."""
+    planner: Planner = field(repr=False)
     table: results.ResultsTable
-    windows: list = field(repr=False)
-    """Lists of `JobWork` (one per window), or Ray object refs of them packed as Arrow tables."""
+    windows: Iterator[list[JobWork]] = field(repr=False)
+    """The work of each window of the inputs: iterating it plans them (once)."""
+
+    @property
+    def pending(self) -> results.Pending:
+        return self.planner.pending
+
+    @property
+    def rejected(self) -> list[RejectedJob]:
+        """The first `MAX_LISTED_REJECTIONS` rejected rows (all are in the results table)."""
+        return self.planner.rejected
+
+    @property
+    def rejected_count(self) -> int:
+        return self.planner.rejected_count
+
+    @property
+    def settled(self) -> results.Tally:
+        """What earlier runs settled of this run's jobs."""
+        return self.planner.settled
 
     def describe(self) -> str:
         p = self.pending
@@ -207,23 +230,12 @@ class EditPlan:
                 f"{p.missing_outputs} redone because their output is gone, {self.rejected_count} rejected; "
                 f"model {self.model}")
 
-    def works(self) -> Iterator[JobWork]:
-        """Every job to run (local windows only)."""
-        for window in self.windows:
-            yield from window
-
-
-def pack_window(works: list[JobWork]):
-    """A window of work as one Arrow table in the object store (what the Ray Data job reads)."""
-    import pyarrow as pa
-    import ray
-
-    return ray.put(pa.table({"payload": pa.array([pickle.dumps(w, protocol=5) for w in works], pa.binary())}))
-
 
 def plan(inputs: EditInputs, settings: EditSettings, windows: Iterator[Window] | None = None,
          weights=None) -> tuple[EditPlan, object]:
-    """Check the checkpoint, stream the inputs through a `Planner`, and subtract what earlier runs settled.
+    """Check the checkpoint and the locations, read what earlier runs settled, and set up a `Planner` over the
+    inputs: the plan's windows are planned as `run` takes them, so the first jobs start whatever the archive's
+    size.
 
     Returns the plan and the loaded `ModelWeights`; pass what `job_windows` and `load_weights`
     returned for these inputs and settings to skip doing either again.
@@ -245,16 +257,7 @@ def plan(inputs: EditInputs, settings: EditSettings, windows: Iterator[Window] |
 
     planner = Planner(settings, weights.describe(), weights.size, table.record, filter_outputs=bool(inputs.sources),
                       state=state, listing=listing, check_shared=require_shared if on_ray and inputs.jobs else None)
-    planned = []
-    for window in windows:
-        works = planner.window(window)
-        if works:
-            planned.append(pack_window(works) if on_ray else works)
-    if planner.left_out:
-        LOG.info("--sources: %d file(s) inside the output folder %s left out", planner.left_out, settings.output)
-    table.flush()
-    return EditPlan(run_id, weights.describe(), weights.size, planner.pending, planner.rejected,
-                    planner.rejected_count, planner.settled, table, planned), weights
+    return EditPlan(run_id, weights.describe(), weights.size, planner, table, planner.stream(windows)), weights
 
 
 def run(edit_plan: EditPlan, weights, settings: EditSettings) -> results.Tally:
@@ -271,11 +274,9 @@ def run(edit_plan: EditPlan, weights, settings: EditSettings) -> results.Tally:
             LOG.info("%s: %d frames (%d edited) -> %s", row.job_id, row.frames, row.frames_edited, row.output)
         table.record(row)
 
+    run_work = runner.run_local if settings.executor == "local" else runner.run_ray
     try:
-        if edit_plan.windows and settings.executor == "local":
-            runner.run_local(edit_plan.works(), edit_plan.pending.todo, weights, settings, edit_plan.model, record)
-        elif edit_plan.windows:
-            runner.run_ray(edit_plan.windows, edit_plan.pending.todo, weights, settings, edit_plan.model, record)
+        run_work(edit_plan.windows, edit_plan.pending.todo, weights, settings, edit_plan.model, record)
     finally:
         table.flush()
     return table.tally

@@ -17,6 +17,7 @@ every failure. Rows of jobs not in this run are kept.
 
 from __future__ import annotations
 
+import threading
 import time
 import typing
 from collections import Counter
@@ -312,7 +313,8 @@ class Tally:
 
 class ResultsTable:
     """Appends a run's rows to the output folder as parts (atomically, every `PART_ROWS` rows or
-    `FLUSH_INTERVAL_S` seconds, and at the end); keeps only the rows not yet written and a `Tally`."""
+    `FLUSH_INTERVAL_S` seconds, and at the end); keeps only the rows not yet written and a `Tally`.
+    Thread-safe: planning records the rows that can never run while the run records finished jobs."""
 
     def __init__(self, store: OutputStore, run_id: str) -> None:
         self.store, self.run_id = store, run_id
@@ -320,14 +322,20 @@ class ResultsTable:
         self._buffer: list[dict] = []
         self._parts = 0
         self._written = time.monotonic()
+        self._lock = threading.Lock()
 
     def record(self, row: ResultRow) -> None:
-        self.tally.add_row(row)
-        self._buffer.append(asdict(row))
-        if len(self._buffer) >= PART_ROWS or time.monotonic() - self._written >= FLUSH_INTERVAL_S:
-            self.flush()
+        with self._lock:
+            self.tally.add_row(row)
+            self._buffer.append(asdict(row))
+            if len(self._buffer) >= PART_ROWS or time.monotonic() - self._written >= FLUSH_INTERVAL_S:
+                self._flush()
 
     def flush(self) -> None:
+        with self._lock:
+            self._flush()
+
+    def _flush(self) -> None:
         if self._buffer:
             table = pa.Table.from_pylist(self._buffer, schema=SCHEMA)
             with self.store.open_output_atomic(f"{PARTS_PATH}/{self.run_id}-{self._parts:06d}.parquet") as output:

@@ -44,7 +44,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from typing import TYPE_CHECKING, Callable, Iterable
+import pickle
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -52,7 +53,7 @@ from tqdm import tqdm
 from pipelines import errors
 from pipelines.edit.analyse import analyse_job
 from pipelines.edit.assemble import finish_job
-from pipelines.edit.chunks import ChunkBundle, ChunkWork, JobWork, bundle_chunks
+from pipelines.edit.chunks import ChunkBundle, ChunkWork, JobGroup, JobWork, bundle_chunks
 from pipelines.edit.compose import cached_detector, compose_chunk
 from pipelines.edit.crops import crop_chunk
 from pipelines.edit.results import ResultRow
@@ -159,14 +160,14 @@ def analyse_guarded(work: JobWork, settings: EditSettings, store: OutputStore, l
     return produced
 
 
-def _analyse_batch(batch: dict[str, np.ndarray], settings: EditSettings, ledger,
-                   bundle_frames: int) -> dict[str, np.ndarray]:
-    """Groups of jobs in, their chunks out in bundles of about `bundle_frames` frames of work (0: a chunk each)."""
+def _analyse_batch(batch: dict[str, np.ndarray], settings: EditSettings, ledger) -> dict[str, np.ndarray]:
+    """Groups of jobs in, their chunks out in bundles of about each group's `bundle_frames` frames of work."""
     _limit_threads()
     store = OutputStore(settings.output)
-    chunks = (chunk for works in _unpack(batch) for work in works
-              for chunk in analyse_guarded(work, settings, store, ledger))
-    return _pack(bundle_chunks(chunks, bundle_frames))
+    return _pack(bundle for group in _unpack(batch)
+                 for bundle in bundle_chunks((chunk for work in group.works
+                                              for chunk in analyse_guarded(work, settings, store, ledger)),
+                                             group.bundle_frames))
 
 
 def _crop_batch(batch: dict[str, np.ndarray], settings: EditSettings, ledger,
@@ -210,11 +211,6 @@ def _store_access() -> dict:
     return {"runtime_env": environment} if environment else {}
 
 
-def _task_retries(retries: int) -> dict:
-    """Remote arguments of the CPU stages' tasks (a function: Ray Data takes `max_retries` only this way)."""
-    return {"max_retries": retries}
-
-
 def _limit_threads() -> None:
     """CPU stages run one per core: keep OpenCV from spawning a thread per core in each of them."""
     import cv2
@@ -246,16 +242,17 @@ class JobCollector:
         return None
 
 
-def run_local(works: Iterable[JobWork], total: int, weights, settings: EditSettings, model: str,
+def run_local(windows: Iterable[list[JobWork]], total: int, weights, settings: EditSettings, model: str,
               record: Callable[[ResultRow], None]) -> None:
-    """Every stage in this process, one chunk at a time (bounded memory, no parallelism); a stop request
-    ends the run after the job in hand."""
+    """Every stage in this process, one chunk at a time (bounded memory, no parallelism), each window of work
+    as it is planned (`total`: the jobs known before; the progress bar counts those planned so far); a stop
+    request ends the run after the job in hand."""
     from pipelines.edit.model import CropEditor, edit_chunk
 
     store = OutputStore(settings.output)
     editor = CropEditor(weights, settings.precision, settings.model_batch, threads=max(1, int(settings.model_cpus)))
     with tqdm(total=total, desc="edit", unit="video") as progress:
-        for work in works:
+        for work in _counted(windows, progress, total):
             if stop_requested():
                 return
             done = []
@@ -266,6 +263,16 @@ def run_local(works: Iterable[JobWork], total: int, weights, settings: EditSetti
                 done.append(chunk.slim())
             record(_finish_guarded(done, settings, store, model))
             progress.update(1)
+
+
+def _counted(windows: Iterable[list[JobWork]], progress: tqdm, known: int) -> Iterator[JobWork]:
+    """Each job of each window as it is planned; the progress bar's total follows the jobs planned so far."""
+    planned = 0
+    for works in windows:
+        planned += len(works)
+        progress.total = max(known, planned)
+        progress.refresh()
+        yield from works
 
 
 def _finish_guarded(chunks: list[ChunkWork], settings: EditSettings, store: OutputStore, model: str) -> ResultRow:
@@ -319,10 +326,16 @@ def stage_cpus(cpus: int, settings: EditSettings) -> float:
     return max(0.01, math.floor(100 * spare / 3) / 100)
 
 
-def _split_windows(batch: dict[str, np.ndarray], jobs_per_block: int) -> dict[str, np.ndarray]:
-    """A window of jobs as rows of `jobs_per_block` jobs each (one block each: see `run_ray`)."""
-    works = _unpack(batch)
-    return _pack(works[start:start + jobs_per_block] for start in range(0, len(works), jobs_per_block))
+def crop_cpus(share: float, model_cpus: float) -> float:
+    """The crop stage's CPU request: a hair below the other CPU stages' `share`, and never the model actor's.
+
+    Ray Data 2.60 fuses consecutive stages whose remote arguments are equal: the crop would run inside the
+    analysis task (a whole task's chunks cropped by one process, a long video's among them) or, without
+    GPUs, inside the model actors. Distinct CPU requests are the documented way to keep stages apart
+    (ray-project/ray#54433); the OS shares a core the same way whatever the fraction asked.
+    """
+    cpus = round(share * 0.99, 4)
+    return cpus if cpus != model_cpus else round(share * 0.98, 4)
 
 
 def model_pool(settings: EditSettings) -> tuple[ActorPoolStrategy, dict]:
@@ -339,24 +352,131 @@ def model_pool(settings: EditSettings) -> tuple[ActorPoolStrategy, dict]:
     return ActorPoolStrategy(min_size=1, max_size=most), {"num_gpus": gpus}
 
 
-def _head_pinned() -> dict:
-    """Options that keep an actor on the driver's node (the head of a cluster) and restart it if its process
-    dies: losing a worker node never loses it."""
+def _head_pinned(restartable: bool = True) -> dict:
+    """Options that keep an actor on the driver's node (the head of a cluster), restarted if its process dies
+    (`restartable`): losing a worker node never loses it."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return dict(num_cpus=0, max_restarts=-1, max_task_retries=-1,
+    restarts = dict(max_restarts=-1, max_task_retries=-1) if restartable else {}
+    return dict(num_cpus=0, **restarts,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False))
 
 
-def run_ray(windows: list, total: int, weights, settings: EditSettings, model: str,
+WINDOWS_AHEAD = 2
+"""Windows of planned work waiting for the Ray Data job at most (planning goes no faster than the run)."""
+
+
+class WorkFeed:
+    """Plans while the Ray Data job runs: the first window's jobs start as soon as it is planned, whatever the
+    archive's size.
+
+    A thread of the driver iterates the plan (each window's work, `job.Planner`), splits each window into
+    groups of jobs sized by the jobs planned so far (`block_sizes`: the queue a long archive builds is known
+    as it is planned), and hands each window to a queue actor on the driver's node as one object; the
+    dataset's read task (`WorkQueueSource`) takes from that queue. The queue holds `WINDOWS_AHEAD` windows,
+    so the driver holds a bounded part of the plan. A stop request ends planning after the window in hand;
+    an error while planning (an unreadable part of a table, a local folder a node cannot see) ends the feed
+    and is raised by `raise_error`.
+    """
+
+    def __init__(self, windows: Iterable[list[JobWork]], known: int, cpus: int, chunk_frames: int) -> None:
+        import threading
+
+        from ray.util.queue import Queue
+
+        self.queue = Queue(maxsize=WINDOWS_AHEAD, actor_options=_head_pinned(restartable=False))
+        self.windows, self.known, self.cpus, self.chunk_frames = windows, known, cpus, chunk_frames
+        self.planned = 0
+        """Jobs handed to the dataset so far."""
+        self.error: BaseException | None = None
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._feed, name="plan-feed", daemon=True)
+        self._thread.start()
+
+    def sizes(self) -> tuple[int, int]:
+        """`block_sizes` for the queue as known now (the jobs planned so far, or known before the run)."""
+        return block_sizes(max(self.known, self.planned), self.cpus, self.chunk_frames)
+
+    def _feed(self) -> None:
+        import pyarrow as pa
+        import ray
+
+        try:
+            for works in self.windows:
+                if self._closed.is_set() or stop_requested():
+                    break
+                if not works:
+                    continue
+                self.planned += len(works)
+                jobs, frames = self.sizes()
+                groups = [JobGroup(works[start:start + jobs], frames) for start in range(0, len(works), jobs)]
+                table = pa.table({"payload": pa.array([pickle.dumps(g, protocol=5) for g in groups], pa.binary())})
+                self._put([ray.put(table)])  # in a list: the queue keeps the reference, not the table
+        except BaseException as error:  # raised on the driver's main thread by `raise_error`
+            self.error = error
+        finally:
+            self._put(None)
+
+    def _put(self, item) -> None:
+        from ray.util.queue import Full
+
+        while not self._closed.is_set():
+            try:
+                return self.queue.put(item, timeout=0.5)
+            except Full:
+                continue
+
+    def close(self) -> None:
+        """End planning (if still going) and release the queue."""
+        import ray
+
+        self._closed.set()
+        self._thread.join()
+        ray.kill(self.queue.actor)
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def _read_queue(queue) -> Iterator:
+    """The read task: each group of jobs of each window the queue hands over, as a one-row block, until the end."""
+    import ray
+
+    while (item := queue.get()) is not None:
+        table = ray.get(item[0])
+        for row in range(table.num_rows):
+            yield table.slice(row, 1)
+
+
+def work_source(feed: WorkFeed):
+    """The Ray Data datasource that reads a `WorkFeed`'s queue: one read task, on the driver's node (the queue
+    hands each window out once; lost with a worker node, its windows would be lost with it)."""
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+
+    class WorkQueueSource(Datasource):
+        def estimate_inmemory_data_size(self) -> None:
+            return None
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
+            return [ReadTask(functools.partial(_read_queue, feed.queue),
+                             BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None))]
+
+    return WorkQueueSource()
+
+
+def run_ray(windows: Iterable[list[JobWork]], total: int, weights, settings: EditSettings, model: str,
             record: Callable[[ResultRow], None],
             crop: Callable[[ChunkWork, EditSettings], ChunkWork] = crop_chunk) -> None:
-    """The Ray Data job (see the module docstring) over windows of work (object refs of Arrow tables, from
-    `job.pack_window`); `record` receives each job's results row.
+    """The Ray Data job (see the module docstring) over the work of each window of the plan, planned as the
+    job runs (`WorkFeed`: iterating `windows` plans them); `total` is the jobs known before the run (0 when
+    planning streams with it: the progress bar's total is then the jobs planned so far); `record` receives
+    each job's results row.
 
-    A stop request (`runtime.request_stop`) stops feeding work: no further chunk is taken from the
-    dataset, the jobs whose chunks are all back are finished and recorded, and the function returns.
+    A stop request (`runtime.request_stop`) stops planning and feeding work: no further chunk is taken from
+    the dataset, the jobs whose chunks are all back are finished and recorded, and the function returns.
     `crop` is the crop stage's per-chunk function (tests swap in one that kills its worker).
     """
     import ray
@@ -366,8 +486,9 @@ def run_ray(windows: list, total: int, weights, settings: EditSettings, model: s
     weights_ref = [ray.put(weights)]
     compute, model_resources = model_pool(settings)
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    jobs_per_block, bundle_frames = block_sizes(total, cpus, settings.chunk_frames)
-    dataset = ray.data.from_arrow_refs(windows)
+    feed = WorkFeed(windows, total, cpus, settings.chunk_frames)
+    dataset = ray.data.read_datasource(work_source(feed), num_cpus=0,
+                                       label_selector={"ray.io/node-id": ray.get_runtime_context().get_node_id()})
     # every stage's output block is one row (a group of jobs, then a bundle of chunks): the next stage's
     # task takes a row, not a whole window or a whole analysis task's output, so jobs and the chunks of a
     # long video spread over tasks from the start, without a repartition stage (whose streaming tasks
@@ -375,37 +496,36 @@ def run_ray(windows: list, total: int, weights, settings: EditSettings, model: s
     dataset.context.target_max_block_size = 1
     access = _store_access()
     common = dict(batch_size=1, batch_format="numpy", zero_copy_batch=True, **access)  # a block is one row
-    # CPU tasks: enough retries after worker deaths for the ledger to turn the last one into a record,
-    # still bounded if a process dies outside a guarded stage. (Differing from the model stage's
-    # arguments, this also keeps Ray Data from fusing the crop stage into the model actors on CPU-only
-    # clusters, where their resources would be equal, so CPU work would run inside the model pool.)
-    cpu = dict(num_cpus=stage_cpus(cpus, settings),
-               ray_remote_args_fn=functools.partial(_task_retries, 4 * settings.max_chunk_attempts), **common)
+    # CPU tasks whose worker dies are retried by Ray Data without limit: the ledger turns the attempt after
+    # `max_chunk_attempts` crashes into a record (Ray Data 2.60 deprecates per-stage `max_retries`)
+    share = stage_cpus(cpus, settings)
     stage_args = {"settings": settings, "ledger": ledger}
-    dataset = dataset.map_batches(_split_windows, fn_kwargs={"jobs_per_block": jobs_per_block}, num_cpus=0,
-                                  **{**common, "batch_size": None})  # a whole window
-    dataset = dataset.map_batches(_analyse_batch, fn_kwargs={**stage_args, "bundle_frames": bundle_frames}, **cpu)
-    dataset = dataset.map_batches(_crop_batch, fn_kwargs={**stage_args, "crop": crop}, **cpu)
+    dataset = dataset.map_batches(_analyse_batch, fn_kwargs=stage_args, num_cpus=share, **common)
+    dataset = dataset.map_batches(_crop_batch, fn_kwargs={**stage_args, "crop": crop},
+                                  num_cpus=crop_cpus(share, settings.model_cpus), **common)
     dataset = dataset.map_batches(_ModelStage, fn_constructor_args=(settings, ledger, weights_ref),
                                   compute=compute, num_cpus=settings.model_cpus, **model_resources, **common)
-    dataset = dataset.map_batches(_compose_batch, fn_kwargs=stage_args, **cpu)
+    dataset = dataset.map_batches(_compose_batch, fn_kwargs=stage_args, num_cpus=share, **common)
 
     finisher = ray.remote(num_cpus=1, max_retries=1, **access)(_finish_jobs)
     in_flight: dict = {}  # finishing task -> the first chunk of each of its jobs
     waiting: list[list[ChunkWork]] = []  # jobs whose chunks are all back, not yet handed to a finishing task
     most_in_flight = max(2, cpus)
     collector = JobCollector()
+    recorded = 0
 
     def submit() -> None:
-        """Hand waiting jobs to finishing tasks, `jobs_per_block` at most each, while fewer than
-        `most_in_flight` run (the first job is handed over as soon as it is complete)."""
+        """Hand waiting jobs to finishing tasks, as many at most each as an analysis task takes, while fewer
+        than `most_in_flight` run (the first job is handed over as soon as it is complete)."""
+        per_task = feed.sizes()[0]
         while waiting and len(in_flight) < most_in_flight:
-            taken = waiting[:jobs_per_block]
-            del waiting[:jobs_per_block]
+            taken = waiting[:per_task]
+            del waiting[:per_task]
             in_flight[finisher.remote(taken, settings, store, model)] = [group[0] for group in taken]
 
     def collect(wait: bool, progress: tqdm) -> None:
         """Record finished jobs: those ready now, or (wait) at least one finishing task's."""
+        nonlocal recorded
         if not in_flight:
             return
         ready, _ = ray.wait(list(in_flight), num_returns=1 if wait else len(in_flight),
@@ -420,6 +540,8 @@ def run_ray(windows: list, total: int, weights, settings: EditSettings, model: s
                                    settings, store, model) for chunk in firsts]
             for row in rows:
                 record(row)
+            recorded += len(rows)
+            progress.total = max(total, feed.planned)
             progress.update(len(rows))
 
     batches = iter(dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1))  # a generator
@@ -432,18 +554,26 @@ def run_ray(windows: list, total: int, weights, settings: EditSettings, model: s
                         waiting.append(complete)
                 collect(False, progress)
                 submit()
-                while len(waiting) >= jobs_per_block * most_in_flight:  # finishing is bounded: the dataset waits
+                while len(waiting) >= feed.sizes()[0] * most_in_flight:  # finishing is bounded: the dataset waits
                     collect(True, progress)
                     submit()
-                if stop_requested():
-                    LOG.warning("stop requested: no further work is started; finishing %d job(s) in hand",
+                if stop_requested() or feed.error:
+                    LOG.warning("%s: no further work is started; finishing %d job(s) in hand",
+                                "stop requested" if stop_requested() else "planning failed",
                                 len(waiting) + sum(len(firsts) for firsts in in_flight.values()))
                     break
         finally:
             batches.close()  # ends the dataset's execution: its tasks and actors are released
+            feed.close()
         while in_flight or waiting:
             submit()
             collect(True, progress)
-    if collector.groups and not stop_requested():
+    feed.raise_error()
+    if stop_requested():
+        return
+    if collector.groups:
         raise RuntimeError(f"chunks of {len(collector.groups)} job(s) never all came back: "
                            f"{sorted(collector.groups)[:5]}")
+    if recorded < feed.planned:
+        raise RuntimeError(f"{feed.planned - recorded} of the {feed.planned} job(s) handed to the dataset never came "
+                           "back (a rerun does them)")
