@@ -160,8 +160,12 @@ PLAN = COMMON + textwrap.dedent("""
 """)
 
 
+DRIVER_ENV: dict[str, str] = {}
+"""Extra environment of the measured processes (`--driver-env`: e.g. Ray core settings, RAY_<name>)."""
+
+
 def _python(script: str, *args: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_DEDUP_LOGS": "0"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_DEDUP_LOGS": "0", **DRIVER_ENV}
     done = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, cwd=REPO)
     if done.returncode:
         raise SystemExit(done.stderr[-4000:])
@@ -224,7 +228,11 @@ def main() -> None:
     parser.add_argument("--tracemalloc", action="store_true",
                         help="also trace the driver's Python allocations in each jobs run and print what is still "
                              "held after it, by place (slows the driver: its CPU figures are then not comparable)")
+    parser.add_argument("--driver-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="set in the measured processes (and the local Ray each starts), e.g. "
+                             "RAY_task_events_report_interval_ms=0; repeatable")
     args = parser.parse_args()
+    DRIVER_ENV.update(setting.split("=", 1) for setting in args.driver_env)
     folder = Path(tempfile.mkdtemp(prefix="bench-edit-scale-"))
     clip, checkpoint = _clip_and_checkpoint(folder)
     report: dict = {}

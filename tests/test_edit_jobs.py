@@ -23,7 +23,7 @@ from pipelines.edit.job_table import (
     jobs_from_table,
     single_job,
 )
-from pipelines.edit.runner import MAX_JOBS_PER_BLOCK, stage_cpus, block_sizes
+from pipelines.edit.runner import MAX_JOBS_PER_BLOCK, block_sizes, crop_cpus, stage_cpus
 from pipelines.edit.settings import EditSettings, JobDefaults, split_output
 from pipelines.edit.stage_io import from_columns, to_columns
 from pipelines.storage import OutputStore
@@ -353,3 +353,9 @@ def test_blocks_are_sized_by_the_queue_a_small_run_spreads_and_a_long_one_is_pac
     assert stage_cpus(2, EditSettings(model_cpus=0.5)) == 0.5
     assert stage_cpus(2, EditSettings(model_cpus=1.0)) == 0.33
     assert stage_cpus(8, EditSettings(model_cpus=1.0)) == stage_cpus(4, EditSettings(model_cpus=0.5)) == 1.0
+    # the crop stage asks for a little less than its neighbours (equal requests would let Ray Data fuse it into
+    # the analysis task or the model actors), and still for a CPU share
+    for share in (1.0, 0.5, 0.33, 0.01):
+        for model_cpus in (1.0, 0.5, round(share * 0.99, 4)):
+            crop = crop_cpus(share, model_cpus)
+            assert 0 < crop < share and crop != model_cpus, (share, model_cpus, crop)

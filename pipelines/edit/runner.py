@@ -2,7 +2,8 @@
 
 Ray Data pipeline (rows are jobs, then bundles of chunks of videos; never frames):
 
-    windows of jobs (one object each, from `job.pack_window`) --split: blocks of jobs-->
+    the plan, window by window as it is planned (`WorkFeed`: a thread of the driver plans and hands each
+    window, split into groups of jobs, to a queue actor) --read task on the driver's node: a group per block-->
          --analyse (CPU task: probe, track, plan chunks; chunks packed into bundles, one block each)-->
          --crop (CPU task)--> --model (actor pool: one generator per actor, GPU or CPU threads)-->
          --paste + encode (CPU task)--> bundles streamed back to the driver
@@ -11,20 +12,24 @@ Ray Data pipeline (rows are jobs, then bundles of chunks of videos; never frames
             of the cluster in flight: the driver stops pulling chunks meanwhile); the job's results
             row is recorded.
 
-Blocks are sized by work, not by job (`block_sizes`): Ray Data's driver-side scheduling costs a few
-ms per block and stage, more than a short video's work. A small run (few jobs per CPU) has one job
+Planning streams into the run, so the first jobs start as soon as their window is planned, whatever the
+archive's size; at most `WINDOWS_AHEAD` windows wait, so planning goes no faster than the run takes work.
+Blocks are sized by work, not by job (`block_sizes`, from the jobs planned so far): Ray Data's
+driver-side scheduling costs a few ms per block and stage, more than a short video's work. A small
+run (few jobs per CPU) has one job
 per analysis block and one chunk per bundle, so it spreads over the whole cluster; a long queue has
 several jobs per analysis task and short chunks packed into bundles of about one chunk's worth of
 frames (`chunks.bundle_chunks`), while a full chunk of a long video is still a bundle of its own.
-Every stage's output block is one row (a group of jobs from the CPU-free split of the windows, then
-a bundle), so a window's jobs and a long video's chunks spread over many tasks from the start, as
-they stream (no barrier). CPU stages and the model stage scale separately: an
+Every stage's output block is one row (a group of jobs, then a bundle), so a window's jobs and a
+long video's chunks spread over many tasks from the start, as they stream (no barrier). CPU stages and the model stage scale separately: an
 actor pool that, with GPUs, grows from one actor to one per GPU share of the cluster as work waits
 (`model_pool`), against as many CPU tasks as the cluster has cores; on a cluster too small for one
 task of every stage at once the CPU stages ask for a share of a CPU (`stage_cpus`), since Ray Data
 reserves each stage's minimum upstream first and would otherwise hold the later stages back until
-analysis had drained the queue (the first result would wait for nearly all the work). A stop request
-(`runtime.request_stop`, from the command's signal handlers) stops pulling chunks: the dataset's
+analysis had drained the queue (the first result would wait for nearly all the work); the crop stage
+asks for a hair less than the others (`crop_cpus`), or Ray Data would fuse it into the analysis task
+or the model actors. A stop request (`runtime.request_stop`, from the command's signal handlers)
+stops planning and pulling chunks: the dataset's
 execution is shut down, the jobs being joined are recorded, and the rest waits for a rerun.
 
 Ray Data 2.60 defaults this is designed against (read from its source): any exception raised in
@@ -36,7 +41,10 @@ killed, out of memory, a crash in native code) is recorded as `worker_failed` in
 run again, so one poisoned video cannot loop forever and the rest of the archive completes. The
 ledger lives on the driver's node (the head of a cluster) and is restarted if its process dies, so
 losing a worker node never fails the run (its counts start afresh: at worst a chunk gets its
-attempts again).
+attempts again). The ledger is also the only bound on a CPU task's retries after worker deaths (Ray
+Data 2.60 deprecates per-stage `max_retries`): a process that dies outside a guarded stage is retried
+without limit. The read task and the queue it takes from live on the driver's node too; the run
+checks that every job handed to the dataset came back.
 """
 
 from __future__ import annotations
