@@ -375,25 +375,62 @@ WINDOWS_AHEAD = 2
 """Windows of planned work waiting for the Ray Data job at most (planning goes no faster than the run)."""
 
 
+class WorkQueue:
+    """The plan's windows in the order planned, handed out by position (an async actor on the driver's node).
+
+    By position, not popped: if Ray re-runs the read task (to rebuild a block lost with a node), it reads the
+    same windows in the same order and rebuilds the same blocks (so the windows stay in the object store until
+    the run ends, about 0.5 KB per job, as when the whole plan was made first). `put` waits while `WINDOWS_AHEAD` windows
+    are planned but not yet asked for, so planning goes no faster than the run.
+    """
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.windows: list = []
+        self.ended = False
+        self.asked = 0
+        self.changed = asyncio.Condition()
+
+    async def put(self, window: list) -> None:
+        """Append a window (`[object ref]`: the reference stays a reference) once fewer than `WINDOWS_AHEAD` wait."""
+        async with self.changed:
+            await self.changed.wait_for(lambda: len(self.windows) - self.asked < WINDOWS_AHEAD)
+            self.windows.append(window[0])
+            self.changed.notify_all()
+
+    async def end(self) -> None:
+        async with self.changed:
+            self.ended = True
+            self.changed.notify_all()
+
+    async def get(self, position: int) -> list | None:
+        """The window at `position` (`[object ref]`) once planned, or None after the last."""
+        async with self.changed:
+            self.asked = max(self.asked, position + 1)
+            self.changed.notify_all()
+            await self.changed.wait_for(lambda: position < len(self.windows) or self.ended)
+            return [self.windows[position]] if position < len(self.windows) else None
+
+
 class WorkFeed:
     """Plans while the Ray Data job runs: the first window's jobs start as soon as it is planned, whatever the
     archive's size.
 
     A thread of the driver iterates the plan (each window's work, `job.Planner`), splits each window into
     groups of jobs sized by the jobs planned so far (`block_sizes`: the queue a long archive builds is known
-    as it is planned), and hands each window to a queue actor on the driver's node as one object; the
-    dataset's read task (`WorkQueueSource`) takes from that queue. The queue holds `WINDOWS_AHEAD` windows,
-    so the driver holds a bounded part of the plan. A stop request ends planning after the window in hand;
-    an error while planning (an unreadable part of a table, a local folder a node cannot see) ends the feed
-    and is raised by `raise_error`.
+    as it is planned), and hands each window as one object to a `WorkQueue` actor, which the dataset's read
+    task (`work_source`) reads. A stop request ends planning after the window in hand; an error while
+    planning (an unreadable part of a table, a local folder a node cannot see) ends the feed and is raised
+    by `raise_error`.
     """
 
     def __init__(self, windows: Iterable[list[JobWork]], known: int, cpus: int, chunk_frames: int) -> None:
         import threading
 
-        from ray.util.queue import Queue
+        import ray
 
-        self.queue = Queue(maxsize=WINDOWS_AHEAD, actor_options=_head_pinned(restartable=False))
+        self.queue = ray.remote(WorkQueue).options(**_head_pinned(restartable=False)).remote()
         self.windows, self.known, self.cpus, self.chunk_frames = windows, known, cpus, chunk_frames
         self.planned = 0
         """Jobs handed to the dataset so far."""
@@ -420,28 +457,30 @@ class WorkFeed:
                 jobs, frames = self.sizes()
                 groups = [JobGroup(works[start:start + jobs], frames) for start in range(0, len(works), jobs)]
                 table = pa.table({"payload": pa.array([pickle.dumps(g, protocol=5) for g in groups], pa.binary())})
-                self._put([ray.put(table)])  # in a list: the queue keeps the reference, not the table
+                self._wait(self.queue.put.remote([ray.put(table)]))  # in a list: the queue keeps the reference
         except BaseException as error:  # raised on the driver's main thread by `raise_error`
             self.error = error
         finally:
-            self._put(None)
+            self._wait(self.queue.end.remote())
 
-    def _put(self, item) -> None:
-        from ray.util.queue import Full
+    def _wait(self, call) -> None:
+        """Wait for a call to the queue, unless the feed is closed meanwhile."""
+        import ray
+        from ray.exceptions import GetTimeoutError
 
         while not self._closed.is_set():
             try:
-                return self.queue.put(item, timeout=0.5)
-            except Full:
+                return ray.get(call, timeout=0.5)
+            except GetTimeoutError:
                 continue
 
     def close(self) -> None:
-        """End planning (if still going) and release the queue."""
+        """End planning (if still going) and release the queue and its windows."""
         import ray
 
         self._closed.set()
         self._thread.join()
-        ray.kill(self.queue.actor)
+        ray.kill(self.queue)
 
     def raise_error(self) -> None:
         if self.error is not None:
@@ -449,18 +488,19 @@ class WorkFeed:
 
 
 def _read_queue(queue) -> Iterator:
-    """The read task: each group of jobs of each window the queue hands over, as a one-row block, until the end."""
+    """The read task: each group of jobs of each window of the queue, as a one-row block, until the end."""
     import ray
 
-    while (item := queue.get()) is not None:
-        table = ray.get(item[0])
+    position = 0
+    while (window := ray.get(queue.get.remote(position))) is not None:
+        table = ray.get(window[0])
         for row in range(table.num_rows):
             yield table.slice(row, 1)
+        position += 1
 
 
 def work_source(feed: WorkFeed):
-    """The Ray Data datasource that reads a `WorkFeed`'s queue: one read task, on the driver's node (the queue
-    hands each window out once; lost with a worker node, its windows would be lost with it)."""
+    """The Ray Data datasource that reads a `WorkFeed`'s queue: one read task, on the driver's node."""
     from ray.data import Datasource, ReadTask
     from ray.data.block import BlockMetadata
 
