@@ -456,6 +456,10 @@ class WorkFeed:
                 self.planned += len(works)
                 jobs, frames = self.sizes()
                 groups = [JobGroup(works[start:start + jobs], frames) for start in range(0, len(works), jobs)]
+                # Ray Data hands a read task's block on only once the task yields the next one (measured, 2.60):
+                # an empty group after the window's last lets that one go now, not when the next window is
+                # planned (which, after a window of jobs followed by rows that cannot run, is the archive's end)
+                groups.append(JobGroup([], 0))
                 table = pa.table({"payload": pa.array([pickle.dumps(g, protocol=5) for g in groups], pa.binary())})
                 self._wait(self.queue.put.remote([ray.put(table)]))  # in a list: the queue keeps the reference
         except BaseException as error:  # raised on the driver's main thread by `raise_error`
