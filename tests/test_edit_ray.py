@@ -40,8 +40,8 @@ def test_a_video_that_kills_its_worker_is_recorded_and_the_archive_completes(edi
                                                                              ray_cluster, monkeypatch):
     """With blocks packed as for a long queue: a.mp4 and poison.mp4 in one analysis task, all their chunks in
     one bundle, so the poisoned video's chunks share every crop task with the other's chunks (which are redone
-    after each crash, not lost). The plan streams into the run: b.mp4 is planned only once a first job is
-    recorded (a run that waited for the whole plan would never record one)."""
+    after each crash, not lost). The plan streams into the run: b.mp4 is planned only once a.mp4 is
+    edited and joined (a run that waited for the whole plan would never edit it)."""
     monkeypatch.setattr(runner, "block_sizes", lambda todo, cpus, chunk_frames: (3, 8 * chunk_frames))
     archive = tmp_path / "archive"
     archive.mkdir()
@@ -61,20 +61,18 @@ def test_a_video_that_kills_its_worker_is_recorded_and_the_archive_completes(edi
         return crop_chunk(chunk, settings)
 
     rows: list[results.ResultRow] = []
-    first_row = threading.Event()
-
-    def record(row: results.ResultRow) -> None:
-        rows.append(row)
-        first_row.set()
 
     def planned_while_running():
-        """The plan's windows, b.mp4 held back until the run has recorded a job."""
+        """The plan's windows, b.mp4 held back until a.mp4 is edited and joined."""
         works = [work for window in edit_plan.windows for work in window]
         yield [work for work in works if work.job.output != "b.mp4"]
-        assert first_row.wait(300), "no job was recorded while planning was held back"
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "out" / "a.mp4").exists():
+            assert time.monotonic() < deadline, "no job finished while planning was held back"
+            time.sleep(0.1)
         yield [work for work in works if work.job.output == "b.mp4"]
 
-    runner.run_ray(planned_while_running(), 0, weights, settings, edit_plan.model, record, crop=crop_or_die)
+    runner.run_ray(planned_while_running(), 0, weights, settings, edit_plan.model, rows.append, crop=crop_or_die)
     by_output = {row.job_id: row for row in rows}
     assert sorted(by_output) == ["a.mp4", "b.mp4", "poison.mp4"]
     poisoned = by_output["poison.mp4"]

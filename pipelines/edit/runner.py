@@ -539,7 +539,7 @@ def run_ray(windows: Iterable[list[JobWork]], total: int, weights, settings: Edi
     compute, model_resources = model_pool(settings)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     feed = WorkFeed(windows, total, cpus, settings.chunk_frames)
-    dataset = ray.data.read_datasource(work_source(feed), num_cpus=0,
+    dataset = ray.data.read_datasource(work_source(feed), num_cpus=0, override_num_blocks=1,  # blocks as read
                                        label_selector={"ray.io/node-id": ray.get_runtime_context().get_node_id()})
     # every stage's output block is one row (a group of jobs, then a bundle of chunks): the next stage's
     # task takes a row, not a whole window or a whole analysis task's output, so jobs and the chunks of a
