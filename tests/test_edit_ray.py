@@ -38,10 +38,9 @@ def instants(path) -> list[Fraction]:
 @pytest.mark.slow
 def test_a_video_that_kills_its_worker_is_recorded_and_the_archive_completes(edit_clips, tiny_checkpoint, tmp_path,
                                                                              ray_cluster, monkeypatch):
-    """With blocks packed as for a long queue: a.mp4 and poison.mp4 in one analysis task, all their chunks in
-    one bundle, so the poisoned video's chunks share every crop task with the other's chunks (which are redone
-    after each crash, not lost). The plan streams into the run: b.mp4 is planned only once a.mp4 is
-    edited and joined (a run that waited for the whole plan would never edit it)."""
+    """With blocks packed as for a long queue: the three jobs in one analysis task and one joining task, all
+    their chunks in one bundle, so the poisoned video's chunks share every crop task with the others' chunks
+    (which are redone after each crash, not lost)."""
     monkeypatch.setattr(runner, "block_sizes", lambda todo, cpus, chunk_frames: (3, 8 * chunk_frames))
     archive = tmp_path / "archive"
     archive.mkdir()
@@ -61,18 +60,8 @@ def test_a_video_that_kills_its_worker_is_recorded_and_the_archive_completes(edi
         return crop_chunk(chunk, settings)
 
     rows: list[results.ResultRow] = []
-
-    def planned_while_running():
-        """The plan's windows, b.mp4 held back until a.mp4 is edited and joined."""
-        works = [work for window in edit_plan.windows for work in window]
-        yield [work for work in works if work.job.output != "b.mp4"]
-        deadline = time.monotonic() + 300
-        while not (tmp_path / "out" / "a.mp4").exists():
-            assert time.monotonic() < deadline, "no job finished while planning was held back"
-            time.sleep(0.1)
-        yield [work for work in works if work.job.output == "b.mp4"]
-
-    runner.run_ray(planned_while_running(), 0, weights, settings, edit_plan.model, rows.append, crop=crop_or_die)
+    runner.run_ray(edit_plan.windows, edit_plan.pending.todo, weights, settings, edit_plan.model, rows.append,
+                   crop=crop_or_die)
     by_output = {row.job_id: row for row in rows}
     assert sorted(by_output) == ["a.mp4", "b.mp4", "poison.mp4"]
     poisoned = by_output["poison.mp4"]

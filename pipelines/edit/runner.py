@@ -456,10 +456,6 @@ class WorkFeed:
                 self.planned += len(works)
                 jobs, frames = self.sizes()
                 groups = [JobGroup(works[start:start + jobs], frames) for start in range(0, len(works), jobs)]
-                # Ray Data hands a read task's block on only once the task yields the next one (measured, 2.60):
-                # an empty group after the window's last lets that one go now, not when the next window is
-                # planned (which, after a window of jobs followed by rows that cannot run, is the archive's end)
-                groups.append(JobGroup([], 0))
                 table = pa.table({"payload": pa.array([pickle.dumps(g, protocol=5) for g in groups], pa.binary())})
                 self._wait(self.queue.put.remote([ray.put(table)]))  # in a list: the queue keeps the reference
         except BaseException as error:  # raised on the driver's main thread by `raise_error`
@@ -539,7 +535,7 @@ def run_ray(windows: Iterable[list[JobWork]], total: int, weights, settings: Edi
     compute, model_resources = model_pool(settings)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     feed = WorkFeed(windows, total, cpus, settings.chunk_frames)
-    dataset = ray.data.read_datasource(work_source(feed), num_cpus=0, override_num_blocks=1,  # blocks as read
+    dataset = ray.data.read_datasource(work_source(feed), num_cpus=0,
                                        label_selector={"ray.io/node-id": ray.get_runtime_context().get_node_id()})
     # every stage's output block is one row (a group of jobs, then a bundle of chunks): the next stage's
     # task takes a row, not a whole window or a whole analysis task's output, so jobs and the chunks of a
