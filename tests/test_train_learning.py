@@ -22,7 +22,7 @@ from dpe.losses import gradient_l1_distance, l1_distance
 from dpe.train_step import TrainConfig, make_train_state, train_step
 from pipelines.train.clips import ClipReader, load_catalogue
 from pipelines.train.evaluation import self_reconstruction_l1
-from pipelines.train.model import build_state, plan_model, sharpness_weight
+from pipelines.train.model import build_state, lr_decay_steps, plan_model, sharpness_weight
 from pipelines.train.pairs import PairSampler, fixed_pairs
 from pipelines.train.settings import SHARPNESS_WITHOUT_VGG, TrainSettings
 
@@ -92,3 +92,20 @@ def test_the_sharpness_term_is_on_by_default_only_for_our_objective_without_vgg(
     assert weight(perceptual="off", objective="official") == 0.0
     assert weight(perceptual="on", sharpness=0.5) == 0.5
     assert TrainConfig.official().sharpness_weight == 0.0 and TrainConfig.official().flow_warmup == 0
+
+
+def test_every_learning_rate_falls_linearly_to_a_tenth_over_the_last_share_of_the_run():
+    assert lr_decay_steps(TrainSettings(steps=600, lr_decay=0.25)) == (450, 600)
+    assert lr_decay_steps(TrainSettings(steps=600)) is None and TrainConfig.official().lr_decay is None
+    torch.manual_seed(0)
+    config = TrainConfig(perceptual=False, to_rgb_lr_mul=4.0, lr_decay=(1, 3))
+    state = make_train_state(ModelConfig.tiny(), config)
+    optimizers = (state.g_optimizer, state.probe_optimizer, state.d_optimizer)
+    def rates() -> list[float]:
+        return [group["lr"] for optimizer in optimizers for group in optimizer.param_groups]
+
+    base = rates()
+    assert len(base) == 4  # the generator's two groups (to-RGB apart), the probes', the discriminator's
+    for step, factor in enumerate([1.0, 1.0, 0.55, 0.1]):  # the rates each step's update used
+        train_step(state, random_batch(2, seed=step))
+        assert rates() == pytest.approx([rate * factor for rate in base])
