@@ -73,8 +73,8 @@ model methods, not forward). The discriminator's gradients are taken before eith
 update never depended on the generator's), so the step waits for the device once: both updates
 are applied, or, when a gradient norm or loss is not finite on any worker, neither (the step
 is skipped; ``skipped`` in its logs). Optional: gradient-norm clipping (``grad_clip``), an
-exponential moving average of the generator (``ema_decay``), float16 with a gradient scaler,
-``torch.compile``.
+exponential moving average of the generator (``ema_decay``), a linear fall of every learning
+rate at the end of a run (``lr_decay``), float16 with a gradient scaler, ``torch.compile``.
 """
 
 from __future__ import annotations
