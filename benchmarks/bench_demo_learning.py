@@ -1,6 +1,6 @@
 """Does the demo's recipe learn faces? Held-out L1 curves of the old demo recipe against the new one, and faces.
 
-Part 1 (about 6 min on 2 cores): the demo's training (64 px, small model, batch 4, seed 0, no VGG,
+Part 1 (about 9 min on 2 cores): the demo's training (64 px, small model, batch 4, seed 0, no VGG,
 reconstruction alone) in one process with one torch thread, on a prepared sample dataset,
 evaluated every `--every` steps on the demo's held-out pairs (`l1`: both-transfer against the
 driver frame), with dlib's frontal detector on the expression and pose transfers of those pairs
@@ -103,8 +103,8 @@ def face_share(video: Path, frames: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="out/demo/dataset", help="a prepared sample dataset")
-    parser.add_argument("--steps", type=int, default=600, help="the demo's training steps")
-    parser.add_argument("--every", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=900, help="the demo's training steps")
+    parser.add_argument("--every", type=int, default=150)
     parser.add_argument("--batch", type=int, default=4, help="the demo's batch")
     parser.add_argument("--demo", help="a finished `portrait demo --output` folder: count faces in its edits")
     parser.add_argument("--frames", type=int, default=0, help="frames spread over each video (0: all)")
