@@ -73,8 +73,8 @@ model methods, not forward). The discriminator's gradients are taken before eith
 update never depended on the generator's), so the step waits for the device once: both updates
 are applied, or, when a gradient norm or loss is not finite on any worker, neither (the step
 is skipped; ``skipped`` in its logs). Optional: gradient-norm clipping (``grad_clip``), an
-exponential moving average of the generator (``ema_decay``), float16 with a gradient scaler,
-``torch.compile``.
+exponential moving average of the generator (``ema_decay``), a linear fall of every learning
+rate at the end of a run (``lr_decay``), float16 with a gradient scaler, ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -106,6 +106,9 @@ from .model import DPEGenerator
 from .vgg import load_vgg19
 
 LOG = logging.getLogger(__name__)
+
+LR_DECAY_FLOOR = 0.1
+"""The share of each learning rate left at the end of ``TrainConfig.lr_decay``."""
 
 BATCH_KEYS = ("frame_a", "frame_b", "pose_a", "pose_b", "expression_a", "expression_b")
 
@@ -149,6 +152,7 @@ class TrainConfig:
     fp16: bool = False  # float16 autocast with a gradient scaler (GPUs without bfloat16; chosen for bf16 there)
     grad_clip: float | None = None  # clip each update's total gradient norm (G + probes, and D) to this
     ema_decay: float | None = None  # keep an exponential moving average of the generator (e.g. 0.999)
+    lr_decay: tuple[int, int] | None = None  # (start, end) steps: every rate falls linearly to LR_DECAY_FLOOR x
     compile: bool = False  # torch.compile the networks (the default inductor backend)
 
     @classmethod
@@ -264,11 +268,39 @@ def _generator_groups(generator: DPEGenerator, train_config: TrainConfig) -> lis
     colour mix then lags the rest of the renderer (README, training recipe).
     """
     named = [(name, p) for name, p in generator.named_parameters() if p.requires_grad]
-    if train_config.to_rgb_lr_mul == 1.0:
+    rates = _generator_rates(train_config)
+    if len(rates) == 1:
         return [{"params": [p for _, p in named]}]
     to_rgb = [p for name, p in named if ".to_rgbs." in name]
-    return [{"params": [p for name, p in named if ".to_rgbs." not in name]},
-            {"params": to_rgb, "lr": train_config.g_lr * train_config.to_rgb_lr_mul}]
+    return [{"params": [p for name, p in named if ".to_rgbs." not in name]}, {"params": to_rgb, "lr": rates[1]}]
+
+
+def _generator_rates(train_config: TrainConfig) -> list[float]:
+    """The base rate of each generator Adam group (``_generator_groups``)."""
+    if train_config.to_rgb_lr_mul == 1.0:
+        return [train_config.g_lr]
+    return [train_config.g_lr, train_config.g_lr * train_config.to_rgb_lr_mul]
+
+
+def lr_factor(train_config: TrainConfig, step: int) -> float:
+    """The share of the base learning rates used at ``step``: 1, then a linear fall to ``LR_DECAY_FLOOR``
+    over ``lr_decay`` (averages out the late steps' noise at small batches; README, training recipe)."""
+    if train_config.lr_decay is None:
+        return 1.0
+    start, end = train_config.lr_decay
+    progress = min(max((step - start) / max(end - start, 1), 0.0), 1.0)
+    return 1.0 - (1.0 - LR_DECAY_FLOOR) * progress
+
+
+def _set_learning_rates(state: TrainState) -> None:
+    """Every optimiser group at its base rate times ``lr_factor`` of this step (set from the
+    configuration, so a restored optimiser state needs nothing saved for it)."""
+    cfg = state.train_config
+    factor = lr_factor(cfg, state.step)
+    for optimizer, rates in ((state.g_optimizer, _generator_rates(cfg)), (state.probe_optimizer, [cfg.probe_lr]),
+                             (state.d_optimizer, [cfg.d_lr])):
+        for group, rate in zip(optimizer.param_groups, rates, strict=True):
+            group["lr"] = rate * factor
 
 
 def _autocast_type(train_config: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -380,6 +412,8 @@ def train_step(state: TrainState, batch: Mapping[str, torch.Tensor]) -> dict[str
         if state.scaler is not None:
             state.scaler.update()  # lowers the scale when the gradients overflowed
     else:
+        if cfg.lr_decay is not None:
+            _set_learning_rates(state)
         for optimizer in optimizers:
             if state.scaler is not None:
                 state.scaler.step(optimizer)

@@ -56,6 +56,7 @@ def train_model(
     sharpness: float | None = _DEFAULTS.sharpness,
     flow_warmup: int = _DEFAULTS.flow_warmup,
     to_rgb_lr_mul: float = _DEFAULTS.to_rgb_lr_mul,
+    lr_decay: float = _DEFAULTS.lr_decay,
     seed: int = _DEFAULTS.seed,
     workers: int = _DEFAULTS.workers,
     cpus_per_worker: float = _DEFAULTS.cpus_per_worker,

@@ -22,7 +22,7 @@ from dpe.losses import gradient_l1_distance, l1_distance
 from dpe.train_step import TrainConfig, make_train_state, train_step
 from pipelines.train.clips import ClipReader, load_catalogue
 from pipelines.train.evaluation import self_reconstruction_l1
-from pipelines.train.model import build_state, plan_model, sharpness_weight
+from pipelines.train.model import build_state, lr_decay_steps, plan_model, sharpness_weight
 from pipelines.train.pairs import PairSampler, fixed_pairs
 from pipelines.train.settings import SHARPNESS_WITHOUT_VGG, TrainSettings
 
@@ -62,11 +62,19 @@ def test_the_sharpness_term_is_zero_for_the_image_and_charges_a_blurred_copy_mor
     assert gradient_l1_distance(shifted, image).abs().max() < 1e-6 < l1_distance(shifted, image).min()
 
 
-def test_flow_heads_hold_their_start_during_the_warmup_and_the_to_rgb_convs_get_their_own_rate():
+def test_flow_heads_hold_their_start_during_the_warmup_to_rgb_convs_get_their_own_rate_and_every_rate_decays():
+    assert lr_decay_steps(TrainSettings(steps=600, lr_decay=0.25)) == (450, 600)
+    assert lr_decay_steps(TrainSettings(steps=600)) is None and TrainConfig.official().lr_decay is None
     torch.manual_seed(0)
     state = make_train_state(ModelConfig.tiny(), TrainConfig(perceptual=False, flow_warmup=2, to_rgb_lr_mul=4.0,
-                                                             sharpness_weight=2.0))
-    assert [group["lr"] for group in state.g_optimizer.param_groups] == [0.0016, 0.0064]
+                                                             sharpness_weight=2.0, lr_decay=(1, 2)))
+    optimizers = (state.g_optimizer, state.probe_optimizer, state.d_optimizer)
+
+    def rates() -> list[float]:  # the generator's two groups (to-RGB apart), the probes', the discriminator's
+        return [group["lr"] for optimizer in optimizers for group in optimizer.param_groups]
+
+    base = rates()
+    assert base[:2] == [0.0016, 0.0064] and len(base) == 4
 
     def flows_and_rgb() -> tuple[torch.Tensor, torch.Tensor]:
         generator = state.generator.pose_generator
@@ -75,11 +83,13 @@ def test_flow_heads_hold_their_start_during_the_warmup_and_the_to_rgb_convs_get_
     flow_start, rgb_start = flows_and_rgb()
     for step in range(2):
         logs = train_step(state, random_batch(2, seed=step))
+        assert rates() == pytest.approx(base)  # full rates up to the decay's start (step 1)
     flow_warm, rgb_warm = flows_and_rgb()
     assert "sharp_cycle_b" in logs
     assert torch.equal(flow_warm, flow_start) and not torch.equal(rgb_warm, rgb_start)
     train_step(state, random_batch(2, seed=2))
     assert not torch.equal(flows_and_rgb()[0], flow_warm)  # released after the warm-up
+    assert rates() == pytest.approx([rate * 0.1 for rate in base])  # a tenth from the decay's end (step 2) on
 
 
 def test_the_sharpness_term_is_on_by_default_only_for_our_objective_without_vgg():
@@ -92,3 +102,4 @@ def test_the_sharpness_term_is_on_by_default_only_for_our_objective_without_vgg(
     assert weight(perceptual="off", objective="official") == 0.0
     assert weight(perceptual="on", sharpness=0.5) == 0.5
     assert TrainConfig.official().sharpness_weight == 0.0 and TrainConfig.official().flow_warmup == 0
+

@@ -19,7 +19,7 @@ class DemoSettings:
     checkpoint: str | None = option(None, "edit with these weights (official dpe.pt, or a `portrait train` "
                                           "checkpoint) instead of training a small model first", metavar="PATH",
                                     path=True)
-    steps: int = option(600, "training steps of the small model (reconstruction alone: no GAN term at this scale)",
+    steps: int = option(900, "training steps of the small model (reconstruction alone: no GAN term at this scale)",
                         rules=(at_least(1),))
     size: int = option(64, "crop size of the small model (32..256)", rules=(at_least(32),))
     workers: int = option(2, "Ray Train workers", rules=(at_least(1),))

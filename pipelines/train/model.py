@@ -57,7 +57,8 @@ def plan_model(settings: TrainSettings) -> ModelPlan:
     options = dict(perceptual=perceptual, vgg_weights=vgg_weights, micro_batches=settings.micro_batches,
                    bf16=settings.bf16, grad_clip=settings.grad_clip, ema_decay=settings.ema_decay,
                    compile=settings.compile, gan_start=settings.gan_start, flow_warmup=settings.flow_warmup,
-                   to_rgb_lr_mul=settings.to_rgb_lr_mul, sharpness_weight=sharpness_weight(settings, perceptual))
+                   to_rgb_lr_mul=settings.to_rgb_lr_mul, sharpness_weight=sharpness_weight(settings, perceptual),
+                   lr_decay=lr_decay_steps(settings))
     train = TrainConfig.official(**options) if settings.objective == "official" else TrainConfig(**options)
     init_kind = detect_init(settings.init, model) if settings.init else None
     if settings.objective == "official":
@@ -70,6 +71,13 @@ def sharpness_weight(settings: TrainSettings, perceptual: bool) -> float:
     if settings.sharpness is not None:
         return settings.sharpness
     return SHARPNESS_WITHOUT_VGG if settings.objective == "ours" and not perceptual else 0.0
+
+
+def lr_decay_steps(settings: TrainSettings) -> tuple[int, int] | None:
+    """`--lr-decay` as the steps of `TrainConfig.lr_decay`: the last share of `--steps`."""
+    if settings.lr_decay == 0:
+        return None
+    return round(settings.steps * (1.0 - settings.lr_decay)), settings.steps
 
 
 def _warn_official_departures(settings: TrainSettings, init_kind: str | None) -> None:

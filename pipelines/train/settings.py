@@ -35,6 +35,7 @@ OFFICIAL_BATCH = 64
 """The official trainer's batch: `--batch` when it is not given with `--objective official`."""
 
 RUN_NAME = matches(r"[A-Za-z0-9][A-Za-z0-9_.-]*", "must be letters, digits, '.', '_' and '-' (it names a folder)")
+FRACTION_BELOW_ONE = Rule("must be at least 0 and below 1", lambda value: 0.0 <= value < 1.0)
 EXCLUSIVE_FRACTION = Rule("must lie strictly between 0 and 1", lambda value: 0.0 < value < 1.0)
 POWER_OF_TWO = Rule("must be a power of two, at least 16", lambda size: size >= 16 and size & (size - 1) == 0)
 _DATA, _MODEL, _WORKERS, _OUTPUTS = "data and run", "model and objective", "workers", "outputs"
@@ -104,6 +105,9 @@ class TrainSettings:
                                  "renderer learns (0: none)", group=_MODEL, metavar="STEP", rules=(NOT_NEGATIVE,))
     to_rgb_lr_mul: float = option(1.0, "learning-rate multiplier of the generators' to-RGB convs (1: one rate, as "
                                        "the official trainer)", group=_MODEL, metavar="X", rules=(POSITIVE,))
+    lr_decay: float = option(0.0, "share of the run, at its end, over which every learning rate falls linearly to a "
+                                  "tenth (0: constant rates, as the official trainer; see README, training recipe)",
+                             group=_MODEL, metavar="SHARE", rules=(FRACTION_BELOW_ONE,))
     seed: int = option(0, "seed of the weights and of every pair drawn", group=_MODEL)
     workers: int = option(1, "Ray Train workers", group=_WORKERS, rules=(at_least(1),))
     cpus_per_worker: float = option(1.0, "CPUs reserved per worker (its torch threads on CPU)", group=_WORKERS,
