@@ -202,9 +202,12 @@ def two_node_cluster():
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     logs = open(work / "cluster.log", "w")
+    # The GCS declares a node dead after `failure_threshold` failed health checks `period_ms` apart: 5 x 3 s
+    # by default, which the node-loss tests would wait through; a killed raylet fails each check at once.
+    head_env = {**env, "RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3"}
     head = subprocess.Popen([ray, "start", "--head", "--block", f"--port={port}", "--num-cpus=0",
                              f"--temp-dir={work / 'head'}", "--include-dashboard=false", "--disable-usage-stats"],
-                            env=env, stdout=logs, stderr=subprocess.STDOUT, start_new_session=True)
+                            env=head_env, stdout=logs, stderr=subprocess.STDOUT, start_new_session=True)
     cluster = TwoNodeCluster(f"127.0.0.1:{port}", private, [head])
     try:
         deadline = time.monotonic() + 60
