@@ -118,6 +118,19 @@ def s3_server():
                 os.environ[name] = value
 
 
+def alive_nodes(address: str) -> set[bytes]:
+    """The ids of the nodes the cluster's GCS holds alive (none while it does not answer), asked directly:
+    `ray status` costs an interpreter start and shows the autoscaler's view, refreshed only every 5 s."""
+    from ray._raylet import GcsClient
+    from ray.core.generated.gcs_pb2 import GcsNodeInfo
+
+    try:
+        nodes = GcsClient(address=address).get_all_node_info(timeout=5)
+    except Exception:  # not up yet; the callers wait with a deadline
+        return set()
+    return {node_id.binary() for node_id, node in nodes.items() if node.state == GcsNodeInfo.ALIVE}
+
+
 @dataclass
 class TwoNodeCluster:
     """A real Ray cluster of two nodes on this machine: a head that runs no work and a worker node
@@ -132,15 +145,6 @@ class TwoNodeCluster:
     def env(self) -> dict[str, str]:
         return {**os.environ, "RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "disabled"}
 
-    def node_count(self) -> int:
-        import subprocess
-        import sys
-
-        ray = str(Path(sys.executable).parent / "ray")
-        status = subprocess.run([ray, "status", f"--address={self.address}"], env=self.env(),
-                                capture_output=True, text=True)
-        return status.stdout.split("Pending:")[0].count(" node_")
-
     def add_node(self, num_cpus: int = 1, resources: str = "{}"):
         """Start one more worker node (sharing the machine's disk) and wait until it joins; for tests
         that remove a node mid-run with `remove_node`."""
@@ -149,15 +153,15 @@ class TwoNodeCluster:
         import time
 
         ray = str(Path(sys.executable).parent / "ray")
-        before = self.node_count()
+        before = alive_nodes(self.address)  # a node removed just before may still be among them
         process = subprocess.Popen([ray, "start", f"--address={self.address}", f"--num-cpus={num_cpus}",
                                     f"--resources={resources}", "--block"], env=self.env(),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
         self.processes.append(process)
         deadline = time.monotonic() + 60
-        while self.node_count() <= before:
+        while not alive_nodes(self.address) - before:
             assert time.monotonic() < deadline and process.poll() is None, "the added Ray node did not join"
-            time.sleep(1)
+            time.sleep(0.2)
         return process
 
     def remove_node(self, process) -> None:
@@ -211,19 +215,17 @@ def two_node_cluster():
     cluster = TwoNodeCluster(f"127.0.0.1:{port}", private, [head])
     try:
         deadline = time.monotonic() + 60
-        while subprocess.run([ray, "status", f"--address=127.0.0.1:{port}"], env=env,
-                             capture_output=True).returncode != 0:
+        while not alive_nodes(cluster.address):
             assert time.monotonic() < deadline and head.poll() is None, (work / "cluster.log").read_text()[-3000:]
-            time.sleep(1)
+            time.sleep(0.2)
         worker = subprocess.Popen(
             ["unshare", "-m", "--propagation", "private", "bash", "-c",
              f'mount -t tmpfs tmpfs "$1" && exec "$2" start --address=127.0.0.1:{port} --num-cpus=2 --block',
              "worker", str(private), ray], env=env, stdout=logs, stderr=subprocess.STDOUT, start_new_session=True)
         cluster.processes.append(worker)
-        while subprocess.run([ray, "status", f"--address=127.0.0.1:{port}"], env=env, capture_output=True,
-                             text=True).stdout.count(" node_") < 2:
+        while len(alive_nodes(cluster.address)) < 2:
             assert time.monotonic() < deadline and worker.poll() is None, (work / "cluster.log").read_text()[-3000:]
-            time.sleep(1)
+            time.sleep(0.2)
         yield cluster
     finally:
         cluster.stop()
