@@ -19,6 +19,11 @@ os.environ.setdefault("PREFECT_HOME", str(_SESSION_TMP / "prefect"))
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("RAY_TMPDIR", str(_SESSION_TMP / "ray"))
 os.environ.setdefault("NUMBA_DISABLE_JIT", "1")
+# Ray Train's controller polls its workers every 2 s (a finished or failed group is noticed up to 2 s late,
+# in every run) and starts a node-drain watcher actor (one more process) per worker group; no test drains
+# a node. Every Ray the session starts inherits these (workers take the environment of their raylet).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 import yaml
@@ -53,6 +54,7 @@ def test_deployments_deploy_and_the_prepare_deployment_runs_on_a_process_worker(
     from prefect import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.settings import PREFECT_API_URL
+    from prefect.workers.process import ProcessWorker
 
     # The flow run joins the session's Ray (the embedded local Ray is the README's and the demo's to prove);
     # what is only read back from the server is read in this process (each `prefect` command costs seconds).
@@ -66,7 +68,8 @@ def test_deployments_deploy_and_the_prepare_deployment_runs_on_a_process_worker(
     local_file.write_text(yaml.safe_dump(config))
 
     with get_client(sync_client=True) as client:
-        client.create_work_pool(WorkPoolCreate(name="dpe-test", type="process"))
+        client.create_work_pool(WorkPoolCreate(name="dpe-test", type="process",  # as `prefect work-pool create`
+                                               base_job_template=ProcessWorker.get_default_base_job_template()))
     _prefect("--no-prompt", "deploy", "--all", "--prefect-file", str(local_file), env=env)
     with get_client(sync_client=True) as client:
         for deployment in config["deployments"]:
@@ -82,7 +85,7 @@ def test_deployments_deploy_and_the_prepare_deployment_runs_on_a_process_worker(
     run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", started).group(1)
     _prefect("worker", "start", "--pool", "dpe-test", "--type", "process", "--run-once", env=env, timeout=600)
     with get_client(sync_client=True) as client:
-        state = client.read_flow_run(run_id).state
+        state = client.read_flow_run(UUID(run_id)).state
     assert state.is_completed(), state
     summary = json.loads((output / "summary.json").read_text())
     assert summary["ok"] >= 4 and summary["failed"] >= 5

@@ -181,7 +181,7 @@ def test_a_cluster_that_needs_a_token_is_one_line_saying_how_to_give_it(tmp_path
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port", str(port),
-                             "--num-cpus", "1", "--include-dashboard=false", "--disable-usage-stats"],
+                             "--num-cpus", "0", "--include-dashboard=false", "--disable-usage-stats"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
