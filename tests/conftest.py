@@ -19,6 +19,11 @@ os.environ.setdefault("PREFECT_HOME", str(_SESSION_TMP / "prefect"))
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("RAY_TMPDIR", str(_SESSION_TMP / "ray"))
 os.environ.setdefault("NUMBA_DISABLE_JIT", "1")
+# Ray Train's controller polls its workers every 2 s (a finished or failed group is noticed up to 2 s late,
+# in every run) and starts a node-drain watcher actor (one more process) per worker group; no test drains
+# a node. Every Ray the session starts inherits these (workers take the environment of their raylet).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session")
@@ -118,6 +123,19 @@ def s3_server():
                 os.environ[name] = value
 
 
+def alive_nodes(address: str) -> set[bytes]:
+    """The ids of the nodes the cluster's GCS holds alive (none while it does not answer), asked directly:
+    `ray status` costs an interpreter start and shows the autoscaler's view, refreshed only every 5 s."""
+    from ray._raylet import GcsClient
+    from ray.core.generated.gcs_pb2 import GcsNodeInfo
+
+    try:
+        nodes = GcsClient(address=address).get_all_node_info(timeout=5)
+    except Exception:  # not up yet; the callers wait with a deadline
+        return set()
+    return {node_id.binary() for node_id, node in nodes.items() if node.state == GcsNodeInfo.ALIVE}
+
+
 @dataclass
 class TwoNodeCluster:
     """A real Ray cluster of two nodes on this machine: a head that runs no work and a worker node
@@ -132,15 +150,6 @@ class TwoNodeCluster:
     def env(self) -> dict[str, str]:
         return {**os.environ, "RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "disabled"}
 
-    def node_count(self) -> int:
-        import subprocess
-        import sys
-
-        ray = str(Path(sys.executable).parent / "ray")
-        status = subprocess.run([ray, "status", f"--address={self.address}"], env=self.env(),
-                                capture_output=True, text=True)
-        return status.stdout.split("Pending:")[0].count(" node_")
-
     def add_node(self, num_cpus: int = 1, resources: str = "{}"):
         """Start one more worker node (sharing the machine's disk) and wait until it joins; for tests
         that remove a node mid-run with `remove_node`."""
@@ -149,15 +158,15 @@ class TwoNodeCluster:
         import time
 
         ray = str(Path(sys.executable).parent / "ray")
-        before = self.node_count()
+        before = alive_nodes(self.address)  # a node removed just before may still be among them
         process = subprocess.Popen([ray, "start", f"--address={self.address}", f"--num-cpus={num_cpus}",
                                     f"--resources={resources}", "--block"], env=self.env(),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
         self.processes.append(process)
         deadline = time.monotonic() + 60
-        while self.node_count() <= before:
+        while not alive_nodes(self.address) - before:
             assert time.monotonic() < deadline and process.poll() is None, "the added Ray node did not join"
-            time.sleep(1)
+            time.sleep(0.2)
         return process
 
     def remove_node(self, process) -> None:
@@ -168,17 +177,11 @@ class TwoNodeCluster:
         process.wait()
 
     def stop(self) -> None:
-        import signal
-
-        for process in reversed(self.processes):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
+        """Kill every node as `remove_node` does: `ray start --block` takes over 5 s to stop its node on
+        SIGTERM, and nothing of the cluster outlives the session (its files are under a temporary folder)."""
         for process in self.processes:
-            try:
-                process.wait(timeout=5)
-            except Exception:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            if process.poll() is None:
+                self.remove_node(process)
 
 
 @pytest.fixture(scope="session")
@@ -202,25 +205,26 @@ def two_node_cluster():
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     logs = open(work / "cluster.log", "w")
+    # The GCS declares a node dead after `failure_threshold` failed health checks `period_ms` apart: 5 x 3 s
+    # by default, which the node-loss tests would wait through; a killed raylet fails each check at once.
+    head_env = {**env, "RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3"}
     head = subprocess.Popen([ray, "start", "--head", "--block", f"--port={port}", "--num-cpus=0",
                              f"--temp-dir={work / 'head'}", "--include-dashboard=false", "--disable-usage-stats"],
-                            env=env, stdout=logs, stderr=subprocess.STDOUT, start_new_session=True)
+                            env=head_env, stdout=logs, stderr=subprocess.STDOUT, start_new_session=True)
     cluster = TwoNodeCluster(f"127.0.0.1:{port}", private, [head])
     try:
         deadline = time.monotonic() + 60
-        while subprocess.run([ray, "status", f"--address=127.0.0.1:{port}"], env=env,
-                             capture_output=True).returncode != 0:
+        while not alive_nodes(cluster.address):
             assert time.monotonic() < deadline and head.poll() is None, (work / "cluster.log").read_text()[-3000:]
-            time.sleep(1)
+            time.sleep(0.2)
         worker = subprocess.Popen(
             ["unshare", "-m", "--propagation", "private", "bash", "-c",
              f'mount -t tmpfs tmpfs "$1" && exec "$2" start --address=127.0.0.1:{port} --num-cpus=2 --block',
              "worker", str(private), ray], env=env, stdout=logs, stderr=subprocess.STDOUT, start_new_session=True)
         cluster.processes.append(worker)
-        while subprocess.run([ray, "status", f"--address=127.0.0.1:{port}"], env=env, capture_output=True,
-                             text=True).stdout.count(" node_") < 2:
+        while len(alive_nodes(cluster.address)) < 2:
             assert time.monotonic() < deadline and worker.poll() is None, (work / "cluster.log").read_text()[-3000:]
-            time.sleep(1)
+            time.sleep(0.2)
         yield cluster
     finally:
         cluster.stop()

@@ -21,3 +21,14 @@ def sigterm_and_wait(command: subprocess.Popen, stderr: Path, limit: float) -> t
         command.kill()
         pytest.fail(f"still running {limit:g} s after SIGTERM: {stderr.read_text()[-3000:]}")
     return code, time.monotonic() - signalled
+
+
+def session_prefect_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` for a `portrait` subprocess that records its flow runs on the session's Prefect API (the
+    `prefect_harness` fixture must be active) instead of starting an embedded server, which costs seconds
+    per command; the README test and the embedded-services tests keep the embedded default."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    assert url, "the prefect_harness fixture is not active"
+    return {**env, "PREFECT_API_URL": str(url)}

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from process_support import session_prefect_env
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = """
@@ -39,14 +40,14 @@ def test_a_local_path_some_node_cannot_see_is_refused_and_a_shared_one_passes(tw
 
 @pytest.mark.slow
 def test_prepare_on_two_nodes_writes_shards_from_the_workers_and_refuses_a_folder_one_node_lacks(
-        two_node_cluster, tmp_path):
+        two_node_cluster, prefect_harness, tmp_path):
     """The head runs no work, so every shard is written by the worker node: into a folder both nodes see
     it lands on the user's disk; a folder the worker node cannot see is refused before any work."""
     import json
 
     base = [sys.executable, "-m", "flows.cli", "prepare", "--sample", "--detector", "dlib", "--retries", "0",
             "--workdir", str(tmp_path / "work")]
-    env = {**two_node_cluster.env(), "PREFECT_HOME": str(tmp_path / "prefect")}
+    env = session_prefect_env(two_node_cluster.env())
     hidden = two_node_cluster.private / "dataset"
     refused = subprocess.run([*base, "--output", str(hidden)], cwd=REPO, env=env, capture_output=True, text=True,
                              timeout=300)

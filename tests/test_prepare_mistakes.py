@@ -181,8 +181,8 @@ def test_a_cluster_that_needs_a_token_is_one_line_saying_how_to_give_it(tmp_path
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port", str(port),
-                             "--num-cpus", "1", "--include-dashboard=false", "--disable-usage-stats"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--num-cpus", "0", "--include-dashboard=false", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -193,7 +193,9 @@ def test_a_cluster_that_needs_a_token_is_one_line_saying_how_to_give_it(tmp_path
                                "--output", str(tmp_path / "out"), "--ray-address", f"127.0.0.1:{port}"],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     finally:
-        head.terminate()  # `ray start --block` stops the cluster it started (never `ray stop`: it stops every Ray)
+        # The head's processes are its session's (never `ray stop`: it stops every Ray); `ray start --block`
+        # takes seconds to stop them on SIGTERM, and none of them holds anything the test keeps.
+        os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=60)
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if line.startswith("portrait prepare:")]

@@ -6,12 +6,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from process_support import sigterm_and_wait
+from process_support import session_prefect_env, sigterm_and_wait
 
 from flows.cli import main
 from pipelines.dataset import integrity, manifest
@@ -31,8 +30,9 @@ def test_sigterm_stops_within_20_s_and_the_rerun_resumes_exactly(tmp_path, ray_c
     output = tmp_path / "out"
     argv = ["prepare", "--sample", "--output", str(output), "--detector", "dlib", "--videos-per-batch", "1",
             "--batches-in-flight", "1", "--retries", "0", "--workdir", str(tmp_path / "work")]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "RAY_ADDRESS"))}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"), RAY_TMPDIR=tempfile.mkdtemp(prefix="rs", dir="/tmp"))
+    # On the session's Ray and Prefect API: starting embedded ones would only add seconds (the embedded
+    # services' own end is tested in test_prepare_mistakes and by the README).
+    env = session_prefect_env({**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address})
     stderr = tmp_path / "stderr.txt"
     command = subprocess.Popen([sys.executable, "-m", "flows.cli", *argv], env=env, cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=open(stderr, "w"))
