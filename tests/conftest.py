@@ -26,6 +26,16 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Set Prefect's logging up before any test runs: its console handlers keep the `sys.stderr` of the moment
+    it first does so, and inside a test that uses `capsys` that stream is closed when the test ends, so every
+    later in-process flow's log line would fail (seen with tests/test_edit_ray.py run before tests/test_demo.py).
+    Now they write to pytest's capture of the whole session."""
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray on the machine's two CPUs, shared by every test that asks for it."""
