@@ -182,7 +182,6 @@ class Planner:
             works.append(JobWork(job, spec, attempt, self.model_size))
         return works
 
-
     def stream(self, windows: Iterable[Window]) -> Iterator[list[JobWork]]:
         """The work of each window as it is planned (possibly none: a consumer can stop between windows)."""
         for window in windows:

@@ -52,7 +52,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import pickle
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
@@ -66,7 +65,7 @@ from pipelines.edit.compose import cached_detector, compose_chunk
 from pipelines.edit.crops import crop_chunk
 from pipelines.edit.results import ResultRow
 from pipelines.edit.settings import EditSettings
-from pipelines.edit.stage_io import from_columns, to_columns
+from pipelines.edit.stage_io import from_columns, payload_table, to_columns
 from pipelines.errors import RecordedFailure
 from pipelines.runtime import stop_requested
 from pipelines.storage import OutputStore, store_environment
@@ -444,7 +443,6 @@ class WorkFeed:
         return block_sizes(max(self.known, self.planned), self.cpus, self.chunk_frames)
 
     def _feed(self) -> None:
-        import pyarrow as pa
         import ray
 
         try:
@@ -456,8 +454,8 @@ class WorkFeed:
                 self.planned += len(works)
                 jobs, frames = self.sizes()
                 groups = [JobGroup(works[start:start + jobs], frames) for start in range(0, len(works), jobs)]
-                table = pa.table({"payload": pa.array([pickle.dumps(g, protocol=5) for g in groups], pa.binary())})
-                self._wait(self.queue.put.remote([ray.put(table)]))  # in a list: the queue keeps the reference
+                # in a list: the queue keeps the reference
+                self._wait(self.queue.put.remote([ray.put(payload_table(groups))]))
         except BaseException as error:  # raised on the driver's main thread by `raise_error`
             self.error = error
         finally:

@@ -1,6 +1,6 @@
 """What every editing stage reads and writes where it runs: local copies of inputs, the source's
 stream, a chunk's frames, a driver image, outputs written locally and then stored, and the columns
-chunks travel in between stages (`to_columns`, `from_columns`).
+chunks travel in between stages (`to_columns`, `from_columns`, `payload_table`).
 
 Video decoding seeks, so an input that lives in an object store needs a real file here.
 An input is copied once per machine (`storage.local_copy`, into the run's scratch folder, a cache
@@ -119,6 +119,14 @@ def to_columns(items: Iterable[object]) -> dict[str, np.ndarray]:
             column[row] = array
         columns[name] = column
     return columns
+
+
+def payload_table(items: Iterable[object]):
+    """Items without pixels (groups of jobs) as an Arrow table of `to_columns`' payload column: the block a
+    read task yields, which `from_columns` reads back like any stage's batch."""
+    import pyarrow as pa
+
+    return pa.table({"payload": pa.array([pickle.dumps(item, protocol=5) for item in items], pa.binary())})
 
 
 def from_columns(batch: dict[str, np.ndarray]) -> list:

@@ -7,6 +7,7 @@ so tests and the sample can describe a video the way VoxCeleb would.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -328,10 +329,8 @@ class _ParsingProcesses:
             receiver.join()
             for pipe in (process.stdin, process.stdout):
                 if pipe is not None:
-                    try:
+                    with contextlib.suppress(BrokenPipeError):  # a chunk still buffered for a process that died
                         pipe.close()
-                    except BrokenPipeError:  # a chunk still buffered for a process that died: nothing to do
-                        pass
 
 
 def _receive(process: subprocess.Popen, results: queue.SimpleQueue) -> None:
