@@ -46,6 +46,9 @@ def crop_and_log(chunk, settings):
     return result
 
 
+# blocks packed as for a long queue: two jobs per analysis task, chunks in bundles of two (a lost node
+# loses a whole bundle, one of its chunks finished)
+runner.block_sizes = lambda todo, cpus, chunk_frames: (2, 2 * chunk_frames)
 ensure_ray(address)
 settings = EditSettings(output=output, checkpoint=checkpoint, detector="dlib", preset="ultrafast", chunk_frames=16,
                         model_cpus=0.5, workdir=workdir)
@@ -102,8 +105,9 @@ def _attempts(events: list[list]) -> dict[tuple[str, int], list[list]]:
 @pytest.mark.slow
 def test_edit_on_object_storage_spreads_over_nodes_and_survives_losing_one(two_node_cluster, s3_server, edit_clips,
                                                                           tiny_checkpoint, tmp_path, monkeypatch):
-    """Sources, driver and output in S3; a second worker node joins, finishes a chunk, and is lost (raylet and
-    workers killed at once) while it holds another; the run ends with every video ok, once, in the store."""
+    """Sources, driver and output in S3, blocks packed; a second worker node joins, finishes a chunk, and is lost
+    (raylet and workers killed at once) while it holds another; the run ends with every video ok, once, in the
+    store."""
     bucket = "edit-cluster"
     s3_server.bucket(bucket)
     _upload(s3_server, bucket, edit_clips)
@@ -152,7 +156,8 @@ def test_edit_on_object_storage_spreads_over_nodes_and_survives_losing_one(two_n
     began_on_lost = {chunk for chunk, tries in attempts.items() if tries[0][4]}
     finished_on_lost = {(e[1], e[2]) for e in events if e[0] == "end" and e[4]}
     held = began_on_lost - finished_on_lost
-    assert len(held) == 1 and finished_on_lost, "the added node finished a chunk, then held one when it was lost"
+    # its crop tasks each take a bundle of two chunks: one or two of them can be held when it is lost
+    assert held and finished_on_lost, "the added node finished a chunk, then held one when it was lost"
     for chunk, tries in attempts.items():
         if chunk in held:  # redone once, on the node that is left
             assert len(tries) == 2 and not tries[1][4], tries

@@ -115,6 +115,8 @@ def test_sigterm_stops_feeding_work_records_what_finished_and_says_how_to_resume
                                                                                 ray_cluster, prefect_harness, capsys,
                                                                                 monkeypatch):
     monkeypatch.setattr(results, "PART_ROWS", 1)  # each finished job is on disk at once: the signal follows it
+    # blocks packed as for a long queue: two jobs per analysis and joining task, chunks in bundles of two
+    monkeypatch.setattr(runner, "block_sizes", lambda todo, cpus, chunk_frames: (2, 2 * chunk_frames))
     archive = tmp_path / "archive"
     archive.mkdir()
     for number in range(6):
