@@ -81,12 +81,19 @@ RUN = COMMON + THREADS + textwrap.dedent("""
     import ray
     from pipelines.edit import job, results
     from pipelines.edit.settings import EditSettings
-    table, output, checkpoint, workdir, executor, cpus, trace, stop_at_first = sys.argv[1:9]
+    table, output, checkpoint, workdir, executor, cpus, trace, stop_at_first, chunk_frames = sys.argv[1:10]
     import tracemalloc
+    from ray.data._internal.execution.streaming_executor import StreamingExecutor
+    steps = []  # the Ray Data executor's scheduling steps (its driver-side cost is per step)
+    scheduling_step = StreamingExecutor._scheduling_loop_step
+    def counted_step(self, topology):
+        steps.append(1)
+        return scheduling_step(self, topology)
+    StreamingExecutor._scheduling_loop_step = counted_step
     if executor == "ray":
         ray.init(num_cpus=int(cpus), include_dashboard=False, log_to_driver=False)
     settings = EditSettings(output=output, checkpoint=checkpoint, detector="dlib", preset="ultrafast",
-                            chunk_frames=16, model_cpus=0.5, executor=executor, workdir=workdir)
+                            chunk_frames=int(chunk_frames), model_cpus=0.5, executor=executor, workdir=workdir)
     from pipelines.edit.model import load_weights
     weights = load_weights(checkpoint)
     gc.collect()
@@ -133,7 +140,7 @@ RUN = COMMON + THREADS + textwrap.dedent("""
                       "plan_s": planned - wall0, "first_row_s": (first[0] - planned) if first else None,
                       "first_row_from_start_s": (first[0] - wall0) if first else None,
                       "retained_mb": retained_mb, "peak_growth_mb": peak_mb() - before,
-                      "driver_cpu_s_by_thread": by_thread}))
+                      "scheduling_steps": len(steps), "driver_cpu_s_by_thread": by_thread}))
 """)
 
 PLAN = COMMON + textwrap.dedent("""
@@ -225,6 +232,9 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=2,
                         help="CPUs the local Ray declares (more than the machine has shows how Ray Data schedules "
                              "the stages on a larger cluster; the work then shares the real cores)")
+    parser.add_argument("--chunk-frames", type=int, default=16,
+                        help="the edit's --chunk-frames (16: four 4-frame jobs to a bundle; the command's default, "
+                             "`portrait edit --help`, packs a whole analysis task's jobs into one)")
     parser.add_argument("--tracemalloc", action="store_true",
                         help="also trace the driver's Python allocations in each jobs run and print what is still "
                              "held after it, by place (slows the driver: its CPU figures are then not comparable)")
@@ -242,13 +252,13 @@ def main() -> None:
         table = _table(folder / f"jobs{n}.parquet", [(str(clip), str(clip), f"v{i:07d}.mp4") for i in range(n)])
         report[f"jobs_{n}"] = figures = _python(RUN, table, str(folder / f"out{n}"), str(checkpoint),
                                                 str(folder / "work"), "ray", str(args.cpus),
-                                                "1" if args.tracemalloc else "0", "0")
+                                                "1" if args.tracemalloc else "0", "0", str(args.chunk_frames))
         figures["cpu_ms_per_job"] = 1000 * figures["driver_cpu_s"] / n
         figures["retained_kb_per_job"] = 1024 * figures["retained_mb"] / n
         print(f"{n:>7} jobs: {figures['ok']} ok, driver CPU {figures['cpu_ms_per_job']:.2f} ms/job, retained "
               f"{figures['retained_kb_per_job']:.2f} KB/job (peak +{figures['peak_growth_mb']:.0f} MB), first row "
               f"{figures['first_row_s']:.1f} s after the run started ({figures['first_row_from_start_s']:.1f} s after the "
-              f"start), wall {figures['wall_s']:.0f} s; driver CPU s by "
+              f"start), wall {figures['wall_s']:.0f} s, {figures['scheduling_steps']} Ray Data scheduling steps; driver CPU s by "
               f"thread {figures['driver_cpu_s_by_thread']}", flush=True)
         if args.tracemalloc:
             print(f"{'':>13}Python allocations still held after the run: {figures['traced_retained_kb'] / n:.2f} "
@@ -272,7 +282,7 @@ def main() -> None:
     if args.archive_rows:
         table = _archive_table(folder / "archive.parquet", args.archive_rows, clip)
         report["archive"] = big = _python(RUN, str(table), str(folder / "archive-out"), str(checkpoint),
-                                          str(folder / "work"), "ray", str(args.cpus), "0", "1")
+                                          str(folder / "work"), "ray", str(args.cpus), "0", "1", str(args.chunk_frames))
         print(f"an archive of {args.archive_rows:,} jobs (stopped after its first row): first row "
               f"{big['first_row_from_start_s']:.1f} s after the start (planning returned after {big['plan_s']:.1f} s), "
               f"{sizes[0]} jobs: {small['first_row_from_start_s']:.1f} s: "
@@ -287,7 +297,7 @@ def main() -> None:
         table = _table(folder / f"missing{n}.parquet",
                        [(str(folder / f"gone{i}.mp4"), str(clip), f"m{i:07d}.mp4") for i in range(n)])
         report[f"missing_{n}"] = _python(RUN, table, str(folder / f"missing-out{n}"), str(checkpoint),
-                                         str(folder / "work"), "ray", str(args.cpus), "0", "0")
+                                         str(folder / "work"), "ray", str(args.cpus), "0", "0", str(args.chunk_frames))
     a, b = (report[f"missing_{n}"] for n in counts)
     marginal_ms = 1000 * (b["wall_s"] - a["wall_s"]) / (counts[1] - counts[0])
     print(f"rows with a missing source: {counts[0]} in {a['wall_s']:.2f} s, {counts[1]} in {b['wall_s']:.2f} s: "
