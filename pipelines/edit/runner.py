@@ -540,9 +540,6 @@ def run_ray(windows: Iterable[list[JobWork]], total: int, weights, settings: Edi
     # long video spread over tasks from the start, without a repartition stage (whose streaming tasks
     # would each hold a CPU while waiting for their output to be taken)
     dataset.context.target_max_block_size = 1
-    # the run shows its own progress (jobs recorded); Ray Data's would redraw every stage's bar, or log them
-    # when not on a terminal, at every step of its scheduling loop, which runs on the driver
-    dataset.context.enable_progress_bars = False
     access = _store_access()
     common = dict(batch_size=1, batch_format="numpy", zero_copy_batch=True, **access)  # a block is one row
     # CPU tasks whose worker dies are retried by Ray Data without limit: the ledger turns the attempt after
