@@ -47,6 +47,9 @@ COMMON = textwrap.dedent("""
     import gc, json, os, sys, time
     def rss_mb():
         return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) / 1024
+    def rss_kinds_mb():  # resident memory by kind: the heap, mapped files, shared memory (the object store's pages)
+        return {l.split(":")[0]: int(l.split()[1]) / 1024 for l in open("/proc/self/status")
+                if l.startswith(("RssAnon:", "RssFile:", "RssShmem:"))}
     def peak_mb():
         return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
 """)
@@ -104,7 +107,7 @@ RUN = COMMON + THREADS + textwrap.dedent("""
     threading.Thread(target=sampler, args=(stop_sampling,), daemon=True).start()
     sample_threads()
     at_start = dict(thread_cpu)
-    before, cpu0, wall0 = rss_mb(), time.process_time(), time.monotonic()
+    before, kinds_before, cpu0, wall0 = rss_mb(), rss_kinds_mb(), time.process_time(), time.monotonic()
     edit_plan, weights = job.plan(job.EditInputs(jobs=table), settings, weights=weights)
     planned = time.monotonic()
     first = []
@@ -125,6 +128,7 @@ RUN = COMMON + THREADS + textwrap.dedent("""
     del edit_plan, tally
     gc.collect()
     retained_mb = rss_mb() - before
+    retained_by_kind_mb = {kind: mb - kinds_before[kind] for kind, mb in rss_kinds_mb().items()}
     import ctypes  # what is left once the C allocator returns its free pages: memory still in use
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     traced = {"retained_after_trim_mb": rss_mb() - before}
@@ -139,7 +143,7 @@ RUN = COMMON + THREADS + textwrap.dedent("""
                       "by_failure_class": summary["by_failure_class"], "driver_cpu_s": cpu, "wall_s": wall,
                       "plan_s": planned - wall0, "first_row_s": (first[0] - planned) if first else None,
                       "first_row_from_start_s": (first[0] - wall0) if first else None,
-                      "retained_mb": retained_mb, "peak_growth_mb": peak_mb() - before,
+                      "retained_mb": retained_mb, "retained_by_kind_mb": retained_by_kind_mb, "peak_growth_mb": peak_mb() - before,
                       "scheduling_steps": len(steps), "driver_cpu_s_by_thread": by_thread}))
 """)
 
@@ -268,12 +272,14 @@ def main() -> None:
     marginal_cpu_ms = 1000 * (large["driver_cpu_s"] - small["driver_cpu_s"]) / extra
     marginal_kb = 1024 * (large["retained_mb"] - small["retained_mb"]) / extra
     marginal_trimmed_kb = 1024 * (large["retained_after_trim_mb"] - small["retained_after_trim_mb"]) / extra
+    by_kind_kb = {kind: round(1024 * (large["retained_by_kind_mb"][kind] - small["retained_by_kind_mb"][kind]) / extra, 2)
+                  for kind in large["retained_by_kind_mb"]}
     report["marginal"] = {"cpu_ms_per_job": marginal_cpu_ms, "retained_kb_per_job": marginal_kb,
-                          "retained_after_trim_kb_per_job": marginal_trimmed_kb}
+                          "retained_after_trim_kb_per_job": marginal_trimmed_kb, "retained_kb_per_job_by_kind": by_kind_kb}
     if args.tracemalloc:
         report["marginal"]["traced_kb_per_job"] = (large["traced_retained_kb"] - small["traced_retained_kb"]) / extra
     print(f"at the margin ({sizes[0]} -> {sizes[1]} jobs): driver CPU {marginal_cpu_ms:.2f} ms/job, retained "
-          f"{marginal_kb:.2f} KB/job ({marginal_trimmed_kb:.2f} KB/job after malloc_trim"
+          f"{marginal_kb:.2f} KB/job ({marginal_trimmed_kb:.2f} KB/job after malloc_trim; by kind {by_kind_kb}"
           + (f", Python allocations {report['marginal']['traced_kb_per_job']:.3f} KB/job" if args.tracemalloc else "")
           + f"); driver CPU as a share of one core: {small['driver_cpu_s'] / small['wall_s']:.0%}"
           f" / {large['driver_cpu_s'] / large['wall_s']:.0%}; time to first row {sizes[1]} / {sizes[0]} jobs: "
