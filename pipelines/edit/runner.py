@@ -525,12 +525,8 @@ def run_ray(windows: Iterable[list[JobWork]], total: int, weights, settings: Edi
     the dataset, the jobs whose chunks are all back are finished and recorded, and the function returns.
     `crop` is the crop stage's per-chunk function (tests swap in one that kills its worker).
     """
-    import pyarrow
     import ray
 
-    # the driver reads every block the dataset hands back; Arrow's default allocator (mimalloc) kept the freed
-    # memory of them (about 6 KB per finished job, measured), the C allocator's is reused
-    pyarrow.set_memory_pool(pyarrow.system_memory_pool())
     store = OutputStore(settings.output)
     ledger = ray.remote(AttemptLedger).options(**_head_pinned()).remote()
     weights_ref = [ray.put(weights)]
