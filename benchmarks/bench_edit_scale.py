@@ -9,7 +9,8 @@ Four measurements, each in a fresh process (so memory figures are that process's
    minus before plan, over N) and peak growth, and the time from the start of `run` to the first
    recorded row (and from the start of `plan`); then the same at the margin (large minus small, over the extra jobs), and the driver's
    CPU as a share of one core (Ray Data's executor loop runs in the driver for the whole run) and per
-   thread (the executor's, the main thread's, Ray core's). `--cpus` sets the CPUs the local Ray
+   thread (the executor's, the main thread's, Ray core's), with the executor's scheduling steps (it steps on a
+   0.1 s clock, so its cost follows the wall time) and the retained memory by kind (heap, files, shared pages). `--cpus` sets the CPUs the local Ray
    declares (Ray Data reserves each stage's minimum upstream first: the runner's `stage_cpus` keeps
    that from holding the later stages back on small clusters). The retained memory is also given
    after `malloc_trim` (what the C allocator still holds in use); `--tracemalloc` also traces the
