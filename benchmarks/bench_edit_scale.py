@@ -9,7 +9,8 @@ Four measurements, each in a fresh process (so memory figures are that process's
    minus before plan, over N) and peak growth, and the time from the start of `run` to the first
    recorded row (and from the start of `plan`); then the same at the margin (large minus small, over the extra jobs), and the driver's
    CPU as a share of one core (Ray Data's executor loop runs in the driver for the whole run) and per
-   thread (the executor's, the main thread's, Ray core's). `--cpus` sets the CPUs the local Ray
+   thread (the executor's, the main thread's, Ray core's), with the executor's scheduling steps (it steps on a
+   0.1 s clock, so its cost follows the wall time) and the retained memory by kind (heap, files, shared pages). `--cpus` sets the CPUs the local Ray
    declares (Ray Data reserves each stage's minimum upstream first: the runner's `stage_cpus` keeps
    that from holding the later stages back on small clusters). The retained memory is also given
    after `malloc_trim` (what the C allocator still holds in use); `--tracemalloc` also traces the
@@ -47,6 +48,9 @@ COMMON = textwrap.dedent("""
     import gc, json, os, sys, time
     def rss_mb():
         return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) / 1024
+    def rss_kinds_mb():  # resident memory by kind: the heap, mapped files, shared memory (the object store's pages)
+        return {l.split(":")[0]: int(l.split()[1]) / 1024 for l in open("/proc/self/status")
+                if l.startswith(("RssAnon:", "RssFile:", "RssShmem:"))}
     def peak_mb():
         return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
 """)
@@ -81,12 +85,19 @@ RUN = COMMON + THREADS + textwrap.dedent("""
     import ray
     from pipelines.edit import job, results
     from pipelines.edit.settings import EditSettings
-    table, output, checkpoint, workdir, executor, cpus, trace, stop_at_first = sys.argv[1:9]
+    table, output, checkpoint, workdir, executor, cpus, trace, stop_at_first, chunk_frames = sys.argv[1:10]
     import tracemalloc
+    from ray.data._internal.execution.streaming_executor import StreamingExecutor
+    steps = []  # the Ray Data executor's scheduling steps (its driver-side cost is per step)
+    scheduling_step = StreamingExecutor._scheduling_loop_step
+    def counted_step(self, topology):
+        steps.append(1)
+        return scheduling_step(self, topology)
+    StreamingExecutor._scheduling_loop_step = counted_step
     if executor == "ray":
         ray.init(num_cpus=int(cpus), include_dashboard=False, log_to_driver=False)
     settings = EditSettings(output=output, checkpoint=checkpoint, detector="dlib", preset="ultrafast",
-                            chunk_frames=16, model_cpus=0.5, executor=executor, workdir=workdir)
+                            chunk_frames=int(chunk_frames), model_cpus=0.5, executor=executor, workdir=workdir)
     from pipelines.edit.model import load_weights
     weights = load_weights(checkpoint)
     gc.collect()
@@ -97,7 +108,7 @@ RUN = COMMON + THREADS + textwrap.dedent("""
     threading.Thread(target=sampler, args=(stop_sampling,), daemon=True).start()
     sample_threads()
     at_start = dict(thread_cpu)
-    before, cpu0, wall0 = rss_mb(), time.process_time(), time.monotonic()
+    before, kinds_before, cpu0, wall0 = rss_mb(), rss_kinds_mb(), time.process_time(), time.monotonic()
     edit_plan, weights = job.plan(job.EditInputs(jobs=table), settings, weights=weights)
     planned = time.monotonic()
     first = []
@@ -118,6 +129,7 @@ RUN = COMMON + THREADS + textwrap.dedent("""
     del edit_plan, tally
     gc.collect()
     retained_mb = rss_mb() - before
+    retained_by_kind_mb = {kind: mb - kinds_before[kind] for kind, mb in rss_kinds_mb().items()}
     import ctypes  # what is left once the C allocator returns its free pages: memory still in use
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     traced = {"retained_after_trim_mb": rss_mb() - before}
@@ -132,8 +144,8 @@ RUN = COMMON + THREADS + textwrap.dedent("""
                       "by_failure_class": summary["by_failure_class"], "driver_cpu_s": cpu, "wall_s": wall,
                       "plan_s": planned - wall0, "first_row_s": (first[0] - planned) if first else None,
                       "first_row_from_start_s": (first[0] - wall0) if first else None,
-                      "retained_mb": retained_mb, "peak_growth_mb": peak_mb() - before,
-                      "driver_cpu_s_by_thread": by_thread}))
+                      "retained_mb": retained_mb, "retained_by_kind_mb": retained_by_kind_mb, "peak_growth_mb": peak_mb() - before,
+                      "scheduling_steps": len(steps), "driver_cpu_s_by_thread": by_thread}))
 """)
 
 PLAN = COMMON + textwrap.dedent("""
@@ -225,6 +237,9 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=2,
                         help="CPUs the local Ray declares (more than the machine has shows how Ray Data schedules "
                              "the stages on a larger cluster; the work then shares the real cores)")
+    parser.add_argument("--chunk-frames", type=int, default=16,
+                        help="the edit's --chunk-frames (16: four 4-frame jobs to a bundle; the command's default, "
+                             "`portrait edit --help`, packs a whole analysis task's jobs into one)")
     parser.add_argument("--tracemalloc", action="store_true",
                         help="also trace the driver's Python allocations in each jobs run and print what is still "
                              "held after it, by place (slows the driver: its CPU figures are then not comparable)")
@@ -242,13 +257,13 @@ def main() -> None:
         table = _table(folder / f"jobs{n}.parquet", [(str(clip), str(clip), f"v{i:07d}.mp4") for i in range(n)])
         report[f"jobs_{n}"] = figures = _python(RUN, table, str(folder / f"out{n}"), str(checkpoint),
                                                 str(folder / "work"), "ray", str(args.cpus),
-                                                "1" if args.tracemalloc else "0", "0")
+                                                "1" if args.tracemalloc else "0", "0", str(args.chunk_frames))
         figures["cpu_ms_per_job"] = 1000 * figures["driver_cpu_s"] / n
         figures["retained_kb_per_job"] = 1024 * figures["retained_mb"] / n
         print(f"{n:>7} jobs: {figures['ok']} ok, driver CPU {figures['cpu_ms_per_job']:.2f} ms/job, retained "
               f"{figures['retained_kb_per_job']:.2f} KB/job (peak +{figures['peak_growth_mb']:.0f} MB), first row "
               f"{figures['first_row_s']:.1f} s after the run started ({figures['first_row_from_start_s']:.1f} s after the "
-              f"start), wall {figures['wall_s']:.0f} s; driver CPU s by "
+              f"start), wall {figures['wall_s']:.0f} s, {figures['scheduling_steps']} Ray Data scheduling steps; driver CPU s by "
               f"thread {figures['driver_cpu_s_by_thread']}", flush=True)
         if args.tracemalloc:
             print(f"{'':>13}Python allocations still held after the run: {figures['traced_retained_kb'] / n:.2f} "
@@ -258,12 +273,14 @@ def main() -> None:
     marginal_cpu_ms = 1000 * (large["driver_cpu_s"] - small["driver_cpu_s"]) / extra
     marginal_kb = 1024 * (large["retained_mb"] - small["retained_mb"]) / extra
     marginal_trimmed_kb = 1024 * (large["retained_after_trim_mb"] - small["retained_after_trim_mb"]) / extra
+    by_kind_kb = {kind: round(1024 * (large["retained_by_kind_mb"][kind] - small["retained_by_kind_mb"][kind]) / extra, 2)
+                  for kind in large["retained_by_kind_mb"]}
     report["marginal"] = {"cpu_ms_per_job": marginal_cpu_ms, "retained_kb_per_job": marginal_kb,
-                          "retained_after_trim_kb_per_job": marginal_trimmed_kb}
+                          "retained_after_trim_kb_per_job": marginal_trimmed_kb, "retained_kb_per_job_by_kind": by_kind_kb}
     if args.tracemalloc:
         report["marginal"]["traced_kb_per_job"] = (large["traced_retained_kb"] - small["traced_retained_kb"]) / extra
     print(f"at the margin ({sizes[0]} -> {sizes[1]} jobs): driver CPU {marginal_cpu_ms:.2f} ms/job, retained "
-          f"{marginal_kb:.2f} KB/job ({marginal_trimmed_kb:.2f} KB/job after malloc_trim"
+          f"{marginal_kb:.2f} KB/job ({marginal_trimmed_kb:.2f} KB/job after malloc_trim; by kind {by_kind_kb}"
           + (f", Python allocations {report['marginal']['traced_kb_per_job']:.3f} KB/job" if args.tracemalloc else "")
           + f"); driver CPU as a share of one core: {small['driver_cpu_s'] / small['wall_s']:.0%}"
           f" / {large['driver_cpu_s'] / large['wall_s']:.0%}; time to first row {sizes[1]} / {sizes[0]} jobs: "
@@ -272,7 +289,7 @@ def main() -> None:
     if args.archive_rows:
         table = _archive_table(folder / "archive.parquet", args.archive_rows, clip)
         report["archive"] = big = _python(RUN, str(table), str(folder / "archive-out"), str(checkpoint),
-                                          str(folder / "work"), "ray", str(args.cpus), "0", "1")
+                                          str(folder / "work"), "ray", str(args.cpus), "0", "1", str(args.chunk_frames))
         print(f"an archive of {args.archive_rows:,} jobs (stopped after its first row): first row "
               f"{big['first_row_from_start_s']:.1f} s after the start (planning returned after {big['plan_s']:.1f} s), "
               f"{sizes[0]} jobs: {small['first_row_from_start_s']:.1f} s: "
@@ -287,7 +304,7 @@ def main() -> None:
         table = _table(folder / f"missing{n}.parquet",
                        [(str(folder / f"gone{i}.mp4"), str(clip), f"m{i:07d}.mp4") for i in range(n)])
         report[f"missing_{n}"] = _python(RUN, table, str(folder / f"missing-out{n}"), str(checkpoint),
-                                         str(folder / "work"), "ray", str(args.cpus), "0", "0")
+                                         str(folder / "work"), "ray", str(args.cpus), "0", "0", str(args.chunk_frames))
     a, b = (report[f"missing_{n}"] for n in counts)
     marginal_ms = 1000 * (b["wall_s"] - a["wall_s"]) / (counts[1] - counts[0])
     print(f"rows with a missing source: {counts[0]} in {a['wall_s']:.2f} s, {counts[1]} in {b['wall_s']:.2f} s: "
