@@ -99,6 +99,7 @@ from .losses import (
     discriminator_gan_loss,
     generator_gan_loss,
     gradient_l1_distance,
+    inner_face_weights,
     l1_distance,
     r1_penalty,
 )
@@ -141,6 +142,7 @@ class TrainConfig:
     readout_weight: float = READOUT_WEIGHT  # official: 0
     leakage_weight: float = LEAKAGE_WEIGHT  # official: 0
     sharpness_weight: float = 0.0  # image-gradient L1 per pair, times the pair's VGG weight (0: off, as official)
+    sharpness_focus: float = 0.0  # the sharpness term's extra weight on the inner face (losses.inner_face_weights)
     gan_weight: float = 1.0
     flow_warmup: int = 0  # steps during which the flow/mask heads keep their weights (an identity warp; 0: none)
     gan_start: int = 0  # steps trained on reconstruction alone before the GAN term and D updates begin
@@ -468,7 +470,9 @@ def generator_objective(
         terms.update({f"vgg_{name}": vgg[i] for i, name in enumerate(PAIR_WEIGHTS)})
         total = total + (vgg_weights * vgg).sum()
     if cfg.sharpness_weight > 0:
-        sharpness = gradient_l1_distance(outputs, targets).view(pairs, -1).mean(dim=1)
+        weights = (inner_face_weights(outputs.shape[-1], cfg.sharpness_focus, outputs.device)
+                   if cfg.sharpness_focus > 0 else None)
+        sharpness = gradient_l1_distance(outputs, targets, weights).view(pairs, -1).mean(dim=1)
         terms.update({f"sharp_{name}": sharpness[i] for i, name in enumerate(PAIR_WEIGHTS)})
         total = total + cfg.sharpness_weight * (vgg_weights * sharpness).sum()
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from train_support import prepared_sample, random_batch  # noqa: F401 (a fixture)
 
 from dpe.config import ModelConfig
-from dpe.losses import gradient_l1_distance, l1_distance
+from dpe.losses import INNER_FACE_CENTRE, gradient_l1_distance, inner_face_weights, l1_distance
 from dpe.train_step import TrainConfig, make_train_state, train_step
 from pipelines.train.clips import ClipReader, load_catalogue
 from pipelines.train.evaluation import self_reconstruction_l1
@@ -60,6 +60,29 @@ def test_the_sharpness_term_is_zero_for_the_image_and_charges_a_blurred_copy_mor
     assert gradient_l1_distance(image, image).tolist() == [0.0, 0.0]
     assert (gradient_l1_distance(blurred, image) > l1_distance(blurred, image)).all()
     assert gradient_l1_distance(shifted, image).abs().max() < 1e-6 < l1_distance(shifted, image).min()
+
+
+def test_the_inner_face_weights_charge_a_blurred_face_more_and_a_blurred_corner_less_than_uniform_weights():
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    blurred = F.avg_pool2d(F.pad(image, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    centre_x, centre_y = (round(fraction * 64) for fraction in INNER_FACE_CENTRE)
+
+    def blurred_at(x: int, y: int) -> torch.Tensor:  # the image with one 12 px square blurred
+        out = image.clone()
+        out[..., y - 6:y + 6, x - 6:x + 6] = blurred[..., y - 6:y + 6, x - 6:x + 6]
+        return out
+
+    weights = inner_face_weights(64, focus=8.0)
+    assert weights.mean().item() == pytest.approx(1.0)
+    assert divmod(int(weights.argmax()), 64) == (centre_y, centre_x)  # (row, column) of the peak
+    assert torch.equal(inner_face_weights(64, focus=0.0), torch.ones(64, 64))
+    assert gradient_l1_distance(blurred, image, torch.ones(64, 64)) == pytest.approx(gradient_l1_distance(blurred,
+                                                                                                          image))
+    face, corner = blurred_at(centre_x, centre_y), blurred_at(8, 8)
+    assert gradient_l1_distance(face, image, weights) > 3 * gradient_l1_distance(face, image)
+    assert gradient_l1_distance(corner, image, weights) < 0.7 * gradient_l1_distance(corner, image)
+    assert gradient_l1_distance(image, image, weights).item() == 0.0
+    assert TrainConfig.official().sharpness_focus == 0.0
 
 
 def test_flow_heads_hold_their_start_during_the_warmup_to_rgb_convs_get_their_own_rate_and_every_rate_decays():
