@@ -22,13 +22,15 @@ default objective departs from it and why):
   Pyramid levels smaller than 16 px are skipped: VGG19 pools four times before relu5_1, so
   smaller inputs vanish (this only affects tiny test models).
 * ``l1_distance``: mean absolute error per sample.
+* ``inner_face_weights``: a pixel weight map of mean 1 that can weight both pixel terms (L1 and
+  sharpness) towards the framed crop's inner face (``TrainConfig.face_focus``): at 64 px the eyes
+  are a few pixels wide, the first detail a small model blurs (and washes to the skin's colour),
+  and what a face detector looks for; the crop's border and background weigh less.
 * ``gradient_l1_distance``: mean absolute error of the images' horizontal and vertical
   differences, per sample: an offline stand-in for the VGG term's pull towards sharp edges
   (``TrainConfig.sharpness_weight``). L1 alone rewards a blurred mean of the plausible outputs;
   a blurred image has weak differences where the target has strong ones, so this term charges
-  for the lost edges at full price (it is 0 for identical images). ``inner_face_weights`` can weight
-  it towards the inner face (``TrainConfig.sharpness_focus``): at 64 px the eyes are a few pixels
-  wide, the first detail a small model blurs, and what a face detector looks for.
+  for the lost edges at full price (it is 0 for identical images).
 * Non-saturating GAN losses for generator and discriminator (softplus form), one mean per
   call; the training step sums them over the two cycle outputs, as the official trainer does.
 * ``r1_penalty``: optional. The official optimiser constants (D lr 0.002*16/17, betas
@@ -181,9 +183,10 @@ def _integer_step(scale: float) -> int:
     return step
 
 
-def l1_distance(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` mean absolute error per sample."""
-    return (output.float() - target.float()).abs().flatten(1).mean(dim=1)
+def l1_distance(output: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B,)`` mean absolute error per sample; each pixel's error times ``weights`` (``(H, W)``) when given."""
+    error = (output.float() - target.float()).abs()
+    return (error if weights is None else error * weights).flatten(1).mean(dim=1)
 
 
 INNER_FACE_CENTRE = (0.49, 0.57)
