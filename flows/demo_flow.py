@@ -62,7 +62,8 @@ def portrait_demo(output: str = _DEFAULTS.output, checkpoint: str | None = _DEFA
         # (the default without VGG), faster to-RGB convs and flows held at the identity for the first third
         # make the renderer copy the source's detail before motion is learnt: faces, not blurred blobs. The
         # fast to-RGB rate swings from step to step: the rates decay over the last third and the report and
-        # the edits use the generator's moving average.
+        # the edits use the generator's moving average. L1 and sharpness weigh the inner face more, so the
+        # few pixels of each eye are not washed into the skin.
         trained = train_model(data=str(dataset), run_dir=str(runs), name="demo", steps=steps, size=size,
                               workers=workers, batch=batch, gan_start=steps, flow_warmup=steps // 3,
                               to_rgb_lr_mul=DEMO_TO_RGB_LR_MUL, ema_decay=DEMO_EMA_DECAY,
