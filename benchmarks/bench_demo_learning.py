@@ -5,8 +5,9 @@ reconstruction alone) in one process with one torch thread, on a prepared sample
 evaluated every `--every` steps on the demo's held-out pairs (`l1`: both-transfer against the
 driver frame), with dlib's frontal detector on the expression and pose transfers of those pairs
 (64 px scaled to 256). Two runs: the old demo recipe (L1 alone) as the baseline, then the demo's
-recipe now (the sharpness term, to-RGB convs at 10x the rate, flow heads held for the first third,
-rates falling to a tenth over the last third, evaluated on the EMA 0.99 generator); both start from `dpe.layers.ToFlow`'s identity-warp, open-mask flow heads. Prints both curves,
+recipe now (the sharpness term, L1 and sharpness weighted to the inner face, to-RGB convs at 10x
+the rate, flow heads held for the first third, rates falling to a tenth over the last third,
+evaluated on the EMA 0.99 generator); both start from `dpe.layers.ToFlow`'s identity-warp, open-mask flow heads. Prints both curves,
 whether the recipe's last evaluation is its lowest (within 0.01) and below 0.2, and the ratio of
 the two final errors.
 
@@ -29,8 +30,8 @@ import numpy as np
 
 RECIPES = {
     "L1 alone (the old demo, baseline)": dict(sharpness=0.0),
-    "sharpness + to-RGB 10x + flow warm-up + EMA 0.99 + lr decay (the demo)": dict(
-        flow_warmup=None, to_rgb_lr_mul=10.0, ema_decay=0.99, lr_decay=1 / 3),
+    "sharpness + face focus 16 + to-RGB 10x + flow warm-up + EMA 0.99 + lr decay (the demo)": dict(
+        flow_warmup=None, to_rgb_lr_mul=10.0, ema_decay=0.99, lr_decay=1 / 3, face_focus=16.0),
 }
 """TrainSettings options of each run (`flow_warmup=None`: a third of the steps, as the demo)."""
 

@@ -22,6 +22,10 @@ default objective departs from it and why):
   Pyramid levels smaller than 16 px are skipped: VGG19 pools four times before relu5_1, so
   smaller inputs vanish (this only affects tiny test models).
 * ``l1_distance``: mean absolute error per sample.
+* ``inner_face_weights``: a pixel weight map of mean 1 that can weight both pixel terms (L1 and
+  sharpness) towards the framed crop's inner face (``TrainConfig.face_focus``): at 64 px the eyes
+  are a few pixels wide, the first detail a small model blurs (and washes to the skin's colour),
+  and what a face detector looks for; the crop's border and background weigh less.
 * ``gradient_l1_distance``: mean absolute error of the images' horizontal and vertical
   differences, per sample: an offline stand-in for the VGG term's pull towards sharp edges
   (``TrainConfig.sharpness_weight``). L1 alone rewards a blurred mean of the plausible outputs;
@@ -179,17 +183,41 @@ def _integer_step(scale: float) -> int:
     return step
 
 
-def l1_distance(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` mean absolute error per sample."""
-    return (output.float() - target.float()).abs().flatten(1).mean(dim=1)
+def l1_distance(output: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B,)`` mean absolute error per sample; each pixel's error times ``weights`` (``(H, W)``) when given."""
+    error = (output.float() - target.float()).abs()
+    return (error if weights is None else error * weights).flatten(1).mean(dim=1)
 
 
-def gradient_l1_distance(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` mean absolute error of horizontal and vertical neighbour differences, per sample."""
+INNER_FACE_CENTRE = (0.49, 0.57)
+"""(x, y) of the inner face (landmarks 17-67: brows, eyes, nose, mouth) in a framed crop, as fractions of its side."""
+INNER_FACE_SPREAD = (0.09, 0.12)
+"""Their standard deviation across and down the crop. Both measured on the sample's training clips, framed as
+``pipelines.media.framing.Framing`` frames every crop (the face's landmark box centred at (0.49, 0.62))."""
+
+
+def inner_face_weights(size: int, focus: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(size, size)`` pixel weights of mean 1: ``1 + focus * g`` rescaled, ``g`` a Gaussian of peak 1 with the
+    inner face's centre and spread, so the eyes and mouth weigh up to ``1 + focus`` times the crop's corners."""
+    axis = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size
+    (centre_x, centre_y), (spread_x, spread_y) = INNER_FACE_CENTRE, INNER_FACE_SPREAD
+    across = ((axis - centre_x) / spread_x) ** 2
+    down = ((axis - centre_y) / spread_y) ** 2
+    weights = 1.0 + focus * torch.exp(-0.5 * (down[:, None] + across[None, :]))
+    return weights / weights.mean()
+
+
+def gradient_l1_distance(output: torch.Tensor, target: torch.Tensor,
+                         weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B,)`` mean absolute error of horizontal and vertical neighbour differences, per sample; each difference
+    weighted by the mean of its two pixels' ``weights`` (``(H, W)``, e.g. ``inner_face_weights``) when given."""
     difference = output.float() - target.float()
-    horizontal = (difference[..., :, 1:] - difference[..., :, :-1]).abs().flatten(1).mean(dim=1)
-    vertical = (difference[..., 1:, :] - difference[..., :-1, :]).abs().flatten(1).mean(dim=1)
-    return horizontal + vertical
+    horizontal = (difference[..., :, 1:] - difference[..., :, :-1]).abs()
+    vertical = (difference[..., 1:, :] - difference[..., :-1, :]).abs()
+    if weights is not None:
+        horizontal = horizontal * (weights[:, 1:] + weights[:, :-1]) / 2
+        vertical = vertical * (weights[1:, :] + weights[:-1, :]) / 2
+    return horizontal.flatten(1).mean(dim=1) + vertical.flatten(1).mean(dim=1)
 
 
 def generator_gan_loss(fake_logits: torch.Tensor) -> torch.Tensor:

@@ -99,6 +99,7 @@ from .losses import (
     discriminator_gan_loss,
     generator_gan_loss,
     gradient_l1_distance,
+    inner_face_weights,
     l1_distance,
     r1_penalty,
 )
@@ -141,6 +142,7 @@ class TrainConfig:
     readout_weight: float = READOUT_WEIGHT  # official: 0
     leakage_weight: float = LEAKAGE_WEIGHT  # official: 0
     sharpness_weight: float = 0.0  # image-gradient L1 per pair, times the pair's VGG weight (0: off, as official)
+    face_focus: float = 0.0  # L1 and sharpness weigh the inner face up to 1+this x the corners (0: uniform, official)
     gan_weight: float = 1.0
     flow_warmup: int = 0  # steps during which the flow/mask heads keep their weights (an identity warp; 0: none)
     gan_start: int = 0  # steps trained on reconstruction alone before the GAN term and D updates begin
@@ -460,7 +462,8 @@ def generator_objective(
     targets = torch.cat([frame_b, frame_a, middle_backward, frame_a, frame_a])
     pairs = len(PAIR_WEIGHTS)
     vgg_weights, l1_weights = (torch.tensor(w, device=outputs.device) for w in zip(*PAIR_WEIGHTS.values()))
-    l1 = l1_distance(outputs, targets).view(pairs, -1).mean(dim=1)
+    weights = inner_face_weights(outputs.shape[-1], cfg.face_focus, outputs.device) if cfg.face_focus > 0 else None
+    l1 = l1_distance(outputs, targets, weights).view(pairs, -1).mean(dim=1)
     terms = {f"l1_{name}": l1[i] for i, name in enumerate(PAIR_WEIGHTS)}
     total = (l1_weights * l1).sum()
     if state.perceptual is not None:
@@ -468,7 +471,7 @@ def generator_objective(
         terms.update({f"vgg_{name}": vgg[i] for i, name in enumerate(PAIR_WEIGHTS)})
         total = total + (vgg_weights * vgg).sum()
     if cfg.sharpness_weight > 0:
-        sharpness = gradient_l1_distance(outputs, targets).view(pairs, -1).mean(dim=1)
+        sharpness = gradient_l1_distance(outputs, targets, weights).view(pairs, -1).mean(dim=1)
         terms.update({f"sharp_{name}": sharpness[i] for i, name in enumerate(PAIR_WEIGHTS)})
         total = total + cfg.sharpness_weight * (vgg_weights * sharpness).sum()
 

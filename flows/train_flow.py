@@ -54,6 +54,7 @@ def train_model(
     vgg_weights: str | None = _DEFAULTS.vgg_weights,
     gan_start: int = _DEFAULTS.gan_start,
     sharpness: float | None = _DEFAULTS.sharpness,
+    face_focus: float = _DEFAULTS.face_focus,
     flow_warmup: int = _DEFAULTS.flow_warmup,
     to_rgb_lr_mul: float = _DEFAULTS.to_rgb_lr_mul,
     lr_decay: float = _DEFAULTS.lr_decay,

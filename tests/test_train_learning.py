@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from train_support import prepared_sample, random_batch  # noqa: F401 (a fixture)
 
 from dpe.config import ModelConfig
-from dpe.losses import gradient_l1_distance, l1_distance
+from dpe.losses import INNER_FACE_CENTRE, gradient_l1_distance, inner_face_weights, l1_distance
 from dpe.train_step import TrainConfig, make_train_state, train_step
 from pipelines.train.clips import ClipReader, load_catalogue
 from pipelines.train.evaluation import self_reconstruction_l1
@@ -62,12 +62,36 @@ def test_the_sharpness_term_is_zero_for_the_image_and_charges_a_blurred_copy_mor
     assert gradient_l1_distance(shifted, image).abs().max() < 1e-6 < l1_distance(shifted, image).min()
 
 
+def test_the_inner_face_weights_charge_a_blurred_face_more_and_a_blurred_corner_less_than_uniform_weights_do():
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    blurred = F.avg_pool2d(F.pad(image, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    centre_x, centre_y = (round(fraction * 64) for fraction in INNER_FACE_CENTRE)
+
+    def blurred_at(x: int, y: int) -> torch.Tensor:  # the image with one 12 px square blurred
+        out = image.clone()
+        out[..., y - 6:y + 6, x - 6:x + 6] = blurred[..., y - 6:y + 6, x - 6:x + 6]
+        return out
+
+    weights = inner_face_weights(64, focus=8.0)
+    assert weights.mean().item() == pytest.approx(1.0)
+    assert divmod(int(weights.argmax()), 64) == (centre_y, centre_x)  # (row, column) of the peak
+    assert torch.equal(inner_face_weights(64, focus=0.0), torch.ones(64, 64))
+    face, corner = blurred_at(centre_x, centre_y), blurred_at(8, 8)
+    for distance in (l1_distance, gradient_l1_distance):
+        assert distance(blurred, image, torch.ones(64, 64)) == pytest.approx(distance(blurred, image))
+        assert distance(face, image, weights) > 3 * distance(face, image)
+        assert distance(corner, image, weights) < 0.7 * distance(corner, image)
+        assert distance(image, image, weights).item() == 0.0
+    assert gradient_l1_distance(face, image, weights) > l1_distance(face, image, weights)  # blur: edges cost more
+    assert TrainConfig.official().face_focus == 0.0
+
+
 def test_flow_heads_hold_their_start_during_the_warmup_to_rgb_convs_get_their_own_rate_and_every_rate_decays():
     assert lr_decay_steps(TrainSettings(steps=600, lr_decay=0.25)) == (450, 600)
     assert lr_decay_steps(TrainSettings(steps=600)) is None and TrainConfig.official().lr_decay is None
     torch.manual_seed(0)
     state = make_train_state(ModelConfig.tiny(), TrainConfig(perceptual=False, flow_warmup=2, to_rgb_lr_mul=4.0,
-                                                             sharpness_weight=2.0, lr_decay=(1, 2)))
+                                                             sharpness_weight=2.0, face_focus=16.0, lr_decay=(1, 2)))
     optimizers = (state.g_optimizer, state.probe_optimizer, state.d_optimizer)
 
     def rates() -> list[float]:  # the generator's two groups (to-RGB apart), the probes', the discriminator's

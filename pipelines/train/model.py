@@ -58,6 +58,7 @@ def plan_model(settings: TrainSettings) -> ModelPlan:
                    bf16=settings.bf16, grad_clip=settings.grad_clip, ema_decay=settings.ema_decay,
                    compile=settings.compile, gan_start=settings.gan_start, flow_warmup=settings.flow_warmup,
                    to_rgb_lr_mul=settings.to_rgb_lr_mul, sharpness_weight=sharpness_weight(settings, perceptual),
+                   face_focus=settings.face_focus,
                    lr_decay=lr_decay_steps(settings))
     train = TrainConfig.official(**options) if settings.objective == "official" else TrainConfig(**options)
     init_kind = detect_init(settings.init, model) if settings.init else None

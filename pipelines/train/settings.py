@@ -101,6 +101,10 @@ class TrainSettings:
                                            f"VGG offline (default: {SHARPNESS_WITHOUT_VGG:g} when training without the "
                                            "VGG term with --objective ours, else 0; see README, training recipe)",
                                      group=_MODEL, metavar="WEIGHT", rules=(NOT_NEGATIVE,))
+    face_focus: float = option(0.0, "extra weight of the L1 and sharpness terms on the framed crop's inner face "
+                                    "(eyes, nose, mouth): up to 1+X times the corners, the mean weight kept at 1 (0: "
+                                    "uniform, as the official trainer; see README, training recipe)", group=_MODEL,
+                               metavar="X", rules=(NOT_NEGATIVE,))
     flow_warmup: int = option(0, "steps during which the flow/mask heads keep their identity-warp start while the "
                                  "renderer learns (0: none)", group=_MODEL, metavar="STEP", rules=(NOT_NEGATIVE,))
     to_rgb_lr_mul: float = option(1.0, "learning-rate multiplier of the generators' to-RGB convs (1: one rate, as "
