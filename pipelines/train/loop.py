@@ -426,10 +426,12 @@ def _checkpoint(state, settings: TrainSettings, plan: ModelPlan, step: int, rank
     folder = tempfile.mkdtemp(prefix="checkpoint-")
     save_checkpoint(Path(folder) / runs.CHECKPOINT_FILE, models=state.modules(), optimizers=state.optimizers(),
                     step=step, config=state.model_config, extra=extra, durable=False)
+    # the rows up to this step reach the run folder before the checkpoint can be registered: a node lost
+    # between the two would otherwise leave a registered checkpoint whose logged rows were never uploaded
+    outputs.checkpointed()
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=dir_name,
                      checkpoint_upload_fn=upload, checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
                      delete_local_checkpoint_after_upload=True)
-    outputs.checkpointed()
     LOG.info("checkpoint %s staged; uploading in the background", dir_name)
 
 
