@@ -23,27 +23,17 @@ import sys
 import textwrap
 from pathlib import Path
 
+from bench_edit_scale import THREADS  # the driver's CPU per thread, sampled as the edit benchmark does
+
 REPO = Path(__file__).resolve().parents[1]
 
-MEASURE = textwrap.dedent("""
+MEASURE = THREADS + textwrap.dedent("""
     import gc, json, os, sys, threading, time
     import ray
     kind, n, cpus, stages, in_flight = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     def rss_mb():
         return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) / 1024
-    def thread_cpu():
-        names = {t.native_id: t.name.split("-")[0] for t in threading.enumerate()}
-        seconds = {}
-        for tid in os.listdir("/proc/self/task"):
-            try:
-                stat = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
-                name = names.get(int(tid)) or open(f"/proc/self/task/{tid}/comm").read().strip()
-            except OSError:
-                continue
-            seconds[name] = seconds.get(name, 0.0) + (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
-        return seconds
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    import numpy as np
     def noop(batch):
         return batch
     @ray.remote(num_cpus=0.5)
@@ -70,7 +60,8 @@ MEASURE = textwrap.dedent("""
             def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
                 return [ReadTask(read, BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None))]
     gc.collect()
-    threads0, before, cpu0, wall0 = thread_cpu(), rss_mb(), time.process_time(), time.monotonic()
+    sample_threads()
+    threads0, before, cpu0, wall0 = dict(thread_cpu), rss_mb(), time.process_time(), time.monotonic()
     if kind == "data":
         dataset = ray.data.read_datasource(Source(), num_cpus=0)
         dataset.context.target_max_block_size = 1
@@ -87,11 +78,10 @@ MEASURE = textwrap.dedent("""
                 rows += len(ray.get(ready))
         rows += len(ray.get(pending))
     cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
-    threads = {k: round(v - threads0.get(k, 0.0), 2) for k, v in thread_cpu().items()}
+    threads = cpu_by_thread(threads0)
     gc.collect()
     print(json.dumps({"rows": rows, "cpu_s": cpu, "wall_s": wall, "retained_mb": rss_mb() - before,
-                      "steps": len(steps), "threads": dict(sorted(((k, v) for k, v in threads.items() if v >= 0.05),
-                                                                  key=lambda kv: -kv[1]))}))
+                      "steps": len(steps), "threads": threads}))
 """)
 
 
